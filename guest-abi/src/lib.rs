@@ -1,0 +1,206 @@
+//! The contract between the VMM and the project's guest kernel.
+//!
+//! Both sides compile this crate, so the layouts below cannot drift apart. Everything
+//! here is `#[repr(C)]` plain data; the VMM treats every byte it reads back from the
+//! guest as untrusted and validates it (magic, version, bounds) before use.
+//!
+//! Physical memory map (guest-physical addresses):
+//!
+//! ```text
+//! 0x0000_0500  boot GDT (VMM)
+//! 0x0000_7000  BootInfo (VMM -> kernel)
+//! 0x0000_9000  boot page tables (VMM): PML4, then PDPTs and PDs
+//! 0x0010_0000  kernel image (ELF PT_LOAD segments at their p_paddr)
+//! kernel_end   workload script (page-aligned), then free frames up to mem_size
+//! ```
+//!
+//! Virtual layout (kernel half, shared by every process):
+//!
+//! ```text
+//! 0xffff_8880_0000_0000  direct map of all guest RAM (kernel only)
+//! 0xffff_ffff_8000_0000  kernel image: phys = virt - KERNEL_VIRT_BASE
+//! 0xffff_ffff_c000_0000  workload script, read-only, user-readable
+//! 0xffff_ffff_c040_0000  local APIC registers
+//! ```
+#![no_std]
+
+/// Guest-physical address of the [`BootInfo`] the VMM writes before boot.
+pub const BOOT_INFO_PHYS: u64 = 0x7000;
+/// Guest-physical address of the boot GDT.
+pub const BOOT_GDT_PHYS: u64 = 0x500;
+/// Guest-physical address of the boot PML4; further boot tables follow it.
+pub const BOOT_PML4_PHYS: u64 = 0x9000;
+/// Where the kernel's PT_LOAD segments start (their `p_paddr`).
+pub const KERNEL_PHYS_BASE: u64 = 0x10_0000;
+/// `virt - KERNEL_VIRT_BASE = phys` for the kernel image.
+pub const KERNEL_VIRT_BASE: u64 = 0xffff_ffff_8000_0000;
+/// Start of the direct map of guest RAM.
+pub const DIRECT_MAP_BASE: u64 = 0xffff_8880_0000_0000;
+/// Where the kernel maps the workload script.
+pub const SCRIPT_VIRT: u64 = 0xffff_ffff_c000_0000;
+/// Where the kernel maps the local APIC.
+pub const LAPIC_VIRT: u64 = 0xffff_ffff_c040_0000;
+/// Physical address of the local APIC.
+pub const LAPIC_PHYS: u64 = 0xfee0_0000;
+/// Guest RAM must be a multiple of this (the boot direct map uses 2 MiB pages).
+pub const MEM_ALIGN: u64 = 2 << 20;
+/// Largest guest RAM: below the 32-bit MMIO hole.
+pub const MAX_MEM: u64 = 3 << 30;
+
+/// 8250 UART (COM1): the guest console.
+pub const SERIAL_PORT: u16 = 0x3f8;
+/// `out` a 32-bit [`ExitStatus`]-style value here to end the run.
+pub const EXIT_PORT: u16 = 0xf4;
+/// `out` the 32-bit physical address of a [`SyncRecord`] here at a `sync`.
+pub const SYNC_PORT: u16 = 0xf5;
+/// `out` the 32-bit physical address of a [`ZeroRequest`]: the VMM zeroes those frames.
+pub const ZERO_PORT: u16 = 0xf6;
+
+/// Exit-port values at or above this are not a workload status but a kernel failure.
+pub const EXIT_KERNEL_PANIC: u32 = 0x1_0000;
+
+pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"SDBOOT01");
+
+/// Written by the VMM at [`BOOT_INFO_PHYS`]; the kernel gets its address in `rdi`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BootInfo {
+    pub magic: u64,
+    /// Bytes of guest RAM, starting at physical 0.
+    pub mem_size: u64,
+    /// Physical address of the workload script (page-aligned).
+    pub script_phys: u64,
+    pub script_len: u64,
+    /// First physical address the kernel may hand out as a frame (page-aligned).
+    pub free_phys: u64,
+}
+
+pub const SYNC_LABEL_MAX: usize = 32;
+
+/// What the kernel reports at a `sync` statement.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncRecord {
+    pub pid: u32,
+    pub label_len: u32,
+    pub label: [u8; SYNC_LABEL_MAX],
+}
+
+/// A run of frames to zero.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroRange {
+    pub pfn: u64,
+    pub pages: u64,
+}
+
+pub const ZERO_REQUEST_MAX: usize = 128;
+
+/// Frames freed by the guest that the VMM must zero before the guest reuses them
+/// (ring 0 is emulated here and must never loop over page contents).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ZeroRequest {
+    pub count: u64,
+    pub ranges: [ZeroRange; ZERO_REQUEST_MAX],
+}
+
+/// Symbol of the process table in the kernel ELF.
+pub const PROCESS_TABLE_SYMBOL: &str = "PROCESS_TABLE";
+/// Symbol of the #PF entry stub (IDT vector 14) in the kernel ELF.
+pub const PAGE_FAULT_ENTRY_SYMBOL: &str = "isr14";
+pub const PROCESS_TABLE_MAGIC: u64 = u64::from_le_bytes(*b"SDPTABLE");
+pub const PROCESS_TABLE_VERSION: u32 = 1;
+pub const MAX_PROCS: usize = 16;
+pub const MAX_MAPPINGS: usize = 64;
+pub const PROC_NAME_LEN: usize = 16;
+
+/// Process states in [`ProcSlot::state`].
+pub mod state {
+    pub const FREE: u32 = 0;
+    pub const RUNNABLE: u32 = 1;
+    pub const EXITED: u32 = 2;
+    pub const KILLED: u32 = 3;
+}
+
+/// Flags in [`MappingRecord::flags`].
+pub mod mapping_flags {
+    pub const READ_ONLY: u32 = 1;
+    pub const HUGE: u32 = 2;
+}
+
+/// One anonymous mapping of a process, like a Linux VMA.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MappingRecord {
+    pub start: u64,
+    pub pages: u64,
+    pub flags: u32,
+    pub _pad: u32,
+    /// Unique per `map` call; pieces split off by `protect`/`unmap` keep it.
+    pub serial: u64,
+}
+
+/// One process. A slot is reused only if its state is FREE.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ProcSlot {
+    pub pid: u32,
+    pub state: u32,
+    pub exit_code: u32,
+    pub nmappings: u32,
+    pub name: [u8; PROC_NAME_LEN],
+    /// Physical address of the process's PML4.
+    pub cr3: u64,
+    pub rss_pages: u64,
+    pub peak_rss_pages: u64,
+    pub mappings: [MappingRecord; MAX_MAPPINGS],
+}
+
+/// The process table the kernel publishes at [`PROCESS_TABLE_SYMBOL`].
+///
+/// `seq` is a sequence lock: odd while the kernel is changing the table.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessTable {
+    pub magic: u64,
+    pub version: u32,
+    pub max_procs: u32,
+    pub max_mappings: u32,
+    pub slot_size: u32,
+    pub seq: u64,
+    pub nprocs: u32,
+    pub _pad: u32,
+    /// Physical address of the shared zero frame mapped for read faults.
+    pub zero_frame: u64,
+    pub procs: [ProcSlot; MAX_PROCS],
+}
+
+impl ProcSlot {
+    pub const EMPTY: ProcSlot = ProcSlot {
+        pid: 0,
+        state: state::FREE,
+        exit_code: 0,
+        nmappings: 0,
+        name: [0; PROC_NAME_LEN],
+        cr3: 0,
+        rss_pages: 0,
+        peak_rss_pages: 0,
+        mappings: [MappingRecord { start: 0, pages: 0, flags: 0, _pad: 0, serial: 0 }; MAX_MAPPINGS],
+    };
+}
+
+impl ProcessTable {
+    pub const EMPTY: ProcessTable = ProcessTable {
+        magic: 0,
+        version: 0,
+        max_procs: 0,
+        max_mappings: 0,
+        slot_size: 0,
+        seq: 0,
+        nprocs: 0,
+        _pad: 0,
+        zero_frame: 0,
+        procs: [ProcSlot::EMPTY; MAX_PROCS],
+    };
+}

@@ -1,0 +1,310 @@
+//! A process's anonymous memory: its mapping records (like Linux VMAs) and the page
+//! tables under them. Pages are populated on first touch, as in Linux: a read maps the
+//! shared zero frame read-only, a write maps a fresh frame.
+
+use crate::frames::{self, HUGE, PAGE};
+use crate::paging::{self, ADDR_MASK, HV_BITS, NX, P, PS, U, W};
+use guest_abi::mapping_flags::{HUGE as F_HUGE, READ_ONLY as F_RO};
+use guest_abi::{MappingRecord, ProcSlot, MAX_MAPPINGS};
+use workload::{MIN_ADDR, USER_TOP};
+
+pub const EINVAL: i64 = 22;
+pub const ENOMEM: i64 = 12;
+
+/// Page counts above which a range change flushes the whole TLB instead of per page.
+const INVLPG_LIMIT: u64 = 64;
+
+/// What became of a page fault.
+pub enum Fault {
+    /// Fixed: retry the instruction.
+    Resolved,
+    /// The process must die; the reason for the console.
+    Kill(&'static str),
+}
+
+fn end_of(m: &MappingRecord) -> u64 {
+    m.start + m.pages * PAGE
+}
+
+fn records(slot: &ProcSlot) -> &[MappingRecord] {
+    &slot.mappings[..slot.nmappings as usize]
+}
+
+fn find(slot: &ProcSlot, addr: u64) -> Option<usize> {
+    records(slot).iter().position(|m| m.start <= addr && addr < end_of(m))
+}
+
+/// Checks a range from a system call: page-aligned, non-empty, inside the user half.
+pub fn check_range(addr: u64, pages: u64, huge: bool) -> Result<u64, i64> {
+    let len = pages.checked_mul(PAGE).ok_or(EINVAL)?;
+    let end = addr.checked_add(len).ok_or(EINVAL)?;
+    if pages == 0 || addr % PAGE != 0 || addr < MIN_ADDR || end > USER_TOP {
+        return Err(EINVAL);
+    }
+    if huge && (addr % HUGE != 0 || len % HUGE != 0) {
+        return Err(EINVAL);
+    }
+    Ok(end)
+}
+
+/// Can the record containing `addr` be split there? (Huge mappings split at 2 MiB only.)
+fn split_ok(slot: &ProcSlot, addr: u64) -> Result<bool, i64> {
+    match find(slot, addr) {
+        Some(i) if slot.mappings[i].start != addr => {
+            if slot.mappings[i].flags & F_HUGE != 0 && addr % HUGE != 0 {
+                return Err(EINVAL);
+            }
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Ensures no record straddles `addr` or `end`, failing before any change.
+fn split_bounds(slot: &mut ProcSlot, addr: u64, end: u64) -> Result<(), i64> {
+    let needed = usize::from(split_ok(slot, addr)?) + usize::from(split_ok(slot, end)?);
+    if slot.nmappings as usize + needed > MAX_MAPPINGS {
+        return Err(ENOMEM);
+    }
+    for at in [addr, end] {
+        if let Some(i) = find(slot, at) {
+            let m = slot.mappings[i];
+            if m.start != at {
+                let left_pages = (at - m.start) / PAGE;
+                slot.mappings[i].pages = left_pages;
+                insert(slot, MappingRecord { start: at, pages: m.pages - left_pages, ..m });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn insert(slot: &mut ProcSlot, rec: MappingRecord) {
+    let n = slot.nmappings as usize;
+    let pos = records(slot).iter().position(|m| m.start > rec.start).unwrap_or(n);
+    let mut i = n;
+    while i > pos {
+        slot.mappings[i] = slot.mappings[i - 1];
+        i -= 1;
+    }
+    slot.mappings[pos] = rec;
+    slot.nmappings += 1;
+}
+
+fn remove(slot: &mut ProcSlot, pos: usize) {
+    let n = slot.nmappings as usize;
+    for i in pos..n - 1 {
+        slot.mappings[i] = slot.mappings[i + 1];
+    }
+    slot.mappings[n - 1] = MappingRecord::default();
+    slot.nmappings -= 1;
+}
+
+fn sub_rss(slot: &mut ProcSlot, pages: u64) {
+    slot.rss_pages = slot.rss_pages.saturating_sub(pages);
+}
+
+fn add_rss(slot: &mut ProcSlot, pages: u64) {
+    slot.rss_pages += pages;
+    if slot.rss_pages > slot.peak_rss_pages {
+        slot.peak_rss_pages = slot.rss_pages;
+    }
+}
+
+/// Calls `f` on every present leaf entry in `[addr, end)`, skipping absent tables.
+fn for_each_leaf(pml4: u64, addr: u64, end: u64, huge: bool, mut f: impl FnMut(*mut u64, u64)) {
+    let mut va = addr;
+    while va < end {
+        let chunk_end = ((va / HUGE) + 1) * HUGE;
+        if huge {
+            if let Ok(pde) = paging::walk(pml4, va, 2, false) {
+                // SAFETY: `pde` points into a live page directory.
+                if unsafe { pde.read_volatile() } & (P | PS) == P | PS {
+                    f(pde, va);
+                }
+            }
+            va = chunk_end;
+            continue;
+        }
+        let stop = if chunk_end < end { chunk_end } else { end };
+        if let Ok(first) = paging::walk(pml4, va, 1, false) {
+            let mut pte = first;
+            while va < stop {
+                // SAFETY: consecutive PTEs of one page table, all inside [va, stop).
+                if unsafe { pte.read_volatile() } & P != 0 {
+                    f(pte, va);
+                }
+                // SAFETY: stays inside the same 512-entry table (stop <= chunk end).
+                pte = unsafe { pte.add(1) };
+                va += PAGE;
+            }
+        }
+        va = stop;
+    }
+}
+
+fn flush_range(addr: u64, pages: u64) {
+    if pages > INVLPG_LIMIT {
+        // SAFETY: reloading the current CR3 only flushes the TLB.
+        unsafe { crate::arch::write_cr3(crate::arch::read_cr3()) };
+    } else {
+        for i in 0..pages {
+            crate::arch::invlpg(addr + i * PAGE);
+        }
+    }
+}
+
+/// Drops the pages of `[addr, end)` from the page tables (records untouched).
+fn release_pages(slot: &mut ProcSlot, addr: u64, end: u64, huge: bool, zero_frame: u64) {
+    let mut released = 0;
+    for_each_leaf(slot.cr3, addr, end, huge, |e, _| {
+        // SAFETY: `e` is a present leaf entry handed out by `for_each_leaf`.
+        let value = unsafe { e.read_volatile() };
+        let frame = value & ADDR_MASK;
+        if huge {
+            frames::free(frame & !(HUGE - 1), HUGE / PAGE);
+            released += HUGE / PAGE;
+        } else if frame != zero_frame {
+            frames::free(frame, 1);
+            released += 1;
+        }
+        // SAFETY: as above.
+        unsafe { e.write_volatile(0) };
+    });
+    sub_rss(slot, released);
+    flush_range(addr, (end - addr) / PAGE);
+    frames::flush();
+}
+
+/// `munmap`: unmapping a hole is not an error, as in Linux.
+pub fn unmap(slot: &mut ProcSlot, addr: u64, pages: u64, zero_frame: u64) -> Result<(), i64> {
+    let end = check_range(addr, pages, false)?;
+    split_bounds(slot, addr, end)?;
+    let mut i = 0;
+    while i < slot.nmappings as usize {
+        let m = slot.mappings[i];
+        if m.start >= addr && end_of(&m) <= end {
+            release_pages(slot, m.start, end_of(&m), m.flags & F_HUGE != 0, zero_frame);
+            remove(slot, i);
+        } else {
+            i += 1;
+        }
+    }
+    Ok(())
+}
+
+/// `mmap(MAP_FIXED|MAP_ANONYMOUS)`: replaces whatever was mapped there.
+pub fn map(slot: &mut ProcSlot, addr: u64, pages: u64, flags: u32, serial: u64, zero_frame: u64) -> Result<(), i64> {
+    check_range(addr, pages, flags & F_HUGE != 0)?;
+    unmap(slot, addr, pages, zero_frame)?;
+    if slot.nmappings as usize >= MAX_MAPPINGS {
+        return Err(ENOMEM);
+    }
+    insert(slot, MappingRecord { start: addr, pages, flags: flags & (F_HUGE | F_RO), _pad: 0, serial });
+    Ok(())
+}
+
+/// `mprotect`: the whole range must be mapped (else ENOMEM, as in Linux).
+pub fn protect(slot: &mut ProcSlot, addr: u64, pages: u64, read_only: bool, zero_frame: u64) -> Result<(), i64> {
+    let end = check_range(addr, pages, false)?;
+    let mut covered = addr;
+    while covered < end {
+        match find(slot, covered) {
+            Some(i) => covered = end_of(&slot.mappings[i]),
+            None => return Err(ENOMEM),
+        }
+    }
+    split_bounds(slot, addr, end)?;
+    let pml4 = slot.cr3;
+    for i in 0..slot.nmappings as usize {
+        let m = slot.mappings[i];
+        if m.start < addr || end_of(&m) > end {
+            continue;
+        }
+        let huge = m.flags & F_HUGE != 0;
+        slot.mappings[i].flags = if read_only { m.flags | F_RO } else { m.flags & !F_RO };
+        for_each_leaf(pml4, m.start, end_of(&m), huge, |e, _| {
+            // SAFETY: `e` is a present leaf entry; only the W bit changes.
+            let value = unsafe { e.read_volatile() };
+            let new = if read_only {
+                value & !W
+            } else if !huge && value & ADDR_MASK == zero_frame {
+                value // the zero frame stays read-only: a write will fault and replace it
+            } else {
+                value | W
+            };
+            // SAFETY: as above.
+            unsafe { e.write_volatile(new) };
+        });
+    }
+    flush_range(addr, pages);
+    Ok(())
+}
+
+/// Releases everything a process has mapped (at exit).
+pub fn release_all(slot: &mut ProcSlot, zero_frame: u64) {
+    while slot.nmappings > 0 {
+        let m = slot.mappings[0];
+        release_pages(slot, m.start, end_of(&m), m.flags & F_HUGE != 0, zero_frame);
+        remove(slot, 0);
+    }
+}
+
+/// Handles a page fault raised by ring 3 at `addr`.
+pub fn fault(slot: &mut ProcSlot, addr: u64, write: bool, zero_frame: u64) -> Fault {
+    if addr >= USER_TOP {
+        return Fault::Kill("fault outside the user half");
+    }
+    let Some(i) = find(slot, addr) else {
+        return Fault::Kill("segmentation fault: no mapping at");
+    };
+    let m = slot.mappings[i];
+    let writable = m.flags & F_RO == 0;
+    if write && !writable {
+        return Fault::Kill("write to read-only mapping at");
+    }
+    let rw = if writable { W } else { 0 };
+    let huge = m.flags & F_HUGE != 0;
+    let page_va = addr & !(if huge { HUGE - 1 } else { PAGE - 1 });
+    let Ok(e) = paging::walk(slot.cr3, addr, if huge { 2 } else { 1 }, true) else {
+        return Fault::Kill("out of memory for page tables at");
+    };
+    // SAFETY: `e` is the leaf slot for `addr` in this process's live tables.
+    let mut old = unsafe { e.read_volatile() };
+    if huge && old & (P | PS) == P {
+        // An empty page table left by an earlier 4 KiB mapping here: drop it.
+        frames::free(old & ADDR_MASK, 1);
+        frames::flush();
+        old = 0;
+    }
+    let keep = old & HV_BITS;
+    let new = if old & P == 0 {
+        if huge {
+            let Some(frame) = frames::alloc_huge() else { return Fault::Kill("out of memory at") };
+            add_rss(slot, HUGE / PAGE);
+            frame | P | U | PS | NX | rw | keep
+        } else if write {
+            let Some(frame) = frames::alloc() else { return Fault::Kill("out of memory at") };
+            add_rss(slot, 1);
+            frame | P | U | NX | W | keep
+        } else {
+            zero_frame | P | U | NX | keep
+        }
+    } else if write && old & W == 0 {
+        if !huge && old & ADDR_MASK == zero_frame {
+            let Some(frame) = frames::alloc() else { return Fault::Kill("out of memory at") };
+            add_rss(slot, 1);
+            (old & !ADDR_MASK) | frame | W
+        } else {
+            // A write-protect fault on a writable mapping (the hypervisor's, or stale):
+            // make the entry writable again and retry, as every kernel does.
+            old | W
+        }
+    } else {
+        old // stale TLB entry: retry after the invlpg below
+    };
+    // SAFETY: as above.
+    unsafe { e.write_volatile(new) };
+    crate::arch::invlpg(page_va);
+    Fault::Resolved
+}

@@ -28,6 +28,7 @@ bitflags! {
 }
 
 /// Bits reserved for the hypervisor.
+#[allow(dead_code)]
 pub const HV_BITS: u64 = 0x7f << 52;
 
 /// Bits 12..=51: the physical address of the next table or the frame.

@@ -1,0 +1,238 @@
+//! The control socket: one JSON object per line each way (docs/api.md).
+//!
+//! ```text
+//! -> {"cmd":"status"}
+//! <- {"ok":true,"phase":"paused","pid":2,"label":"start","syncs":1}
+//! -> {"cmd":"resume"}
+//! <- {"ok":true}
+//! -> {"cmd":"frob"}
+//! <- {"ok":false,"error":"bad request: unknown variant `frob`, ..."}
+//! ```
+//!
+//! Each connection gets its own thread; a client that sends garbage, sends too much or
+//! hangs up mid-request only ends its own connection.
+
+use crate::control::{Control, Phase};
+use crate::runner::VcpuContext;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Longest request line accepted.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path} exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("another process is listening on {path}")]
+    InUse { path: PathBuf },
+    #[error("cannot use control socket {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// A request, as sent by clients.
+#[derive(Debug, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Resume,
+    /// Block until the VM pauses at a sync (with this label, if given).
+    Wait { label: Option<String>, timeout_ms: Option<u64> },
+}
+
+fn ok(mut v: Value) -> Value {
+    v["ok"] = json!(true);
+    v
+}
+
+pub fn error(msg: impl Into<String>) -> Value {
+    json!({"ok": false, "error": msg.into()})
+}
+
+fn phase_json(phase: &Phase) -> Value {
+    match phase {
+        Phase::Running => json!({"phase": "running"}),
+        Phase::Paused(p) => json!({"phase": "paused", "pid": p.pid, "label": p.label}),
+        Phase::Finished(how) => json!({"phase": "finished", "outcome": how}),
+    }
+}
+
+/// Serves requests for one VM.
+pub struct Server {
+    path: PathBuf,
+    listener: UnixListener,
+}
+
+impl Server {
+    /// Binds `path` (mode 0600). A leftover socket nobody listens on is replaced; any
+    /// other existing file is an error.
+    pub fn bind(path: &Path) -> Result<Server, Error> {
+        let io = |source| Error::Io { path: path.to_path_buf(), source };
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(Error::NotASocket { path: path.to_path_buf() });
+            }
+            match UnixStream::connect(path) {
+                Ok(_) => return Err(Error::InUse { path: path.to_path_buf() }),
+                Err(_) => std::fs::remove_file(path).map_err(io)?,
+            }
+        }
+        let listener = UnixListener::bind(path).map_err(io)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        Ok(Server { path: path.to_path_buf(), listener })
+    }
+
+    /// Accepts connections on a background thread for as long as the process lives.
+    pub fn spawn(self, control: Arc<Control<VcpuContext>>) -> Result<(), Error> {
+        let listener = self.listener.try_clone().map_err(|source| Error::Io { path: self.path.clone(), source })?;
+        std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || {
+                let _keep = self; // removes the socket file when the thread ends
+                for stream in listener.incoming().flatten() {
+                    let control = control.clone();
+                    let _ = std::thread::Builder::new().name("api-conn".into()).spawn(move || serve(stream, &control));
+                }
+            })
+            .map_err(|source| Error::Io { path: PathBuf::new(), source })?;
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(stream: UnixStream, control: &Control<VcpuContext>) {
+    let Ok(write_half) = stream.try_clone() else { return };
+    let mut writer = std::io::BufWriter::new(write_half);
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = Vec::new();
+        match (&mut reader).take(MAX_REQUEST as u64 + 1).read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if line.len() > MAX_REQUEST {
+            let _ = reply(&mut writer, &error(format!("request longer than {MAX_REQUEST} bytes")));
+            return;
+        }
+        if line.iter().all(|b| b.is_ascii_whitespace()) {
+            continue;
+        }
+        let response = match serde_json::from_slice::<Request>(&line) {
+            Ok(req) => handle(req, control),
+            Err(e) => error(format!("bad request: {e}")),
+        };
+        if reply(&mut writer, &response).is_err() {
+            return;
+        }
+    }
+}
+
+fn reply(w: &mut impl Write, v: &Value) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *w, v)?;
+    w.write_all(b"\n")?;
+    w.flush()
+}
+
+/// Answers one request.
+pub fn handle(req: Request, control: &Control<VcpuContext>) -> Value {
+    match req {
+        Request::Status => {
+            let mut v = phase_json(&control.phase());
+            v["syncs"] = json!(control.syncs());
+            ok(v)
+        }
+        Request::Resume => match control.resume() {
+            Ok(()) => ok(json!({})),
+            Err(e) => error(e),
+        },
+        Request::Wait { label, timeout_ms } => {
+            let timeout = Duration::from_millis(timeout_ms.unwrap_or(60_000).min(24 * 3600 * 1000));
+            match control.wait_for_pause(label.as_deref(), timeout) {
+                Ok(p) => ok(json!({"pid": p.pid, "label": p.label})),
+                Err(e) => error(e),
+            }
+        }
+    }
+}
+
+/// Client side: sends one request and returns the response object.
+pub fn call(path: &Path, request: &Value) -> Result<Value, ClientError> {
+    let mut stream = UnixStream::connect(path).map_err(|source| ClientError::Connect { path: path.to_path_buf(), source })?;
+    let io = |source| ClientError::Io { path: path.to_path_buf(), source };
+    let mut line = serde_json::to_vec(request).expect("a JSON value serializes");
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io)?;
+    let mut response = String::new();
+    BufReader::new(stream).read_line(&mut response).map_err(io)?;
+    let v: Value = serde_json::from_str(&response).map_err(|e| ClientError::BadResponse {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    if v["ok"] == json!(true) {
+        Ok(v)
+    } else {
+        Err(ClientError::Refused(v["error"].as_str().unwrap_or("unknown error").to_string()))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to the VMM at {path}: {source}")]
+    Connect { path: PathBuf, source: std::io::Error },
+    #[error("talking to the VMM at {path} failed: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("the VMM at {path} sent a malformed response: {detail}")]
+    BadResponse { path: PathBuf, detail: String },
+    #[error("the VMM refused: {0}")]
+    Refused(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_strictly() {
+        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"resume"}"#).unwrap(), Request::Resume);
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"wait","label":"x"}"#).unwrap(),
+            Request::Wait { label: Some("x".into()), timeout_ms: None }
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"resume","extra":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"nope"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"[1,2]"#).is_err());
+    }
+
+    #[test]
+    fn socket_refuses_to_replace_a_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sock");
+        std::fs::write(&path, b"precious").unwrap();
+        assert!(matches!(Server::bind(&path), Err(Error::NotASocket { .. })));
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn stale_socket_is_replaced_and_live_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sock");
+        drop(UnixListener::bind(&path).unwrap()); // stale: file left, nobody listening
+        let server = Server::bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(Server::bind(&path), Err(Error::InUse { .. })));
+        drop(server);
+        assert!(!path.exists());
+    }
+}

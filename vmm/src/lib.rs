@@ -1,0 +1,18 @@
+//! softdirty-vmm: a small KVM VMM that runs the project's guest kernel and answers,
+//! from outside, which memory each guest process changed.
+//!
+//! Assembly of a run (see `run::run`): guest memory ([`memory`]) → kernel image and boot
+//! structures ([`image`], [`boot`]) → KVM VM and vCPU ([`vm`]) → the vCPU loop with its
+//! port devices ([`runner`], [`devices`]) → the control socket ([`control`]).
+pub mod api;
+pub mod boot;
+pub mod control;
+pub mod devices;
+pub mod exit_code;
+pub mod image;
+pub mod kick;
+pub mod memory;
+pub mod run;
+pub mod runner;
+pub mod script;
+pub mod vm;

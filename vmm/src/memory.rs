@@ -1,0 +1,50 @@
+//! Guest RAM: one anonymous mapping at guest-physical 0, through `vm-memory`.
+
+use mmu::{GuestPhysAddr, MemoryError, PhysMemory};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+pub type GuestMem = GuestMemoryMmap<()>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The size is checked by the caller; this is the mmap failing.
+    #[error("cannot allocate {mib} MiB of guest memory: {source}")]
+    Allocate { mib: u64, source: vm_memory::mmap::FromRangesError },
+    #[error("guest memory access at {addr:#x} (+{len}) is outside guest memory")]
+    OutOfRange { addr: u64, len: usize },
+}
+
+pub fn create(bytes: u64) -> Result<GuestMem, Error> {
+    GuestMem::from_ranges(&[(GuestAddress(0), bytes as usize)])
+        .map_err(|source| Error::Allocate { mib: bytes >> 20, source })
+}
+
+/// Reads `len` bytes at `addr` (untrusted address: checked).
+pub fn read(mem: &GuestMem, addr: u64, len: usize) -> Result<Vec<u8>, Error> {
+    let mut buf = vec![0; len];
+    mem.read_slice(&mut buf, GuestAddress(addr)).map_err(|_| Error::OutOfRange { addr, len })?;
+    Ok(buf)
+}
+
+pub fn write(mem: &GuestMem, addr: u64, bytes: &[u8]) -> Result<(), Error> {
+    mem.write_slice(bytes, GuestAddress(addr)).map_err(|_| Error::OutOfRange { addr, len: bytes.len() })
+}
+
+/// Guest memory as the page-table library sees it.
+pub struct Phys<'a>(pub &'a GuestMem);
+
+impl PhysMemory for Phys<'_> {
+    fn read_u64(&self, addr: GuestPhysAddr) -> Result<u64, MemoryError> {
+        if addr.0 % 8 != 0 {
+            return Err(MemoryError { addr });
+        }
+        self.0.read_obj::<u64>(GuestAddress(addr.0)).map_err(|_| MemoryError { addr })
+    }
+
+    fn write_u64(&mut self, addr: GuestPhysAddr, value: u64) -> Result<(), MemoryError> {
+        if addr.0 % 8 != 0 {
+            return Err(MemoryError { addr });
+        }
+        self.0.write_obj(value, GuestAddress(addr.0)).map_err(|_| MemoryError { addr })
+    }
+}

@@ -1,0 +1,148 @@
+//! The vCPU loop: enter the guest, handle each exit, run jobs from the control socket
+//! while the guest is stopped, until the guest reports its exit status or fails.
+
+use crate::control::Control;
+use crate::devices::{self, Devices, PortEvent, SyncPoint};
+use crate::image::Symbols;
+use crate::memory::GuestMem;
+use guest_abi::EXIT_KERNEL_PANIC;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::sync::Arc;
+
+/// How a run ended, from the guest's side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest kernel reported this status through the exit port.
+    Exited(u8),
+    /// The guest kernel panicked (it printed why on the console).
+    KernelPanic,
+    /// The guest cannot go on: triple fault, emulation failure, unexpected halt.
+    Crashed(String),
+    /// `--timeout` passed with the guest still running.
+    TimedOut { rip: String },
+}
+
+impl Outcome {
+    pub fn describe(&self) -> String {
+        match self {
+            Outcome::Exited(c) => format!("guest exited with status {c}"),
+            Outcome::KernelPanic => "guest kernel panicked".into(),
+            Outcome::Crashed(why) => format!("guest crashed: {why}"),
+            Outcome::TimedOut { rip } => format!("guest timed out at rip {rip}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("KVM_RUN failed: {0}")]
+    Run(kvm_ioctls::Error),
+    #[error(transparent)]
+    Device(#[from] devices::Error),
+}
+
+/// What jobs and sync hooks get: the stopped guest.
+pub struct VcpuContext {
+    pub mem: GuestMem,
+    pub vcpu: VcpuFd,
+    pub symbols: Symbols,
+}
+
+/// What to do at each `sync`.
+pub trait SyncHook {
+    /// Called on the vCPU thread with the guest stopped at `point`.
+    fn at_sync(&mut self, ctx: &mut VcpuContext, point: &SyncPoint);
+}
+
+/// Pause at every sync (with a control socket) or just log it.
+pub struct Runner<H> {
+    pub ctx: VcpuContext,
+    pub devices: Devices,
+    pub control: Arc<Control<VcpuContext>>,
+    pub pause_at_sync: bool,
+    pub hook: H,
+}
+
+impl<H: SyncHook> Runner<H> {
+    fn describe_rip(&self) -> String {
+        match self.ctx.vcpu.get_regs() {
+            Ok(regs) => self.ctx.symbols.describe(regs.rip),
+            Err(e) => format!("unknown ({e})"),
+        }
+    }
+
+    fn crashed(&mut self, what: &str) -> Outcome {
+        let mut detail = format!("{what} at rip {}", self.describe_rip());
+        if let Ok(sregs) = self.ctx.vcpu.get_sregs() {
+            detail += &format!(" (cr2 {:#x}, cs {:#x})", sregs.cr2, sregs.cs.selector);
+        }
+        Outcome::Crashed(detail)
+    }
+
+    fn internal_error(&mut self) -> Outcome {
+        // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so `internal` is the
+        // active member of the union.
+        let internal = unsafe { self.ctx.vcpu.get_kvm_run().__bindgen_anon_1.internal };
+        let what = match internal.suberror {
+            1 => "KVM could not emulate an instruction".to_string(),
+            s => format!("KVM internal error (suberror {s})"),
+        };
+        self.crashed(&what)
+    }
+
+    /// Runs the guest to its end.
+    pub fn run(&mut self) -> Result<Outcome, Error> {
+        self.control.vcpu_started(crate::kick::Kicker::current());
+        loop {
+            if self.control.timed_out() {
+                return Ok(Outcome::TimedOut { rip: self.describe_rip() });
+            }
+            self.control.run_jobs(&mut self.ctx);
+            let event = match self.ctx.vcpu.run() {
+                Ok(VcpuExit::IoOut(port, data)) => self.devices.io_out(&self.ctx.mem, port, data)?,
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    self.devices.io_in(port, data);
+                    PortEvent::Nothing
+                }
+                Ok(VcpuExit::MmioRead(_, data)) => {
+                    data.fill(0xff);
+                    PortEvent::Nothing
+                }
+                Ok(VcpuExit::MmioWrite(..)) => PortEvent::Nothing,
+                Ok(VcpuExit::Hlt) => return Ok(self.crashed("guest halted without reporting an exit status")),
+                Ok(VcpuExit::Shutdown) => return Ok(self.crashed("triple fault (shutdown)")),
+                Ok(VcpuExit::InternalError) => return Ok(self.internal_error()),
+                Ok(VcpuExit::FailEntry(reason, _)) => {
+                    return Ok(Outcome::Crashed(format!("VM entry failed (hardware reason {reason:#x})")))
+                }
+                Ok(other) => {
+                    let what = format!("unexpected exit {other:?}");
+                    return Ok(self.crashed(&what));
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => PortEvent::Nothing,
+                Err(e) => return Err(Error::Run(e)),
+            };
+            match event {
+                PortEvent::Nothing | PortEvent::Zeroed(_) => {}
+                PortEvent::Exit(status) if status >= EXIT_KERNEL_PANIC => return Ok(Outcome::KernelPanic),
+                PortEvent::Exit(status) => return Ok(Outcome::Exited((status & 0xff) as u8)),
+                PortEvent::Sync(point) => {
+                    eprintln!("vmm: sync {} (pid {})", point.label, point.pid);
+                    self.hook.at_sync(&mut self.ctx, &point);
+                    if self.pause_at_sync {
+                        self.control.pause_at(point, &mut self.ctx);
+                    } else {
+                        self.control.passed_sync(point);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A hook that does nothing.
+pub struct NoHook;
+
+impl SyncHook for NoHook {
+    fn at_sync(&mut self, _: &mut VcpuContext, _: &SyncPoint) {}
+}

@@ -1,0 +1,68 @@
+//! KVM objects: the VM with its memory slot and in-kernel irqchip, and one vCPU in
+//! 64-bit mode at the kernel's entry.
+
+use crate::boot;
+use crate::memory::GuestMem;
+use kvm_bindings::{kvm_fpu, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open /dev/kvm ({0}): is KVM available and are you allowed to use it?")]
+    Open(kvm_ioctls::Error),
+    #[error("KVM {op} failed: {source}")]
+    Ioctl { op: &'static str, source: kvm_ioctls::Error },
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
+fn ioctl<T>(op: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, Error> {
+    r.map_err(|source| Error::Ioctl { op, source })
+}
+
+/// The VM, its vCPU and the serial interrupt line.
+pub struct Machine {
+    pub kvm: Kvm,
+    pub vm: VmFd,
+    pub vcpu: VcpuFd,
+    pub serial_irq: EventFd,
+}
+
+const SERIAL_GSI: u32 = 4;
+
+impl Machine {
+    /// Creates the VM over `mem` and a vCPU ready to run at `entry`.
+    pub fn new(mem: &GuestMem, entry: u64) -> Result<Machine, Error> {
+        let kvm = Kvm::new().map_err(Error::Open)?;
+        let vm = ioctl("CREATE_VM", kvm.create_vm())?;
+        ioctl("SET_TSS_ADDR", vm.set_tss_address(0xfffb_d000))?;
+        ioctl("CREATE_IRQCHIP", vm.create_irq_chip())?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = mem.get_host_address(region.start_addr()).expect("region start is inside the region");
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the mapping behind `host` belongs to `mem`, which the caller keeps
+            // alive for as long as the VM runs (the run owns both).
+            ioctl("SET_USER_MEMORY_REGION", unsafe { vm.set_user_memory_region(region) })?;
+        }
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        ioctl("IRQFD", vm.register_irqfd(&serial_irq, SERIAL_GSI))?;
+
+        let vcpu = ioctl("CREATE_VCPU", vm.create_vcpu(0))?;
+        let cpuid = ioctl("GET_SUPPORTED_CPUID", kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES))?;
+        ioctl("SET_CPUID2", vcpu.set_cpuid2(&cpuid))?;
+        let sregs = ioctl("GET_SREGS", vcpu.get_sregs())?;
+        ioctl("SET_SREGS", vcpu.set_sregs(&boot::long_mode_sregs(sregs)))?;
+        ioctl("SET_REGS", vcpu.set_regs(&boot::entry_regs(entry)))?;
+        let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+        ioctl("SET_FPU", vcpu.set_fpu(&fpu))?;
+        Ok(Machine { kvm, vm, vcpu, serial_irq })
+    }
+}

@@ -40,8 +40,9 @@ pub enum Error {
 #[derive(Debug, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
-    Status,
-    Resume,
+    // Empty braces, not unit variants: serde checks unknown fields only on struct variants.
+    Status {},
+    Resume {},
     /// Block until the VM pauses at a sync (with this label, if given).
     Wait { label: Option<String>, timeout_ms: Option<u64> },
 }
@@ -89,25 +90,29 @@ impl Server {
     }
 
     /// Accepts connections on a background thread for as long as the process lives.
-    pub fn spawn(self, control: Arc<Control<VcpuContext>>) -> Result<(), Error> {
-        let listener = self.listener.try_clone().map_err(|source| Error::Io { path: self.path.clone(), source })?;
+    /// The returned guard removes the socket file when dropped (at the end of the run).
+    pub fn spawn(self, control: Arc<Control<VcpuContext>>) -> Result<SocketFile, Error> {
+        let io = |source| Error::Io { path: self.path.clone(), source };
+        let listener = self.listener.try_clone().map_err(io)?;
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
-                let _keep = self; // removes the socket file when the thread ends
                 for stream in listener.incoming().flatten() {
                     let control = control.clone();
                     let _ = std::thread::Builder::new().name("api-conn".into()).spawn(move || serve(stream, &control));
                 }
             })
-            .map_err(|source| Error::Io { path: PathBuf::new(), source })?;
-        Ok(())
+            .map_err(io)?;
+        Ok(SocketFile(self.path.clone()))
     }
 }
 
-impl Drop for Server {
+/// Removes the control socket's file when dropped.
+pub struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -147,12 +152,12 @@ fn reply(w: &mut impl Write, v: &Value) -> std::io::Result<()> {
 /// Answers one request.
 pub fn handle(req: Request, control: &Control<VcpuContext>) -> Value {
     match req {
-        Request::Status => {
+        Request::Status {} => {
             let mut v = phase_json(&control.phase());
             v["syncs"] = json!(control.syncs());
             ok(v)
         }
-        Request::Resume => match control.resume() {
+        Request::Resume {} => match control.resume() {
             Ok(()) => ok(json!({})),
             Err(e) => error(e),
         },
@@ -204,7 +209,7 @@ mod tests {
 
     #[test]
     fn requests_parse_strictly() {
-        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"resume"}"#).unwrap(), Request::Resume);
+        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"resume"}"#).unwrap(), Request::Resume {});
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"cmd":"wait","label":"x"}"#).unwrap(),
             Request::Wait { label: Some("x".into()), timeout_ms: None }
@@ -232,7 +237,8 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert!(matches!(Server::bind(&path), Err(Error::InUse { .. })));
-        drop(server);
+        let guard = server.spawn(Arc::new(Control::default())).unwrap();
+        drop(guard);
         assert!(!path.exists());
     }
 }

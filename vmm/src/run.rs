@@ -97,9 +97,10 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
     let devices = Devices::new(serial_irq, Box::new(std::io::stdout()));
     kick::install().map_err(Error::Signal)?;
     let control = Arc::new(Control::<VcpuContext>::default());
-    if let Some(path) = &opts.api_sock {
-        api::Server::bind(path)?.spawn(control.clone())?;
-    }
+    let _socket_file = match &opts.api_sock {
+        Some(path) => Some(api::Server::bind(path)?.spawn(control.clone())?),
+        None => None,
+    };
 
     let done = Arc::new(AtomicBool::new(false));
     let watchdog = {

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every test of the project: unit tests (no KVM) and integration tests that boot
+# real guests under KVM through the real `vmm` binary. Installs what the tests need.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -e /dev/kvm ]; then
+  echo "error: /dev/kvm is missing: the integration tests boot real guests under KVM" >&2
+  exit 1
+fi
+if ! command -v objdump >/dev/null; then
+  # The guest-kernel ELF check disassembles the kernel.
+  apt-get update -qq && apt-get install -y -qq binutils >/dev/null
+fi
+
+cargo test --workspace --locked "$@"

@@ -27,6 +27,7 @@ mod addr;
 mod memory;
 mod pagemap;
 mod pte;
+pub mod softdirty;
 mod walk;
 
 pub use addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};

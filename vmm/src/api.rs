@@ -14,6 +14,7 @@
 
 use crate::control::{Control, Phase};
 use crate::runner::VcpuContext;
+use crate::softdirty::{ClearRefs, PageInfo, Tracker};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -45,6 +46,14 @@ pub enum Request {
     Resume {},
     /// Block until the VM pauses at a sync (with this label, if given).
     Wait { label: Option<String>, timeout_ms: Option<u64> },
+    /// Guest processes, read from the guest kernel's process table.
+    Ps {},
+    /// Linux's `/proc/PID/clear_refs` (value 4 by default).
+    ClearRefs { pid: u32, value: Option<u64> },
+    /// Linux's `/proc/PID/pagemap` over `pages` pages from `start` (default: every mapping).
+    Pagemap { pid: u32, start: Option<u64>, pages: Option<u64> },
+    /// Engine, memory size and counters.
+    Info {},
 }
 
 fn ok(mut v: Value) -> Value {
@@ -149,6 +158,40 @@ fn reply(w: &mut impl Write, v: &Value) -> std::io::Result<()> {
     w.flush()
 }
 
+fn with_tracker<R: Send + 'static>(
+    control: &Control<VcpuContext>,
+    job: impl FnOnce(&mut Tracker, &mut VcpuContext) -> Result<R, String> + Send + 'static,
+) -> Result<R, String> {
+    control.call(move |ctx: &mut VcpuContext| {
+        let mut tracker = ctx.tracker.take().ok_or_else(|| {
+            "this guest image publishes no process table: soft-dirty tracking needs the project's guest kernel".to_string()
+        })?;
+        let r = job(&mut tracker, ctx);
+        ctx.tracker = Some(tracker);
+        r
+    })?
+}
+
+pub fn page_json(p: &PageInfo) -> Value {
+    json!({
+        "addr": p.addr,
+        "entry": p.entry.0,
+        "present": p.entry.is_present(),
+        "pfn": p.entry.pfn(),
+        "soft_dirty": p.entry.soft_dirty(),
+        "exclusive": p.entry.exclusive(),
+        "huge": p.huge,
+        "accessed": p.accessed,
+    })
+}
+
+fn answer(r: Result<Value, String>) -> Value {
+    match r {
+        Ok(v) => ok(v),
+        Err(e) => error(e),
+    }
+}
+
 /// Answers one request.
 pub fn handle(req: Request, control: &Control<VcpuContext>) -> Value {
     match req {
@@ -161,6 +204,49 @@ pub fn handle(req: Request, control: &Control<VcpuContext>) -> Value {
             Ok(()) => ok(json!({})),
             Err(e) => error(e),
         },
+        Request::Ps {} => answer(with_tracker(control, |t, ctx| {
+            let snap = t.snapshot(&ctx.mem).map_err(|e| e.to_string())?;
+            let procs: Vec<Value> = snap.processes.iter().map(|p| json!({
+                "pid": p.pid, "name": p.name, "state": p.state.name(), "exit_code": p.exit_code,
+                "cr3": p.cr3, "rss_pages": p.rss_pages, "peak_rss_pages": p.peak_rss_pages,
+                "mappings": p.mappings.iter().map(|m| json!({
+                    "start": m.start, "pages": m.pages, "read_only": m.read_only, "huge": m.huge, "serial": m.serial,
+                })).collect::<Vec<_>>(),
+            })).collect();
+            Ok(json!({"processes": procs}))
+        })),
+        Request::ClearRefs { pid, value } => answer((|| {
+            let value = ClearRefs::try_from(value.unwrap_or(4)).map_err(|e| e.to_string())?;
+            with_tracker(control, move |t, ctx| {
+                let changed = t.clear_refs(&ctx.mem, &ctx.vm, &ctx.vcpu, pid, value).map_err(|e| e.to_string())?;
+                Ok(json!({"pid": pid, "value": value as u64, "entries_changed": changed}))
+            })
+        })()),
+        Request::Pagemap { pid, start, pages } => answer((|| {
+            let range = match (start, pages) {
+                (None, None) => None,
+                (Some(s), Some(n)) => Some((s, n)),
+                (Some(s), None) => Some((s, 1)),
+                (None, Some(_)) => return Err("pages given without start".to_string()),
+            };
+            if let Some((s, n)) = range {
+                crate::softdirty::check_range(s, n).map_err(|e| e.to_string())?;
+            }
+            with_tracker(control, move |t, ctx| {
+                let pages = t.pagemap(&ctx.mem, &ctx.vm, pid, range).map_err(|e| e.to_string())?;
+                Ok(json!({"pid": pid, "pages": pages.iter().map(page_json).collect::<Vec<_>>()}))
+            })
+        })()),
+        Request::Info {} => answer(control.call(|ctx: &mut VcpuContext| {
+            let mem_size = vm_memory::GuestMemoryBackend::last_addr(&ctx.mem).0 + 1;
+            json!({
+                "engine": if ctx.tracker.is_some() { "pte" } else { "none" },
+                "mem_bytes": mem_size,
+                "exits": ctx.exits,
+                "tracker": ctx.tracker.as_ref().map(|t| t.stats),
+                "dirty_log_ioctls": ctx.tracker.as_ref().map(|t| t.dirty.ioctls),
+            })
+        })),
         Request::Wait { label, timeout_ms } => {
             let timeout = Duration::from_millis(timeout_ms.unwrap_or(60_000).min(24 * 3600 * 1000));
             match control.wait_for_pause(label.as_deref(), timeout) {

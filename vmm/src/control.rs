@@ -144,6 +144,10 @@ impl<C> Control<C> {
         self.changed.notify_all();
     }
 
+    pub fn has_jobs(&self) -> bool {
+        !lock(&self.state).jobs.is_empty()
+    }
+
     /// vCPU thread: runs queued jobs (after an exit, before re-entering the guest).
     pub fn run_jobs(&self, ctx: &mut C) {
         loop {

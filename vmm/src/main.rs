@@ -35,6 +35,47 @@ enum Command {
         #[arg(long, default_value_t = 60.0)]
         timeout: f64,
     },
+    /// List guest processes, found from outside through the guest kernel's process table.
+    Ps {
+        #[arg(long)]
+        api_sock: PathBuf,
+        /// One JSON object per process.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Like `echo VALUE > /proc/PID/clear_refs` for a guest process (VALUE 1-5, default 4).
+    ClearRefs {
+        #[arg(long)]
+        api_sock: PathBuf,
+        #[arg(long)]
+        pid: u32,
+        #[arg(default_value_t = 4)]
+        value: u64,
+    },
+    /// Like reading /proc/PID/pagemap of a guest process (default: every mapped page).
+    Pagemap {
+        #[arg(long)]
+        api_sock: PathBuf,
+        #[arg(long)]
+        pid: u32,
+        /// First address (hex, page-aligned).
+        #[arg(long, value_parser = parse_hex)]
+        start: Option<u64>,
+        /// Number of pages (default 1 with --start).
+        #[arg(long)]
+        pages: Option<u64>,
+        /// One JSON object per page.
+        #[arg(long, conflicts_with = "raw")]
+        json: bool,
+        /// Exactly Linux's format: 8 bytes per page, little endian.
+        #[arg(long)]
+        raw: bool,
+    },
+    /// Tracking engine, guest memory size and counters (JSON).
+    Info {
+        #[arg(long)]
+        api_sock: PathBuf,
+    },
     /// Continue a VM paused at a `sync`.
     Resume {
         #[arg(long)]
@@ -50,6 +91,59 @@ enum Command {
         #[arg(long, default_value_t = 60.0)]
         timeout: f64,
     },
+}
+
+fn parse_hex(s: &str) -> Result<u64, String> {
+    let digits = s.strip_prefix("0x").unwrap_or(s);
+    u64::from_str_radix(digits, 16).map_err(|_| format!("'{s}' is not a hex address"))
+}
+
+fn yes(b: &serde_json::Value) -> &'static str {
+    if b.as_bool() == Some(true) { "yes" } else { "no" }
+}
+
+fn print_ps(v: &serde_json::Value, as_json: bool) {
+    let procs = v["processes"].as_array().cloned().unwrap_or_default();
+    if as_json {
+        for p in procs {
+            println!("{p}");
+        }
+        return;
+    }
+    println!("{:>4}  {:<15}  {:<8}  {:>12}  {:>9}  {:>9}", "PID", "NAME", "STATE", "PAGE-TABLE", "RSS", "PEAK-RSS");
+    for p in procs {
+        let n = |k: &str| p[k].as_u64().unwrap_or(0);
+        println!(
+            "{:>4}  {:<15}  {:<8}  {:>#12x}  {:>9}  {:>9}",
+            n("pid"), p["name"].as_str().unwrap_or("?"), p["state"].as_str().unwrap_or("?"), n("cr3"),
+            n("rss_pages"), n("peak_rss_pages")
+        );
+    }
+}
+
+fn print_pagemap(v: &serde_json::Value, json: bool, raw: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    let pages = v["pages"].as_array().cloned().unwrap_or_default();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if raw {
+        for p in &pages {
+            out.write_all(&p["entry"].as_u64().unwrap_or(0).to_le_bytes())?;
+        }
+    } else if json {
+        for p in &pages {
+            writeln!(out, "{p}")?;
+        }
+    } else {
+        writeln!(out, "{:<18}  {:<7}  {:>10}  {:<10}  {:<9}  {:<4}  {:<8}", "ADDRESS", "PRESENT", "PFN", "SOFT-DIRTY",
+                 "EXCLUSIVE", "HUGE", "ACCESSED")?;
+        for p in &pages {
+            let pfn = p["pfn"].as_u64().map_or("-".to_string(), |n| format!("{n:#x}"));
+            writeln!(out, "{:<#18x}  {:<7}  {:>10}  {:<10}  {:<9}  {:<4}  {:<8}", p["addr"].as_u64().unwrap_or(0),
+                     yes(&p["present"]), pfn, yes(&p["soft_dirty"]), yes(&p["exclusive"]), yes(&p["huge"]),
+                     yes(&p["accessed"]))?;
+        }
+    }
+    out.flush()
 }
 
 fn fail(code: ExitCode, msg: impl std::fmt::Display) -> ExitCode {
@@ -102,6 +196,38 @@ fn main_code() -> ExitCode {
                 Err(e) => fail(e.exit_code(), e),
             }
         }
+        Command::Ps { api_sock, json } => match api::call(&api_sock, &json!({"cmd": "ps"})) {
+            Ok(v) => {
+                print_ps(&v, json);
+                ExitCode::Success
+            }
+            Err(e) => fail(client_code(&e), e),
+        },
+        Command::ClearRefs { api_sock, pid, value } => {
+            match api::call(&api_sock, &json!({"cmd": "clear-refs", "pid": pid, "value": value})) {
+                Ok(_) => ExitCode::Success,
+                Err(e) => fail(client_code(&e), e),
+            }
+        }
+        Command::Pagemap { api_sock, pid, start, pages, json, raw } => {
+            let req = json!({"cmd": "pagemap", "pid": pid, "start": start, "pages": pages});
+            match api::call(&api_sock, &req) {
+                Ok(v) => match print_pagemap(&v, json, raw) {
+                    Ok(()) => ExitCode::Success,
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::Success,
+                    Err(e) => fail(ExitCode::Internal, format!("writing the pagemap failed: {e}")),
+                },
+                Err(e) => fail(client_code(&e), e),
+            }
+        }
+        Command::Info { api_sock } => match api::call(&api_sock, &json!({"cmd": "info"})) {
+            Ok(mut v) => {
+                v.as_object_mut().map(|o| o.remove("ok"));
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                ExitCode::Success
+            }
+            Err(e) => fail(client_code(&e), e),
+        },
         Command::Resume { api_sock } => match api::call(&api_sock, &json!({"cmd": "resume"})) {
             Ok(_) => ExitCode::Success,
             Err(e) => fail(client_code(&e), e),

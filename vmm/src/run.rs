@@ -7,7 +7,9 @@ use crate::exit_code::ExitCode;
 use crate::image::{self, Symbols};
 use crate::memory;
 use crate::runner::{self, Outcome, Runner, SyncHook, VcpuContext};
+use crate::guest_os::TableLocation;
 use crate::script;
+use crate::softdirty::Tracker;
 use crate::vm::{self, Machine};
 use crate::{boot, kick};
 use guest_abi::{MAX_MEM, MEM_ALIGN};
@@ -93,7 +95,7 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
         return Err(Error::TooLittleMemory { end: info.free_phys, mem_mib: opts.mem_mib });
     }
 
-    let Machine { kvm: _kvm, vm: _vm, vcpu, serial_irq } = Machine::new(&mem, loaded.entry)?;
+    let Machine { kvm: _kvm, vm, vcpu, serial_irq } = Machine::new(&mem, loaded.entry)?;
     let devices = Devices::new(serial_irq, Box::new(std::io::stdout()));
     kick::install().map_err(Error::Signal)?;
     let control = Arc::new(Control::<VcpuContext>::default());
@@ -116,7 +118,11 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
         })
     };
 
-    let ctx = VcpuContext { mem, vcpu, symbols: Symbols::parse(&image_bytes) };
+    let symbols = Symbols::parse(&image_bytes);
+    let tracker = TableLocation::from_symbol(symbols.address_of(guest_abi::PROCESS_TABLE_SYMBOL))
+        .ok()
+        .map(|table| Tracker::new(table, mem_size));
+    let ctx = VcpuContext { mem, vm, vcpu, symbols, tracker, exits: Default::default() };
     let mut runner = Runner { ctx, devices, control: control.clone(), pause_at_sync: opts.api_sock.is_some(), hook };
     let result = runner.run();
     control.finish(match &result {

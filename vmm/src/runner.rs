@@ -6,7 +6,8 @@ use crate::devices::{self, Devices, PortEvent, SyncPoint};
 use crate::image::Symbols;
 use crate::memory::GuestMem;
 use guest_abi::EXIT_KERNEL_PANIC;
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use crate::softdirty::{self, Tracker};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use std::sync::Arc;
 
 /// How a run ended, from the guest's side.
@@ -39,13 +40,28 @@ pub enum Error {
     Run(kvm_ioctls::Error),
     #[error(transparent)]
     Device(#[from] devices::Error),
+    #[error("soft-dirty trap: {0}")]
+    Trap(#[from] softdirty::Error),
 }
 
 /// What jobs and sync hooks get: the stopped guest.
 pub struct VcpuContext {
     pub mem: GuestMem,
+    pub vm: VmFd,
     pub vcpu: VcpuFd,
     pub symbols: Symbols,
+    /// Soft-dirty tracking; `None` for an image without a process table.
+    pub tracker: Option<Tracker>,
+    /// KVM_RUN calls and exits by kind, for `vmm info`.
+    pub exits: ExitCounts,
+}
+
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct ExitCounts {
+    pub total: u64,
+    pub io: u64,
+    pub debug: u64,
+    pub interrupted: u64,
 }
 
 /// What to do at each `sync`.
@@ -90,6 +106,12 @@ impl<H: SyncHook> Runner<H> {
         self.crashed(&what)
     }
 
+    /// Is the guest at a point where its kernel is not changing page tables or the
+    /// process table? Ring 3 is; a `sync` stop is handled separately (`pause_at`).
+    fn at_safe_point(&self) -> bool {
+        self.ctx.vcpu.get_sregs().is_ok_and(|s| s.cs.selector & 3 == 3)
+    }
+
     /// Runs the guest to its end.
     pub fn run(&mut self) -> Result<Outcome, Error> {
         self.control.vcpu_started(crate::kick::Kicker::current());
@@ -97,9 +119,28 @@ impl<H: SyncHook> Runner<H> {
             if self.control.timed_out() {
                 return Ok(Outcome::TimedOut { rip: self.describe_rip() });
             }
-            self.control.run_jobs(&mut self.ctx);
+            if self.control.has_jobs() && self.at_safe_point() {
+                self.control.run_jobs(&mut self.ctx);
+            }
+            self.ctx.exits.total += 1;
             let event = match self.ctx.vcpu.run() {
-                Ok(VcpuExit::IoOut(port, data)) => self.devices.io_out(&self.ctx.mem, port, data)?,
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    self.ctx.exits.io += 1;
+                    self.devices.io_out(&self.ctx.mem, port, data)?
+                }
+                Ok(VcpuExit::Debug(arch)) => {
+                    self.ctx.exits.debug += 1;
+                    let pc = arch.pc;
+                    let ctx = &mut self.ctx;
+                    let outcome = match ctx.tracker.as_mut() {
+                        Some(t) => t.on_debug_exit(&ctx.mem, &ctx.vcpu, pc)?,
+                        None => softdirty::TrapOutcome::NotOurs,
+                    };
+                    if let softdirty::TrapOutcome::NotOurs = outcome {
+                        return Ok(self.crashed(&format!("unexpected debug exit at {pc:#x}")));
+                    }
+                    PortEvent::Nothing
+                }
                 Ok(VcpuExit::IoIn(port, data)) => {
                     self.devices.io_in(port, data);
                     PortEvent::Nothing
@@ -119,11 +160,22 @@ impl<H: SyncHook> Runner<H> {
                     let what = format!("unexpected exit {other:?}");
                     return Ok(self.crashed(&what));
                 }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => PortEvent::Nothing,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.ctx.exits.interrupted += 1;
+                    PortEvent::Nothing
+                }
                 Err(e) => return Err(Error::Run(e)),
             };
             match event {
-                PortEvent::Nothing | PortEvent::Zeroed(_) => {}
+                PortEvent::Nothing => {}
+                PortEvent::Zeroed(ranges) => {
+                    // KVM does not log the VMM's own writes.
+                    if let Some(t) = self.ctx.tracker.as_mut() {
+                        for (pfn, pages) in ranges {
+                            t.dirty.mark(pfn, pages);
+                        }
+                    }
+                }
                 PortEvent::Exit(status) if status >= EXIT_KERNEL_PANIC => return Ok(Outcome::KernelPanic),
                 PortEvent::Exit(status) => return Ok(Outcome::Exited((status & 0xff) as u8)),
                 PortEvent::Sync(point) => {

@@ -3,7 +3,7 @@
 
 use crate::boot;
 use crate::memory::GuestMem;
-use kvm_bindings::{kvm_fpu, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_fpu, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -14,6 +14,8 @@ pub enum Error {
     Open(kvm_ioctls::Error),
     #[error("KVM {op} failed: {source}")]
     Ioctl { op: &'static str, source: kvm_ioctls::Error },
+    #[error(transparent)]
+    DirtyLog(#[from] crate::dirty_log::Error),
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
 }
@@ -39,6 +41,10 @@ impl Machine {
         let vm = ioctl("CREATE_VM", kvm.create_vm())?;
         ioctl("SET_TSS_ADDR", vm.set_tss_address(0xfffb_d000))?;
         ioctl("CREATE_IRQCHIP", vm.create_irq_chip())?;
+        // Dirty logging with manual protection from the start (initially all dirty, so
+        // free until something is cleared): the soft-dirty engine needs it to make KVM
+        // re-read edited guest PTEs, and as its backstop.
+        crate::dirty_log::enable(&vm)?;
         for (slot, region) in mem.iter().enumerate() {
             let host = mem.get_host_address(region.start_addr()).expect("region start is inside the region");
             let region = kvm_userspace_memory_region {
@@ -46,7 +52,7 @@ impl Machine {
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: host as u64,
-                flags: 0,
+                flags: KVM_MEM_LOG_DIRTY_PAGES,
             };
             // SAFETY: the mapping behind `host` belongs to `mem`, which the caller keeps
             // alive for as long as the VM runs (the run owns both).

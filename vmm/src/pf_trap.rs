@@ -1,0 +1,142 @@
+//! Catching guest page faults before the guest sees them: a hardware execute
+//! breakpoint (DR0, via `KVM_SET_GUEST_DEBUG`) on the first instruction of the guest's
+//! #PF handler (IDT vector 14) exits to the VMM with the exception frame already pushed.
+//! The VMM then either fixes the fault and emulates the handler's `iretq` (the guest
+//! never runs its handler), or lets the guest handle its own fault.
+
+use crate::memory::{GuestMem, Phys};
+use kvm_bindings::{kvm_guest_debug, kvm_regs, kvm_segment, kvm_sregs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP};
+use kvm_ioctls::VcpuFd;
+use mmu::{GuestPhysAddr, GuestVirtAddr, PhysMemory, Translation, Walker};
+
+/// RFLAGS.RF: suppresses the instruction breakpoint for one instruction on resume.
+const RF: u64 = 1 << 16;
+/// DR7: L0 (DR0 enabled, execute, 1 byte) plus the always-one bit 10.
+const DR7_EXEC_DR0: u64 = (1 << 10) | 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read guest {what} at virtual {va:#x}: not mapped or outside guest memory")]
+    Unmapped { what: &'static str, va: u64 },
+    #[error("the guest's IDT has no present handler for page faults (vector 14)")]
+    NoHandler,
+    #[error("KVM {op} failed: {source}")]
+    Kvm { op: &'static str, source: kvm_ioctls::Error },
+}
+
+fn kvm<T>(op: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, Error> {
+    r.map_err(|source| Error::Kvm { op, source })
+}
+
+/// Reads a u64 at a guest-virtual address through the tables at `cr3`.
+pub fn read_virt(mem: &GuestMem, walker: &Walker, cr3: u64, va: u64, what: &'static str) -> Result<u64, Error> {
+    let phys = Phys(mem);
+    let err = || Error::Unmapped { what, va };
+    match walker.translate(&phys, GuestPhysAddr(cr3 & !0xfff), GuestVirtAddr(va)).map_err(|_| err())? {
+        Translation::Mapped { frame, offset, .. } if offset % 8 == 0 => {
+            phys.read_u64(GuestPhysAddr(frame.0 + offset)).map_err(|_| err())
+        }
+        _ => Err(err()),
+    }
+}
+
+/// The address of the guest's #PF handler, from its IDT.
+pub fn find_handler(mem: &GuestMem, walker: &Walker, sregs: &kvm_sregs) -> Result<u64, Error> {
+    if u64::from(sregs.idt.limit) < 14 * 16 + 15 {
+        return Err(Error::NoHandler);
+    }
+    let entry = sregs.idt.base + 14 * 16;
+    let lo = read_virt(mem, walker, sregs.cr3, entry, "IDT")?;
+    let hi = read_virt(mem, walker, sregs.cr3, entry + 8, "IDT")?;
+    if lo & (1 << 47) == 0 {
+        return Err(Error::NoHandler);
+    }
+    Ok((lo & 0xffff) | ((lo >> 32) & 0xffff_0000) | ((hi & 0xffff_ffff) << 32))
+}
+
+/// Puts the breakpoint on `handler`.
+pub fn arm(vcpu: &VcpuFd, handler: u64) -> Result<(), Error> {
+    let mut dbg = kvm_guest_debug { control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, ..Default::default() };
+    dbg.arch.debugreg[0] = handler;
+    dbg.arch.debugreg[7] = DR7_EXEC_DR0;
+    kvm("SET_GUEST_DEBUG", vcpu.set_guest_debug(&dbg))
+}
+
+/// The page fault as the CPU delivered it.
+#[derive(Debug, Clone, Copy)]
+pub struct Fault {
+    pub error: u64,
+    pub addr: u64,
+    pub cr3: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+}
+
+impl Fault {
+    pub const PRESENT: u64 = 1;
+    pub const WRITE: u64 = 2;
+    pub const USER: u64 = 4;
+
+    /// A write by ring 3 to a present page: the only kind the soft-dirty engine causes.
+    pub fn is_user_write_protection(&self) -> bool {
+        self.error & 0xf == Self::PRESENT | Self::WRITE | Self::USER && self.cs & 3 == 3
+    }
+}
+
+/// The registers at the trap, and the fault they describe.
+pub struct Stopped {
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub fault: Fault,
+}
+
+/// Reads the exception frame the CPU pushed (error code, rip, cs, rflags, rsp, ss).
+pub fn stopped(vcpu: &VcpuFd, mem: &GuestMem, walker: &Walker) -> Result<Stopped, Error> {
+    let regs = kvm("GET_REGS", vcpu.get_regs())?;
+    let sregs = kvm("GET_SREGS", vcpu.get_sregs())?;
+    let mut w = [0u64; 6];
+    for (i, slot) in w.iter_mut().enumerate() {
+        *slot = read_virt(mem, walker, sregs.cr3, regs.rsp + 8 * i as u64, "exception frame")?;
+    }
+    let fault = Fault { error: w[0], addr: sregs.cr2, cr3: sregs.cr3, rip: w[1], cs: w[2], rflags: w[3], rsp: w[4], ss: w[5] };
+    Ok(Stopped { regs, sregs, fault })
+}
+
+fn user_segment(selector: u64, code: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: selector as u16,
+        type_: if code { 0xb } else { 0x3 },
+        present: 1,
+        dpl: 3,
+        db: u8::from(!code),
+        s: 1,
+        l: u8::from(code),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// Emulates the handler's `iretq`: the faulting instruction runs again in ring 3.
+/// Assumes flat 64-bit user segments (the guest profile's GDT).
+pub fn return_to_user(vcpu: &VcpuFd, mut s: Stopped) -> Result<(), Error> {
+    s.regs.rip = s.fault.rip;
+    s.regs.rsp = s.fault.rsp;
+    s.regs.rflags = s.fault.rflags & !RF;
+    s.sregs.cs = user_segment(s.fault.cs, true);
+    s.sregs.ss = user_segment(s.fault.ss, false);
+    kvm("SET_SREGS", vcpu.set_sregs(&s.sregs))?;
+    kvm("SET_REGS", vcpu.set_regs(&s.regs))
+}
+
+/// Lets the guest's handler run (the breakpoint is skipped once).
+pub fn pass_to_guest(vcpu: &VcpuFd, mut s: Stopped) -> Result<(), Error> {
+    s.regs.rflags |= RF;
+    kvm("SET_REGS", vcpu.set_regs(&s.regs))
+}

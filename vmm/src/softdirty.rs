@@ -1,0 +1,380 @@
+//! The pte engine: Linux's `clear_refs` and `pagemap` for a guest process, computed and
+//! enforced from outside (docs/softdirty.md).
+//!
+//! - `clear_refs 4` clears W and the soft-dirty bit in every present leaf of the
+//!   process (marking the ones it write-protected), re-protects their frames in KVM's
+//!   dirty log so KVM re-reads the edited PTEs, remembers the process's mappings, and
+//!   arms the #PF trap.
+//! - A caught write fault on a page the VMM protected sets soft-dirty and gives W back,
+//!   then re-runs the write; the guest's handler never runs. Only when the guest's own
+//!   mapping is still writable: the VMM never grants a write the guest took away.
+//! - `pagemap` reports a page soft-dirty if its PTE says so, or its mapping is new or
+//!   grown since the last clear, or it is writable and its frame shows in the dirty log
+//!   (the guest made the PTE writable again, so writes no longer fault).
+
+use crate::dirty_log::{self, DirtyLog};
+use crate::guest_os::{self, Mapping, Process, Snapshot, TableLocation};
+use crate::memory::{GuestMem, Phys};
+use crate::pf_trap;
+use kvm_ioctls::{VcpuFd, VmFd};
+use mmu::{softdirty, GuestPhysAddr, GuestVirtAddr, Leaf, PageSize, PagemapEntry, PagingMode, PhysMemory, PteFlags,
+    Translation, Walker};
+use std::collections::HashMap;
+
+/// Largest pagemap request, in pages (4 GiB of address space).
+pub const MAX_PAGEMAP_PAGES: u64 = 1 << 20;
+const USER_TOP: u64 = workload::USER_TOP;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no process with pid {0}")]
+    UnknownPid(u32),
+    #[error("pid {pid} has {state} (exit code {code}): it has no memory any more")]
+    NotLive { pid: u32, state: &'static str, code: u32 },
+    #[error("invalid clear_refs value {0} (EINVAL): use 1 (accessed bits), 2 (anonymous), 3 (file-backed), 4 (soft-dirty) or 5 (peak RSS)")]
+    BadValue(u64),
+    #[error("invalid range: {0}")]
+    BadRange(String),
+    #[error(transparent)]
+    GuestOs(#[from] guest_os::Error),
+    #[error("walking the page tables of pid {pid} failed: {detail}")]
+    Walk { pid: u32, detail: String },
+    #[error(transparent)]
+    DirtyLog(#[from] dirty_log::Error),
+    #[error(transparent)]
+    Trap(#[from] pf_trap::Error),
+    #[error("writing guest memory at {0:#x} failed")]
+    Write(u64),
+}
+
+/// `clear_refs` values, as Linux defines them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClearRefs {
+    Accessed = 1,
+    AccessedAnon = 2,
+    AccessedFile = 3,
+    SoftDirty = 4,
+    PeakRss = 5,
+}
+
+impl TryFrom<u64> for ClearRefs {
+    type Error = Error;
+    fn try_from(v: u64) -> Result<Self, Error> {
+        Ok(match v {
+            1 => ClearRefs::Accessed,
+            2 => ClearRefs::AccessedAnon,
+            3 => ClearRefs::AccessedFile,
+            4 => ClearRefs::SoftDirty,
+            5 => ClearRefs::PeakRss,
+            _ => return Err(Error::BadValue(v)),
+        })
+    }
+}
+
+/// One page of a pagemap answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageInfo {
+    pub addr: u64,
+    pub entry: PagemapEntry,
+    pub huge: bool,
+    pub accessed: bool,
+}
+
+/// Counters for `vmm info`.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Stats {
+    pub clears: u64,
+    pub pages_write_protected: u64,
+    pub faults_caught: u64,
+    pub faults_passed: u64,
+}
+
+/// What a debug exit was.
+pub enum TrapOutcome {
+    /// A write the engine caused: fixed, the guest never saw it.
+    Caught,
+    /// Not the engine's: the guest handles it.
+    Passed,
+    /// Not our breakpoint at all.
+    NotOurs,
+}
+
+pub struct Tracker {
+    table: TableLocation,
+    walker: Walker,
+    /// Each cleared pid's mappings at its last soft-dirty clear.
+    cleared: HashMap<u32, Vec<Mapping>>,
+    trap: Option<u64>,
+    pub dirty: DirtyLog,
+    pub stats: Stats,
+}
+
+/// Frames of a leaf, as (first pfn, count).
+fn frames(leaf: &Leaf) -> (u64, u64) {
+    (leaf.frame().pfn(), leaf.size.bytes() / 4096)
+}
+
+impl Tracker {
+    pub fn new(table: TableLocation, mem_size: u64) -> Tracker {
+        Tracker {
+            table,
+            walker: Walker::new(PagingMode::Level4),
+            cleared: HashMap::new(),
+            trap: None,
+            dirty: DirtyLog::new(mem_size),
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn snapshot(&self, mem: &GuestMem) -> Result<Snapshot, Error> {
+        Ok(self.table.read(mem)?)
+    }
+
+    fn live(snap: &Snapshot, pid: u32) -> Result<&Process, Error> {
+        let p = snap.by_pid(pid).ok_or(Error::UnknownPid(pid))?;
+        if !p.is_live() {
+            return Err(Error::NotLive { pid, state: p.state.name(), code: p.exit_code });
+        }
+        Ok(p)
+    }
+
+    /// Present user leaves of `p` over `[start, start + pages*4096)`.
+    fn leaves(&self, mem: &GuestMem, p: &Process, start: u64, pages: u64) -> Result<Vec<Leaf>, Error> {
+        let mut out = Vec::new();
+        self.walker
+            .walk_range(&Phys(mem), GuestPhysAddr(p.cr3), GuestVirtAddr(start), pages, &mut |item| {
+                if let Ok(leaf) = item {
+                    out.push(leaf);
+                }
+            })
+            .map_err(|e| Error::Walk { pid: p.pid, detail: e.to_string() })?;
+        Ok(out)
+    }
+
+    fn write_entry(mem: &GuestMem, leaf: &Leaf, value: u64) -> Result<(), Error> {
+        Phys(mem).write_u64(leaf.entry_addr, value).map_err(|_| Error::Write(leaf.entry_addr.0))
+    }
+
+    /// `echo VALUE > /proc/PID/clear_refs`. Returns the number of leaf entries changed.
+    pub fn clear_refs(&mut self, mem: &GuestMem, vm: &VmFd, vcpu: &VcpuFd, pid: u32, value: ClearRefs) -> Result<u64, Error> {
+        let snap = self.snapshot(mem)?;
+        let p = Self::live(&snap, pid)?;
+        match value {
+            ClearRefs::AccessedFile => Ok(0), // our guest has no file-backed memory
+            ClearRefs::PeakRss => {
+                let addr = self.table.peak_rss_addr(p.slot);
+                Phys(mem).write_u64(GuestPhysAddr(addr), p.rss_pages).map_err(|_| Error::Write(addr))?;
+                Ok(0)
+            }
+            ClearRefs::Accessed | ClearRefs::AccessedAnon => {
+                let leaves = self.leaves(mem, p, 0, USER_TOP / 4096)?;
+                let mut zap = Vec::new();
+                for leaf in &leaves {
+                    if leaf.entry.contains(PteFlags::ACCESSED) {
+                        Self::write_entry(mem, leaf, leaf.entry.without(PteFlags::ACCESSED).0)?;
+                        zap.push(frames(leaf));
+                    }
+                }
+                dirty_log::zap(mem, &zap)?;
+                Ok(zap.len() as u64)
+            }
+            ClearRefs::SoftDirty => {
+                let leaves = self.leaves(mem, p, 0, USER_TOP / 4096)?;
+                self.dirty.harvest(vm)?;
+                let mut protect = Vec::with_capacity(leaves.len());
+                let mut changed = 0;
+                for leaf in &leaves {
+                    let new = softdirty::clear(leaf.entry);
+                    if new != leaf.entry {
+                        Self::write_entry(mem, leaf, new.0)?;
+                        changed += 1;
+                    }
+                    protect.push(frames(leaf));
+                }
+                // Every present frame: so that a later write through a PTE the guest
+                // makes writable again still shows in the dirty log.
+                self.dirty.clear_and_protect(vm, &protect)?;
+                self.cleared.insert(pid, p.mappings.clone());
+                self.stats.clears += 1;
+                self.stats.pages_write_protected += changed;
+                self.arm(mem, vcpu)?;
+                Ok(changed)
+            }
+        }
+    }
+
+    fn arm(&mut self, mem: &GuestMem, vcpu: &VcpuFd) -> Result<(), Error> {
+        if self.trap.is_none() {
+            let sregs = vcpu.get_sregs().map_err(|source| pf_trap::Error::Kvm { op: "GET_SREGS", source })?;
+            let handler = pf_trap::find_handler(mem, &self.walker, &sregs)?;
+            pf_trap::arm(vcpu, handler)?;
+            self.trap = Some(handler);
+        }
+        Ok(())
+    }
+
+    /// Is `va` in a mapping that did not exist (or did not reach `va`) at the last clear?
+    fn mapping_is_new(&self, pid: u32, m: &Mapping, va: u64) -> bool {
+        match self.cleared.get(&pid) {
+            None => true, // never cleared: everything is new, as for a fresh Linux process
+            Some(old) => !old.iter().any(|o| o.serial == m.serial && o.contains(va)),
+        }
+    }
+
+    /// How many times each frame is mapped by live processes (for "exclusive").
+    fn frame_counts(&self, mem: &GuestMem, snap: &Snapshot) -> HashMap<u64, u32> {
+        let mut counts = HashMap::new();
+        for p in snap.processes.iter().filter(|p| p.is_live()) {
+            if let Ok(leaves) = self.leaves(mem, p, 0, USER_TOP / 4096) {
+                for leaf in leaves {
+                    *counts.entry(leaf.frame().0).or_insert(0) += 1;
+                }
+            }
+        }
+        counts
+    }
+
+    /// Reads `/proc/PID/pagemap` for `pages` pages from `start`; `None` = every page of
+    /// every mapping of the process.
+    pub fn pagemap(&mut self, mem: &GuestMem, vm: &VmFd, pid: u32, range: Option<(u64, u64)>) -> Result<Vec<PageInfo>, Error> {
+        let snap = self.snapshot(mem)?;
+        let p = Self::live(&snap, pid)?;
+        let ranges: Vec<(u64, u64)> = match range {
+            Some((start, pages)) => {
+                check_range(start, pages)?;
+                vec![(start, pages)]
+            }
+            None => p.mappings.iter().map(|m| (m.start, m.pages)).collect(),
+        };
+        let total: u64 = ranges.iter().map(|r| r.1).sum();
+        if total > MAX_PAGEMAP_PAGES {
+            return Err(Error::BadRange(format!("{total} pages exceed the limit of {MAX_PAGEMAP_PAGES} per request")));
+        }
+        self.dirty.harvest(vm)?;
+        let counts = self.frame_counts(mem, &snap);
+        let mut out = Vec::with_capacity(total as usize);
+        for (start, pages) in ranges {
+            let leaves = self.leaves(mem, p, start, pages)?;
+            let mut li = 0;
+            for i in 0..pages {
+                let va = start + i * 4096;
+                while li < leaves.len() && leaves[li].va.0 + leaves[li].size.bytes() <= va {
+                    li += 1;
+                }
+                let leaf = leaves.get(li).filter(|l| l.va.0 <= va);
+                out.push(self.page_info(p, &snap, &counts, va, leaf));
+            }
+        }
+        Ok(out)
+    }
+
+    fn page_info(&self, p: &Process, snap: &Snapshot, counts: &HashMap<u64, u32>, va: u64, leaf: Option<&Leaf>) -> PageInfo {
+        let mapping = p.mapping_at(va);
+        let vma_new = mapping.is_some_and(|m| self.mapping_is_new(p.pid, m, va));
+        let Some(leaf) = leaf else {
+            // Linux: a hole in a VMA reads soft-dirty when the VMA is; no VMA reads 0.
+            let entry = PagemapEntry::none().with_soft_dirty(vma_new);
+            return PageInfo { addr: va, entry, huge: false, accessed: false };
+        };
+        let (pfn0, count) = frames(leaf);
+        let pfn = pfn0 + (va - leaf.va.0) / 4096;
+        let written = softdirty::is_soft_dirty(leaf.entry)
+            || (leaf.entry.contains(PteFlags::WRITABLE) && self.dirty.any_dirty(pfn0, count));
+        let zero = leaf.frame().0 == snap.zero_frame;
+        let exclusive = !zero && counts.get(&leaf.frame().0).copied() == Some(1);
+        PageInfo {
+            addr: va,
+            entry: PagemapEntry::present(pfn).with_soft_dirty(written || vma_new).with_exclusive(exclusive),
+            huge: leaf.size != PageSize::Size4K,
+            accessed: leaf.entry.contains(PteFlags::ACCESSED),
+        }
+    }
+
+    /// Handles a debug exit. Returns what it was.
+    pub fn on_debug_exit(&mut self, mem: &GuestMem, vcpu: &VcpuFd, pc: u64) -> Result<TrapOutcome, Error> {
+        if self.trap != Some(pc) {
+            return Ok(TrapOutcome::NotOurs);
+        }
+        let stopped = pf_trap::stopped(vcpu, mem, &self.walker)?;
+        let f = stopped.fault;
+        if f.is_user_write_protection() && f.addr < USER_TOP {
+            if let Some(leaf) = self.leaf_at(mem, f.cr3, f.addr) {
+                if softdirty::is_hypervisor_protected(leaf.entry) {
+                    if self.guest_allows_write(mem, f.cr3, f.addr, &leaf) {
+                        Self::write_entry(mem, &leaf, softdirty::restore_after_write(leaf.entry).0)?;
+                        pf_trap::return_to_user(vcpu, stopped)?;
+                        self.stats.faults_caught += 1;
+                        return Ok(TrapOutcome::Caught);
+                    }
+                    // The guest will decide (kill, copy-on-write, ...); the write may
+                    // happen, so count it as one.
+                    Self::write_entry(mem, &leaf, softdirty::mark_written(leaf.entry).0)?;
+                }
+            }
+        }
+        pf_trap::pass_to_guest(vcpu, stopped)?;
+        self.stats.faults_passed += 1;
+        Ok(TrapOutcome::Passed)
+    }
+
+    fn leaf_at(&self, mem: &GuestMem, cr3: u64, va: u64) -> Option<Leaf> {
+        match self.walker.translate(&Phys(mem), GuestPhysAddr(cr3 & !0xfff), GuestVirtAddr(va)) {
+            Ok(Translation::Mapped { leaf, .. }) => Some(leaf),
+            _ => None,
+        }
+    }
+
+    /// The guest's own view: the mapping is writable and the page is not the shared
+    /// zero frame (a write there is the guest's copy-on-write to handle).
+    fn guest_allows_write(&self, mem: &GuestMem, cr3: u64, va: u64, leaf: &Leaf) -> bool {
+        let Ok(snap) = self.snapshot(mem) else { return false };
+        let Some(p) = snap.by_cr3(cr3) else { return false };
+        let writable = p.mapping_at(va).is_some_and(|m| !m.read_only);
+        writable && leaf.frame().0 != snap.zero_frame && leaf.upper.contains(PteFlags::WRITABLE | PteFlags::USER)
+    }
+}
+
+/// A pagemap range: page-aligned, non-empty, bounded, inside the user half.
+pub fn check_range(start: u64, pages: u64) -> Result<(), Error> {
+    if start % 4096 != 0 {
+        return Err(Error::BadRange(format!("start {start:#x} is not page-aligned")));
+    }
+    if pages == 0 {
+        return Err(Error::BadRange("page count is 0".into()));
+    }
+    if pages > MAX_PAGEMAP_PAGES {
+        return Err(Error::BadRange(format!("{pages} pages exceed the limit of {MAX_PAGEMAP_PAGES} per request")));
+    }
+    let end = pages.checked_mul(4096).and_then(|l| l.checked_add(start));
+    if end.is_none_or(|e| e > USER_TOP) {
+        return Err(Error::BadRange(format!("{start:#x} + {pages} pages reaches outside the user half (below {USER_TOP:#x})")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clear_refs_values_follow_linux() {
+        for (v, c) in [(1, ClearRefs::Accessed), (2, ClearRefs::AccessedAnon), (3, ClearRefs::AccessedFile),
+            (4, ClearRefs::SoftDirty), (5, ClearRefs::PeakRss)] {
+            assert_eq!(ClearRefs::try_from(v).unwrap(), c);
+        }
+        for v in [0, 6, 42, u64::MAX] {
+            assert!(matches!(ClearRefs::try_from(v), Err(Error::BadValue(_))));
+        }
+    }
+
+    #[test]
+    fn ranges_are_checked() {
+        assert!(check_range(0x400000, 1).is_ok());
+        assert!(check_range(0x400001, 1).is_err());
+        assert!(check_range(0x400000, 0).is_err());
+        assert!(check_range(0x7fff_ffff_f000, 2).is_err());
+        assert!(check_range(0xffff_8000_0000_0000, 1).is_err());
+        assert!(check_range(0, MAX_PAGEMAP_PAGES + 1).is_err());
+        assert!(check_range(0x1000, u64::MAX).is_err());
+    }
+}

@@ -282,7 +282,9 @@ pub fn fault(slot: &mut ProcSlot, addr: u64, write: bool, zero_frame: u64) -> Fa
         if huge {
             let Some(frame) = frames::alloc_huge() else { return Fault::Kill("out of memory at") };
             add_rss(slot, HUGE / PAGE);
-            frame | P | U | PS | NX | rw | keep
+            // Writable only on a write fault: a page that was only read is never
+            // writable, so it can never look written (Linux maps the huge zero page).
+            frame | P | U | PS | NX | if write { rw } else { 0 } | keep
         } else if write {
             let Some(frame) = frames::alloc() else { return Fault::Kill("out of memory at") };
             add_rss(slot, 1);

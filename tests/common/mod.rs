@@ -127,3 +127,91 @@ impl Live {
         Run::from(out)
     }
 }
+
+/// One page of `vmm pagemap --json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub addr: u64,
+    pub entry: u64,
+    pub present: bool,
+    pub pfn: Option<u64>,
+    pub soft_dirty: bool,
+    pub exclusive: bool,
+    pub huge: bool,
+    pub accessed: bool,
+}
+
+impl Live {
+    /// Handles every `sync` until the run ends: `at(label, pid)` runs while the VM is
+    /// paused there, then the VM is resumed. Returns the finished run.
+    pub fn drive(mut self, mut at: impl FnMut(&Live, &str, u32)) -> Run {
+        loop {
+            let w = self.client("wait", &["--timeout", "60"]);
+            if w.code != 0 {
+                // Finished: the VMM said so, or it is exiting (socket gone, connection reset).
+                assert!(w.stderr.contains("has finished") || self.exits_soon(), "wait failed: {w:?}");
+                break;
+            }
+            let mut parts = w.stdout.split_whitespace();
+            let pid: u32 = parts.next().unwrap().parse().unwrap();
+            let label = parts.next().unwrap().to_string();
+            at(&self, &label, pid);
+            let r = self.client("resume", &[]);
+            assert_eq!(r.code, 0, "resume failed: {r:?}");
+        }
+        self.finish()
+    }
+
+    fn exits_soon(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.child.try_wait().expect("try_wait").is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    pub fn clear_refs(&self, pid: u32, value: u32) {
+        let r = self.client("clear-refs", &["--pid", &pid.to_string(), &value.to_string()]);
+        assert_eq!(r.code, 0, "clear-refs {value} of pid {pid}: {r:?}");
+    }
+
+    pub fn pagemap(&self, pid: u32, start: u64, pages: u64) -> Vec<Page> {
+        let r = self.client("pagemap", &["--pid", &pid.to_string(), "--start", &format!("{start:#x}"),
+            "--pages", &pages.to_string(), "--json"]);
+        assert_eq!(r.code, 0, "pagemap of pid {pid}: {r:?}");
+        r.stdout.lines().map(parse_page).collect()
+    }
+
+    /// Soft-dirty bits of `pages` pages from `start`.
+    pub fn soft_dirty(&self, pid: u32, start: u64, pages: u64) -> Vec<bool> {
+        self.pagemap(pid, start, pages).iter().map(|p| p.soft_dirty).collect()
+    }
+
+    pub fn info(&self) -> serde_json::Value {
+        let r = self.client("info", &[]);
+        assert_eq!(r.code, 0, "{r:?}");
+        serde_json::from_str(&r.stdout).unwrap()
+    }
+}
+
+pub fn parse_page(line: &str) -> Page {
+    let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    Page {
+        addr: v["addr"].as_u64().unwrap(),
+        entry: v["entry"].as_u64().unwrap(),
+        present: v["present"].as_bool().unwrap(),
+        pfn: v["pfn"].as_u64(),
+        soft_dirty: v["soft_dirty"].as_bool().unwrap(),
+        exclusive: v["exclusive"].as_bool().unwrap(),
+        huge: v["huge"].as_bool().unwrap(),
+        accessed: v["accessed"].as_bool().unwrap(),
+    }
+}
+
+/// `n` copies of `b`.
+pub fn all(b: bool, n: usize) -> Vec<bool> {
+    vec![b; n]
+}

@@ -125,6 +125,18 @@ impl Drop for SocketFile {
     }
 }
 
+/// Requests being answered right now; the run waits (briefly) for them before exiting
+/// so that a client blocked in `wait` learns the VM finished instead of losing the line.
+static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Waits up to `limit` for in-flight requests to be answered.
+pub fn drain(limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 fn serve(stream: UnixStream, control: &Control<VcpuContext>) {
     let Ok(write_half) = stream.try_clone() else { return };
     let mut writer = std::io::BufWriter::new(write_half);
@@ -142,11 +154,14 @@ fn serve(stream: UnixStream, control: &Control<VcpuContext>) {
         if line.iter().all(|b| b.is_ascii_whitespace()) {
             continue;
         }
+        IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let response = match serde_json::from_slice::<Request>(&line) {
             Ok(req) => handle(req, control),
             Err(e) => error(format!("bad request: {e}")),
         };
-        if reply(&mut writer, &response).is_err() {
+        let sent = reply(&mut writer, &response);
+        IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        if sent.is_err() {
             return;
         }
     }

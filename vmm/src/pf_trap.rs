@@ -5,11 +5,13 @@
 //! never runs its handler), or lets the guest handle its own fault.
 
 use crate::memory::{GuestMem, Phys};
-use kvm_bindings::{kvm_guest_debug, kvm_regs, kvm_segment, kvm_sregs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP};
+use kvm_bindings::{kvm_guest_debug, kvm_regs, kvm_segment, kvm_sregs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
+    KVM_GUESTDBG_USE_HW_BP};
 use kvm_ioctls::VcpuFd;
 use mmu::{GuestPhysAddr, GuestVirtAddr, PhysMemory, Translation, Walker};
 
-/// RFLAGS.RF: suppresses the instruction breakpoint for one instruction on resume.
+/// RFLAGS.RF: would suppress the breakpoint for one instruction, but the instruction
+/// emulator that runs guest ring 0 here ignores it; see [`step_over_handler_entry`].
 const RF: u64 = 1 << 16;
 /// DR7: L0 (DR0 enabled, execute, 1 byte) plus the always-one bit 10.
 const DR7_EXEC_DR0: u64 = (1 << 10) | 1;
@@ -135,8 +137,11 @@ pub fn return_to_user(vcpu: &VcpuFd, mut s: Stopped) -> Result<(), Error> {
     kvm("SET_REGS", vcpu.set_regs(&s.regs))
 }
 
-/// Lets the guest's handler run (the breakpoint is skipped once).
-pub fn pass_to_guest(vcpu: &VcpuFd, mut s: Stopped) -> Result<(), Error> {
-    s.regs.rflags |= RF;
-    kvm("SET_REGS", vcpu.set_regs(&s.regs))
+/// Lets the guest's handler run: the breakpoint is replaced by a single step over the
+/// handler's first instruction (the caller re-arms on the step's debug exit). Resuming
+/// with RFLAGS.RF would be cheaper, but KVM's instruction emulator, which runs guest
+/// ring 0 on our hosts, ignores RF and the breakpoint fires again forever.
+pub fn step_over_handler_entry(vcpu: &VcpuFd) -> Result<(), Error> {
+    let dbg = kvm_guest_debug { control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP, ..Default::default() };
+    kvm("SET_GUEST_DEBUG", vcpu.set_guest_debug(&dbg))
 }

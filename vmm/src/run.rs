@@ -131,5 +131,6 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
     });
     done.store(true, Ordering::SeqCst);
     let _ = watchdog.join();
+    api::drain(Duration::from_millis(500));
     Ok(result?)
 }

@@ -105,6 +105,8 @@ pub struct Tracker {
     /// Each cleared pid's mappings at its last soft-dirty clear.
     cleared: HashMap<u32, Vec<Mapping>>,
     trap: Option<u64>,
+    /// Single-stepping over the #PF handler's first instruction (a passed fault).
+    stepping: bool,
     pub dirty: DirtyLog,
     pub stats: Stats,
 }
@@ -121,6 +123,7 @@ impl Tracker {
             walker: Walker::new(PagingMode::Level4),
             cleared: HashMap::new(),
             trap: None,
+            stepping: false,
             dirty: DirtyLog::new(mem_size),
             stats: Stats::default(),
         }
@@ -292,7 +295,14 @@ impl Tracker {
 
     /// Handles a debug exit. Returns what it was.
     pub fn on_debug_exit(&mut self, mem: &GuestMem, vcpu: &VcpuFd, pc: u64) -> Result<TrapOutcome, Error> {
-        if self.trap != Some(pc) {
+        let Some(handler) = self.trap else { return Ok(TrapOutcome::NotOurs) };
+        if self.stepping {
+            // The guest's handler is past its first instruction: breakpoint back on.
+            self.stepping = false;
+            pf_trap::arm(vcpu, handler)?;
+            return Ok(TrapOutcome::Passed);
+        }
+        if pc != handler {
             return Ok(TrapOutcome::NotOurs);
         }
         let stopped = pf_trap::stopped(vcpu, mem, &self.walker)?;
@@ -312,7 +322,8 @@ impl Tracker {
                 }
             }
         }
-        pf_trap::pass_to_guest(vcpu, stopped)?;
+        pf_trap::step_over_handler_entry(vcpu)?;
+        self.stepping = true;
         self.stats.faults_passed += 1;
         Ok(TrapOutcome::Passed)
     }

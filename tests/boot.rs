@@ -11,6 +11,15 @@ fn demo_boots_and_exits_zero() {
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("kernel: all processes exited 0"), "{r:?}");
     assert!(r.stderr.contains("vmm: sync start (pid 1)"), "{r:?}");
+    // The main job: incremental soft-dirty counts per process, found from outside.
+    for line in [
+        "sync start: pid 1 writer: 64 mapped, 64 soft-dirty",
+        "sync round: pid 1 writer: 64 mapped, 8 soft-dirty",
+        "sync final: pid 1 writer: 64 mapped, 16 soft-dirty",
+        "sync round: pid 2 reader: 64 mapped, 0 soft-dirty",
+    ] {
+        assert!(r.stdout.contains(line), "missing '{line}': {r:?}");
+    }
 }
 
 const THREE: &str = "\

@@ -19,4 +19,5 @@ pub mod run;
 pub mod runner;
 pub mod script;
 pub mod softdirty;
+pub mod summary;
 pub mod vm;

@@ -7,7 +7,8 @@ use std::time::Duration;
 use vmm::api::{self, ClientError};
 use vmm::exit_code::ExitCode;
 use vmm::run::{self, RunOptions};
-use vmm::runner::{NoHook, Outcome};
+use vmm::runner::Outcome;
+use vmm::summary::{Hook, SummaryHook};
 
 #[derive(Parser)]
 #[command(name = "vmm", version, about = "Per-process soft-dirty tracking of a KVM guest, from outside")]
@@ -34,6 +35,10 @@ enum Command {
         /// Give up after this many seconds of guest running time (pauses excluded).
         #[arg(long, default_value_t = 60.0)]
         timeout: f64,
+        /// At every sync, print each process's mapped and soft-dirty page counts, then
+        /// clear (always on for the built-in demo).
+        #[arg(long)]
+        summary: bool,
     },
     /// List guest processes, found from outside through the guest kernel's process table.
     Ps {
@@ -179,13 +184,14 @@ fn main_code() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run { image, workload, mem, api_sock, timeout } => {
+        Command::Run { image, workload, mem, api_sock, timeout, summary } => {
             let timeout = match seconds("--timeout", timeout) {
                 Ok(t) => t,
                 Err(code) => return code,
             };
+            let hook = if summary || workload.is_none() { Hook::Summary(SummaryHook) } else { Hook::None };
             let opts = RunOptions { image, workload, mem_mib: mem, api_sock, timeout };
-            match run::run(&opts, NoHook) {
+            match run::run(&opts, hook) {
                 Ok(Outcome::Exited(0)) => ExitCode::Success,
                 Ok(Outcome::Exited(c)) => {
                     eprintln!("vmm: guest exited with status {c}");

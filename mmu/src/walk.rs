@@ -298,18 +298,19 @@ impl<M: PhysMemory + ?Sized> RangeWalk<'_, M> {
         let first = (self.lin_start.saturating_sub(base)) >> shift;
         let last = ((self.lin_end - 1).saturating_sub(base) >> shift).min(511);
         let mode = self.walker.mode;
+        let mut entries = [0u64; 512];
+        if self.mem.read_table(table, &mut entries).is_err() {
+            // Checked readable by the parent; a table that runs off the end of memory
+            // is reported, never trusted.
+            self.stats.bad_entries += 1;
+            (self.visit)(Err((GuestVirtAddr(mode.sign_extend(base)), level, BadEntry::TableOutsideMemory)));
+            return;
+        }
         for index in first..=last {
             let lin = base + index * span;
             let va = GuestVirtAddr(mode.sign_extend(lin));
             let entry_addr = GuestPhysAddr(table.0 + index * 8);
-            let Ok(raw) = self.mem.read_u64(entry_addr) else {
-                // The table itself runs outside memory (cannot happen for an aligned
-                // table whose first entry was readable, but never trust that).
-                self.stats.bad_entries += 1;
-                (self.visit)(Err((va, level, BadEntry::TableOutsideMemory)));
-                return;
-            };
-            let entry = PageTableEntry(raw);
+            let entry = PageTableEntry(entries[index as usize]);
             if !entry.is_present() {
                 continue;
             }

@@ -50,8 +50,9 @@ pub enum Request {
     Ps {},
     /// Linux's `/proc/PID/clear_refs` (value 4 by default).
     ClearRefs { pid: u32, value: Option<u64> },
-    /// Linux's `/proc/PID/pagemap` over `pages` pages from `start` (default: every mapping).
-    Pagemap { pid: u32, start: Option<u64>, pages: Option<u64> },
+    /// Linux's `/proc/PID/pagemap` over `pages` pages from `start` (default: every
+    /// mapping). With `summary`, only counts (pages, present, soft-dirty).
+    Pagemap { pid: u32, start: Option<u64>, pages: Option<u64>, summary: Option<bool> },
     /// Engine, memory size and counters.
     Info {},
 }
@@ -213,6 +214,7 @@ pub fn handle(req: Request, control: &Control<VcpuContext>) -> Value {
         Request::Status {} => {
             let mut v = phase_json(&control.phase());
             v["syncs"] = json!(control.syncs());
+            v["running_ns"] = json!(control.running_time().as_nanos() as u64);
             ok(v)
         }
         Request::Resume {} => match control.resume() {
@@ -233,11 +235,13 @@ pub fn handle(req: Request, control: &Control<VcpuContext>) -> Value {
         Request::ClearRefs { pid, value } => answer((|| {
             let value = ClearRefs::try_from(value.unwrap_or(4)).map_err(|e| e.to_string())?;
             with_tracker(control, move |t, ctx| {
+                let t0 = std::time::Instant::now();
                 let changed = t.clear_refs(&ctx.mem, &ctx.vm, &ctx.vcpu, pid, value).map_err(|e| e.to_string())?;
-                Ok(json!({"pid": pid, "value": value as u64, "entries_changed": changed}))
+                let elapsed = t0.elapsed().as_nanos() as u64;
+                Ok(json!({"pid": pid, "value": value as u64, "entries_changed": changed, "elapsed_ns": elapsed}))
             })
         })()),
-        Request::Pagemap { pid, start, pages } => answer((|| {
+        Request::Pagemap { pid, start, pages, summary } => answer((|| {
             let range = match (start, pages) {
                 (None, None) => None,
                 (Some(s), Some(n)) => Some((s, n)),
@@ -248,8 +252,16 @@ pub fn handle(req: Request, control: &Control<VcpuContext>) -> Value {
                 crate::softdirty::check_range(s, n).map_err(|e| e.to_string())?;
             }
             with_tracker(control, move |t, ctx| {
+                let t0 = std::time::Instant::now();
                 let pages = t.pagemap(&ctx.mem, &ctx.vm, pid, range).map_err(|e| e.to_string())?;
-                Ok(json!({"pid": pid, "pages": pages.iter().map(page_json).collect::<Vec<_>>()}))
+                let elapsed = t0.elapsed().as_nanos() as u64;
+                if summary == Some(true) {
+                    let present = pages.iter().filter(|p| p.entry.is_present()).count();
+                    let dirty = pages.iter().filter(|p| p.entry.soft_dirty()).count();
+                    return Ok(json!({"pid": pid, "count": pages.len(), "present": present, "soft_dirty": dirty,
+                        "elapsed_ns": elapsed}));
+                }
+                Ok(json!({"pid": pid, "pages": pages.iter().map(page_json).collect::<Vec<_>>(), "elapsed_ns": elapsed}))
             })
         })()),
         Request::Info {} => answer(control.call(|ctx: &mut VcpuContext| {
@@ -265,7 +277,7 @@ pub fn handle(req: Request, control: &Control<VcpuContext>) -> Value {
         Request::Wait { label, timeout_ms } => {
             let timeout = Duration::from_millis(timeout_ms.unwrap_or(60_000).min(24 * 3600 * 1000));
             match control.wait_for_pause(label.as_deref(), timeout) {
-                Ok(p) => ok(json!({"pid": p.pid, "label": p.label})),
+                Ok(p) => ok(json!({"pid": p.pid, "label": p.label, "running_ns": control.running_time().as_nanos() as u64})),
                 Err(e) => error(e),
             }
         }

@@ -66,6 +66,11 @@ impl DirtyLog {
         Ok(())
     }
 
+    /// Frames covered.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
     pub fn is_dirty(&self, pfn: u64) -> bool {
         pfn < self.pages && self.accumulated[(pfn / 64) as usize] & (1 << (pfn % 64)) != 0
     }

@@ -20,4 +20,5 @@ pub mod runner;
 pub mod script;
 pub mod softdirty;
 pub mod summary;
+pub mod uffd;
 pub mod vm;

@@ -216,7 +216,7 @@ fn main_code() -> ExitCode {
             }
         }
         Command::Pagemap { api_sock, pid, start, pages, json, raw } => {
-            let req = json!({"cmd": "pagemap", "pid": pid, "start": start, "pages": pages});
+            let req = json!({"cmd": "pagemap", "pid": pid, "start": start, "pages": pages, "summary": false});
             match api::call(&api_sock, &req) {
                 Ok(v) => match print_pagemap(&v, json, raw) {
                     Ok(()) => ExitCode::Success,

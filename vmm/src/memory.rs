@@ -47,4 +47,16 @@ impl PhysMemory for Phys<'_> {
         }
         self.0.write_obj(value, GuestAddress(addr.0)).map_err(|_| MemoryError { addr })
     }
+
+    fn read_table(&self, addr: GuestPhysAddr, out: &mut [u64; 512]) -> Result<(), MemoryError> {
+        if addr.0 % 4096 != 0 {
+            return Err(MemoryError { addr });
+        }
+        let mut bytes = [0u8; 4096];
+        self.0.read_slice(&mut bytes, GuestAddress(addr.0)).map_err(|_| MemoryError { addr })?;
+        for (slot, chunk) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+            *slot = u64::from_le_bytes(chunk.try_into().expect("8-byte chunks"));
+        }
+        Ok(())
+    }
 }

@@ -7,7 +7,7 @@
 use crate::memory::{GuestMem, Phys};
 use kvm_bindings::{kvm_guest_debug, kvm_regs, kvm_segment, kvm_sregs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
     KVM_GUESTDBG_USE_HW_BP};
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{SyncReg, VcpuFd};
 use mmu::{GuestPhysAddr, GuestVirtAddr, PhysMemory, Translation, Walker};
 
 /// RFLAGS.RF: would suppress the breakpoint for one instruction, but the instruction
@@ -96,9 +96,14 @@ pub struct Stopped {
 }
 
 /// Reads the exception frame the CPU pushed (error code, rip, cs, rflags, rsp, ss).
-pub fn stopped(vcpu: &VcpuFd, mem: &GuestMem, walker: &Walker) -> Result<Stopped, Error> {
-    let regs = kvm("GET_REGS", vcpu.get_regs())?;
-    let sregs = kvm("GET_SREGS", vcpu.get_sregs())?;
+/// With `sync_regs`, the registers come from `kvm_run` (no ioctl).
+pub fn stopped(vcpu: &VcpuFd, mem: &GuestMem, walker: &Walker, sync_regs: bool) -> Result<Stopped, Error> {
+    let (regs, sregs) = if sync_regs {
+        let s = vcpu.sync_regs();
+        (s.regs, s.sregs)
+    } else {
+        (kvm("GET_REGS", vcpu.get_regs())?, kvm("GET_SREGS", vcpu.get_sregs())?)
+    };
     let mut w = [0u64; 6];
     for (i, slot) in w.iter_mut().enumerate() {
         *slot = read_virt(mem, walker, sregs.cr3, regs.rsp + 8 * i as u64, "exception frame")?;
@@ -126,13 +131,22 @@ fn user_segment(selector: u64, code: bool) -> kvm_segment {
 }
 
 /// Emulates the handler's `iretq`: the faulting instruction runs again in ring 3.
-/// Assumes flat 64-bit user segments (the guest profile's GDT).
-pub fn return_to_user(vcpu: &VcpuFd, mut s: Stopped) -> Result<(), Error> {
+/// Assumes flat 64-bit user segments (the guest profile's GDT). With `sync_regs`, the
+/// new registers go through `kvm_run` and KVM applies them on the next entry.
+pub fn return_to_user(vcpu: &mut VcpuFd, mut s: Stopped, sync_regs: bool) -> Result<(), Error> {
     s.regs.rip = s.fault.rip;
     s.regs.rsp = s.fault.rsp;
     s.regs.rflags = s.fault.rflags & !RF;
     s.sregs.cs = user_segment(s.fault.cs, true);
     s.sregs.ss = user_segment(s.fault.ss, false);
+    if sync_regs {
+        let run = vcpu.sync_regs_mut();
+        run.regs = s.regs;
+        run.sregs = s.sregs;
+        vcpu.set_sync_dirty_reg(SyncReg::Register);
+        vcpu.set_sync_dirty_reg(SyncReg::SystemRegister);
+        return Ok(());
+    }
     kvm("SET_SREGS", vcpu.set_sregs(&s.sregs))?;
     kvm("SET_REGS", vcpu.set_regs(&s.regs))
 }

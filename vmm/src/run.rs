@@ -95,7 +95,7 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
         return Err(Error::TooLittleMemory { end: info.free_phys, mem_mib: opts.mem_mib });
     }
 
-    let Machine { kvm: _kvm, vm, vcpu, serial_irq } = Machine::new(&mem, loaded.entry)?;
+    let Machine { kvm: _kvm, vm, vcpu, serial_irq, sync_regs } = Machine::new(&mem, loaded.entry)?;
     let devices = Devices::new(serial_irq, Box::new(std::io::stdout()));
     kick::install().map_err(Error::Signal)?;
     let control = Arc::new(Control::<VcpuContext>::default());
@@ -121,7 +121,7 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
     let symbols = Symbols::parse(&image_bytes);
     let tracker = TableLocation::from_symbol(symbols.address_of(guest_abi::PROCESS_TABLE_SYMBOL))
         .ok()
-        .map(|table| Tracker::new(table, mem_size));
+        .map(|table| Tracker::new(table, mem_size, sync_regs));
     let ctx = VcpuContext { mem, vm, vcpu, symbols, tracker, exits: Default::default() };
     let mut runner = Runner { ctx, devices, control: control.clone(), pause_at_sync: opts.api_sock.is_some(), hook };
     let result = runner.run();

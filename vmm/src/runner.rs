@@ -133,7 +133,7 @@ impl<H: SyncHook> Runner<H> {
                     let pc = arch.pc;
                     let ctx = &mut self.ctx;
                     let outcome = match ctx.tracker.as_mut() {
-                        Some(t) => t.on_debug_exit(&ctx.mem, &ctx.vcpu, pc)?,
+                        Some(t) => t.on_debug_exit(&ctx.mem, &mut ctx.vcpu, pc)?,
                         None => softdirty::TrapOutcome::NotOurs,
                     };
                     if let softdirty::TrapOutcome::NotOurs = outcome {

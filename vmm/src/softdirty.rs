@@ -21,6 +21,7 @@ use mmu::{softdirty, GuestPhysAddr, GuestVirtAddr, Leaf, PageSize, PagemapEntry,
     Translation, Walker};
 use std::collections::HashMap;
 
+
 /// Largest pagemap request, in pages (4 GiB of address space).
 pub const MAX_PAGEMAP_PAGES: u64 = 1 << 20;
 const USER_TOP: u64 = workload::USER_TOP;
@@ -87,6 +88,10 @@ pub struct Stats {
     pub pages_write_protected: u64,
     pub faults_caught: u64,
     pub faults_passed: u64,
+    /// Time spent in the trap's stages (reading state, deciding, resuming), in ns.
+    pub trap_read_ns: u64,
+    pub trap_decide_ns: u64,
+    pub trap_resume_ns: u64,
 }
 
 /// What a debug exit was.
@@ -105,6 +110,8 @@ pub struct Tracker {
     /// Each cleared pid's mappings at its last soft-dirty clear.
     cleared: HashMap<u32, Vec<Mapping>>,
     trap: Option<u64>,
+    /// Registers travel through `kvm_run` (KVM_CAP_SYNC_REGS).
+    sync_regs: bool,
     /// Single-stepping over the #PF handler's first instruction (a passed fault).
     stepping: bool,
     pub dirty: DirtyLog,
@@ -117,8 +124,9 @@ fn frames(leaf: &Leaf) -> (u64, u64) {
 }
 
 impl Tracker {
-    pub fn new(table: TableLocation, mem_size: u64) -> Tracker {
+    pub fn new(table: TableLocation, mem_size: u64, sync_regs: bool) -> Tracker {
         Tracker {
+            sync_regs,
             table,
             walker: Walker::new(PagingMode::Level4),
             cleared: HashMap::new(),
@@ -216,25 +224,23 @@ impl Tracker {
         Ok(())
     }
 
-    /// Is `va` in a mapping that did not exist (or did not reach `va`) at the last clear?
-    fn mapping_is_new(&self, pid: u32, m: &Mapping, va: u64) -> bool {
-        match self.cleared.get(&pid) {
-            None => true, // never cleared: everything is new, as for a fresh Linux process
-            Some(old) => !old.iter().any(|o| o.serial == m.serial && o.contains(va)),
-        }
-    }
-
-    /// How many times each frame is mapped by live processes (for "exclusive").
-    fn frame_counts(&self, mem: &GuestMem, snap: &Snapshot) -> HashMap<u64, u32> {
-        let mut counts = HashMap::new();
+    /// Which frames live processes map more than once (for "exclusive"), and the
+    /// leaves of `target` over its whole user half (walked once for both).
+    fn frame_counts(&self, mem: &GuestMem, snap: &Snapshot, target: u32) -> (FrameCounts, Vec<Leaf>) {
+        let mut counts = FrameCounts::new(self.dirty.pages());
+        let mut mine = Vec::new();
         for p in snap.processes.iter().filter(|p| p.is_live()) {
-            if let Ok(leaves) = self.leaves(mem, p, 0, USER_TOP / 4096) {
-                for leaf in leaves {
-                    *counts.entry(leaf.frame().0).or_insert(0) += 1;
-                }
-            }
+            let _ = self.walker.walk_range(&Phys(mem), GuestPhysAddr(p.cr3), GuestVirtAddr(0), USER_TOP / 4096,
+                &mut |item| {
+                    if let Ok(leaf) = item {
+                        counts.add(leaf.frame().pfn());
+                        if p.pid == target {
+                            mine.push(leaf);
+                        }
+                    }
+                });
         }
-        counts
+        (counts, mine)
     }
 
     /// Reads `/proc/PID/pagemap` for `pages` pages from `start`; `None` = every page of
@@ -254,47 +260,60 @@ impl Tracker {
             return Err(Error::BadRange(format!("{total} pages exceed the limit of {MAX_PAGEMAP_PAGES} per request")));
         }
         self.dirty.harvest(vm)?;
-        let counts = self.frame_counts(mem, &snap);
+        let (counts, leaves) = self.frame_counts(mem, &snap, pid);
+        let page = PageCtx { tracker: self, zero_frame: snap.zero_frame, counts: &counts };
         let mut out = Vec::with_capacity(total as usize);
         for (start, pages) in ranges {
-            let leaves = self.leaves(mem, p, start, pages)?;
-            let mut li = 0;
-            for i in 0..pages {
-                let va = start + i * 4096;
-                while li < leaves.len() && leaves[li].va.0 + leaves[li].size.bytes() <= va {
-                    li += 1;
+            let end = start + pages * 4096;
+            let mut li = leaves.partition_point(|l| l.va.0 + l.size.bytes() <= start);
+            let mut va = start;
+            while va < end {
+                // The mapping segment holding `va`, or the hole up to the next mapping.
+                let m = p.mapping_at(va);
+                let seg_end = match m {
+                    Some(m) => m.end().min(end),
+                    None => p.mappings.iter().map(|m| m.start).filter(|&s| s > va).min().unwrap_or(end).min(end),
+                };
+                // The VMA rule, once per segment: pages of this mapping that its
+                // namesake at the last clear did not cover read soft-dirty.
+                let old = m.map(|m| self.old_coverage(pid, m));
+                let mut written_cache: Option<(usize, bool)> = None;
+                while va < seg_end {
+                    while li < leaves.len() && leaves[li].va.0 + leaves[li].size.bytes() <= va {
+                        li += 1;
+                    }
+                    let leaf = leaves.get(li).filter(|l| l.va.0 <= va);
+                    let vma_new = match old {
+                        None => false,
+                        Some(None) => true,
+                        Some(Some((s, e))) => !(s <= va && va < e),
+                    };
+                    // One answer per leaf: a 2 MiB leaf shares it across its 512 pages.
+                    let written = leaf.map(|l| match written_cache {
+                        Some((i, w)) if i == li => w,
+                        _ => {
+                            let w = page.written(l);
+                            written_cache = Some((li, w));
+                            w
+                        }
+                    });
+                    out.push(page.info(va, leaf, written.unwrap_or(false), vma_new));
+                    va += 4096;
                 }
-                let leaf = leaves.get(li).filter(|l| l.va.0 <= va);
-                out.push(self.page_info(p, &snap, &counts, va, leaf));
             }
         }
         Ok(out)
     }
 
-    fn page_info(&self, p: &Process, snap: &Snapshot, counts: &HashMap<u64, u32>, va: u64, leaf: Option<&Leaf>) -> PageInfo {
-        let mapping = p.mapping_at(va);
-        let vma_new = mapping.is_some_and(|m| self.mapping_is_new(p.pid, m, va));
-        let Some(leaf) = leaf else {
-            // Linux: a hole in a VMA reads soft-dirty when the VMA is; no VMA reads 0.
-            let entry = PagemapEntry::none().with_soft_dirty(vma_new);
-            return PageInfo { addr: va, entry, huge: false, accessed: false };
-        };
-        let (pfn0, count) = frames(leaf);
-        let pfn = pfn0 + (va - leaf.va.0) / 4096;
-        let written = softdirty::is_soft_dirty(leaf.entry)
-            || (leaf.entry.contains(PteFlags::WRITABLE) && self.dirty.any_dirty(pfn0, count));
-        let zero = leaf.frame().0 == snap.zero_frame;
-        let exclusive = !zero && counts.get(&leaf.frame().0).copied() == Some(1);
-        PageInfo {
-            addr: va,
-            entry: PagemapEntry::present(pfn).with_soft_dirty(written || vma_new).with_exclusive(exclusive),
-            huge: leaf.size != PageSize::Size4K,
-            accessed: leaf.entry.contains(PteFlags::ACCESSED),
-        }
+    /// What mapping `m` covered at the pid's last clear: `None` if it is new since then
+    /// (or the pid was never cleared: everything is new, as for a fresh Linux process).
+    fn old_coverage(&self, pid: u32, m: &Mapping) -> Option<(u64, u64)> {
+        let old = self.cleared.get(&pid)?;
+        old.iter().find(|o| o.serial == m.serial).map(|o| (o.start, o.end()))
     }
 
     /// Handles a debug exit. Returns what it was.
-    pub fn on_debug_exit(&mut self, mem: &GuestMem, vcpu: &VcpuFd, pc: u64) -> Result<TrapOutcome, Error> {
+    pub fn on_debug_exit(&mut self, mem: &GuestMem, vcpu: &mut VcpuFd, pc: u64) -> Result<TrapOutcome, Error> {
         let Some(handler) = self.trap else { return Ok(TrapOutcome::NotOurs) };
         if self.stepping {
             // The guest's handler is past its first instruction: breakpoint back on.
@@ -305,14 +324,20 @@ impl Tracker {
         if pc != handler {
             return Ok(TrapOutcome::NotOurs);
         }
-        let stopped = pf_trap::stopped(vcpu, mem, &self.walker)?;
+        let t0 = std::time::Instant::now();
+        let stopped = pf_trap::stopped(vcpu, mem, &self.walker, self.sync_regs)?;
+        let t1 = std::time::Instant::now();
+        self.stats.trap_read_ns += (t1 - t0).as_nanos() as u64;
         let f = stopped.fault;
         if f.is_user_write_protection() && f.addr < USER_TOP {
             if let Some(leaf) = self.leaf_at(mem, f.cr3, f.addr) {
                 if softdirty::is_hypervisor_protected(leaf.entry) {
                     if self.guest_allows_write(mem, f.cr3, f.addr, &leaf) {
                         Self::write_entry(mem, &leaf, softdirty::restore_after_write(leaf.entry).0)?;
-                        pf_trap::return_to_user(vcpu, stopped)?;
+                        let t2 = std::time::Instant::now();
+                        self.stats.trap_decide_ns += (t2 - t1).as_nanos() as u64;
+                        pf_trap::return_to_user(vcpu, stopped, self.sync_regs)?;
+                        self.stats.trap_resume_ns += t2.elapsed().as_nanos() as u64;
                         self.stats.faults_caught += 1;
                         return Ok(TrapOutcome::Caught);
                     }
@@ -342,6 +367,67 @@ impl Tracker {
         let Some(p) = snap.by_cr3(cr3) else { return false };
         let writable = p.mapping_at(va).is_some_and(|m| !m.read_only);
         writable && leaf.frame().0 != snap.zero_frame && leaf.upper.contains(PteFlags::WRITABLE | PteFlags::USER)
+    }
+}
+
+/// What one page's pagemap entry needs besides its leaf.
+struct PageCtx<'a> {
+    tracker: &'a Tracker,
+    zero_frame: u64,
+    counts: &'a FrameCounts,
+}
+
+impl PageCtx<'_> {
+    /// Written since the last clear: the PTE says so, or it is writable (the guest gave
+    /// W back itself, or the page appeared since) and the dirty log saw its frames written.
+    fn written(&self, leaf: &Leaf) -> bool {
+        let (pfn0, count) = frames(leaf);
+        softdirty::is_soft_dirty(leaf.entry)
+            || (leaf.entry.contains(PteFlags::WRITABLE) && self.tracker.dirty.any_dirty(pfn0, count))
+    }
+
+    fn info(&self, va: u64, leaf: Option<&Leaf>, written: bool, vma_new: bool) -> PageInfo {
+        let Some(leaf) = leaf else {
+            // Linux: a hole in a VMA reads soft-dirty when the VMA is.
+            return PageInfo { addr: va, entry: PagemapEntry::none().with_soft_dirty(vma_new), huge: false, accessed: false };
+        };
+        let pfn0 = leaf.frame().pfn();
+        let pfn = pfn0 + (va - leaf.va.0) / 4096;
+        let exclusive = leaf.frame().0 != self.zero_frame && self.counts.once(pfn0);
+        PageInfo {
+            addr: va,
+            entry: PagemapEntry::present(pfn).with_soft_dirty(written || vma_new).with_exclusive(exclusive),
+            huge: leaf.size != PageSize::Size4K,
+            accessed: leaf.entry.contains(PteFlags::ACCESSED),
+        }
+    }
+}
+
+/// Two bitmaps over guest frames: mapped at least once, mapped more than once.
+struct FrameCounts {
+    once: Vec<u64>,
+    more: Vec<u64>,
+}
+
+impl FrameCounts {
+    fn new(pages: u64) -> Self {
+        let words = pages.div_ceil(64) as usize;
+        FrameCounts { once: vec![0; words], more: vec![0; words] }
+    }
+
+    fn add(&mut self, pfn: u64) {
+        let (w, b) = ((pfn / 64) as usize, 1u64 << (pfn % 64));
+        if w < self.once.len() {
+            if self.once[w] & b != 0 {
+                self.more[w] |= b;
+            }
+            self.once[w] |= b;
+        }
+    }
+
+    fn once(&self, pfn: u64) -> bool {
+        let (w, b) = ((pfn / 64) as usize, 1u64 << (pfn % 64));
+        w < self.once.len() && self.once[w] & b != 0 && self.more[w] & b == 0
     }
 }
 

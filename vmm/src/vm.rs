@@ -4,7 +4,7 @@
 use crate::boot;
 use crate::memory::GuestMem;
 use kvm_bindings::{kvm_fpu, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -30,6 +30,9 @@ pub struct Machine {
     pub vm: VmFd,
     pub vcpu: VcpuFd,
     pub serial_irq: EventFd,
+    /// KVM copies regs and sregs into `kvm_run` on every exit and takes changes from
+    /// there on entry (KVM_CAP_SYNC_REGS): the fault trap then needs no register ioctls.
+    pub sync_regs: bool,
 }
 
 const SERIAL_GSI: u32 = 4;
@@ -61,7 +64,12 @@ impl Machine {
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
         ioctl("IRQFD", vm.register_irqfd(&serial_irq, SERIAL_GSI))?;
 
-        let vcpu = ioctl("CREATE_VCPU", vm.create_vcpu(0))?;
+        let mut vcpu = ioctl("CREATE_VCPU", vm.create_vcpu(0))?;
+        let sync_regs = kvm.check_extension(Cap::SyncRegs);
+        if sync_regs {
+            vcpu.set_sync_valid_reg(SyncReg::Register);
+            vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
+        }
         let cpuid = ioctl("GET_SUPPORTED_CPUID", kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES))?;
         ioctl("SET_CPUID2", vcpu.set_cpuid2(&cpuid))?;
         let sregs = ioctl("GET_SREGS", vcpu.get_sregs())?;
@@ -69,6 +77,6 @@ impl Machine {
         ioctl("SET_REGS", vcpu.set_regs(&boot::entry_regs(entry)))?;
         let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
         ioctl("SET_FPU", vcpu.set_fpu(&fpu))?;
-        Ok(Machine { kvm, vm, vcpu, serial_irq })
+        Ok(Machine { kvm, vm, vcpu, serial_irq, sync_regs })
     }
 }

@@ -4,13 +4,22 @@
 mod common;
 use common::*;
 
+/// Starts the scenario's VM with `engine`; `None` (and a printed reason) when this host
+/// lacks what the engine needs, as the VMM reports at startup.
+fn start(script: &str, engine: &str) -> Option<Live> {
+    Live::try_start(script, &["--engine", engine]).map_err(|r| {
+        assert!(r.code == 69 && r.stderr.contains("is unavailable on this host"), "the VMM failed to start: {r:?}");
+        eprintln!("SKIPPED ({engine}): {}", r.stderr.trim());
+    }).ok()
+}
+
 const A: u64 = 0x40_0000;
 
-#[test]
-fn test_simple_clear_write_clear_many_times() {
+fn test_simple_clear_write_clear_many_times(engine: &str) {
     let script = "proc p\nmap 0x400000 1\nfill 0x400000 1 1\nloop 10\n  sync cleared\n  fill 0x400000 1 2\n  sync written\nend\ncheck 0x400000 1 2\n";
     let (mut cleared, mut written) = (0, 0);
-    let r = Live::start(script, &[]).drive(|live, label, pid| match label {
+    let Some(live) = start(script, engine) else { return };
+    let r = live.drive(|live, label, pid| match label {
         "cleared" => {
             live.clear_refs(pid, 4);
             assert_eq!(live.soft_dirty(pid, A, 1), [false], "clean right after clear (round {cleared})");
@@ -26,10 +35,10 @@ fn test_simple_clear_write_clear_many_times() {
     assert_eq!((cleared, written), (10, 10));
 }
 
-#[test]
-fn test_vma_reuse_remapped_range_reads_soft_dirty_without_a_write() {
+fn test_vma_reuse_remapped_range_reads_soft_dirty_without_a_write(engine: &str) {
     let script = "proc p\nmap 0x400000 16\nfill 0x400000 16 3\nsync cleared\nunmap 0x400000 16\nmap 0x400000 16\nsync remapped\ncheck 0x400000 16 0\n";
-    let r = Live::start(script, &[]).drive(|live, label, pid| match label {
+    let Some(live) = start(script, engine) else { return };
+    let r = live.drive(|live, label, pid| match label {
         "cleared" => {
             live.clear_refs(pid, 4);
             assert_eq!(live.soft_dirty(pid, A, 16), all(false, 16));
@@ -43,10 +52,10 @@ fn test_vma_reuse_remapped_range_reads_soft_dirty_without_a_write() {
     assert_eq!(r.code, 0, "{r:?}");
 }
 
-#[test]
-fn test_hugepage_one_write_dirties_all_512_entries() {
+fn test_hugepage_one_write_dirties_all_512_entries(engine: &str) {
     let script = "proc p\nmap 0x40000000 1024 huge\nfill 0x40000000 1 1\nfill 0x40200000 1 1\nsync cleared\nfill 0x40100000 1 2\nsync written\ncheck 0x40100000 1 2\ncheck 0x40000000 1 1\n";
-    let r = Live::start(script, &[]).drive(|live, label, pid| {
+    let Some(live) = start(script, engine) else { return };
+    let r = live.drive(|live, label, pid| {
         let pages = |start| live.pagemap(pid, start, 512);
         match label {
             "cleared" => {
@@ -66,12 +75,12 @@ fn test_hugepage_one_write_dirties_all_512_entries() {
     assert_eq!(r.code, 0, "{r:?}");
 }
 
-#[test]
-fn test_mprotect_does_not_set_or_lose_soft_dirty() {
+fn test_mprotect_does_not_set_or_lose_soft_dirty(engine: &str) {
     // write -> 1; clear -> 0; ro -> 0; rw -> 0; write -> 1. The last write goes through a
     // PTE the guest made writable again itself: only the dirty-log backstop sees it.
     let script = "proc p\nmap 0x400000 2\nfill 0x400000 2 1\nsync w1\nprotect 0x400000 2 ro\nsync ro\nprotect 0x400000 2 rw\nsync rw\nfill 0x400000 1 2\nsync w2\ncheck 0x400000 1 2\ncheck 0x401000 1 1\n";
-    let r = Live::start(script, &[]).drive(|live, label, pid| {
+    let Some(live) = start(script, engine) else { return };
+    let r = live.drive(|live, label, pid| {
         let sd = live.soft_dirty(pid, A, 2);
         match label {
             "w1" => {
@@ -87,10 +96,10 @@ fn test_mprotect_does_not_set_or_lose_soft_dirty() {
     assert_eq!(r.code, 0, "{r:?}");
 }
 
-#[test]
-fn test_merge_adjacent_new_mappings_read_soft_dirty() {
+fn test_merge_adjacent_new_mappings_read_soft_dirty(engine: &str) {
     let script = "proc p\nmap 0x400000 1\nfill 0x400000 1 1\nsync cleared\nmap 0x401000 1\nsync right\nmap 0x3ff000 1\nsync left\n";
-    let r = Live::start(script, &[]).drive(|live, label, pid| match label {
+    let Some(live) = start(script, engine) else { return };
+    let r = live.drive(|live, label, pid| match label {
         "cleared" => live.clear_refs(pid, 4),
         "right" => assert_eq!(live.soft_dirty(pid, A, 2), [false, true]),
         "left" => assert_eq!(live.soft_dirty(pid, 0x3f_f000, 3), [true, false, true]),
@@ -99,8 +108,7 @@ fn test_merge_adjacent_new_mappings_read_soft_dirty() {
     assert_eq!(r.code, 0, "{r:?}");
 }
 
-#[test]
-fn processes_see_only_their_own_writes() {
+fn processes_see_only_their_own_writes(engine: &str) {
     // Same virtual addresses, separate address spaces: pid 1 writes pages 0-1, pid 2
     // pages 6-7. Syncs arrive in whatever order the scheduler gives.
     let script = "\
@@ -120,7 +128,8 @@ sync done-b
 check 0x406000 2 3
 ";
     let mut done = 0;
-    let r = Live::start(script, &[]).drive(|live, label, pid| match label {
+    let Some(live) = start(script, engine) else { return };
+    let r = live.drive(|live, label, pid| match label {
         "ready-a" | "ready-b" => live.clear_refs(pid, 4),
         "done-a" => {
             assert_eq!(live.soft_dirty(1, A, 8), [true, true, false, false, false, false, false, false]);
@@ -136,18 +145,18 @@ check 0x406000 2 3
     assert_eq!(done, 2);
 }
 
-#[test]
-fn the_vmm_never_grants_a_write_the_guest_took_away() {
+fn the_vmm_never_grants_a_write_the_guest_took_away(engine: &str) {
     let script = "proc p\nmap 0x400000 2\nfill 0x400000 2 1\nsync cleared\nprotect 0x400000 1 ro\nfill 0x400000 1 2\nexit 0\n";
-    let r = Live::start(script, &[]).drive(|live, _, pid| live.clear_refs(pid, 4));
+    let Some(live) = start(script, engine) else { return };
+    let r = live.drive(|live, _, pid| live.clear_refs(pid, 4));
     assert_eq!(r.code, 139, "{r:?}");
     assert!(r.stdout.contains("kernel: pid 1 (p): write to read-only mapping at 0x400000, killed"), "{r:?}");
 }
 
-#[test]
-fn clear_refs_1_then_touch_shows_accessed() {
+fn clear_refs_1_then_touch_shows_accessed(engine: &str) {
     let script = "proc p\nmap 0x400000 4\nfill 0x400000 4 1\nsync cleared\ntouch 0x401000 1\nsync touched\ncheck 0x400000 4 1\n";
-    let r = Live::start(script, &[]).drive(|live, label, pid| {
+    let Some(live) = start(script, engine) else { return };
+    let r = live.drive(|live, label, pid| {
         let acc: Vec<bool> = live.pagemap(pid, A, 4).iter().map(|p| p.accessed).collect();
         match label {
             "cleared" => {
@@ -163,10 +172,10 @@ fn clear_refs_1_then_touch_shows_accessed() {
     assert_eq!(r.code, 0, "{r:?}");
 }
 
-#[test]
-fn read_only_touched_pages_map_the_shared_zero_frame_and_stay_clean() {
+fn read_only_touched_pages_map_the_shared_zero_frame_and_stay_clean(engine: &str) {
     let script = "proc p\nmap 0x400000 2\nsync cleared\ntouch 0x400000 2\nsync touched\nfill 0x401000 1 9\nsync written\ncheck 0x400000 1 0\n";
-    let r = Live::start(script, &[]).drive(|live, label, pid| match label {
+    let Some(live) = start(script, engine) else { return };
+    let r = live.drive(|live, label, pid| match label {
         "cleared" => live.clear_refs(pid, 4),
         "touched" => {
             let p = live.pagemap(pid, A, 2);
@@ -183,10 +192,10 @@ fn read_only_touched_pages_map_the_shared_zero_frame_and_stay_clean() {
     assert_eq!(r.code, 0, "{r:?}");
 }
 
-#[test]
-fn raw_pagemap_is_linux_byte_format() {
+fn raw_pagemap_is_linux_byte_format(engine: &str) {
     let script = "proc p\nmap 0x400000 3\nfill 0x400000 2 1\nsync s\n";
-    let r = Live::start(script, &[]).drive(|live, _, pid| {
+    let Some(live) = start(script, engine) else { return };
+    let r = live.drive(|live, _, pid| {
         let json = live.pagemap(pid, A, 3);
         let out = std::process::Command::new(vmm_bin())
             .args(["pagemap", "--api-sock", live.sock(), "--pid", &pid.to_string(), "--start", "400000", "--pages", "3", "--raw"])
@@ -209,10 +218,10 @@ fn raw_pagemap_is_linux_byte_format() {
     assert_eq!(r.code, 0, "{r:?}");
 }
 
-#[test]
-fn ps_lists_processes_found_from_outside() {
+fn ps_lists_processes_found_from_outside(engine: &str) {
     let script = "proc writer\nmap 0x400000 8\nfill 0x400000 8 1\nsync s\nproc quitter\nexit 3\n";
-    let r = Live::start(script, &[]).drive(|live, _, _| {
+    let Some(live) = start(script, engine) else { return };
+    let r = live.drive(|live, _, _| {
         let r = live.client("ps", &["--json"]);
         assert_eq!(r.code, 0, "{r:?}");
         let procs: Vec<serde_json::Value> = r.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -226,10 +235,10 @@ fn ps_lists_processes_found_from_outside() {
     assert_eq!(r.code, 3, "{r:?}");
 }
 
-#[test]
-fn clear_refs_5_resets_peak_rss() {
+fn clear_refs_5_resets_peak_rss(engine: &str) {
     let script = "proc p\nmap 0x400000 8\nfill 0x400000 8 1\nunmap 0x404000 4\nsync s\nsync t\n";
-    let r = Live::start(script, &[]).drive(|live, label, _| {
+    let Some(live) = start(script, engine) else { return };
+    let r = live.drive(|live, label, _| {
         let r = live.client("ps", &["--json"]);
         let p: serde_json::Value = serde_json::from_str(r.stdout.lines().next().unwrap()).unwrap();
         match label {
@@ -244,10 +253,10 @@ fn clear_refs_5_resets_peak_rss() {
     assert_eq!(r.code, 0, "{r:?}");
 }
 
-#[test]
-fn bad_requests_get_clear_errors_and_the_vm_keeps_running() {
+fn bad_requests_get_clear_errors_and_the_vm_keeps_running(engine: &str) {
     let script = "proc gone\nexit 0\nproc p\nmap 0x400000 1\nyield\nyield\nsync s\nfill 0x400000 1 1\ncheck 0x400000 1 1\n";
-    let r = Live::start(script, &[]).drive(|live, _, _| {
+    let Some(live) = start(script, engine) else { return };
+    let r = live.drive(|live, _, _| {
         let cases: &[(&[&str], i32, &str)] = &[
             (&["pagemap", "--pid", "99"], 65, "no process with pid 99"),
             (&["pagemap", "--pid", "1"], 65, "pid 1 has exited"),
@@ -274,13 +283,13 @@ fn bad_requests_get_clear_errors_and_the_vm_keeps_running() {
     assert_eq!(r.code, 0, "{r:?}");
 }
 
-#[test]
-fn concurrent_clients_while_the_guest_runs_never_lose_a_write() {
+fn concurrent_clients_while_the_guest_runs_never_lose_a_write(engine: &str) {
     // The guest rewrites and checks memory in a long loop while several clients clear
     // and read at the same time, with the VM running (not paused): every request must be
     // served at a safe point, and the guest's checks must keep passing.
     let script = "proc busy\nmap 0x400000 64\nsync go\nloop 3000\n  fill 0x400000 64 0x5a\n  check 0x400000 64 0x5a\n  fill 0x400000 64 0xa5\n  check 0x400000 64 0xa5\nend\nsync end\n";
-    let r = Live::start(script, &[]).drive(|live, label, pid| {
+    let Some(live) = start(script, engine) else { return };
+    let r = live.drive(|live, label, pid| {
         if label != "go" {
             return;
         }
@@ -317,7 +326,38 @@ fn concurrent_clients_while_the_guest_runs_never_lose_a_write() {
         let w = live.client("wait", &["--label", "end", "--timeout", "60"]);
         assert_eq!(w.code, 0, "{w:?}");
         let info = live.info();
-        assert!(info["tracker"]["faults_caught"].as_u64().unwrap() > 0, "{info}");
+        assert_eq!(info["engine"], engine);
+        if engine == "pte" {
+            assert!(info["tracker"]["faults_caught"].as_u64().unwrap() > 0, "{info}");
+        } else {
+            assert!(info["log"]["frames_harvested"].as_u64().unwrap() > 0, "{info}");
+        }
     });
     assert_eq!(r.code, 0, "{r:?}");
 }
+
+macro_rules! for_each_engine {
+    ($($name:ident),* $(,)?) => {
+        mod pte { $( #[test] fn $name() { super::$name("pte") } )* }
+        mod kvm_bitmap { $( #[test] fn $name() { super::$name("kvm-bitmap") } )* }
+        mod kvm_ring { $( #[test] fn $name() { super::$name("kvm-ring") } )* }
+        mod uffd { $( #[test] fn $name() { super::$name("uffd") } )* }
+    };
+}
+
+for_each_engine!(
+    test_simple_clear_write_clear_many_times,
+    test_vma_reuse_remapped_range_reads_soft_dirty_without_a_write,
+    test_hugepage_one_write_dirties_all_512_entries,
+    test_mprotect_does_not_set_or_lose_soft_dirty,
+    test_merge_adjacent_new_mappings_read_soft_dirty,
+    processes_see_only_their_own_writes,
+    the_vmm_never_grants_a_write_the_guest_took_away,
+    clear_refs_1_then_touch_shows_accessed,
+    read_only_touched_pages_map_the_shared_zero_frame_and_stay_clean,
+    raw_pagemap_is_linux_byte_format,
+    ps_lists_processes_found_from_outside,
+    clear_refs_5_resets_peak_rss,
+    bad_requests_get_clear_errors_and_the_vm_keeps_running,
+    concurrent_clients_while_the_guest_runs_never_lose_a_write,
+);

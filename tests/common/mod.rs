@@ -77,6 +77,11 @@ pub struct Live {
 
 impl Live {
     pub fn start(script: &str, extra: &[&str]) -> Live {
+        Live::try_start(script, extra).unwrap_or_else(|r| panic!("the VMM exited before serving: {r:?}"))
+    }
+
+    /// Like `start`, but a VMM that exits before creating its socket is returned as `Err`.
+    pub fn try_start(script: &str, extra: &[&str]) -> Result<Live, Run> {
         require_kvm();
         let dir = tempdir();
         let path = write_script(dir.path(), "w.wl", script);
@@ -90,12 +95,16 @@ impl Live {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn vmm");
+        let mut child = child;
         let deadline = Instant::now() + Duration::from_secs(20);
         while !sock.exists() {
+            if child.try_wait().expect("try_wait").is_some() {
+                return Err(Run::from(child.wait_with_output().expect("collect output")));
+            }
             assert!(Instant::now() < deadline, "the VMM did not create its control socket");
             std::thread::sleep(Duration::from_millis(10));
         }
-        Live { child, sock, dir }
+        Ok(Live { child, sock, dir })
     }
 
     pub fn sock(&self) -> &str {

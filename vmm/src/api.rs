@@ -14,7 +14,9 @@
 
 use crate::control::{Control, Phase};
 use crate::runner::VcpuContext;
+use crate::memory::GuestMem;
 use crate::softdirty::{ClearRefs, PageInfo, Tracker};
+use kvm_ioctls::{VcpuFd, VmFd};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -38,7 +40,7 @@ pub enum Error {
 }
 
 /// A request, as sent by clients.
-#[derive(Debug, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Deserialize, PartialEq)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
     // Empty braces, not unit variants: serde checks unknown fields only on struct variants.
@@ -55,6 +57,8 @@ pub enum Request {
     Pagemap { pid: u32, start: Option<u64>, pages: Option<u64>, summary: Option<bool> },
     /// Engine, memory size and counters.
     Info {},
+    /// Pages written per second over `seconds`, for the VM and per process.
+    DirtyRate { seconds: Option<f64> },
 }
 
 fn ok(mut v: Value) -> Value {
@@ -174,17 +178,14 @@ fn reply(w: &mut impl Write, v: &Value) -> std::io::Result<()> {
     w.flush()
 }
 
+/// Runs `job` on the vCPU thread with the tracker and the stopped guest.
 fn with_tracker<R: Send + 'static>(
     control: &Control<VcpuContext>,
-    job: impl FnOnce(&mut Tracker, &mut VcpuContext) -> Result<R, String> + Send + 'static,
+    job: impl FnOnce(&mut Tracker, &GuestMem, &VmFd, &VcpuFd) -> Result<R, String> + Send + 'static,
 ) -> Result<R, String> {
     control.call(move |ctx: &mut VcpuContext| {
-        let mut tracker = ctx.tracker.take().ok_or_else(|| {
-            "this guest image publishes no process table: soft-dirty tracking needs the project's guest kernel".to_string()
-        })?;
-        let r = job(&mut tracker, ctx);
-        ctx.tracker = Some(tracker);
-        r
+        let VcpuContext { tracker, mem, vm, vcpu, .. } = ctx;
+        job(tracker, mem, vm, vcpu)
     })?
 }
 
@@ -221,8 +222,8 @@ pub fn handle(req: Request, control: &Control<VcpuContext>) -> Value {
             Ok(()) => ok(json!({})),
             Err(e) => error(e),
         },
-        Request::Ps {} => answer(with_tracker(control, |t, ctx| {
-            let snap = t.snapshot(&ctx.mem).map_err(|e| e.to_string())?;
+        Request::Ps {} => answer(with_tracker(control, |t, mem, _, _| {
+            let snap = t.snapshot(mem).map_err(|e| e.to_string())?;
             let procs: Vec<Value> = snap.processes.iter().map(|p| json!({
                 "pid": p.pid, "name": p.name, "state": p.state.name(), "exit_code": p.exit_code,
                 "cr3": p.cr3, "rss_pages": p.rss_pages, "peak_rss_pages": p.peak_rss_pages,
@@ -234,9 +235,9 @@ pub fn handle(req: Request, control: &Control<VcpuContext>) -> Value {
         })),
         Request::ClearRefs { pid, value } => answer((|| {
             let value = ClearRefs::try_from(value.unwrap_or(4)).map_err(|e| e.to_string())?;
-            with_tracker(control, move |t, ctx| {
+            with_tracker(control, move |t, mem, vm, vcpu| {
                 let t0 = std::time::Instant::now();
-                let changed = t.clear_refs(&ctx.mem, &ctx.vm, &ctx.vcpu, pid, value).map_err(|e| e.to_string())?;
+                let changed = t.clear_refs(mem, vm, vcpu, pid, value).map_err(|e| e.to_string())?;
                 let elapsed = t0.elapsed().as_nanos() as u64;
                 Ok(json!({"pid": pid, "value": value as u64, "entries_changed": changed, "elapsed_ns": elapsed}))
             })
@@ -251,9 +252,9 @@ pub fn handle(req: Request, control: &Control<VcpuContext>) -> Value {
             if let Some((s, n)) = range {
                 crate::softdirty::check_range(s, n).map_err(|e| e.to_string())?;
             }
-            with_tracker(control, move |t, ctx| {
+            with_tracker(control, move |t, mem, vm, _| {
                 let t0 = std::time::Instant::now();
-                let pages = t.pagemap(&ctx.mem, &ctx.vm, pid, range).map_err(|e| e.to_string())?;
+                let pages = t.pagemap(mem, vm, pid, range).map_err(|e| e.to_string())?;
                 let elapsed = t0.elapsed().as_nanos() as u64;
                 if summary == Some(true) {
                     let present = pages.iter().filter(|p| p.entry.is_present()).count();
@@ -267,13 +268,37 @@ pub fn handle(req: Request, control: &Control<VcpuContext>) -> Value {
         Request::Info {} => answer(control.call(|ctx: &mut VcpuContext| {
             let mem_size = vm_memory::GuestMemoryBackend::last_addr(&ctx.mem).0 + 1;
             json!({
-                "engine": if ctx.tracker.is_some() { "pte" } else { "none" },
+                "engine": ctx.tracker.engine().name(),
+                "mechanism": ctx.tracker.log.mechanism().name(),
                 "mem_bytes": mem_size,
                 "exits": ctx.exits,
-                "tracker": ctx.tracker.as_ref().map(|t| t.stats),
-                "dirty_log_ioctls": ctx.tracker.as_ref().map(|t| t.dirty.ioctls),
+                "tracker": ctx.tracker.stats,
+                "log": ctx.tracker.log.stats,
             })
         })),
+        Request::DirtyRate { seconds } => answer((|| {
+            let seconds = seconds.unwrap_or(1.0);
+            if !(seconds.is_finite() && seconds > 0.0 && seconds <= 3600.0) {
+                return Err(format!("seconds {seconds}: must be between 0 and 3600"));
+            }
+            let run0 = control.running_time();
+            with_tracker(control, |t, mem, vm, _| t.window_start(mem, vm).map_err(|e| e.to_string()))?;
+            let t0 = std::time::Instant::now();
+            std::thread::sleep(Duration::from_secs_f64(seconds));
+            let (total, per) =
+                with_tracker(control, |t, mem, vm, _| t.window_report(mem, vm).map_err(|e| e.to_string()))?;
+            let wall = t0.elapsed().as_secs_f64();
+            let ran = (control.running_time() - run0).as_secs_f64();
+            Ok(json!({
+                "seconds": wall,
+                "running_seconds": ran,
+                "vm_pages": total,
+                "vm_pages_per_second": total as f64 / wall,
+                "processes": per.iter().map(|(pid, name, n)| json!({
+                    "pid": pid, "name": name, "pages": n, "pages_per_second": *n as f64 / wall,
+                })).collect::<Vec<_>>(),
+            }))
+        })()),
         Request::Wait { label, timeout_ms } => {
             let timeout = Duration::from_millis(timeout_ms.unwrap_or(60_000).min(24 * 3600 * 1000));
             match control.wait_for_pause(label.as_deref(), timeout) {

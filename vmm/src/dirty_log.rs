@@ -1,17 +1,20 @@
-//! KVM's guest-physical dirty log in manual-protect mode, accumulated in the VMM.
+//! Guest-physical dirty tracking: which guest frames were written, by any of KVM's
+//! bitmap (manual protect), KVM's dirty ring, or userfaultfd async write-protect on the
+//! guest RAM mapping — plus the VMM's own writes, which KVM does not log (vm-memory's
+//! dirty bitmap records them).
 //!
-//! Two jobs: (1) after the VMM edits guest PTEs, `KVM_CLEAR_DIRTY_LOG` on the mapped
-//! frames makes KVM drop its cached writable translations, so the next write faults and
-//! KVM re-reads the edited guest PTE (DESIGN §3); (2) it is the backstop that catches
-//! writes through PTEs the guest itself made writable again.
+//! Whatever the mechanism, [`GpaLog`] keeps `accumulated`: per frame, "written since
+//! this frame was last cleared". Harvests OR into it and only an explicit clear resets a
+//! bit, so reading the log never loses information. `window` is the same since the last
+//! [`GpaLog::window_start`] (for dirty rates).
 //!
-//! The slot is created with `KVM_DIRTY_LOG_INITIALLY_SET`: every frame starts dirty
-//! and unprotected (no cost until something is cleared). `accumulated` keeps, per frame,
-//! "written since this frame was last cleared": harvests OR into it and only an explicit
-//! clear resets a bit, so reading the log never loses information. The VMM's own writes
-//! into guest memory (zeroing frames) are marked here too, since KVM does not log them.
+//! For the pte engine, the KVM bitmap is also the way to make KVM re-read guest PTEs the
+//! VMM edited: `KVM_CLEAR_DIRTY_LOG` on their frames drops KVM's cached writable
+//! translations (DESIGN §3).
 
-use crate::memory::GuestMem;
+use crate::dirty_ring::{self, DirtyRing};
+use crate::memory::{self, GuestMem};
+use crate::uffd::{self, AsyncWp};
 use kvm_bindings::{kvm_clear_dirty_log, kvm_enable_cap, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE};
 use kvm_ioctls::VmFd;
@@ -33,42 +36,146 @@ pub enum Error {
     Clear(std::io::Error),
     #[error("zapping KVM's translations of frames at {pfn:#x} failed: {source}")]
     Zap { pfn: u64, source: std::io::Error },
+    #[error(transparent)]
+    Ring(#[from] dirty_ring::Error),
+    #[error(transparent)]
+    Uffd(#[from] uffd::Error),
 }
 
 /// Enables manual protection; must precede the creation of logged memory slots.
-pub fn enable(vm: &VmFd) -> Result<(), Error> {
+/// `initially_set`: every frame starts dirty and unprotected (free until cleared, but the
+/// history before the first clear is unknown).
+pub fn enable(vm: &VmFd, initially_set: bool) -> Result<(), Error> {
     let mut cap = kvm_enable_cap { cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, ..Default::default() };
-    cap.args[0] = u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET);
+    let mut flags = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE;
+    if initially_set {
+        flags |= KVM_DIRTY_LOG_INITIALLY_SET;
+    }
+    cap.args[0] = u64::from(flags);
     vm.enable_cap(&cap).map_err(Error::Unsupported)
 }
 
-/// Per-frame "written since last cleared", over one memory slot at guest-physical 0.
-pub struct DirtyLog {
-    pages: u64,
-    accumulated: Vec<u64>,
-    /// Number of KVM ioctls issued (for `vmm info`).
-    pub ioctls: u64,
+/// Where guest writes are learned from.
+pub enum Mechanism {
+    /// `KVM_GET_DIRTY_LOG` / `KVM_CLEAR_DIRTY_LOG` with manual protection.
+    KvmBitmap,
+    /// The vCPU's dirty ring.
+    KvmRing(DirtyRing),
+    /// userfaultfd async write-protect on the guest RAM mapping at `host_base`.
+    Uffd { wp: AsyncWp, host_base: u64 },
 }
 
-impl DirtyLog {
-    pub fn new(mem_size: u64) -> DirtyLog {
+impl Mechanism {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mechanism::KvmBitmap => "kvm-bitmap",
+            Mechanism::KvmRing(_) => "kvm-ring",
+            Mechanism::Uffd { .. } => "uffd",
+        }
+    }
+}
+
+/// Counters for `vmm info`.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct LogStats {
+    pub harvests: u64,
+    /// Frame bits reported by the mechanism (a frame may count again after a clear).
+    pub frames_harvested: u64,
+    pub vmm_writes_harvested: u64,
+    pub ioctls: u64,
+    pub harvest_ns: u64,
+}
+
+pub struct GpaLog {
+    pages: u64,
+    accumulated: Vec<u64>,
+    window: Vec<u64>,
+    mech: Mechanism,
+    pub stats: LogStats,
+}
+
+fn set_bits(acc: &mut [u64], window: &mut [u64], pages: u64, pfn: u64, count: u64) -> u64 {
+    let mut n = 0;
+    for p in pfn..pfn.saturating_add(count).min(pages) {
+        let (w, b) = ((p / 64) as usize, 1u64 << (p % 64));
+        acc[w] |= b;
+        window[w] |= b;
+        n += 1;
+    }
+    n
+}
+
+impl GpaLog {
+    /// `initially_dirty`: the history before the first clear is unknown (KVM bitmap with
+    /// INITIALLY_SET), so every frame counts as written until cleared.
+    pub fn new(mem_size: u64, mech: Mechanism, initially_dirty: bool) -> GpaLog {
         let pages = mem_size / 4096;
-        DirtyLog { pages, accumulated: vec![u64::MAX; pages.div_ceil(64) as usize], ioctls: 0 }
+        let words = pages.div_ceil(64) as usize;
+        let fill = if initially_dirty { u64::MAX } else { 0 };
+        GpaLog { pages, accumulated: vec![fill; words], window: vec![0; words], mech, stats: LogStats::default() }
     }
 
-    /// Pulls KVM's bitmap into the accumulated one.
-    pub fn harvest(&mut self, vm: &VmFd) -> Result<(), Error> {
-        let bitmap = vm.get_dirty_log(SLOT, (self.pages * 4096) as usize).map_err(Error::Get)?;
-        self.ioctls += 1;
-        for (acc, new) in self.accumulated.iter_mut().zip(bitmap) {
-            *acc |= new;
-        }
-        Ok(())
+    pub fn mechanism(&self) -> &Mechanism {
+        &self.mech
     }
 
     /// Frames covered.
     pub fn pages(&self) -> u64 {
         self.pages
+    }
+
+    /// Pulls new writes from the mechanism and from the VMM's own writes.
+    pub fn harvest(&mut self, vm: &VmFd, mem: &GuestMem) -> Result<(), Error> {
+        let t0 = std::time::Instant::now();
+        let pages = self.pages;
+        let (acc, win) = (&mut self.accumulated, &mut self.window);
+        let mut fold = |bits: Vec<u64>| {
+            let mut n = 0;
+            for ((a, w), b) in acc.iter_mut().zip(win.iter_mut()).zip(bits) {
+                *a |= b;
+                *w |= b;
+                n += u64::from(b.count_ones());
+            }
+            n
+        };
+        match &mut self.mech {
+            Mechanism::KvmBitmap => {
+                let bitmap = vm.get_dirty_log(SLOT, (pages * 4096) as usize).map_err(Error::Get)?;
+                self.stats.ioctls += 1;
+                self.stats.frames_harvested += fold(bitmap);
+            }
+            Mechanism::KvmRing(ring) => {
+                let mut n = 0;
+                ring.harvest(vm, |slot, offset| {
+                    if slot != SLOT || offset >= pages {
+                        return Err(dirty_ring::Error::BadEntry { slot, offset });
+                    }
+                    n += set_bits(acc, win, pages, offset, 1);
+                    Ok(())
+                })?;
+                self.stats.ioctls += u64::from(n > 0);
+                self.stats.frames_harvested += n;
+            }
+            Mechanism::Uffd { wp, host_base } => {
+                let before = wp.ioctls;
+                let mut n = 0;
+                let base = *host_base;
+                // Read and re-protect in one walk: no write slips between them.
+                wp.scan(true, |addr, count| n += set_bits(acc, win, pages, (addr - base) / 4096, count))?;
+                self.stats.ioctls += wp.ioctls - before;
+                self.stats.frames_harvested += n;
+            }
+        }
+        let vmm = memory::take_vmm_writes(mem);
+        let (acc, win) = (&mut self.accumulated, &mut self.window);
+        for ((a, w), b) in acc.iter_mut().zip(win.iter_mut()).zip(&vmm) {
+            *a |= b;
+            *w |= b;
+            self.stats.vmm_writes_harvested += u64::from(b.count_ones());
+        }
+        self.stats.harvests += 1;
+        self.stats.harvest_ns += t0.elapsed().as_nanos() as u64;
+        Ok(())
     }
 
     pub fn is_dirty(&self, pfn: u64) -> bool {
@@ -79,37 +186,66 @@ impl DirtyLog {
         (pfn..pfn.saturating_add(count)).any(|p| self.is_dirty(p))
     }
 
-    /// Records frames the VMM itself wrote.
-    pub fn mark(&mut self, pfn: u64, count: u64) {
-        for p in pfn..pfn.saturating_add(count).min(self.pages) {
-            self.accumulated[(p / 64) as usize] |= 1 << (p % 64);
-        }
+    pub fn in_window(&self, pfn: u64) -> bool {
+        pfn < self.pages && self.window[(pfn / 64) as usize] & (1 << (pfn % 64)) != 0
     }
 
-    /// Clears the frames' dirty bits and has KVM write-protect them, in one ioctl: the
-    /// next guest write to any of them faults into KVM, which re-reads the guest's PTE.
-    pub fn clear_and_protect(&mut self, vm: &VmFd, frames: &[(u64, u64)]) -> Result<(), Error> {
-        if frames.is_empty() {
-            return Ok(());
-        }
+    /// Frames written since the window started (all of guest memory).
+    pub fn window_count(&self) -> u64 {
+        self.window.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    fn bitmap_of(&self, frames: &[(u64, u64)]) -> Vec<u64> {
         let mut bitmap = vec![0u64; self.accumulated.len()];
         for &(pfn, count) in frames {
             for p in pfn..pfn.saturating_add(count).min(self.pages) {
                 bitmap[(p / 64) as usize] |= 1 << (p % 64);
             }
         }
-        for (acc, clear) in self.accumulated.iter_mut().zip(&bitmap) {
-            *acc &= !clear;
-        }
+        bitmap
+    }
+
+    fn kvm_clear(&mut self, vm: &VmFd, mut bitmap: Vec<u64>) -> Result<(), Error> {
         let mut arg = kvm_clear_dirty_log { slot: SLOT, num_pages: self.pages as u32, first_page: 0, ..Default::default() };
         arg.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
         // SAFETY: `arg` names our slot and a bitmap of `pages` bits that lives until the
         // call returns; KVM only reads it.
         let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &arg) };
-        self.ioctls += 1;
+        self.stats.ioctls += 1;
         if ret < 0 {
             return Err(Error::Clear(std::io::Error::last_os_error()));
         }
+        Ok(())
+    }
+
+    /// Clears the frames (call [`Self::harvest`] first so nothing pending is lost) and
+    /// makes sure the mechanism reports their next write. With the KVM bitmap this is one
+    /// `KVM_CLEAR_DIRTY_LOG`, which also makes KVM re-read the guest PTEs mapping them;
+    /// the ring and userfaultfd re-protected everything they reported at the harvest.
+    pub fn clear(&mut self, vm: &VmFd, frames: &[(u64, u64)]) -> Result<(), Error> {
+        if frames.is_empty() {
+            return Ok(());
+        }
+        let bitmap = self.bitmap_of(frames);
+        for (acc, clear) in self.accumulated.iter_mut().zip(&bitmap) {
+            *acc &= !clear;
+        }
+        if let Mechanism::KvmBitmap = self.mech {
+            self.kvm_clear(vm, bitmap)?;
+        }
+        Ok(())
+    }
+
+    /// Starts a new dirty-rate window: everything written so far is harvested, then
+    /// forgotten by the window (not by `accumulated`).
+    pub fn window_start(&mut self, vm: &VmFd, mem: &GuestMem) -> Result<(), Error> {
+        self.harvest(vm, mem)?;
+        if let Mechanism::KvmBitmap = self.mech {
+            // Re-protect every frame so that the next writes show again.
+            let all = vec![u64::MAX; self.accumulated.len()];
+            self.kvm_clear(vm, all)?;
+        }
+        self.window.iter_mut().for_each(|w| *w = 0);
         Ok(())
     }
 }
@@ -142,14 +278,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn accumulated_bits_start_set_and_clear_per_frame() {
-        let mut d = DirtyLog::new(1 << 20);
+    fn accumulated_bits_start_as_told_and_clear_per_frame() {
+        let d = GpaLog::new(1 << 20, Mechanism::KvmBitmap, true);
         assert!(d.is_dirty(0) && d.is_dirty(255) && !d.is_dirty(256));
-        for w in d.accumulated.iter_mut() {
-            *w = 0;
-        }
-        d.mark(3, 2);
+        let mut d = GpaLog::new(1 << 20, Mechanism::KvmBitmap, false);
+        assert!(!d.any_dirty(0, 256));
+        let n = set_bits(&mut d.accumulated, &mut d.window, d.pages, 3, 2);
+        assert_eq!(n, 2);
         assert!(d.is_dirty(3) && d.is_dirty(4) && !d.is_dirty(5));
         assert!(d.any_dirty(0, 4) && !d.any_dirty(5, 100));
+        assert_eq!(d.window_count(), 2);
+        assert_eq!(set_bits(&mut d.accumulated, &mut d.window, d.pages, 250, 100), 6, "clipped to memory");
     }
 }

@@ -5,6 +5,7 @@ use serde_json::json;
 use std::path::PathBuf;
 use std::time::Duration;
 use vmm::api::{self, ClientError};
+use vmm::engine::EngineKind;
 use vmm::exit_code::ExitCode;
 use vmm::run::{self, RunOptions};
 use vmm::runner::Outcome;
@@ -39,6 +40,31 @@ enum Command {
         /// clear (always on for the built-in demo).
         #[arg(long)]
         summary: bool,
+        /// How writes are tracked: pte (per process, precise), or guest-physical
+        /// kvm-bitmap, kvm-ring, uffd.
+        #[arg(long, value_enum, default_value_t = EngineKind::Pte)]
+        engine: EngineKind,
+    },
+    /// Pages written per second, for the whole VM and per guest process.
+    DirtyRate {
+        #[arg(long)]
+        api_sock: PathBuf,
+        /// Measurement window.
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The dirty rates, refreshed live in the terminal (Ctrl-C to stop).
+    Top {
+        #[arg(long)]
+        api_sock: PathBuf,
+        /// Seconds per refresh.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Stop after this many refreshes (0: until the VM finishes).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
     },
     /// List guest processes, found from outside through the guest kernel's process table.
     Ps {
@@ -151,6 +177,19 @@ fn print_pagemap(v: &serde_json::Value, json: bool, raw: bool) -> std::io::Resul
     out.flush()
 }
 
+fn print_rates(v: &serde_json::Value) {
+    let f = |x: &serde_json::Value| x.as_f64().unwrap_or(0.0);
+    println!(
+        "window {:.2} s (guest ran {:.2} s): VM {:.0} pages/s ({} pages)",
+        f(&v["seconds"]), f(&v["running_seconds"]), f(&v["vm_pages_per_second"]), v["vm_pages"]
+    );
+    println!("{:>4}  {:<15}  {:>12}  {:>9}", "PID", "NAME", "PAGES/S", "PAGES");
+    for p in v["processes"].as_array().cloned().unwrap_or_default() {
+        println!("{:>4}  {:<15}  {:>12.0}  {:>9}", p["pid"].as_u64().unwrap_or(0), p["name"].as_str().unwrap_or("?"),
+                 f(&p["pages_per_second"]), p["pages"].as_u64().unwrap_or(0));
+    }
+}
+
 fn fail(code: ExitCode, msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("vmm: error: {msg}");
     code
@@ -164,7 +203,7 @@ fn client_code(e: &ClientError) -> ExitCode {
     }
 }
 
-fn seconds(flag: &str, s: f64) -> Result<Duration, ExitCode> {
+fn seconds_arg(flag: &str, s: f64) -> Result<Duration, ExitCode> {
     if s.is_finite() && s > 0.0 && s < 1e9 {
         Ok(Duration::from_secs_f64(s))
     } else {
@@ -184,13 +223,13 @@ fn main_code() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run { image, workload, mem, api_sock, timeout, summary } => {
-            let timeout = match seconds("--timeout", timeout) {
+        Command::Run { image, workload, mem, api_sock, timeout, summary, engine } => {
+            let timeout = match seconds_arg("--timeout", timeout) {
                 Ok(t) => t,
                 Err(code) => return code,
             };
             let hook = if summary || workload.is_none() { Hook::Summary(SummaryHook) } else { Hook::None };
-            let opts = RunOptions { image, workload, mem_mib: mem, api_sock, timeout };
+            let opts = RunOptions { image, workload, mem_mib: mem, api_sock, timeout, engine };
             match run::run(&opts, hook) {
                 Ok(Outcome::Exited(0)) => ExitCode::Success,
                 Ok(Outcome::Exited(c)) => {
@@ -234,12 +273,53 @@ fn main_code() -> ExitCode {
             }
             Err(e) => fail(client_code(&e), e),
         },
+        Command::DirtyRate { api_sock, seconds, json } => {
+            let secs = match seconds_arg("--seconds", seconds) {
+                Ok(t) => t.as_secs_f64(),
+                Err(code) => return code,
+            };
+            match api::call(&api_sock, &json!({"cmd": "dirty-rate", "seconds": secs})) {
+                Ok(mut v) => {
+                    v.as_object_mut().map(|o| o.remove("ok"));
+                    if json {
+                        println!("{v}");
+                    } else {
+                        print_rates(&v);
+                    }
+                    ExitCode::Success
+                }
+                Err(e) => fail(client_code(&e), e),
+            }
+        }
+        Command::Top { api_sock, interval, count } => {
+            let secs = match seconds_arg("--interval", interval) {
+                Ok(t) => t.as_secs_f64(),
+                Err(code) => return code,
+            };
+            let mut n = 0;
+            loop {
+                match api::call(&api_sock, &json!({"cmd": "dirty-rate", "seconds": secs})) {
+                    Ok(v) => {
+                        // Clear the screen and home the cursor, like top.
+                        print!("\x1b[2J\x1b[H");
+                        print_rates(&v);
+                    }
+                    Err(ClientError::Refused(msg)) if msg.contains("has finished") => return ExitCode::Success,
+                    Err(e) if n > 0 && matches!(e, ClientError::Connect { .. }) => return ExitCode::Success,
+                    Err(e) => return fail(client_code(&e), e),
+                }
+                n += 1;
+                if count != 0 && n >= count {
+                    return ExitCode::Success;
+                }
+            }
+        }
         Command::Resume { api_sock } => match api::call(&api_sock, &json!({"cmd": "resume"})) {
             Ok(_) => ExitCode::Success,
             Err(e) => fail(client_code(&e), e),
         },
         Command::Wait { api_sock, label, timeout } => {
-            let timeout = match seconds("--timeout", timeout) {
+            let timeout = match seconds_arg("--timeout", timeout) {
                 Ok(t) => t,
                 Err(code) => return code,
             };

@@ -1,9 +1,24 @@
 //! Guest RAM: one anonymous mapping at guest-physical 0, through `vm-memory`.
 
 use mmu::{GuestPhysAddr, MemoryError, PhysMemory};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-pub type GuestMem = GuestMemoryMmap<()>;
+/// Guest RAM with vm-memory's dirty bitmap: every write the VMM makes through it
+/// (loading, boot tables, zeroing frames, editing PTEs) is recorded, since KVM does not
+/// log them.
+pub type GuestMem = GuestMemoryMmap<AtomicBitmap>;
+
+/// Takes the bitmap of pages the VMM wrote since the last call (one bit per 4 KiB page
+/// from guest-physical 0), resetting it.
+pub fn take_vmm_writes(mem: &GuestMem) -> Vec<u64> {
+    let mut out = Vec::new();
+    for region in mem.iter() {
+        // One region at guest-physical 0 (see `create`): its bits are the frames'.
+        out.extend(std::ops::Deref::deref(region).bitmap().get_and_reset());
+    }
+    out
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -7,6 +7,8 @@ use crate::exit_code::ExitCode;
 use crate::image::{self, Symbols};
 use crate::memory;
 use crate::runner::{self, Outcome, Runner, SyncHook, VcpuContext};
+use crate::dirty_log::GpaLog;
+use crate::engine::EngineKind;
 use crate::guest_os::TableLocation;
 use crate::script;
 use crate::softdirty::Tracker;
@@ -30,6 +32,7 @@ pub struct RunOptions {
     pub mem_mib: u64,
     pub api_sock: Option<PathBuf>,
     pub timeout: Duration,
+    pub engine: EngineKind,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +64,7 @@ impl Error {
         match self {
             Error::BadMemSize(_) | Error::ReadImage { .. } | Error::TooLittleMemory { .. } | Error::Image(_)
             | Error::Script(_) | Error::Api(_) => ExitCode::BadInput,
-            Error::Vm(vm::Error::Open(_)) => ExitCode::Unavailable,
+            Error::Vm(vm::Error::Open(_)) | Error::Vm(vm::Error::EngineUnavailable { .. }) => ExitCode::Unavailable,
             Error::Runner(runner::Error::Device(_)) => ExitCode::GuestCrashed,
             _ => ExitCode::Internal,
         }
@@ -95,7 +98,7 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
         return Err(Error::TooLittleMemory { end: info.free_phys, mem_mib: opts.mem_mib });
     }
 
-    let Machine { kvm: _kvm, vm, vcpu, serial_irq, sync_regs } = Machine::new(&mem, loaded.entry)?;
+    let Machine { kvm: _kvm, vm, vcpu, serial_irq, sync_regs, mechanism } = Machine::new(&mem, loaded.entry, opts.engine)?;
     let devices = Devices::new(serial_irq, Box::new(std::io::stdout()));
     kick::install().map_err(Error::Signal)?;
     let control = Arc::new(Control::<VcpuContext>::default());
@@ -119,9 +122,9 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
     };
 
     let symbols = Symbols::parse(&image_bytes);
-    let tracker = TableLocation::from_symbol(symbols.address_of(guest_abi::PROCESS_TABLE_SYMBOL))
-        .ok()
-        .map(|table| Tracker::new(table, mem_size, sync_regs));
+    let table = TableLocation::from_symbol(symbols.address_of(guest_abi::PROCESS_TABLE_SYMBOL)).ok();
+    let log = GpaLog::new(mem_size, mechanism, opts.engine == EngineKind::Pte);
+    let tracker = Tracker::new(table, opts.engine, log, sync_regs);
     let ctx = VcpuContext { mem, vm, vcpu, symbols, tracker, exits: Default::default() };
     let mut runner = Runner { ctx, devices, control: control.clone(), pause_at_sync: opts.api_sock.is_some(), hook };
     let result = runner.run();

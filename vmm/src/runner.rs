@@ -50,8 +50,8 @@ pub struct VcpuContext {
     pub vm: VmFd,
     pub vcpu: VcpuFd,
     pub symbols: Symbols,
-    /// Soft-dirty tracking; `None` for an image without a process table.
-    pub tracker: Option<Tracker>,
+    /// Dirty tracking (soft-dirty needs an image with a process table).
+    pub tracker: Tracker,
     /// KVM_RUN calls and exits by kind, for `vmm info`.
     pub exits: ExitCounts,
 }
@@ -62,6 +62,7 @@ pub struct ExitCounts {
     pub io: u64,
     pub debug: u64,
     pub interrupted: u64,
+    pub ring_full: u64,
 }
 
 /// What to do at each `sync`.
@@ -132,10 +133,7 @@ impl<H: SyncHook> Runner<H> {
                     self.ctx.exits.debug += 1;
                     let pc = arch.pc;
                     let ctx = &mut self.ctx;
-                    let outcome = match ctx.tracker.as_mut() {
-                        Some(t) => t.on_debug_exit(&ctx.mem, &mut ctx.vcpu, pc)?,
-                        None => softdirty::TrapOutcome::NotOurs,
-                    };
+                    let outcome = ctx.tracker.on_debug_exit(&ctx.mem, &mut ctx.vcpu, pc)?;
                     if let softdirty::TrapOutcome::NotOurs = outcome {
                         return Ok(self.crashed(&format!("unexpected debug exit at {pc:#x}")));
                     }
@@ -150,6 +148,12 @@ impl<H: SyncHook> Runner<H> {
                     PortEvent::Nothing
                 }
                 Ok(VcpuExit::MmioWrite(..)) => PortEvent::Nothing,
+                Ok(VcpuExit::Unsupported(crate::dirty_ring::KVM_EXIT_DIRTY_RING_FULL)) => {
+                    self.ctx.exits.ring_full += 1;
+                    let ctx = &mut self.ctx;
+                    ctx.tracker.log.harvest(&ctx.vm, &ctx.mem).map_err(softdirty::Error::from)?;
+                    PortEvent::Nothing
+                }
                 Ok(VcpuExit::Hlt) => return Ok(self.crashed("guest halted without reporting an exit status")),
                 Ok(VcpuExit::Shutdown) => return Ok(self.crashed("triple fault (shutdown)")),
                 Ok(VcpuExit::InternalError) => return Ok(self.internal_error()),
@@ -168,14 +172,8 @@ impl<H: SyncHook> Runner<H> {
             };
             match event {
                 PortEvent::Nothing => {}
-                PortEvent::Zeroed(ranges) => {
-                    // KVM does not log the VMM's own writes.
-                    if let Some(t) = self.ctx.tracker.as_mut() {
-                        for (pfn, pages) in ranges {
-                            t.dirty.mark(pfn, pages);
-                        }
-                    }
-                }
+                // The zeroing went through vm-memory, whose dirty bitmap recorded it.
+                PortEvent::Zeroed(_) => {}
                 PortEvent::Exit(status) if status >= EXIT_KERNEL_PANIC => return Ok(Outcome::KernelPanic),
                 PortEvent::Exit(status) => return Ok(Outcome::Exited((status & 0xff) as u8)),
                 PortEvent::Sync(point) => {

@@ -12,7 +12,8 @@
 //!   grown since the last clear, or it is writable and its frame shows in the dirty log
 //!   (the guest made the PTE writable again, so writes no longer fault).
 
-use crate::dirty_log::{self, DirtyLog};
+use crate::dirty_log::{self, GpaLog};
+use crate::engine::EngineKind;
 use crate::guest_os::{self, Mapping, Process, Snapshot, TableLocation};
 use crate::memory::{GuestMem, Phys};
 use crate::pf_trap;
@@ -105,7 +106,9 @@ pub enum TrapOutcome {
 }
 
 pub struct Tracker {
-    table: TableLocation,
+    /// Where the guest's process table is; `None` for an image without one.
+    table: Option<TableLocation>,
+    engine: EngineKind,
     walker: Walker,
     /// Each cleared pid's mappings at its last soft-dirty clear.
     cleared: HashMap<u32, Vec<Mapping>>,
@@ -114,7 +117,7 @@ pub struct Tracker {
     sync_regs: bool,
     /// Single-stepping over the #PF handler's first instruction (a passed fault).
     stepping: bool,
-    pub dirty: DirtyLog,
+    pub log: GpaLog,
     pub stats: Stats,
 }
 
@@ -124,21 +127,27 @@ fn frames(leaf: &Leaf) -> (u64, u64) {
 }
 
 impl Tracker {
-    pub fn new(table: TableLocation, mem_size: u64, sync_regs: bool) -> Tracker {
+    pub fn new(table: Option<TableLocation>, engine: EngineKind, log: GpaLog, sync_regs: bool) -> Tracker {
         Tracker {
             sync_regs,
             table,
+            engine,
             walker: Walker::new(PagingMode::Level4),
             cleared: HashMap::new(),
             trap: None,
             stepping: false,
-            dirty: DirtyLog::new(mem_size),
+            log,
             stats: Stats::default(),
         }
     }
 
+    pub fn engine(&self) -> EngineKind {
+        self.engine
+    }
+
     pub fn snapshot(&self, mem: &GuestMem) -> Result<Snapshot, Error> {
-        Ok(self.table.read(mem)?)
+        let table = self.table.ok_or(guest_os::Error::NoSymbol(guest_abi::PROCESS_TABLE_SYMBOL))?;
+        Ok(table.read(mem)?)
     }
 
     fn live(snap: &Snapshot, pid: u32) -> Result<&Process, Error> {
@@ -173,7 +182,8 @@ impl Tracker {
         match value {
             ClearRefs::AccessedFile => Ok(0), // our guest has no file-backed memory
             ClearRefs::PeakRss => {
-                let addr = self.table.peak_rss_addr(p.slot);
+                let table = self.table.ok_or(guest_os::Error::NoSymbol(guest_abi::PROCESS_TABLE_SYMBOL))?;
+                let addr = table.peak_rss_addr(p.slot);
                 Phys(mem).write_u64(GuestPhysAddr(addr), p.rss_pages).map_err(|_| Error::Write(addr))?;
                 Ok(0)
             }
@@ -191,25 +201,30 @@ impl Tracker {
             }
             ClearRefs::SoftDirty => {
                 let leaves = self.leaves(mem, p, 0, USER_TOP / 4096)?;
-                self.dirty.harvest(vm)?;
-                let mut protect = Vec::with_capacity(leaves.len());
+                self.log.harvest(vm, mem)?;
+                let protect: Vec<(u64, u64)> = leaves.iter().map(frames).collect();
                 let mut changed = 0;
-                for leaf in &leaves {
-                    let new = softdirty::clear(leaf.entry);
-                    if new != leaf.entry {
-                        Self::write_entry(mem, leaf, new.0)?;
-                        changed += 1;
+                if self.engine == EngineKind::Pte {
+                    for leaf in &leaves {
+                        let new = softdirty::clear(leaf.entry);
+                        if new != leaf.entry {
+                            Self::write_entry(mem, leaf, new.0)?;
+                            changed += 1;
+                        }
                     }
-                    protect.push(frames(leaf));
                 }
-                // Every present frame: so that a later write through a PTE the guest
-                // makes writable again still shows in the dirty log.
-                self.dirty.clear_and_protect(vm, &protect)?;
+                // Every present frame, also for the pte engine: so that KVM re-reads the
+                // edited PTEs, and a later write through a PTE the guest makes writable
+                // again still shows in the log. The PTE edits themselves land in the
+                // VMM-writes bitmap; harvest them now so page-table pages do not linger.
+                self.log.clear(vm, &protect)?;
                 self.cleared.insert(pid, p.mappings.clone());
                 self.stats.clears += 1;
                 self.stats.pages_write_protected += changed;
-                self.arm(mem, vcpu)?;
-                Ok(changed)
+                if self.engine == EngineKind::Pte {
+                    self.arm(mem, vcpu)?;
+                }
+                Ok(if self.engine == EngineKind::Pte { changed } else { protect.len() as u64 })
             }
         }
     }
@@ -227,7 +242,7 @@ impl Tracker {
     /// Which frames live processes map more than once (for "exclusive"), and the
     /// leaves of `target` over its whole user half (walked once for both).
     fn frame_counts(&self, mem: &GuestMem, snap: &Snapshot, target: u32) -> (FrameCounts, Vec<Leaf>) {
-        let mut counts = FrameCounts::new(self.dirty.pages());
+        let mut counts = FrameCounts::new(self.log.pages());
         let mut mine = Vec::new();
         for p in snap.processes.iter().filter(|p| p.is_live()) {
             let _ = self.walker.walk_range(&Phys(mem), GuestPhysAddr(p.cr3), GuestVirtAddr(0), USER_TOP / 4096,
@@ -259,7 +274,7 @@ impl Tracker {
         if total > MAX_PAGEMAP_PAGES {
             return Err(Error::BadRange(format!("{total} pages exceed the limit of {MAX_PAGEMAP_PAGES} per request")));
         }
-        self.dirty.harvest(vm)?;
+        self.log.harvest(vm, mem)?;
         let (counts, leaves) = self.frame_counts(mem, &snap, pid);
         let page = PageCtx { tracker: self, zero_frame: snap.zero_frame, counts: &counts };
         let mut out = Vec::with_capacity(total as usize);
@@ -310,6 +325,30 @@ impl Tracker {
     fn old_coverage(&self, pid: u32, m: &Mapping) -> Option<(u64, u64)> {
         let old = self.cleared.get(&pid)?;
         old.iter().find(|o| o.serial == m.serial).map(|o| (o.start, o.end()))
+    }
+
+    /// Starts a dirty-rate window.
+    pub fn window_start(&mut self, mem: &GuestMem, vm: &VmFd) -> Result<(), Error> {
+        Ok(self.log.window_start(vm, mem)?)
+    }
+
+    /// Pages written in the window: the whole VM, and per live process (frames of its
+    /// present pages written in the window; a 2 MiB page counts its written 4 KiB frames).
+    pub fn window_report(&mut self, mem: &GuestMem, vm: &VmFd) -> Result<(u64, Vec<(u32, String, u64)>), Error> {
+        self.log.harvest(vm, mem)?;
+        let total = self.log.window_count();
+        let mut per = Vec::new();
+        if let Ok(snap) = self.snapshot(mem) {
+            for p in snap.processes.iter().filter(|p| p.is_live()) {
+                let mut n = 0;
+                for leaf in self.leaves(mem, p, 0, USER_TOP / 4096)? {
+                    let (pfn0, count) = frames(&leaf);
+                    n += (pfn0..pfn0 + count).filter(|&f| self.log.in_window(f)).count() as u64;
+                }
+                per.push((p.pid, p.name.clone(), n));
+            }
+        }
+        Ok((total, per))
     }
 
     /// Handles a debug exit. Returns what it was.
@@ -382,8 +421,16 @@ impl PageCtx<'_> {
     /// W back itself, or the page appeared since) and the dirty log saw its frames written.
     fn written(&self, leaf: &Leaf) -> bool {
         let (pfn0, count) = frames(leaf);
+        if self.tracker.engine.is_guest_physical() {
+            // Guest-physical: the frame was written since the clear. The zero frame is
+            // never written (the guest maps it read-only everywhere).
+            return leaf.frame().0 != self.zero_frame && self.tracker.log.any_dirty(pfn0, count);
+        }
+        // The backstop (the guest made the PTE writable itself, or the page appeared
+        // since): the frame was written, and through this entry (the CPU sets DIRTY on
+        // the first write; an entry never written through has it clear).
         softdirty::is_soft_dirty(leaf.entry)
-            || (leaf.entry.contains(PteFlags::WRITABLE) && self.tracker.dirty.any_dirty(pfn0, count))
+            || (leaf.entry.contains(PteFlags::WRITABLE | PteFlags::DIRTY) && self.tracker.log.any_dirty(pfn0, count))
     }
 
     fn info(&self, va: u64, leaf: Option<&Leaf>, written: bool, vma_new: bool) -> PageInfo {

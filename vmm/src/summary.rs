@@ -11,7 +11,7 @@ pub struct SummaryHook;
 
 impl SyncHook for SummaryHook {
     fn at_sync(&mut self, ctx: &mut VcpuContext, point: &SyncPoint) {
-        let Some(t) = ctx.tracker.as_mut() else { return };
+        let t = &mut ctx.tracker;
         let snap = match t.snapshot(&ctx.mem) {
             Ok(s) => s,
             Err(e) => return eprintln!("vmm: summary at sync {}: {e}", point.label),

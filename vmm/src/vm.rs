@@ -2,6 +2,10 @@
 //! 64-bit mode at the kernel's entry.
 
 use crate::boot;
+use crate::dirty_log::{self, Mechanism};
+use crate::dirty_ring::{self, DirtyRing};
+use crate::engine::EngineKind;
+use crate::uffd::AsyncWp;
 use crate::memory::GuestMem;
 use kvm_bindings::{kvm_fpu, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuFd, VmFd};
@@ -14,8 +18,8 @@ pub enum Error {
     Open(kvm_ioctls::Error),
     #[error("KVM {op} failed: {source}")]
     Ioctl { op: &'static str, source: kvm_ioctls::Error },
-    #[error(transparent)]
-    DirtyLog(#[from] crate::dirty_log::Error),
+    #[error("engine {engine} is unavailable on this host: {detail}")]
+    EngineUnavailable { engine: &'static str, detail: String },
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
 }
@@ -33,21 +37,31 @@ pub struct Machine {
     /// KVM copies regs and sregs into `kvm_run` on every exit and takes changes from
     /// there on entry (KVM_CAP_SYNC_REGS): the fault trap then needs no register ioctls.
     pub sync_regs: bool,
+    /// Where the engine learns guest-physical writes.
+    pub mechanism: Mechanism,
 }
 
 const SERIAL_GSI: u32 = 4;
 
 impl Machine {
-    /// Creates the VM over `mem` and a vCPU ready to run at `entry`.
-    pub fn new(mem: &GuestMem, entry: u64) -> Result<Machine, Error> {
+    /// Creates the VM over `mem` and a vCPU ready to run at `entry`, set up for `engine`.
+    pub fn new(mem: &GuestMem, entry: u64, engine: EngineKind) -> Result<Machine, Error> {
+        let unavailable = |detail: String| Error::EngineUnavailable { engine: engine.name(), detail };
         let kvm = Kvm::new().map_err(Error::Open)?;
         let vm = ioctl("CREATE_VM", kvm.create_vm())?;
         ioctl("SET_TSS_ADDR", vm.set_tss_address(0xfffb_d000))?;
         ioctl("CREATE_IRQCHIP", vm.create_irq_chip())?;
-        // Dirty logging with manual protection from the start (initially all dirty, so
-        // free until something is cleared): the soft-dirty engine needs it to make KVM
-        // re-read edited guest PTEs, and as its backstop.
-        crate::dirty_log::enable(&vm)?;
+        // Dirty logging must be configured before the slot and vCPU exist. The pte engine
+        // starts "initially all dirty" (free until something is cleared: it needs the
+        // bitmap only to make KVM re-read edited PTEs, and as its backstop); the bitmap
+        // engine starts protected, so its history is exact from boot.
+        match engine {
+            EngineKind::Pte => dirty_log::enable(&vm, true).map_err(|e| unavailable(e.to_string()))?,
+            EngineKind::KvmBitmap => dirty_log::enable(&vm, false).map_err(|e| unavailable(e.to_string()))?,
+            EngineKind::KvmRing => dirty_ring::enable(&vm).map_err(|e| unavailable(e.to_string()))?,
+            EngineKind::Uffd => {}
+        }
+        let slot_flags = if engine == EngineKind::Uffd { 0 } else { KVM_MEM_LOG_DIRTY_PAGES };
         for (slot, region) in mem.iter().enumerate() {
             let host = mem.get_host_address(region.start_addr()).expect("region start is inside the region");
             let region = kvm_userspace_memory_region {
@@ -55,7 +69,7 @@ impl Machine {
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: host as u64,
-                flags: KVM_MEM_LOG_DIRTY_PAGES,
+                flags: slot_flags,
             };
             // SAFETY: the mapping behind `host` belongs to `mem`, which the caller keeps
             // alive for as long as the VM runs (the run owns both).
@@ -77,6 +91,17 @@ impl Machine {
         ioctl("SET_REGS", vcpu.set_regs(&boot::entry_regs(entry)))?;
         let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
         ioctl("SET_FPU", vcpu.set_fpu(&fpu))?;
-        Ok(Machine { kvm, vm, vcpu, serial_irq, sync_regs })
+        let mechanism = match engine {
+            EngineKind::Pte | EngineKind::KvmBitmap => Mechanism::KvmBitmap,
+            EngineKind::KvmRing => Mechanism::KvmRing(DirtyRing::map(&vcpu).map_err(|e| unavailable(e.to_string()))?),
+            EngineKind::Uffd => {
+                let host_base = mem.get_host_address(vm_memory::GuestAddress(0)).expect("RAM starts at 0") as u64;
+                let len = mem.last_addr().0 + 1;
+                let mut wp = AsyncWp::register(host_base, len).map_err(|e| unavailable(e.to_string()))?;
+                wp.protect().map_err(|e| unavailable(e.to_string()))?;
+                Mechanism::Uffd { wp, host_base }
+            }
+        };
+        Ok(Machine { kvm, vm, vcpu, serial_irq, sync_regs, mechanism })
     }
 }

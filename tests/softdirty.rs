@@ -108,6 +108,20 @@ fn test_merge_adjacent_new_mappings_read_soft_dirty(engine: &str) {
     assert_eq!(r.code, 0, "{r:?}");
 }
 
+fn split_mappings_keep_their_history_in_every_piece(engine: &str) {
+    // protect splits one mapping into three records with the same serial: none of the
+    // pieces is "new" after a clear (a bug the differential test found).
+    let script = "proc p\nmap 0x400000 8\nfill 0x400000 8 1\nprotect 0x402000 2 ro\nsync cleared\nsync later\nfill 0x406000 1 2\nsync written\n";
+    let Some(live) = start(script, engine) else { return };
+    let r = live.drive(|live, label, pid| match label {
+        "cleared" => live.clear_refs(pid, 4),
+        "later" => assert_eq!(live.soft_dirty(pid, A, 8), all(false, 8)),
+        "written" => assert_eq!(live.soft_dirty(pid, A, 8), [false, false, false, false, false, false, true, false]),
+        _ => unreachable!(),
+    });
+    assert_eq!(r.code, 0, "{r:?}");
+}
+
 fn processes_see_only_their_own_writes(engine: &str) {
     // Same virtual addresses, separate address spaces: pid 1 writes pages 0-1, pid 2
     // pages 6-7. Syncs arrive in whatever order the scheduler gives.
@@ -346,6 +360,7 @@ macro_rules! for_each_engine {
 }
 
 for_each_engine!(
+    split_mappings_keep_their_history_in_every_piece,
     test_simple_clear_write_clear_many_times,
     test_vma_reuse_remapped_range_reads_soft_dirty_without_a_write,
     test_hugepage_one_write_dirties_all_512_entries,

@@ -298,10 +298,9 @@ impl Tracker {
                         li += 1;
                     }
                     let leaf = leaves.get(li).filter(|l| l.va.0 <= va);
-                    let vma_new = match old {
+                    let vma_new = match &old {
                         None => false,
-                        Some(None) => true,
-                        Some(Some((s, e))) => !(s <= va && va < e),
+                        Some(pieces) => !pieces.iter().any(|&(s, e)| s <= va && va < e),
                     };
                     // One answer per leaf: a 2 MiB leaf shares it across its 512 pages.
                     let written = leaf.map(|l| match written_cache {
@@ -320,11 +319,14 @@ impl Tracker {
         Ok(out)
     }
 
-    /// What mapping `m` covered at the pid's last clear: `None` if it is new since then
-    /// (or the pid was never cleared: everything is new, as for a fresh Linux process).
-    fn old_coverage(&self, pid: u32, m: &Mapping) -> Option<(u64, u64)> {
-        let old = self.cleared.get(&pid)?;
-        old.iter().find(|o| o.serial == m.serial).map(|o| (o.start, o.end()))
+    /// What mapping `m` covered at the pid's last clear: every piece with its serial
+    /// (`protect` and partial `unmap` split one mapping into several records). Empty if
+    /// it is new since then, or if the pid was never cleared (everything is new, as for
+    /// a fresh Linux process).
+    fn old_coverage(&self, pid: u32, m: &Mapping) -> Vec<(u64, u64)> {
+        self.cleared.get(&pid).map_or_else(Vec::new, |old| {
+            old.iter().filter(|o| o.serial == m.serial).map(|o| (o.start, o.end())).collect()
+        })
     }
 
     /// Starts a dirty-rate window.

@@ -122,6 +122,28 @@ fn split_mappings_keep_their_history_in_every_piece(engine: &str) {
     assert_eq!(r.code, 0, "{r:?}");
 }
 
+fn dirty_rate_and_top_see_the_writer_not_the_reader(engine: &str) {
+    let script = "proc busy\nmap 0x400000 64\nloop 50000000\n  fill 0x400000 16 1\nend\nproc idle\nmap 0x400000 64\nfill 0x400000 64 1\nloop 50000000\n  touch 0x400000 1\nend\n";
+    let Some(mut live) = start(script, engine) else { return };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let r = live.client("dirty-rate", &["--seconds", "0.3", "--json"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let procs = v["processes"].as_array().unwrap();
+    assert_eq!(procs[0]["name"], "busy");
+    assert_eq!(procs[0]["pages"], 16, "{v}");
+    assert_eq!(procs[1]["pages"], 0, "{v}");
+    assert!(v["vm_pages"].as_u64().unwrap() >= 16 && v["running_seconds"].as_f64().unwrap() > 0.0, "{v}");
+    let top = live.client("top", &["--interval", "0.2", "--count", "2"]);
+    assert_eq!(top.code, 0, "{top:?}");
+    assert_eq!(top.stdout.matches("busy").count(), 2, "{top:?}");
+    let info = live.info();
+    assert_eq!(info["engine"], engine);
+    assert!(info["log"]["harvests"].as_u64().unwrap() >= 4, "{info}");
+    let _ = live.child.kill();
+    let _ = live.child.wait();
+}
+
 fn processes_see_only_their_own_writes(engine: &str) {
     // Same virtual addresses, separate address spaces: pid 1 writes pages 0-1, pid 2
     // pages 6-7. Syncs arrive in whatever order the scheduler gives.
@@ -360,6 +382,7 @@ macro_rules! for_each_engine {
 }
 
 for_each_engine!(
+    dirty_rate_and_top_see_the_writer_not_the_reader,
     split_mappings_keep_their_history_in_every_piece,
     test_simple_clear_write_clear_many_times,
     test_vma_reuse_remapped_range_reads_soft_dirty_without_a_write,

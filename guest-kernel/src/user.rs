@@ -95,7 +95,14 @@ fn run(ctx: &Ctx, line_no: u32, stmt: Statement) {
                 ctx.fail_errno(line_no, "protect", ret);
             }
         }
-        Statement::Fill { range, byte } => fill(range, byte),
+        Statement::Fill { range, byte, timed: false } => fill(range, byte),
+        Statement::Fill { range, byte, timed: true } => {
+            let t0 = rdtsc();
+            fill(range, byte);
+            let cycles = rdtsc() - t0;
+            write_line(ctx.prefix(line_no).str("fill of ").dec(range.pages).str(" pages took ").dec(cycles)
+                .str(" TSC cycles"));
+        }
         Statement::Check { range, byte } => check(ctx, line_no, range, byte),
         Statement::Touch { range } => {
             for page in 0..range.pages {
@@ -113,6 +120,13 @@ fn run(ctx: &Ctx, line_no: u32, stmt: Statement) {
         Statement::Exit { code } => exit(code),
         Statement::Proc { .. } | Statement::Loop { .. } | Statement::End => {}
     }
+}
+
+fn rdtsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: rdtsc only reads the time-stamp counter (CR4.TSD is clear: allowed in ring 3).
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
+    (u64::from(hi) << 32) | u64::from(lo)
 }
 
 fn pattern(byte: u8) -> u64 {

@@ -269,6 +269,7 @@ pub fn handle(req: Request, control: &Control<VcpuContext>) -> Value {
             let mem_size = vm_memory::GuestMemoryBackend::last_addr(&ctx.mem).0 + 1;
             json!({
                 "engine": ctx.tracker.engine().name(),
+                "tsc_khz": ctx.vcpu.get_tsc_khz().ok(),
                 "mechanism": ctx.tracker.log.mechanism().name(),
                 "mem_bytes": mem_size,
                 "exits": ctx.exits,

@@ -84,6 +84,9 @@ pub struct LogStats {
     pub vmm_writes_harvested: u64,
     pub ioctls: u64,
     pub harvest_ns: u64,
+    /// Dirty-ring harvests that found the ring completely full (everything then counts
+    /// as written).
+    pub ring_overflows: u64,
 }
 
 pub struct GpaLog {
@@ -91,6 +94,8 @@ pub struct GpaLog {
     accumulated: Vec<u64>,
     window: Vec<u64>,
     mech: Mechanism,
+    /// Set by a ring-full exit for the next harvest.
+    ring_full: Option<()>,
     pub stats: LogStats,
 }
 
@@ -112,7 +117,7 @@ impl GpaLog {
         let pages = mem_size / 4096;
         let words = pages.div_ceil(64) as usize;
         let fill = if initially_dirty { u64::MAX } else { 0 };
-        GpaLog { pages, accumulated: vec![fill; words], window: vec![0; words], mech, stats: LogStats::default() }
+        GpaLog { pages, accumulated: vec![fill; words], window: vec![0; words], mech, ring_full: None, stats: LogStats::default() }
     }
 
     pub fn mechanism(&self) -> &Mechanism {
@@ -122,6 +127,12 @@ impl GpaLog {
     /// Frames covered.
     pub fn pages(&self) -> u64 {
         self.pages
+    }
+
+    /// Harvests after a ring-full exit.
+    pub fn harvest_ring_full(&mut self, vm: &VmFd, mem: &GuestMem) -> Result<(), Error> {
+        self.ring_full = Some(());
+        self.harvest(vm, mem)
     }
 
     /// Pulls new writes from the mechanism and from the VMM's own writes.
@@ -145,14 +156,22 @@ impl GpaLog {
                 self.stats.frames_harvested += fold(bitmap);
             }
             Mechanism::KvmRing(ring) => {
+                let (frames, overflow) = match ring.harvest(self.ring_full.take().is_some())? {
+                    dirty_ring::Harvest::Frames(f) => (f, false),
+                    dirty_ring::Harvest::MaybeOverflowed(f) => (f, true),
+                };
                 let mut n = 0;
-                ring.harvest(vm, |slot, offset| {
-                    if slot != SLOT || offset >= pages {
-                        return Err(dirty_ring::Error::BadEntry { slot, offset });
+                for offset in frames {
+                    if offset >= pages {
+                        return Err(dirty_ring::Error::BadEntry { slot: SLOT, offset }.into());
                     }
                     n += set_bits(acc, win, pages, offset, 1);
-                    Ok(())
-                })?;
+                }
+                if overflow {
+                    // Entries may have been lost: never miss a write.
+                    acc.iter_mut().chain(win.iter_mut()).for_each(|w| *w = u64::MAX);
+                    self.stats.ring_overflows += 1;
+                }
                 self.stats.ioctls += u64::from(n > 0);
                 self.stats.frames_harvested += n;
             }

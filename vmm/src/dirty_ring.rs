@@ -1,15 +1,26 @@
 //! KVM's per-vCPU dirty ring: KVM appends the guest frames the vCPU writes to a ring
 //! shared with the VMM (mmap of the vCPU fd at page offset 64); the VMM harvests entries
-//! and `KVM_RESET_DIRTY_RINGS` write-protects the harvested frames again. A full ring
-//! makes the vCPU exit (`KVM_EXIT_DIRTY_RING_FULL`); the run loop then harvests.
+//! and `KVM_RESET_DIRTY_RINGS` write-protects the harvested frames again.
+//!
+//! A background thread harvests every millisecond while the guest runs (the
+//! acquire/release protocol allows it), so the ring never fills in practice. On this
+//! nested host KVM's "ring full" exit comes late — it kept pushing past the 64 reserved
+//! entries and the ring overflowed when only exits harvested it. So a harvest that finds
+//! the ring completely full counts as a possible overflow: every frame is then treated
+//! as written (never a missed write), and a ring that no longer matches KVM's index is
+//! an error, not a silent wrong answer.
 //!
 //! The ring must be enabled on the VM before any vCPU exists; with it, KVM_GET_DIRTY_LOG
 //! is unavailable, so the pte engine (which needs KVM_CLEAR_DIRTY_LOG) cannot use it.
 
 use kvm_bindings::{kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_DIRTY_LOG_PAGE_OFFSET};
 use kvm_ioctls::{VcpuFd, VmFd};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
 use vmm_sys_util::ioctl_io_nr;
 
 ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, 0xAE, 0xc7);
@@ -18,8 +29,9 @@ ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, 0xAE, 0xc7);
 pub const KVM_EXIT_DIRTY_RING_FULL: u32 = 31;
 const DIRTY: u32 = 1;
 const RESET: u32 = 2;
-/// Entries in the ring (16 bytes each).
-pub const ENTRIES: u32 = 16384;
+/// Entries in the ring (16 bytes each): KVM's maximum.
+pub const ENTRIES: u32 = 65536;
+const HARVEST_PERIOD: Duration = Duration::from_millis(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -31,10 +43,14 @@ pub enum Error {
     Reset(std::io::Error),
     #[error("the dirty ring holds an entry for slot {slot}, offset {offset:#x}, outside guest memory")]
     BadEntry { slot: u32, offset: u64 },
+    #[error("the dirty ring no longer matches KVM's (it overflowed): tracking cannot go on")]
+    Desynchronized,
+    #[error("cannot start the dirty-ring harvester: {0}")]
+    Thread(std::io::Error),
 }
 
-/// Enables the ring on the VM (before vCPUs are created). Prefers the acquire/release
-/// variant, which lets a harvester run while the vCPU does.
+/// Enables the ring on the VM (before vCPUs are created). Requires the
+/// acquire/release variant when available, for the concurrent harvester.
 pub fn enable(vm: &VmFd) -> Result<(), Error> {
     let mut last = None;
     for cap in [KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_DIRTY_LOG_RING] {
@@ -56,21 +72,97 @@ struct DirtyGfn {
 }
 
 /// One vCPU's ring, mapped.
-pub struct DirtyRing {
+struct Ring {
     entries: *mut DirtyGfn,
     len: usize,
     next: u32,
 }
 
-// SAFETY: the mapping is only touched through &mut self (one harvester at a time) and
-// the flags with atomics, as KVM's acquire/release protocol requires.
-unsafe impl Send for DirtyRing {}
+// SAFETY: the mapping is touched only under the harvester mutex, and the flags with
+// atomics as KVM's acquire/release protocol requires.
+unsafe impl Send for Ring {}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping made in `DirtyRing::map`.
+        unsafe { libc::munmap(self.entries.cast(), self.len) };
+    }
+}
+
+/// What one harvest found.
+pub enum Harvest {
+    /// Frame offsets (slot 0) written since the last harvest.
+    Frames(Vec<u64>),
+    /// The ring was completely full: entries may have been lost. Treat every frame as
+    /// written.
+    MaybeOverflowed(Vec<u64>),
+}
+
+impl Ring {
+    fn entry(&self, i: u32) -> &DirtyGfn {
+        // SAFETY: the index is reduced modulo the ring size; entries live as long as the
+        // mapping.
+        unsafe { &*self.entries.add((i % ENTRIES) as usize) }
+    }
+
+    fn harvest(&mut self, vm: &File) -> Result<Harvest, Error> {
+        let mut frames = Vec::new();
+        loop {
+            let e = self.entry(self.next);
+            if e.flags.load(Ordering::Acquire) & DIRTY == 0 {
+                break;
+            }
+            if e.slot != 0 {
+                return Err(Error::BadEntry { slot: e.slot, offset: e.offset });
+            }
+            frames.push(e.offset);
+            e.flags.store(RESET, Ordering::Release);
+            self.next = self.next.wrapping_add(1);
+            if frames.len() == ENTRIES as usize {
+                break;
+            }
+        }
+        if !frames.is_empty() {
+            // SAFETY: a VM ioctl without arguments.
+            if unsafe { vmm_sys_util::ioctl::ioctl(vm, KVM_RESET_DIRTY_RINGS()) } < 0 {
+                return Err(Error::Reset(std::io::Error::last_os_error()));
+            }
+        }
+        if frames.len() == ENTRIES as usize {
+            return Ok(Harvest::MaybeOverflowed(frames));
+        }
+        Ok(Harvest::Frames(frames))
+    }
+
+    /// After a ring-full exit with nothing at our index, is there anything elsewhere?
+    fn desynchronized(&self) -> bool {
+        (0..ENTRIES).any(|i| self.entry(i).flags.load(Ordering::Acquire) & DIRTY != 0)
+    }
+}
+
+struct Shared {
+    ring: Mutex<Ring>,
+    /// Harvested by the background thread, not yet taken by the log.
+    pending: Mutex<(Vec<u64>, bool)>,
+    stop: AtomicBool,
+    vm: File,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The ring and its background harvester.
+pub struct DirtyRing {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
 
 impl DirtyRing {
-    pub fn map(vcpu: &VcpuFd) -> Result<DirtyRing, Error> {
+    pub fn map(vm: &VmFd, vcpu: &VcpuFd) -> Result<DirtyRing, Error> {
         let len = ENTRIES as usize * std::mem::size_of::<DirtyGfn>();
         // SAFETY: maps the vCPU fd's dirty-ring pages, which KVM provides at this offset
-        // once the capability is enabled; the mapping is unmapped in Drop.
+        // once the capability is enabled; unmapped when the Ring drops.
         let ptr = unsafe {
             libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED,
                 vcpu.as_raw_fd(), i64::from(KVM_DIRTY_LOG_PAGE_OFFSET) * 4096)
@@ -78,38 +170,72 @@ impl DirtyRing {
         if ptr == libc::MAP_FAILED {
             return Err(Error::Map(std::io::Error::last_os_error()));
         }
-        Ok(DirtyRing { entries: ptr.cast(), len, next: 0 })
+        let ring = Ring { entries: ptr.cast(), len, next: 0 };
+        // SAFETY: dup of a valid fd we keep open; the new fd is owned by the File.
+        let dup = unsafe { libc::dup(vm.as_raw_fd()) };
+        if dup < 0 {
+            return Err(Error::Map(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `dup` is a fresh descriptor we own.
+        let vm = unsafe { File::from_raw_fd(dup) };
+        let shared = Arc::new(Shared {
+            ring: Mutex::new(ring),
+            pending: Mutex::new((Vec::new(), false)),
+            stop: AtomicBool::new(false),
+            vm,
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("dirty-ring".into())
+            .spawn(move || {
+                while !s.stop.load(Ordering::Relaxed) {
+                    let got = lock(&s.ring).harvest(&s.vm);
+                    match got {
+                        Ok(h) => {
+                            let mut p = lock(&s.pending);
+                            match h {
+                                Harvest::Frames(f) => p.0.extend(f),
+                                Harvest::MaybeOverflowed(f) => {
+                                    p.0.extend(f);
+                                    p.1 = true;
+                                }
+                            }
+                        }
+                        // The vCPU thread's own harvest reports errors; stop quietly.
+                        Err(_) => break,
+                    }
+                    std::thread::sleep(HARVEST_PERIOD);
+                }
+            })
+            .map_err(Error::Thread)?;
+        Ok(DirtyRing { shared, thread: Some(thread) })
     }
 
-    /// Calls `f(slot, page offset)` for every new entry, marks them for reset, and has KVM
-    /// re-protect them. Returns the number of entries harvested.
-    pub fn harvest(&mut self, vm: &VmFd, mut f: impl FnMut(u32, u64) -> Result<(), Error>) -> Result<u64, Error> {
-        let mut n = 0u64;
-        loop {
-            // SAFETY: the index is reduced modulo the ring size; entries live as long as
-            // the mapping.
-            let e = unsafe { &*self.entries.add((self.next % ENTRIES) as usize) };
-            if e.flags.load(Ordering::Acquire) & DIRTY == 0 {
-                break;
-            }
-            f(e.slot, e.offset)?;
-            e.flags.store(RESET, Ordering::Release);
-            self.next = self.next.wrapping_add(1);
-            n += 1;
-        }
-        if n > 0 {
-            // SAFETY: a VM ioctl without arguments.
-            if unsafe { vmm_sys_util::ioctl::ioctl(vm, KVM_RESET_DIRTY_RINGS()) } < 0 {
-                return Err(Error::Reset(std::io::Error::last_os_error()));
+    /// Harvests now (from the vCPU thread) and takes what the background thread found.
+    /// `ring_full`: called for a ring-full exit (an empty ring then means it is broken).
+    pub fn harvest(&mut self, ring_full: bool) -> Result<Harvest, Error> {
+        let mut ring = lock(&self.shared.ring);
+        let now = ring.harvest(&self.shared.vm)?;
+        let (mut frames, mut overflow) = std::mem::take(&mut *lock(&self.shared.pending));
+        match now {
+            Harvest::Frames(f) => frames.extend(f),
+            Harvest::MaybeOverflowed(f) => {
+                frames.extend(f);
+                overflow = true;
             }
         }
-        Ok(n)
+        if ring_full && frames.is_empty() && ring.desynchronized() {
+            return Err(Error::Desynchronized);
+        }
+        Ok(if overflow { Harvest::MaybeOverflowed(frames) } else { Harvest::Frames(frames) })
     }
 }
 
 impl Drop for DirtyRing {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping made in `map`.
-        unsafe { libc::munmap(self.entries.cast(), self.len) };
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }

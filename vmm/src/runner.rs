@@ -151,7 +151,7 @@ impl<H: SyncHook> Runner<H> {
                 Ok(VcpuExit::Unsupported(crate::dirty_ring::KVM_EXIT_DIRTY_RING_FULL)) => {
                     self.ctx.exits.ring_full += 1;
                     let ctx = &mut self.ctx;
-                    ctx.tracker.log.harvest(&ctx.vm, &ctx.mem).map_err(softdirty::Error::from)?;
+                    ctx.tracker.log.harvest_ring_full(&ctx.vm, &ctx.mem).map_err(softdirty::Error::from)?;
                     PortEvent::Nothing
                 }
                 Ok(VcpuExit::Hlt) => return Ok(self.crashed("guest halted without reporting an exit status")),

@@ -93,7 +93,7 @@ impl Machine {
         ioctl("SET_FPU", vcpu.set_fpu(&fpu))?;
         let mechanism = match engine {
             EngineKind::Pte | EngineKind::KvmBitmap => Mechanism::KvmBitmap,
-            EngineKind::KvmRing => Mechanism::KvmRing(DirtyRing::map(&vcpu).map_err(|e| unavailable(e.to_string()))?),
+            EngineKind::KvmRing => Mechanism::KvmRing(DirtyRing::map(&vm, &vcpu).map_err(|e| unavailable(e.to_string()))?),
             EngineKind::Uffd => {
                 let host_base = mem.get_host_address(vm_memory::GuestAddress(0)).expect("RAM starts at 0") as u64;
                 let len = mem.last_addr().0 + 1;

@@ -8,7 +8,8 @@
 //! map ADDR PAGES [huge] [ro] anonymous zero-filled mapping
 //! unmap ADDR PAGES
 //! protect ADDR PAGES ro|rw
-//! fill ADDR PAGES BYTE       write BYTE into every byte of each page
+//! fill ADDR PAGES BYTE [timed]  write BYTE into every byte of each page (timed: report
+//!                            the duration in TSC cycles on the console)
 //! check ADDR PAGES BYTE      verify every byte equals BYTE
 //! touch ADDR PAGES           read one byte of each page
 //! sync LABEL                 pause the whole VM here and report LABEL

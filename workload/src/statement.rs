@@ -40,7 +40,8 @@ pub enum Statement<'a> {
     Map { range: Range, huge: bool, read_only: bool },
     Unmap { range: Range },
     Protect { range: Range, prot: Protection },
-    Fill { range: Range, byte: u8 },
+    /// With `timed`, the guest reports the fill's duration in TSC cycles on the console.
+    Fill { range: Range, byte: u8, timed: bool },
     Check { range: Range, byte: u8 },
     Touch { range: Range },
     Sync { label: &'a str },
@@ -175,7 +176,15 @@ pub fn parse_statement(line: &[u8]) -> Result<'_, Option<Statement<'_>>> {
             };
             Statement::Protect { range, prot }
         }
-        b"fill" => Statement::Fill { range: args.range()?, byte: args.byte()? },
+        b"fill" => {
+            let (range, byte) = (args.range()?, args.byte()?);
+            let timed = match args.tokens.next() {
+                None => false,
+                Some(b"timed") => true,
+                Some(other) => return Err(ParseError::new(ErrorKind::BadOption, other)),
+            };
+            Statement::Fill { range, byte, timed }
+        }
         b"check" => Statement::Check { range: args.range()?, byte: args.byte()? },
         b"touch" => Statement::Touch { range: args.range()? },
         b"sync" => Statement::Sync { label: args.ident(ErrorKind::BadLabel, MAX_LABEL_LEN)? },

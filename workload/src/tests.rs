@@ -28,7 +28,7 @@ fn parses_every_statement() {
     assert_eq!(acts[0].1, Statement::Map { range: Range { addr: 0x400000, pages: 512 }, huge: true, read_only: true });
     assert_eq!(acts[1].1, Statement::Map { range: Range { addr: 0x10000, pages: 1 }, huge: false, read_only: false });
     assert_eq!(acts[3].1, Statement::Protect { range: Range { addr: 0x400000, pages: 2 }, prot: Protection::ReadOnly });
-    assert_eq!(acts[4].1, Statement::Fill { range: Range { addr: 0x400000, pages: 1 }, byte: 0xff });
+    assert_eq!(acts[4].1, Statement::Fill { range: Range { addr: 0x400000, pages: 1 }, byte: 0xff, timed: false });
     assert_eq!(acts[5].1, Statement::Check { range: Range { addr: 0x400000, pages: 1 }, byte: 255 });
     assert_eq!(acts[7].1, Statement::Sync { label: "label-1.x" });
     let yields = acts.iter().filter(|(_, s)| *s == Statement::Yield).count();
@@ -96,6 +96,13 @@ fn proc_names_in_pid_order() {
     let s = "proc first\nyield\n  proc second # x\n";
     let names: Vec<_> = proc_names(s.as_bytes()).collect();
     assert_eq!(names, [(1, "first"), (3, "second")]);
+}
+
+#[test]
+fn fill_can_be_timed() {
+    let acts = actions("proc a\nfill 0x400000 2 7 timed\n", 0);
+    assert_eq!(acts[0].1, Statement::Fill { range: Range { addr: 0x400000, pages: 2 }, byte: 7, timed: true });
+    assert_eq!(err_of("proc a\nfill 0x400000 2 7 slowly\n"), (2, ErrorKind::BadOption));
 }
 
 #[test]

@@ -144,6 +144,51 @@ fn dirty_rate_and_top_see_the_writer_not_the_reader(engine: &str) {
     let _ = live.child.wait();
 }
 
+fn a_write_to_a_shared_frame_marks_the_other_mapper_only_for_guest_physical_engines(engine: &str) {
+    // The one documented difference from Linux (docs/engines.md): soft-dirty is a
+    // property of the mapping for the pte engine (as in Linux) and of the frame for the
+    // guest-physical engines.
+    const S: u64 = 0x6000_0000_0000;
+    let script = "\
+proc a
+map 0x600000000000 1 shared
+fill 0x600000000000 1 1
+sync a-ready
+loop 300
+  yield
+end
+fill 0x600000000000 1 2
+sync a-wrote
+proc b
+map 0x600000000000 1 shared
+touch 0x600000000000 1
+sync b-ready
+loop 900
+  yield
+end
+check 0x600000000000 1 2
+";
+    let Some(live) = start(script, engine) else { return };
+    let mut b_cleared = false;
+    let r = live.drive(|live, label, pid| match label {
+        "a-ready" => live.clear_refs(pid, 4),
+        "b-ready" => {
+            live.clear_refs(pid, 4);
+            b_cleared = true;
+        }
+        "a-wrote" => {
+            assert!(b_cleared, "b was cleared before a wrote (scheduling assumption)");
+            let (a, b) = (live.pagemap(1, S, 1)[0].clone(), live.pagemap(2, S, 1)[0].clone());
+            assert_eq!(a.pfn, b.pfn, "one frame, two processes");
+            assert!(!a.exclusive && !b.exclusive);
+            assert!(a.soft_dirty, "the writer's page is soft-dirty");
+            assert_eq!(b.soft_dirty, engine != "pte", "{engine}: the other mapper's page");
+        }
+        _ => unreachable!(),
+    });
+    assert_eq!(r.code, 0, "b saw a's write through the shared frame: {r:?}");
+}
+
 fn processes_see_only_their_own_writes(engine: &str) {
     // Same virtual addresses, separate address spaces: pid 1 writes pages 0-1, pid 2
     // pages 6-7. Syncs arrive in whatever order the scheduler gives.
@@ -382,6 +427,7 @@ macro_rules! for_each_engine {
 }
 
 for_each_engine!(
+    a_write_to_a_shared_frame_marks_the_other_mapper_only_for_guest_physical_engines,
     dirty_rate_and_top_see_the_writer_not_the_reader,
     split_mappings_keep_their_history_in_every_piece,
     test_simple_clear_write_clear_many_times,

@@ -127,6 +127,8 @@ pub mod state {
 pub mod mapping_flags {
     pub const READ_ONLY: u32 = 1;
     pub const HUGE: u32 = 2;
+    /// Backed by the shared window's frames (the same frames in every process).
+    pub const SHARED: u32 = 4;
 }
 
 /// One anonymous mapping of a process, like a Linux VMA.

@@ -12,6 +12,8 @@ pub const HUGE: u64 = 2 << 20;
 const MAX_HUGE_FREE: usize = (guest_abi::MAX_MEM / HUGE) as usize;
 
 struct Frames {
+    /// First frame of the shared window's backing (zero at boot, never freed).
+    shared: u64,
     next: u64,
     limit: u64,
     /// Stack of free, zeroed 4 KiB frame numbers, kept in frames of its own.
@@ -23,6 +25,7 @@ struct Frames {
 }
 
 static FRAMES: Global<Frames> = Global::new(Frames {
+    shared: 0,
     next: 0,
     limit: 0,
     free: core::ptr::null_mut(),
@@ -56,6 +59,16 @@ pub fn init(free_phys: u64, mem_size: u64) {
     f.free = phys_to_virt(f.next) as *mut u32;
     f.free_cap = (stack_pages * PAGE / 4) as usize;
     f.next += stack_pages * PAGE;
+    f.shared = f.next;
+    f.next += workload::SHARED_PAGES * PAGE;
+}
+
+/// The frame backing page `va` of the shared window.
+pub fn shared_frame(va: u64) -> Option<u64> {
+    // SAFETY: ring 0; no other reference is live.
+    let f = unsafe { FRAMES.get() };
+    let index = va.checked_sub(workload::SHARED_VA)? / PAGE;
+    (index < workload::SHARED_PAGES).then_some(f.shared + index * PAGE)
 }
 
 fn push_free(f: &mut Frames, pfn: u32) {

@@ -4,7 +4,7 @@
 
 use crate::frames::{self, HUGE, PAGE};
 use crate::paging::{self, ADDR_MASK, HV_BITS, NX, P, PS, U, W};
-use guest_abi::mapping_flags::{HUGE as F_HUGE, READ_ONLY as F_RO};
+use guest_abi::mapping_flags::{HUGE as F_HUGE, READ_ONLY as F_RO, SHARED as F_SHARED};
 use guest_abi::{MappingRecord, ProcSlot, MAX_MAPPINGS};
 use workload::{MIN_ADDR, USER_TOP};
 
@@ -154,8 +154,9 @@ fn flush_range(addr: u64, pages: u64) {
     }
 }
 
-/// Drops the pages of `[addr, end)` from the page tables (records untouched).
-fn release_pages(slot: &mut ProcSlot, addr: u64, end: u64, huge: bool, zero_frame: u64) {
+/// Drops the pages of `[addr, end)` from the page tables (records untouched). Frames of
+/// a shared mapping stay with the shared window.
+fn release_pages(slot: &mut ProcSlot, addr: u64, end: u64, huge: bool, shared: bool, zero_frame: u64) {
     let mut released = 0;
     for_each_leaf(slot.cr3, addr, end, huge, |e, _| {
         // SAFETY: `e` is a present leaf entry handed out by `for_each_leaf`.
@@ -164,6 +165,8 @@ fn release_pages(slot: &mut ProcSlot, addr: u64, end: u64, huge: bool, zero_fram
         if huge {
             frames::free(frame & !(HUGE - 1), HUGE / PAGE);
             released += HUGE / PAGE;
+        } else if shared {
+            released += 1;
         } else if frame != zero_frame {
             frames::free(frame, 1);
             released += 1;
@@ -184,7 +187,7 @@ pub fn unmap(slot: &mut ProcSlot, addr: u64, pages: u64, zero_frame: u64) -> Res
     while i < slot.nmappings as usize {
         let m = slot.mappings[i];
         if m.start >= addr && end_of(&m) <= end {
-            release_pages(slot, m.start, end_of(&m), m.flags & F_HUGE != 0, zero_frame);
+            release_pages(slot, m.start, end_of(&m), m.flags & F_HUGE != 0, m.flags & F_SHARED != 0, zero_frame);
             remove(slot, i);
         } else {
             i += 1;
@@ -196,11 +199,14 @@ pub fn unmap(slot: &mut ProcSlot, addr: u64, pages: u64, zero_frame: u64) -> Res
 /// `mmap(MAP_FIXED|MAP_ANONYMOUS)`: replaces whatever was mapped there.
 pub fn map(slot: &mut ProcSlot, addr: u64, pages: u64, flags: u32, serial: u64, zero_frame: u64) -> Result<(), i64> {
     check_range(addr, pages, flags & F_HUGE != 0)?;
+    if flags & F_SHARED != 0 && (frames::shared_frame(addr).is_none() || frames::shared_frame(addr + (pages - 1) * PAGE).is_none()) {
+        return Err(EINVAL);
+    }
     unmap(slot, addr, pages, zero_frame)?;
     if slot.nmappings as usize >= MAX_MAPPINGS {
         return Err(ENOMEM);
     }
-    insert(slot, MappingRecord { start: addr, pages, flags: flags & (F_HUGE | F_RO), _pad: 0, serial });
+    insert(slot, MappingRecord { start: addr, pages, flags: flags & (F_HUGE | F_RO | F_SHARED), _pad: 0, serial });
     Ok(())
 }
 
@@ -245,7 +251,7 @@ pub fn protect(slot: &mut ProcSlot, addr: u64, pages: u64, read_only: bool, zero
 pub fn release_all(slot: &mut ProcSlot, zero_frame: u64) {
     while slot.nmappings > 0 {
         let m = slot.mappings[0];
-        release_pages(slot, m.start, end_of(&m), m.flags & F_HUGE != 0, zero_frame);
+        release_pages(slot, m.start, end_of(&m), m.flags & F_HUGE != 0, m.flags & F_SHARED != 0, zero_frame);
         remove(slot, 0);
     }
 }
@@ -285,6 +291,11 @@ pub fn fault(slot: &mut ProcSlot, addr: u64, write: bool, zero_frame: u64) -> Fa
             // Writable only on a write fault: a page that was only read is never
             // writable, so it can never look written (Linux maps the huge zero page).
             frame | P | U | PS | NX | if write { rw } else { 0 } | keep
+        } else if m.flags & F_SHARED != 0 {
+            // The window's frame, read or write: others see the same memory.
+            let Some(frame) = frames::shared_frame(page_va) else { return Fault::Kill("shared page outside the window at") };
+            add_rss(slot, 1);
+            frame | P | U | NX | if write { rw } else { 0 } | keep
         } else if write {
             let Some(frame) = frames::alloc() else { return Fault::Kill("out of memory at") };
             add_rss(slot, 1);

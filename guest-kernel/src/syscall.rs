@@ -5,7 +5,7 @@ use crate::console;
 use crate::entry::TrapFrame;
 use crate::global::Global;
 use crate::{arch, frames, mm, process};
-use guest_abi::mapping_flags::{HUGE, READ_ONLY};
+use guest_abi::mapping_flags::{HUGE, READ_ONLY, SHARED};
 use guest_abi::{SyncRecord, SCRIPT_VIRT, SYNC_LABEL_MAX, SYNC_PORT};
 
 pub const EXIT: u64 = 0;
@@ -51,7 +51,7 @@ pub fn handle(frame: &mut TrapFrame) {
         }
         WRITE => user_bytes(a, b, MAX_WRITE).map(console::write),
         MAP => {
-            let flags = (c as u32) & (HUGE | READ_ONLY);
+            let flags = (c as u32) & (HUGE | READ_ONLY | SHARED);
             let serial = process::next_serial();
             process::update(|slot, zero| mm::map(slot, a, b, flags, serial, zero))
         }

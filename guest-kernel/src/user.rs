@@ -6,7 +6,7 @@
 use crate::console::Line;
 use crate::syscall as nr;
 use core::arch::asm;
-use guest_abi::mapping_flags::{HUGE, READ_ONLY};
+use guest_abi::mapping_flags::{HUGE, READ_ONLY, SHARED};
 use workload::{BlockCursor, Protection, Range, Statement, PAGE_SIZE};
 
 fn syscall(num: u64, a: u64, b: u64, c: u64) -> i64 {
@@ -76,8 +76,8 @@ pub extern "C" fn user_main(index: u64, script: *const u8, len: u64) -> ! {
 
 fn run(ctx: &Ctx, line_no: u32, stmt: Statement) {
     match stmt {
-        Statement::Map { range, huge, read_only } => {
-            let flags = if huge { HUGE } else { 0 } | if read_only { READ_ONLY } else { 0 };
+        Statement::Map { range, huge, read_only, shared } => {
+            let flags = if huge { HUGE } else { 0 } | if read_only { READ_ONLY } else { 0 } | if shared { SHARED } else { 0 };
             let ret = syscall(nr::MAP, range.addr, range.pages, u64::from(flags));
             if ret < 0 {
                 ctx.fail_errno(line_no, "map", ret);

@@ -228,7 +228,8 @@ pub fn handle(req: Request, control: &Control<VcpuContext>) -> Value {
                 "pid": p.pid, "name": p.name, "state": p.state.name(), "exit_code": p.exit_code,
                 "cr3": p.cr3, "rss_pages": p.rss_pages, "peak_rss_pages": p.peak_rss_pages,
                 "mappings": p.mappings.iter().map(|m| json!({
-                    "start": m.start, "pages": m.pages, "read_only": m.read_only, "huge": m.huge, "serial": m.serial,
+                    "start": m.start, "pages": m.pages, "read_only": m.read_only, "huge": m.huge, "shared": m.shared,
+                    "serial": m.serial,
                 })).collect::<Vec<_>>(),
             })).collect();
             Ok(json!({"processes": procs}))

@@ -5,7 +5,9 @@
 //!
 //! ```text
 //! proc NAME                  start a new process (pid = its position, from 1)
-//! map ADDR PAGES [huge] [ro] anonymous zero-filled mapping
+//! map ADDR PAGES [huge] [ro] [shared]  anonymous zero-filled mapping (shared: inside the
+//!                            shared window, the same address maps the same frames in
+//!                            every process)
 //! unmap ADDR PAGES
 //! protect ADDR PAGES ro|rw
 //! fill ADDR PAGES BYTE [timed]  write BYTE into every byte of each page (timed: report
@@ -41,6 +43,11 @@ mod statement;
 pub use cursor::{proc_names, BlockCursor};
 pub use lex::{Line, Lines};
 pub use statement::{parse_statement, ErrorKind, ParseError, Protection, Range, Statement};
+
+/// The shared window: `map ... shared` must lie inside it; page `i` of the window is
+/// the same frame in every process that maps it.
+pub const SHARED_VA: u64 = 0x6000_0000_0000;
+pub const SHARED_PAGES: u64 = 256;
 
 /// Size of a small page.
 pub const PAGE_SIZE: u64 = 4096;

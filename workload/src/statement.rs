@@ -1,7 +1,7 @@
 //! Parsing one line into a [`Statement`].
 
 use crate::lex::Tokens;
-use crate::{HUGE_PAGE_SIZE, MAX_LABEL_LEN, MAX_NAME_LEN, MIN_ADDR, PAGE_SIZE, USER_TOP};
+use crate::{HUGE_PAGE_SIZE, MAX_LABEL_LEN, MAX_NAME_LEN, MIN_ADDR, PAGE_SIZE, SHARED_PAGES, SHARED_VA, USER_TOP};
 
 /// A page range `[addr, addr + pages * 4096)`, validated to lie in the user half.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +37,7 @@ pub enum Protection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Statement<'a> {
     Proc { name: &'a str },
-    Map { range: Range, huge: bool, read_only: bool },
+    Map { range: Range, huge: bool, read_only: bool, shared: bool },
     Unmap { range: Range },
     Protect { range: Range, prot: Protection },
     /// With `timed`, the guest reports the fill's duration in TSC cycles on the console.
@@ -66,6 +66,7 @@ pub enum ErrorKind {
     OutsideUserHalf,
     ZeroPages,
     HugeUnaligned,
+    SharedOutsideWindow,
     BadOption,
     BadName,
     BadLabel,
@@ -95,6 +96,7 @@ impl ErrorKind {
             ErrorKind::OutsideUserHalf => "range reaches past the user half (0x800000000000)",
             ErrorKind::ZeroPages => "page count must be at least 1",
             ErrorKind::HugeUnaligned => "huge mapping needs a 2 MiB-aligned address and size",
+            ErrorKind::SharedOutsideWindow => "shared mapping must lie in the shared window 0x600000000000-0x600000100000",
             ErrorKind::BadOption => "unknown option",
             ErrorKind::BadName => "process name must be 1-15 characters of [A-Za-z0-9_.-]",
             ErrorKind::BadLabel => "sync label must be 1-32 characters of [A-Za-z0-9_.-]",
@@ -153,18 +155,22 @@ pub fn parse_statement(line: &[u8]) -> Result<'_, Option<Statement<'_>>> {
         b"proc" => Statement::Proc { name: args.ident(ErrorKind::BadName, MAX_NAME_LEN)? },
         b"map" => {
             let range = args.range()?;
-            let (mut huge, mut read_only) = (false, false);
+            let (mut huge, mut read_only, mut shared) = (false, false, false);
             while let Some(opt) = args.tokens.next() {
                 match opt {
-                    b"huge" if !huge => huge = true,
+                    b"huge" if !huge && !shared => huge = true,
                     b"ro" if !read_only => read_only = true,
+                    b"shared" if !shared && !huge => shared = true,
                     _ => return Err(ParseError::new(ErrorKind::BadOption, opt)),
                 }
             }
             if huge && (range.addr % HUGE_PAGE_SIZE != 0 || range.len() % HUGE_PAGE_SIZE != 0) {
                 return Err(ParseError::new(ErrorKind::HugeUnaligned, keyword));
             }
-            Statement::Map { range, huge, read_only }
+            if shared && (range.addr < SHARED_VA || range.end() > SHARED_VA + SHARED_PAGES * PAGE_SIZE) {
+                return Err(ParseError::new(ErrorKind::SharedOutsideWindow, keyword));
+            }
+            Statement::Map { range, huge, read_only, shared }
         }
         b"unmap" => Statement::Unmap { range: args.range()? },
         b"protect" => {

@@ -25,8 +25,8 @@ fn parses_every_statement() {
              touch 0x400000 3\n sync label-1.x\n loop 3\n yield\n end\n exit 7\n";
     assert_eq!(validate(s.as_bytes()), Ok(Summary { procs: 1 }));
     let acts = actions(s, 0);
-    assert_eq!(acts[0].1, Statement::Map { range: Range { addr: 0x400000, pages: 512 }, huge: true, read_only: true });
-    assert_eq!(acts[1].1, Statement::Map { range: Range { addr: 0x10000, pages: 1 }, huge: false, read_only: false });
+    assert_eq!(acts[0].1, Statement::Map { range: Range { addr: 0x400000, pages: 512 }, huge: true, read_only: true, shared: false });
+    assert_eq!(acts[1].1, Statement::Map { range: Range { addr: 0x10000, pages: 1 }, huge: false, read_only: false, shared: false });
     assert_eq!(acts[3].1, Statement::Protect { range: Range { addr: 0x400000, pages: 2 }, prot: Protection::ReadOnly });
     assert_eq!(acts[4].1, Statement::Fill { range: Range { addr: 0x400000, pages: 1 }, byte: 0xff, timed: false });
     assert_eq!(acts[5].1, Statement::Check { range: Range { addr: 0x400000, pages: 1 }, byte: 255 });
@@ -96,6 +96,15 @@ fn proc_names_in_pid_order() {
     let s = "proc first\nyield\n  proc second # x\n";
     let names: Vec<_> = proc_names(s.as_bytes()).collect();
     assert_eq!(names, [(1, "first"), (3, "second")]);
+}
+
+#[test]
+fn shared_mappings_live_in_the_shared_window() {
+    let acts = actions("proc a\nmap 0x600000000000 4 shared ro\n", 0);
+    assert_eq!(acts[0].1, Statement::Map { range: Range { addr: SHARED_VA, pages: 4 }, huge: false, read_only: true, shared: true });
+    assert_eq!(err_of("proc a\nmap 0x400000 1 shared\n"), (2, ErrorKind::SharedOutsideWindow));
+    assert_eq!(err_of("proc a\nmap 0x6000000ff000 2 shared\n"), (2, ErrorKind::SharedOutsideWindow));
+    assert_eq!(err_of("proc a\nmap 0x600000000000 512 huge shared\n"), (2, ErrorKind::BadOption));
 }
 
 #[test]

@@ -19,6 +19,7 @@ pub mod memory;
 pub mod pf_trap;
 pub mod run;
 pub mod runner;
+pub mod scenario_exec;
 pub mod script;
 pub mod softdirty;
 pub mod summary;

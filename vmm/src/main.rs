@@ -107,6 +107,13 @@ enum Command {
         #[arg(long)]
         api_sock: PathBuf,
     },
+    /// Run scenario files (workload + host plan) through this VMM and print the
+    /// normalized results (the same format as the Linux oracle's `sd-linux`).
+    Scenario {
+        files: Vec<PathBuf>,
+        #[arg(long, value_enum, default_value_t = EngineKind::Pte)]
+        engine: EngineKind,
+    },
     /// Continue a VM paused at a `sync`.
     Resume {
         #[arg(long)]
@@ -313,6 +320,21 @@ fn main_code() -> ExitCode {
                     return ExitCode::Success;
                 }
             }
+        }
+        Command::Scenario { files, engine } => {
+            let Ok(me) = std::env::current_exe() else { return fail(ExitCode::Internal, "cannot find the vmm binary") };
+            let mut code = ExitCode::Success;
+            for f in files {
+                println!("== {}", f.display());
+                match vmm::scenario_exec::run(&me, &f, engine) {
+                    Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+                    Err(e) => {
+                        println!("error: {e}");
+                        code = fail(ExitCode::BadInput, e);
+                    }
+                }
+            }
+            code
         }
         Command::Resume { api_sock } => match api::call(&api_sock, &json!({"cmd": "resume"})) {
             Ok(_) => ExitCode::Success,

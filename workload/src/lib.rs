@@ -36,7 +36,12 @@
 //! ```
 #![no_std]
 
+#[cfg(feature = "std")]
+extern crate std;
+
 mod cursor;
+#[cfg(feature = "std")]
+pub mod scenario;
 mod lex;
 mod statement;
 

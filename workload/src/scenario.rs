@@ -205,7 +205,7 @@ mod tests {
         let e = |t: &str| parse(t).unwrap_err().to_string();
         assert!(e("proc a\nsync x\n@y read 1 0x400000 1\n").contains("label 'y', which no sync"));
         assert!(e("proc a\nsync x\nproc b\n@x read 2 0x400000 1\n").contains("is a sync of pid 1"));
-        assert!(e("proc a\nsync x\n@x read 9 0x400000 1\n").contains("bad pid"));
+        assert!(e("proc a\nsync x\n@x read 99 0x400000 1\n").contains("bad pid"));
         assert!(e("proc a\nsync x\n@x read 1 0x400800 1\n").contains("not an aligned user range"));
         assert!(e("proc a\nsync x\n@x frob 1\n").contains("unknown plan step"));
         assert!(e("proc a\nsync x\nproc b\nsync x\n").contains("used by pid 1 and pid 2"));

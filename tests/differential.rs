@@ -55,8 +55,24 @@ impl Model {
     }
     fn map(&mut self, addr: u64, n: u64, ro: bool, huge: bool) {
         self.serial += 1;
+        let s = self.serial;
         for i in 0..n {
-            self.pages.insert(addr + i * 4096, Page { serial: self.serial, ro, huge, written: false });
+            self.pages.insert(addr + i * 4096, Page { serial: s, ro, huge, written: false });
+        }
+        // Like Linux merging VMAs (and the guest kernel): an adjacent mapping with the same
+        // rights joins the new one, and the whole merged mapping counts as new.
+        for (mut va, step) in [(addr.wrapping_sub(4096), -4096i64), (addr + n * 4096, 4096)] {
+            let Some(first) = self.pages.get(&va).copied() else { continue };
+            if first.ro != ro || first.huge != huge {
+                continue;
+            }
+            while let Some(p) = self.pages.get_mut(&va) {
+                if p.serial != first.serial || p.ro != ro || p.huge != huge {
+                    break;
+                }
+                p.serial = s;
+                va = va.wrapping_add(step as u64);
+            }
         }
     }
     fn unmap(&mut self, addr: u64, n: u64) {

@@ -110,7 +110,7 @@ pub const PROCESS_TABLE_SYMBOL: &str = "PROCESS_TABLE";
 /// Symbol of the #PF entry stub (IDT vector 14) in the kernel ELF.
 pub const PAGE_FAULT_ENTRY_SYMBOL: &str = "isr14";
 pub const PROCESS_TABLE_MAGIC: u64 = u64::from_le_bytes(*b"SDPTABLE");
-pub const PROCESS_TABLE_VERSION: u32 = 1;
+pub const PROCESS_TABLE_VERSION: u32 = 2;
 pub const MAX_PROCS: usize = 16;
 pub const MAX_MAPPINGS: usize = 64;
 pub const PROC_NAME_LEN: usize = 16;
@@ -175,6 +175,9 @@ pub struct ProcessTable {
     pub _pad: u32,
     /// Physical address of the shared zero frame mapped for read faults.
     pub zero_frame: u64,
+    /// Physical address of the 2 MiB zero block mapped for read faults on huge
+    /// mappings (0 until the first one).
+    pub huge_zero_frame: u64,
     pub procs: [ProcSlot; MAX_PROCS],
 }
 
@@ -203,6 +206,7 @@ impl ProcessTable {
         nprocs: 0,
         _pad: 0,
         zero_frame: 0,
+        huge_zero_frame: 0,
         procs: [ProcSlot::EMPTY; MAX_PROCS],
     };
 }

@@ -16,6 +16,11 @@ impl<T> Global<T> {
         Global(UnsafeCell::new(value))
     }
 
+    /// A raw pointer, for touching one field while a reference to another part is live.
+    pub const fn as_ptr(&self) -> *mut T {
+        self.0.get()
+    }
+
     /// # Safety
     /// Ring 0 only, and the caller must not hold another reference from this `Global`.
     #[allow(clippy::mut_from_ref)]

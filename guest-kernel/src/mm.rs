@@ -79,7 +79,7 @@ fn split_bounds(slot: &mut ProcSlot, addr: u64, end: u64) -> Result<(), i64> {
     Ok(())
 }
 
-fn insert(slot: &mut ProcSlot, rec: MappingRecord) {
+fn insert(slot: &mut ProcSlot, rec: MappingRecord) -> usize {
     let n = slot.nmappings as usize;
     let pos = records(slot).iter().position(|m| m.start > rec.start).unwrap_or(n);
     let mut i = n;
@@ -89,6 +89,30 @@ fn insert(slot: &mut ProcSlot, rec: MappingRecord) {
     }
     slot.mappings[pos] = rec;
     slot.nmappings += 1;
+    pos
+}
+
+/// Like Linux merging VMAs: joins the record at `pos` with an adjacent record of the same
+/// flags. `same_serial`: only pieces of one mapping (mprotect re-merging what it split;
+/// the serial stays, as mprotect neither sets nor clears soft-dirty); otherwise (a new
+/// mapping next to old ones) the merged record takes the new record's serial: Linux
+/// marks the whole merged VMA soft-dirty. Shared-window mappings are not merged.
+fn merge_around(slot: &mut ProcSlot, mut pos: usize, same_serial: bool) {
+    let mergeable = |a: &MappingRecord, b: &MappingRecord| {
+        end_of(a) == b.start && a.flags == b.flags && a.flags & F_SHARED == 0 && (!same_serial || a.serial == b.serial)
+    };
+    if pos > 0 && mergeable(&slot.mappings[pos - 1], &slot.mappings[pos]) {
+        let cur = slot.mappings[pos];
+        slot.mappings[pos - 1].pages += cur.pages;
+        slot.mappings[pos - 1].serial = cur.serial;
+        remove(slot, pos);
+        pos -= 1;
+    }
+    if pos + 1 < slot.nmappings as usize && mergeable(&slot.mappings[pos], &slot.mappings[pos + 1]) {
+        let next = slot.mappings[pos + 1];
+        slot.mappings[pos].pages += next.pages;
+        remove(slot, pos + 1);
+    }
 }
 
 fn remove(slot: &mut ProcSlot, pos: usize) {
@@ -163,8 +187,10 @@ fn release_pages(slot: &mut ProcSlot, addr: u64, end: u64, huge: bool, shared: b
         let value = unsafe { e.read_volatile() };
         let frame = value & ADDR_MASK;
         if huge {
-            frames::free(frame & !(HUGE - 1), HUGE / PAGE);
-            released += HUGE / PAGE;
+            if Some(frame & !(HUGE - 1)) != crate::process::huge_zero_frame() {
+                frames::free(frame & !(HUGE - 1), HUGE / PAGE);
+                released += HUGE / PAGE;
+            }
         } else if shared {
             released += 1;
         } else if frame != zero_frame {
@@ -206,7 +232,8 @@ pub fn map(slot: &mut ProcSlot, addr: u64, pages: u64, flags: u32, serial: u64, 
     if slot.nmappings as usize >= MAX_MAPPINGS {
         return Err(ENOMEM);
     }
-    insert(slot, MappingRecord { start: addr, pages, flags: flags & (F_HUGE | F_RO | F_SHARED), _pad: 0, serial });
+    let pos = insert(slot, MappingRecord { start: addr, pages, flags: flags & (F_HUGE | F_RO | F_SHARED), _pad: 0, serial });
+    merge_around(slot, pos, false);
     Ok(())
 }
 
@@ -234,8 +261,10 @@ pub fn protect(slot: &mut ProcSlot, addr: u64, pages: u64, read_only: bool, zero
             let value = unsafe { e.read_volatile() };
             let new = if read_only {
                 value & !W
-            } else if !huge && value & ADDR_MASK == zero_frame {
-                value // the zero frame stays read-only: a write will fault and replace it
+            } else if (!huge && value & ADDR_MASK == zero_frame)
+                || (huge && Some(value & ADDR_MASK) == crate::process::huge_zero_frame())
+            {
+                value // zero pages stay read-only: a write will fault and replace them
             } else {
                 value | W
             };
@@ -244,6 +273,15 @@ pub fn protect(slot: &mut ProcSlot, addr: u64, pages: u64, read_only: bool, zero
         });
     }
     flush_range(addr, pages);
+    // Pieces of one mapping with the same rights again become one record.
+    let mut i = 0;
+    while i < slot.nmappings as usize {
+        let before = slot.nmappings;
+        merge_around(slot, i, true);
+        if slot.nmappings == before {
+            i += 1;
+        }
+    }
     Ok(())
 }
 
@@ -285,12 +323,15 @@ pub fn fault(slot: &mut ProcSlot, addr: u64, write: bool, zero_frame: u64) -> Fa
     }
     let keep = old & HV_BITS;
     let new = if old & P == 0 {
-        if huge {
+        if huge && !write {
+            // A read maps the shared 2 MiB zero block read-only, like Linux's huge zero
+            // page; a write will replace it.
+            let Some(zero) = crate::process::huge_zero_frame() else { return Fault::Kill("out of memory at") };
+            zero | P | U | PS | NX | keep
+        } else if huge {
             let Some(frame) = frames::alloc_huge() else { return Fault::Kill("out of memory at") };
             add_rss(slot, HUGE / PAGE);
-            // Writable only on a write fault: a page that was only read is never
-            // writable, so it can never look written (Linux maps the huge zero page).
-            frame | P | U | PS | NX | if write { rw } else { 0 } | keep
+            frame | P | U | PS | NX | rw | keep
         } else if m.flags & F_SHARED != 0 {
             // The window's frame, read or write: others see the same memory.
             let Some(frame) = frames::shared_frame(page_va) else { return Fault::Kill("shared page outside the window at") };
@@ -304,7 +345,11 @@ pub fn fault(slot: &mut ProcSlot, addr: u64, write: bool, zero_frame: u64) -> Fa
             zero_frame | P | U | NX | keep
         }
     } else if write && old & W == 0 {
-        if !huge && old & ADDR_MASK == zero_frame {
+        if huge && Some(old & ADDR_MASK) == crate::process::huge_zero_frame() {
+            let Some(frame) = frames::alloc_huge() else { return Fault::Kill("out of memory at") };
+            add_rss(slot, HUGE / PAGE);
+            (old & !ADDR_MASK) | frame | W
+        } else if !huge && old & ADDR_MASK == zero_frame {
             let Some(frame) = frames::alloc() else { return Fault::Kill("out of memory at") };
             add_rss(slot, 1);
             (old & !ADDR_MASK) | frame | W

@@ -53,6 +53,21 @@ fn table() -> &'static mut ProcessTable {
 
 /// Marks the table as being changed (odd sequence number) for the duration of `f`,
 /// so a reader from outside knows not to trust a half-made change.
+/// The 2 MiB zero block for read faults on huge mappings (allocated on first use,
+/// never freed, published in the table).
+pub fn huge_zero_frame() -> Option<u64> {
+    // Called from inside `update`, which holds a reference to one slot: touch only this
+    // field, through a raw pointer.
+    // SAFETY: ring 0, single vCPU; the field is not borrowed by anyone else.
+    unsafe {
+        let field = &raw mut (*PROCESS_TABLE.as_ptr()).huge_zero_frame;
+        if field.read() == 0 {
+            field.write(frames::alloc_huge()?);
+        }
+        Some(field.read())
+    }
+}
+
 pub fn update<R>(f: impl FnOnce(&mut ProcSlot, u64) -> R) -> R {
     let t = table();
     let seq = &raw mut t.seq;

@@ -158,7 +158,15 @@ impl Live {
             let w = self.client("wait", &["--timeout", "60"]);
             if w.code != 0 {
                 // Finished: the VMM said so, or it is exiting (socket gone, connection reset).
-                assert!(w.stderr.contains("has finished") || self.exits_soon(), "wait failed: {w:?}");
+                if !(w.stderr.contains("has finished") || self.exits_soon()) {
+                    let pid = self.child.id();
+                    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                    let state = status.lines().find(|l| l.starts_with("State")).unwrap_or("?").to_string();
+                    let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+                    let retry = self.client("wait", &["--timeout", "1"]);
+                    panic!("wait failed: {w:?}\nvmm {pid}: {state}, wchan {wchan}, socket exists: {}\nretry: {retry:?}",
+                        self.sock.exists());
+                }
                 break;
             }
             let mut parts = w.stdout.split_whitespace();

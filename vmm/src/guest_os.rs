@@ -93,6 +93,8 @@ impl Process {
 pub struct Snapshot {
     pub processes: Vec<Process>,
     pub zero_frame: u64,
+    /// The guest's 2 MiB zero block (0: none yet).
+    pub huge_zero_frame: u64,
 }
 
 impl Snapshot {
@@ -177,6 +179,10 @@ pub fn parse(raw: &[u8], mem_size: u64) -> Result<Snapshot, Error> {
     if zero_frame % 4096 != 0 || zero_frame >= mem_size {
         return bad(format!("zero frame {zero_frame:#x} is not a page of guest memory"));
     }
+    let huge_zero_frame = u64_at(raw, offset_of!(ProcessTable, huge_zero_frame));
+    if huge_zero_frame % (2 << 20) != 0 || (huge_zero_frame != 0 && huge_zero_frame.checked_add(2 << 20).is_none_or(|e| e > mem_size)) {
+        return bad(format!("huge zero frame {huge_zero_frame:#x} is not a 2 MiB block of guest memory"));
+    }
     let mut processes = Vec::new();
     for slot in 0..nprocs {
         let base = offset_of!(ProcessTable, procs) + slot * size_of::<ProcSlot>();
@@ -244,7 +250,7 @@ pub fn parse(raw: &[u8], mem_size: u64) -> Result<Snapshot, Error> {
             mappings,
         });
     }
-    Ok(Snapshot { processes, zero_frame })
+    Ok(Snapshot { processes, zero_frame, huge_zero_frame })
 }
 
 #[cfg(test)]

@@ -276,7 +276,7 @@ impl Tracker {
         }
         self.log.harvest(vm, mem)?;
         let (counts, leaves) = self.frame_counts(mem, &snap, pid);
-        let page = PageCtx { tracker: self, zero_frame: snap.zero_frame, counts: &counts };
+        let page = PageCtx { tracker: self, zero_frame: snap.zero_frame, huge_zero_frame: snap.huge_zero_frame, counts: &counts };
         let mut out = Vec::with_capacity(total as usize);
         for (start, pages) in ranges {
             let end = start + pages * 4096;
@@ -407,7 +407,8 @@ impl Tracker {
         let Ok(snap) = self.snapshot(mem) else { return false };
         let Some(p) = snap.by_cr3(cr3) else { return false };
         let writable = p.mapping_at(va).is_some_and(|m| !m.read_only);
-        writable && leaf.frame().0 != snap.zero_frame && leaf.upper.contains(PteFlags::WRITABLE | PteFlags::USER)
+        let zero = leaf.frame().0 == snap.zero_frame || (snap.huge_zero_frame != 0 && leaf.frame().0 == snap.huge_zero_frame);
+        writable && !zero && leaf.upper.contains(PteFlags::WRITABLE | PteFlags::USER)
     }
 }
 
@@ -415,10 +416,17 @@ impl Tracker {
 struct PageCtx<'a> {
     tracker: &'a Tracker,
     zero_frame: u64,
+    huge_zero_frame: u64,
     counts: &'a FrameCounts,
 }
 
 impl PageCtx<'_> {
+    /// The guest's shared zero page or huge zero page: never written, never exclusive.
+    fn is_zero(&self, leaf: &Leaf) -> bool {
+        let f = leaf.frame().0;
+        f == self.zero_frame || (self.huge_zero_frame != 0 && f == self.huge_zero_frame)
+    }
+
     /// Written since the last clear: the PTE says so, or it is writable (the guest gave
     /// W back itself, or the page appeared since) and the dirty log saw its frames written.
     fn written(&self, leaf: &Leaf) -> bool {
@@ -426,13 +434,16 @@ impl PageCtx<'_> {
         if self.tracker.engine.is_guest_physical() {
             // Guest-physical: the frame was written since the clear. The zero frame is
             // never written (the guest maps it read-only everywhere).
-            return leaf.frame().0 != self.zero_frame && self.tracker.log.any_dirty(pfn0, count);
+            return !self.is_zero(leaf) && self.tracker.log.any_dirty(pfn0, count);
         }
         // The backstop (the guest made the PTE writable itself, or the page appeared
-        // since): the frame was written, and through this entry (the CPU sets DIRTY on
-        // the first write; an entry never written through has it clear).
+        // since the clear): the frame was written since the clear, through this entry
+        // (the CPU sets DIRTY on the first write; an entry never written through has it
+        // clear). Not conditioned on WRITABLE: the guest may have made the page
+        // read-only since, and mprotect must not lose soft-dirty (the Linux oracle
+        // caught exactly that).
         softdirty::is_soft_dirty(leaf.entry)
-            || (leaf.entry.contains(PteFlags::WRITABLE | PteFlags::DIRTY) && self.tracker.log.any_dirty(pfn0, count))
+            || (leaf.entry.contains(PteFlags::DIRTY) && self.tracker.log.any_dirty(pfn0, count))
     }
 
     fn info(&self, va: u64, leaf: Option<&Leaf>, written: bool, vma_new: bool) -> PageInfo {
@@ -442,7 +453,7 @@ impl PageCtx<'_> {
         };
         let pfn0 = leaf.frame().pfn();
         let pfn = pfn0 + (va - leaf.va.0) / 4096;
-        let exclusive = leaf.frame().0 != self.zero_frame && self.counts.once(pfn0);
+        let exclusive = !self.is_zero(leaf) && self.counts.once(pfn0);
         PageInfo {
             addr: va,
             entry: PagemapEntry::present(pfn).with_soft_dirty(written || vma_new).with_exclusive(exclusive),

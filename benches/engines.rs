@@ -12,10 +12,11 @@
 //! 1 GiB guest takes the guest's emulated ring 0 ~50 s per VM).
 
 use plotters::prelude::*;
+mod common;
+use common::Guest;
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Instant;
 use vmm::uffd::AsyncWp;
 
 const BASE: u64 = 0x1000_0000;
@@ -23,41 +24,6 @@ const FRACTIONS: [u64; 3] = [1, 10, 100];
 const SIZES: [u64; 3] = [64, 256, 1024];
 const ENGINES: [&str; 4] = ["pte", "kvm-bitmap", "kvm-ring", "uffd"];
 
-struct Guest {
-    child: Child,
-    sock: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Guest {
-    fn start(script: &str, mem_mib: u64, engine: &str) -> Guest {
-        let dir = tempfile::tempdir().unwrap();
-        let wl = dir.path().join("bench.wl");
-        std::fs::write(&wl, script).unwrap();
-        let sock = dir.path().join("api.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
-            .args(["run", "--workload", wl.to_str().unwrap(), "--api-sock", sock.to_str().unwrap(), "--mem",
-                &mem_mib.to_string(), "--timeout", "3000", "--engine", engine])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn vmm");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "vmm did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Guest { child, sock, _dir: dir }
-    }
-
-    fn call(&self, req: Value) -> Value {
-        vmm::api::call(&self.sock, &req).unwrap_or_else(|e| panic!("{req}: {e}"))
-    }
-
-    fn wait(&self, label: &str) {
-        self.call(json!({"cmd": "wait", "label": label, "timeout_ms": 3_000_000}));
-    }
-}
 
 /// Cycles of each `fill ... timed` line, in order.
 fn timed_fills(console: &str) -> Vec<f64> {
@@ -87,7 +53,7 @@ fn guest(engine: &str, mib: u64) -> (Vec<Point>, f64) {
         let w = pages * f / 100;
         script += &format!("sync clear{f}\nfill {BASE:#x} {w} 3 timed\nsync collect{f}\n");
     }
-    let g = Guest::start(&script, mib + 64 + mib / 8, engine);
+    let g = Guest::start(&script, mib + 64 + mib / 8, engine, true);
     let tsc_khz = g.call(json!({"cmd": "info"}))["tsc_khz"].as_f64().expect("KVM_GET_TSC_KHZ");
     let mut clear = Vec::new();
     let mut collect = Vec::new();
@@ -97,7 +63,7 @@ fn guest(engine: &str, mib: u64) -> (Vec<Point>, f64) {
         g.wait(&format!("clear{f}"));
         let c = g.call(json!({"cmd": "clear-refs", "pid": 1, "value": 4}));
         clear.push(c["elapsed_ns"].as_f64().unwrap() / pages as f64);
-        g.call(json!({"cmd": "resume"}));
+        g.resume();
         g.wait(&format!("collect{f}"));
         let before = g.call(json!({"cmd": "info"}))["log"]["harvest_ns"].as_f64().unwrap();
         let p = g.call(json!({"cmd": "pagemap", "pid": 1, "start": BASE, "pages": pages, "summary": true}));
@@ -105,7 +71,7 @@ fn guest(engine: &str, mib: u64) -> (Vec<Point>, f64) {
         harvest.push((after - before) / pages as f64);
         assert!(p["soft_dirty"].as_u64().unwrap() >= w, "{engine}: every written page reads soft-dirty");
         collect.push(p["elapsed_ns"].as_f64().unwrap() / pages as f64);
-        g.call(json!({"cmd": "resume"}));
+        g.resume();
     }
     let out = g.child.wait_with_output().unwrap();
     assert!(out.status.success(), "{engine} {mib} MiB guest failed");

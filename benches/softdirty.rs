@@ -10,10 +10,11 @@
 //!
 //! Run: `cargo bench -p vmm --bench softdirty` (needs /dev/kvm).
 
-use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
+use common::Guest;
+use serde_json::json;
+use std::path::Path;
+use std::time::Instant;
 use vmm::uffd::AsyncWp;
 
 const ROUNDS: usize = 3;
@@ -24,46 +25,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-struct Guest {
-    child: Child,
-    sock: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Guest {
-    fn start(script: &str, mem_mib: u64) -> Guest {
-        let dir = tempfile::tempdir().unwrap();
-        let wl = dir.path().join("bench.wl");
-        std::fs::write(&wl, script).unwrap();
-        let sock = dir.path().join("api.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
-            .args(["run", "--workload", wl.to_str().unwrap(), "--api-sock", sock.to_str().unwrap(), "--mem",
-                &mem_mib.to_string(), "--timeout", "600"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn vmm");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "vmm did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Guest { child, sock, _dir: dir }
-    }
-
-    fn call(&self, req: Value) -> Value {
-        vmm::api::call(&self.sock, &req).unwrap_or_else(|e| panic!("{req}: {e}"))
-    }
-
-    fn wait(&self, label: &str) -> u64 {
-        let v = self.call(json!({"cmd": "wait", "label": label, "timeout_ms": 600_000}));
-        v["running_ns"].as_u64().unwrap()
-    }
-
-    fn resume(&self) {
-        self.call(json!({"cmd": "resume"}));
-    }
-}
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 struct Figures {
@@ -80,7 +41,7 @@ fn guest(pages: u64) -> Figures {
         "proc bench\nmap {BASE:#x} {pages}\nfill {BASE:#x} {pages} 1\nsync ready\nloop {ROUNDS}\n  fill {BASE:#x} {pages} 2\n  sync base\n  fill {BASE:#x} {pages} 3\n  sync tracked\nend\ncheck {BASE:#x} {pages} 3\n"
     );
     let mem = (pages * 4096 / (1 << 20) * 2 + 64).next_multiple_of(2);
-    let g = Guest::start(&script, mem);
+    let g = Guest::start(&script, mem, "pte", false);
     let mut prev = g.wait("ready");
     let (mut clear, mut collect, mut first, mut plain) = (vec![], vec![], vec![], vec![]);
     for _ in 0..ROUNDS {

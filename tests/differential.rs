@@ -19,19 +19,6 @@ const HUGE_BASE: u64 = BASE + 0x100_0000;
 const HUGE_PAGES: u64 = 1024; // two 2 MiB pages
 const REGION_PAGES: u64 = (HUGE_BASE - BASE) / 4096 + HUGE_PAGES;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 #[derive(Clone, Copy)]
 struct Page {

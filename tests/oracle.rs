@@ -14,19 +14,6 @@ use std::process::Command;
 
 const RANDOM: u64 = 50;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// One random scenario. Mappings live in separate 2 MiB slots (so that only the
 /// generator's own operations decide merges), huge mappings are handled whole, and

@@ -87,9 +87,9 @@ impl Child {
                 Statement::Map { shared: true, .. } => self.fail(line, "shared mappings are not supported by the Linux executor"),
                 Statement::Map { range, huge, read_only, .. } => self.map(line, range, huge, read_only),
                 Statement::Unmap { range } => {
-                    // SAFETY: only scenario memory lives in user ranges the scenario names
-                    // (checked at map); unmapping holes is allowed, as in the guest.
                     if !self.overlaps_foreign(range.addr, range.len()) {
+                        // SAFETY: the range holds only scenario memory (checked just above);
+                        // unmapping holes is allowed, as in the guest.
                         unsafe { libc::munmap(range.addr as *mut libc::c_void, range.len() as usize) };
                     }
                 }
@@ -100,13 +100,14 @@ impl Child {
                         self.fail(line, "protect failed: out of memory or mappings");
                     }
                 }
-                // SAFETY (fill/check/touch): the scenario's own mappings; a bad address
-                // faults and kills the child (status 139), which is the statement's meaning.
+                // SAFETY: the scenario's own mapping; a bad address faults and kills the
+                // child (status 139), which is the statement's meaning.
                 Statement::Fill { range, byte, .. } => unsafe {
                     std::ptr::write_bytes(range.addr as *mut u8, byte, range.len() as usize)
                 },
                 Statement::Check { range, byte } => {
                     for i in 0..range.len() {
+                        // SAFETY: as for fill.
                         let got = unsafe { std::ptr::read_volatile((range.addr + i) as *const u8) };
                         if got != byte {
                             self.fail(line, &format!("check failed at {:#x}: expected {byte:#x}, found {got:#x}", range.addr + i));
@@ -115,6 +116,7 @@ impl Child {
                 }
                 Statement::Touch { range } => {
                     for p in 0..range.pages {
+                        // SAFETY: as for fill.
                         unsafe { std::ptr::read_volatile((range.addr + p * 4096) as *const u8) };
                     }
                 }

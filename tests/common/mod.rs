@@ -232,3 +232,19 @@ pub fn parse_page(line: &str) -> Page {
 pub fn all(b: bool, n: usize) -> Vec<bool> {
     vec![b; n]
 }
+
+/// A small seeded xorshift generator for randomized tests (reproducible by seed).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}

@@ -85,14 +85,15 @@ pub fn write_boot_info(mem: &GuestMem, mem_size: u64, kernel_end: u64, script: &
     Ok(info)
 }
 
-fn segment(selector: u16, code: bool) -> kvm_segment {
+/// A flat 64-bit code or data segment with privilege level `dpl`.
+pub fn flat_segment(selector: u16, code: bool, dpl: u8) -> kvm_segment {
     kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
         selector,
         type_: if code { 0xb } else { 0x3 },
         present: 1,
-        dpl: 0,
+        dpl,
         db: u8::from(!code),
         s: 1,
         l: u8::from(code),
@@ -105,8 +106,8 @@ fn segment(selector: u16, code: bool) -> kvm_segment {
 
 /// Long mode with the boot GDT and page tables, starting from KVM's reset values.
 pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
-    sregs.cs = segment(CODE_SEL, true);
-    let data = segment(DATA_SEL, false);
+    sregs.cs = flat_segment(CODE_SEL, true, 0);
+    let data = flat_segment(DATA_SEL, false, 0);
     (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
     sregs.gdt.base = BOOT_GDT_PHYS;
     sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;

@@ -5,7 +5,7 @@
 //! never runs its handler), or lets the guest handle its own fault.
 
 use crate::memory::{GuestMem, Phys};
-use kvm_bindings::{kvm_guest_debug, kvm_regs, kvm_segment, kvm_sregs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
+use kvm_bindings::{kvm_guest_debug, kvm_regs, kvm_sregs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
     KVM_GUESTDBG_USE_HW_BP};
 use kvm_ioctls::{SyncReg, VcpuFd};
 use mmu::{GuestPhysAddr, GuestVirtAddr, PhysMemory, Translation, Walker};
@@ -112,24 +112,6 @@ pub fn stopped(vcpu: &VcpuFd, mem: &GuestMem, walker: &Walker, sync_regs: bool) 
     Ok(Stopped { regs, sregs, fault })
 }
 
-fn user_segment(selector: u64, code: bool) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector: selector as u16,
-        type_: if code { 0xb } else { 0x3 },
-        present: 1,
-        dpl: 3,
-        db: u8::from(!code),
-        s: 1,
-        l: u8::from(code),
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
-}
-
 /// Emulates the handler's `iretq`: the faulting instruction runs again in ring 3.
 /// Assumes flat 64-bit user segments (the guest profile's GDT). With `sync_regs`, the
 /// new registers go through `kvm_run` and KVM applies them on the next entry.
@@ -137,8 +119,8 @@ pub fn return_to_user(vcpu: &mut VcpuFd, mut s: Stopped, sync_regs: bool) -> Res
     s.regs.rip = s.fault.rip;
     s.regs.rsp = s.fault.rsp;
     s.regs.rflags = s.fault.rflags & !RF;
-    s.sregs.cs = user_segment(s.fault.cs, true);
-    s.sregs.ss = user_segment(s.fault.ss, false);
+    s.sregs.cs = crate::boot::flat_segment(s.fault.cs as u16, true, 3);
+    s.sregs.ss = crate::boot::flat_segment(s.fault.ss as u16, false, 3);
     if sync_regs {
         let run = vcpu.sync_regs_mut();
         run.regs = s.regs;

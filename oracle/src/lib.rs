@@ -90,6 +90,11 @@ pub fn compare(linux_text: &str, ours_text: &str, superset: bool) -> Report {
         if l.other != o.other {
             lines.push(format!("DISAGREE {name}: outcome ours={:?} linux={:?}", o.other, l.other));
         }
+        // An error (an unreached plan label, a refused scenario) is never a pass, even
+        // when both sides report it.
+        for e in l.other.iter().chain(&o.other).filter(|l| l.starts_with("error:")) {
+            lines.push(format!("DISAGREE {name}: {e}"));
+        }
         let disagree = lines.len() - before;
         table += &format!("| {name} | {} | {} | {disagree} | {} |\n", l.reads.len(), l.reads.len().saturating_sub(disagree),
             l.other.join("; "));
@@ -124,5 +129,8 @@ mod tests {
         let extra = LINUX.replace("0x401000 present=0 soft-dirty=0", "0x401000 present=0 soft-dirty=1");
         assert!(compare(LINUX, &extra, true).disagreements.is_empty());
         assert!(!compare(&extra, LINUX, true).disagreements.is_empty());
+        // Errors never pass, even when both sides agree on them.
+        let unreached = LINUX.replace("status ok", "error: plan label 'x' was never reached\nstatus ok");
+        assert_eq!(compare(&unreached, &unreached, false).disagreements.len(), 2);
     }
 }

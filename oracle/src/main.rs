@@ -192,6 +192,7 @@ fn run(sc: &Scenario) -> Vec<String> {
         let code = if libc::WIFSIGNALED(status) { 128 + libc::WTERMSIG(status) } else { libc::WEXITSTATUS(status) };
         failed |= code != 0;
     }
+    out.extend(scenario::unreached(sc, &arrivals));
     out.push(format!("status {}", if failed { "failed" } else { "ok" }));
     out
 }

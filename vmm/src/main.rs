@@ -327,7 +327,12 @@ fn main_code() -> ExitCode {
             for f in files {
                 println!("== {}", f.display());
                 match vmm::scenario_exec::run(&me, &f, engine) {
-                    Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+                    Ok(lines) => {
+                        lines.iter().for_each(|l| println!("{l}"));
+                        if let Some(e) = lines.iter().find(|l| l.starts_with("error:")) {
+                            code = fail(ExitCode::BadInput, format!("{}: {}", f.display(), &e[7..]));
+                        }
+                    }
                     Err(e) => {
                         println!("error: {e}");
                         code = fail(ExitCode::BadInput, e);

@@ -109,6 +109,7 @@ fn run_in(vmm: &Path, path: &Path, sc: &scenario::Scenario, dir: &Path, engine: 
         }
     }
     let status = child.wait().map_err(|e| api_err(e.to_string()))?;
+    out.extend(scenario::unreached(sc, &arrivals));
     out.push(format!("status {}", if status.success() { "ok" } else { "failed" }));
     Ok(out)
 }

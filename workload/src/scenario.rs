@@ -174,6 +174,19 @@ pub fn parse(text: &str) -> Result<Scenario, Error> {
     Ok(Scenario { workload, steps })
 }
 
+/// Output lines for plan labels that were never reached (a plan that did nothing must
+/// not pass silently), in plan order.
+pub fn unreached(sc: &Scenario, arrivals: &std::collections::HashMap<String, u32>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for step in &sc.steps {
+        let line = format!("error: plan label '{}' was never reached", step.label);
+        if arrivals.get(&step.label).copied().unwrap_or(0) == 0 && !out.contains(&line) {
+            out.push(line);
+        }
+    }
+    out
+}
+
 /// One normalized output line for a page read.
 pub fn read_line(label: &str, arrival: u32, pid: u32, addr: u64, present: bool, soft_dirty: bool, exclusive: bool) -> String {
     format!(

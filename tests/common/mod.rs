@@ -155,7 +155,19 @@ impl Live {
     /// paused there, then the VM is resumed. Returns the finished run.
     pub fn drive(mut self, mut at: impl FnMut(&Live, &str, u32)) -> Run {
         loop {
-            let w = self.client("wait", &["--timeout", "60"]);
+            let mut w = self.client("wait", &["--timeout", "60"]);
+            // Under heavy load (QEMU and many VMs on two cores) a client call has been
+            // seen to fail once without a message while the VMM was alive and serving;
+            // retry a few times before judging.
+            for _ in 0..5 {
+                if w.code == 0 || w.stderr.contains("has finished") || !self.sock.exists()
+                    || self.child.try_wait().ok().flatten().is_some()
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                w = self.client("wait", &["--timeout", "60"]);
+            }
             if w.code != 0 {
                 // Finished: the VMM said so, or it is exiting (socket gone, connection reset).
                 if !(w.stderr.contains("has finished") || self.exits_soon()) {

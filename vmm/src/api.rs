@@ -59,6 +59,9 @@ pub enum Request {
     Info {},
     /// Pages written per second over `seconds`, for the VM and per process.
     DirtyRate { seconds: Option<f64> },
+    /// Snapshot the VM into directory `out` (a diff against the previous snapshot with
+    /// `diff`), then let it go on.
+    SnapshotCreate { out: String, diff: Option<bool> },
 }
 
 fn ok(mut v: Value) -> Value {
@@ -301,6 +304,15 @@ pub fn handle(req: Request, control: &Control<VcpuContext>) -> Value {
                 })).collect::<Vec<_>>(),
             }))
         })()),
+        Request::SnapshotCreate { out, diff } => answer(
+            control
+                .call(move |ctx: &mut VcpuContext| {
+                    crate::snapshot::create(ctx, std::path::Path::new(&out), diff.unwrap_or(false))
+                        .map(|r| json!(r))
+                        .map_err(|e| e.to_string())
+                })
+                .and_then(|r| r),
+        ),
         Request::Wait { label, timeout_ms } => {
             let timeout = Duration::from_millis(timeout_ms.unwrap_or(60_000).min(24 * 3600 * 1000));
             match control.wait_for_pause(label.as_deref(), timeout) {

@@ -93,18 +93,21 @@ pub struct GpaLog {
     pages: u64,
     accumulated: Vec<u64>,
     window: Vec<u64>,
+    /// Written since the last snapshot of the VM (all set until the first).
+    snap: Vec<u64>,
     mech: Mechanism,
     /// Set by a ring-full exit for the next harvest.
     ring_full: Option<()>,
     pub stats: LogStats,
 }
 
-fn set_bits(acc: &mut [u64], window: &mut [u64], pages: u64, pfn: u64, count: u64) -> u64 {
+fn set_bits(acc: &mut [u64], window: &mut [u64], snap: &mut [u64], pages: u64, pfn: u64, count: u64) -> u64 {
     let mut n = 0;
     for p in pfn..pfn.saturating_add(count).min(pages) {
         let (w, b) = ((p / 64) as usize, 1u64 << (p % 64));
         acc[w] |= b;
         window[w] |= b;
+        snap[w] |= b;
         n += 1;
     }
     n
@@ -117,7 +120,15 @@ impl GpaLog {
         let pages = mem_size / 4096;
         let words = pages.div_ceil(64) as usize;
         let fill = if initially_dirty { u64::MAX } else { 0 };
-        GpaLog { pages, accumulated: vec![fill; words], window: vec![0; words], mech, ring_full: None, stats: LogStats::default() }
+        GpaLog {
+            pages,
+            accumulated: vec![fill; words],
+            window: vec![0; words],
+            snap: vec![u64::MAX; words],
+            mech,
+            ring_full: None,
+            stats: LogStats::default(),
+        }
     }
 
     pub fn mechanism(&self) -> &Mechanism {
@@ -139,12 +150,13 @@ impl GpaLog {
     pub fn harvest(&mut self, vm: &VmFd, mem: &GuestMem) -> Result<(), Error> {
         let t0 = std::time::Instant::now();
         let pages = self.pages;
-        let (acc, win) = (&mut self.accumulated, &mut self.window);
+        let (acc, win, snap) = (&mut self.accumulated, &mut self.window, &mut self.snap);
         let mut fold = |bits: Vec<u64>| {
             let mut n = 0;
-            for ((a, w), b) in acc.iter_mut().zip(win.iter_mut()).zip(bits) {
+            for (((a, w), s), b) in acc.iter_mut().zip(win.iter_mut()).zip(snap.iter_mut()).zip(bits) {
                 *a |= b;
                 *w |= b;
+                *s |= b;
                 n += u64::from(b.count_ones());
             }
             n
@@ -165,11 +177,11 @@ impl GpaLog {
                     if offset >= pages {
                         return Err(dirty_ring::Error::BadEntry { slot: SLOT, offset }.into());
                     }
-                    n += set_bits(acc, win, pages, offset, 1);
+                    n += set_bits(acc, win, snap, pages, offset, 1);
                 }
                 if overflow {
                     // Entries may have been lost: never miss a write.
-                    acc.iter_mut().chain(win.iter_mut()).for_each(|w| *w = u64::MAX);
+                    acc.iter_mut().chain(win.iter_mut()).chain(snap.iter_mut()).for_each(|w| *w = u64::MAX);
                     self.stats.ring_overflows += 1;
                 }
                 self.stats.ioctls += u64::from(n > 0);
@@ -180,16 +192,17 @@ impl GpaLog {
                 let mut n = 0;
                 let base = *host_base;
                 // Read and re-protect in one walk: no write slips between them.
-                wp.scan(true, |addr, count| n += set_bits(acc, win, pages, (addr - base) / 4096, count))?;
+                wp.scan(true, |addr, count| n += set_bits(acc, win, snap, pages, (addr - base) / 4096, count))?;
                 self.stats.ioctls += wp.ioctls - before;
                 self.stats.frames_harvested += n;
             }
         }
         let vmm = memory::take_vmm_writes(mem);
-        let (acc, win) = (&mut self.accumulated, &mut self.window);
-        for ((a, w), b) in acc.iter_mut().zip(win.iter_mut()).zip(&vmm) {
+        let (acc, win, snap) = (&mut self.accumulated, &mut self.window, &mut self.snap);
+        for (((a, w), s), b) in acc.iter_mut().zip(win.iter_mut()).zip(snap.iter_mut()).zip(&vmm) {
             *a |= b;
             *w |= b;
+            *s |= b;
             self.stats.vmm_writes_harvested += u64::from(b.count_ones());
         }
         self.stats.harvests += 1;
@@ -207,6 +220,36 @@ impl GpaLog {
 
     pub fn in_window(&self, pfn: u64) -> bool {
         pfn < self.pages && self.window[(pfn / 64) as usize] & (1 << (pfn % 64)) != 0
+    }
+
+    /// Written since the last snapshot (call [`Self::harvest`] first).
+    pub fn in_snapshot(&self, pfn: u64) -> bool {
+        pfn < self.pages && self.snap[(pfn / 64) as usize] & (1 << (pfn % 64)) != 0
+    }
+
+    /// A snapshot was written: the next diff starts from here. For the KVM bitmap,
+    /// every frame is re-protected so that the next writes show.
+    pub fn snapshot_start(&mut self, vm: &VmFd) -> Result<(), Error> {
+        if let Mechanism::KvmBitmap = self.mech {
+            let all = vec![u64::MAX; self.accumulated.len()];
+            self.kvm_clear(vm, all)?;
+        }
+        self.snap.iter_mut().for_each(|w| *w = 0);
+        Ok(())
+    }
+
+    /// The accumulated bits (for saving in a snapshot).
+    pub fn accumulated(&self) -> &[u64] {
+        &self.accumulated
+    }
+
+    /// Restores accumulated bits saved in a snapshot (lengths must match).
+    pub fn set_accumulated(&mut self, bits: Vec<u64>) -> bool {
+        if bits.len() != self.accumulated.len() {
+            return false;
+        }
+        self.accumulated = bits;
+        true
     }
 
     /// Frames written since the window started (all of guest memory).
@@ -302,11 +345,11 @@ mod tests {
         assert!(d.is_dirty(0) && d.is_dirty(255) && !d.is_dirty(256));
         let mut d = GpaLog::new(1 << 20, Mechanism::KvmBitmap, false);
         assert!(!d.any_dirty(0, 256));
-        let n = set_bits(&mut d.accumulated, &mut d.window, d.pages, 3, 2);
+        let n = set_bits(&mut d.accumulated, &mut d.window, &mut d.snap, d.pages, 3, 2);
         assert_eq!(n, 2);
         assert!(d.is_dirty(3) && d.is_dirty(4) && !d.is_dirty(5));
         assert!(d.any_dirty(0, 4) && !d.any_dirty(5, 100));
         assert_eq!(d.window_count(), 2);
-        assert_eq!(set_bits(&mut d.accumulated, &mut d.window, d.pages, 250, 100), 6, "clipped to memory");
+        assert_eq!(set_bits(&mut d.accumulated, &mut d.window, &mut d.snap, d.pages, 250, 100), 6, "clipped to memory");
     }
 }

@@ -1,7 +1,7 @@
 //! The tracking engines a VM can run with (`vmm run --engine NAME`).
 
 /// How writes are learned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum EngineKind {
     /// Per process: write-protect guest PTEs, catch the write faults (precise per

@@ -44,7 +44,7 @@ impl ProcState {
 }
 
 /// One mapping (like a Linux VMA).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Mapping {
     pub start: u64,
     pub pages: u64,

@@ -21,6 +21,7 @@ pub mod run;
 pub mod runner;
 pub mod scenario_exec;
 pub mod script;
+pub mod snapshot;
 pub mod softdirty;
 pub mod summary;
 pub mod uffd;

@@ -44,7 +44,14 @@ enum Command {
         /// kvm-bitmap, kvm-ring, uffd.
         #[arg(long, value_enum, default_value_t = EngineKind::Pte)]
         engine: EngineKind,
+        /// Restore this snapshot (full, or a diff whose chain is followed) and go on
+        /// running it; the workload, memory size and engine come from the snapshot.
+        #[arg(long, conflicts_with_all = ["workload", "summary"])]
+        restore: Option<PathBuf>,
     },
+    /// Snapshots of a running VM.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Pages written per second, for the whole VM and per guest process.
     DirtyRate {
         #[arg(long)]
@@ -129,6 +136,22 @@ enum Command {
         #[arg(long, default_value_t = 60.0)]
         timeout: f64,
     },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Pause the VM, write a full snapshot (or, with --diff, the pages written since the
+    /// previous one) to DIR, and let it go on.
+    Create {
+        #[arg(long)]
+        api_sock: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        diff: bool,
+    },
+    /// Check a snapshot and its chain of bases: formats, sizes, bases, checksums.
+    Verify { dir: PathBuf },
 }
 
 fn parse_hex(s: &str) -> Result<u64, String> {
@@ -230,13 +253,14 @@ fn main_code() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run { image, workload, mem, api_sock, timeout, summary, engine } => {
+        Command::Run { image, workload, mem, api_sock, timeout, summary, engine, restore } => {
             let timeout = match seconds_arg("--timeout", timeout) {
                 Ok(t) => t,
                 Err(code) => return code,
             };
-            let hook = if summary || workload.is_none() { Hook::Summary(SummaryHook) } else { Hook::None };
-            let opts = RunOptions { image, workload, mem_mib: mem, api_sock, timeout, engine };
+            let hook =
+                if summary || (workload.is_none() && restore.is_none()) { Hook::Summary(SummaryHook) } else { Hook::None };
+            let opts = RunOptions { image, workload, mem_mib: mem, api_sock, timeout, engine, restore };
             match run::run(&opts, hook) {
                 Ok(Outcome::Exited(0)) => ExitCode::Success,
                 Ok(Outcome::Exited(c)) => {
@@ -279,6 +303,29 @@ fn main_code() -> ExitCode {
                 ExitCode::Success
             }
             Err(e) => fail(client_code(&e), e),
+        },
+        Command::Snapshot(SnapshotCommand::Create { api_sock, out, diff }) => {
+            let out = if out.is_absolute() { out } else { std::env::current_dir().map(|d| d.join(&out)).unwrap_or(out) };
+            let req = json!({"cmd": "snapshot-create", "out": out.display().to_string(), "diff": diff});
+            match api::call(&api_sock, &req) {
+                Ok(v) => {
+                    println!("{} snapshot {} -> {}: {} pages, {} bytes, VM paused {:.1} ms", v["kind"].as_str().unwrap_or("?"),
+                        v["id"].as_str().unwrap_or("?"), out.display(), v["pages"], v["bytes"],
+                        v["pause_ns"].as_f64().unwrap_or(0.0) / 1e6);
+                    ExitCode::Success
+                }
+                Err(e) => fail(client_code(&e), e),
+            }
+        }
+        Command::Snapshot(SnapshotCommand::Verify { dir }) => match vmm::snapshot::load(&dir, None) {
+            Ok(l) => {
+                for m in &l.chain {
+                    println!("{} {:?} {} pages, {} MiB guest, engine {}", m.id, m.kind, m.pages, m.mem_bytes >> 20, m.engine.name());
+                }
+                println!("ok: chain of {} snapshot(s) verified", l.chain.len());
+                ExitCode::Success
+            }
+            Err(e) => fail(ExitCode::BadInput, e),
         },
         Command::DirtyRate { api_sock, seconds, json } => {
             let secs = match seconds_arg("--seconds", seconds) {

@@ -33,6 +33,9 @@ pub struct RunOptions {
     pub api_sock: Option<PathBuf>,
     pub timeout: Duration,
     pub engine: EngineKind,
+    /// Restore this snapshot (a full one or a diff, whose chain is followed) instead of
+    /// booting; `workload`, `mem` and `engine` then come from the snapshot.
+    pub restore: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +58,12 @@ pub enum Error {
     Api(#[from] api::Error),
     #[error(transparent)]
     Runner(#[from] runner::Error),
+    #[error("cannot restore: {0}")]
+    Snapshot(#[from] crate::snapshot::Error),
+    #[error("cannot restore {path}: it was taken with another guest image (sha256 {want}, this one is {have})")]
+    ImageMismatch { path: PathBuf, want: String, have: String },
+    #[error("cannot restore the tracking engine's state: {0}")]
+    TrackerState(String),
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
 }
@@ -63,7 +72,8 @@ impl Error {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             Error::BadMemSize(_) | Error::ReadImage { .. } | Error::TooLittleMemory { .. } | Error::Image(_)
-            | Error::Script(_) | Error::Api(_) => ExitCode::BadInput,
+            | Error::Script(_) | Error::Api(_) | Error::Snapshot(_) | Error::ImageMismatch { .. }
+            | Error::TrackerState(_) => ExitCode::BadInput,
             Error::Vm(vm::Error::Open(_)) | Error::Vm(vm::Error::EngineUnavailable { .. }) => ExitCode::Unavailable,
             Error::Runner(runner::Error::Device(_)) => ExitCode::GuestCrashed,
             _ => ExitCode::Internal,
@@ -73,14 +83,6 @@ impl Error {
 
 /// Boots the guest and runs it to the end. Bad input is reported before any guest runs.
 pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
-    let mem_size = opts.mem_mib.checked_mul(1 << 20).ok_or(Error::BadMemSize(opts.mem_mib))?;
-    if opts.mem_mib < MIN_MEM_MIB || mem_size > MAX_MEM || mem_size % MEM_ALIGN != 0 {
-        return Err(Error::BadMemSize(opts.mem_mib));
-    }
-    let script = match &opts.workload {
-        Some(path) => script::load(path)?,
-        None => script::DEMO.as_bytes().to_vec(),
-    };
     let (image_bytes, what) = match &opts.image {
         Some(path) => (
             std::fs::read(path).map_err(|source| Error::ReadImage { path: path.clone(), source })?,
@@ -88,17 +90,43 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
         ),
         None => (image::EMBEDDED_KERNEL.to_vec(), "the embedded guest kernel".to_string()),
     };
-
-    let mem = memory::create(mem_size)?;
-    let loaded = image::load(&mem, mem_size, &image_bytes, &what)?;
-    boot::write_gdt(&mem)?;
-    boot::write_page_tables(&mem, mem_size)?;
-    let info = boot::write_boot_info(&mem, mem_size, loaded.end, &script)?;
-    if info.free_phys + MIN_FREE > mem_size {
-        return Err(Error::TooLittleMemory { end: info.free_phys, mem_mib: opts.mem_mib });
-    }
-
-    let Machine { kvm: _kvm, vm, vcpu, serial_irq, sync_regs, mechanism } = Machine::new(&mem, loaded.entry, opts.engine)?;
+    let image_sha256 = crate::snapshot::sha256_hex(&image_bytes);
+    let (mem, mem_size, engine, restored) = match &opts.restore {
+        Some(dir) => {
+            // Every link, size and checksum is checked before a VM exists.
+            let probe = crate::snapshot::load(dir, None)?;
+            if probe.manifest.image_sha256 != image_sha256 {
+                return Err(Error::ImageMismatch { path: dir.clone(), want: probe.manifest.image_sha256, have: image_sha256 });
+            }
+            let mem_size = probe.manifest.mem_bytes;
+            let mem = memory::create(mem_size)?;
+            let loaded = crate::snapshot::load(dir, Some(&mem))?;
+            // What restoring wrote is not a guest write.
+            memory::take_vmm_writes(&mem);
+            (mem, mem_size, loaded.manifest.engine, Some(loaded))
+        }
+        None => {
+            let mem_size = opts.mem_mib.checked_mul(1 << 20).ok_or(Error::BadMemSize(opts.mem_mib))?;
+            if opts.mem_mib < MIN_MEM_MIB || mem_size > MAX_MEM || mem_size % MEM_ALIGN != 0 {
+                return Err(Error::BadMemSize(opts.mem_mib));
+            }
+            let script = match &opts.workload {
+                Some(path) => script::load(path)?,
+                None => script::DEMO.as_bytes().to_vec(),
+            };
+            let mem = memory::create(mem_size)?;
+            let loaded = image::load(&mem, mem_size, &image_bytes, &what)?;
+            boot::write_gdt(&mem)?;
+            boot::write_page_tables(&mem, mem_size)?;
+            let info = boot::write_boot_info(&mem, mem_size, loaded.end, &script)?;
+            if info.free_phys + MIN_FREE > mem_size {
+                return Err(Error::TooLittleMemory { end: info.free_phys, mem_mib: opts.mem_mib });
+            }
+            (mem, mem_size, opts.engine, None)
+        }
+    };
+    let entry = if restored.is_some() { 0 } else { crate::image::entry_of(&image_bytes).unwrap_or(0) };
+    let Machine { kvm: _kvm, vm, vcpu, serial_irq, sync_regs, mechanism } = Machine::new(&mem, entry, engine)?;
     let devices = Devices::new(serial_irq, Box::new(std::io::stdout()));
     kick::install().map_err(Error::Signal)?;
     let control = Arc::new(Control::<VcpuContext>::default());
@@ -123,9 +151,19 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
 
     let symbols = Symbols::parse(&image_bytes);
     let table = TableLocation::from_symbol(symbols.address_of(guest_abi::PROCESS_TABLE_SYMBOL)).ok();
-    let log = GpaLog::new(mem_size, mechanism, opts.engine == EngineKind::Pte);
-    let tracker = Tracker::new(table, opts.engine, log, sync_regs);
-    let ctx = VcpuContext { mem, vm, vcpu, symbols, tracker, exits: Default::default() };
+    let log = GpaLog::new(mem_size, mechanism, engine == EngineKind::Pte);
+    let mut tracker = Tracker::new(table, engine, log, sync_regs);
+    if let Some(loaded) = &restored {
+        crate::snapshot::apply(&vm, &vcpu, &loaded.state)?;
+        if let Some(raw) = loaded.state.get("tracker") {
+            tracker.import_state(raw, &mem, &vcpu).map_err(Error::TrackerState)?;
+        }
+    }
+    let last_snapshot = opts.restore.as_ref().zip(restored.as_ref()).map(|(dir, l)| crate::snapshot::Last {
+        path: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()),
+        id: l.manifest.id.clone(),
+    });
+    let ctx = VcpuContext { mem, vm, vcpu, symbols, tracker, exits: Default::default(), last_snapshot, image_sha256 };
     let mut runner = Runner { ctx, devices, control: control.clone(), pause_at_sync: opts.api_sock.is_some(), hook };
     let result = runner.run();
     control.finish(match &result {

@@ -54,6 +54,10 @@ pub struct VcpuContext {
     pub tracker: Tracker,
     /// KVM_RUN calls and exits by kind, for `vmm info`.
     pub exits: ExitCounts,
+    /// The last snapshot written (the base of the next diff).
+    pub last_snapshot: Option<crate::snapshot::Last>,
+    /// sha256 of the guest image (snapshots record it).
+    pub image_sha256: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]

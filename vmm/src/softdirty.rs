@@ -329,6 +329,37 @@ impl Tracker {
         })
     }
 
+    /// The engine's own state, for a snapshot: per-pid clears, the accumulated log, the
+    /// trap address.
+    pub fn export_state(&self) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "cleared": self.cleared.iter().map(|(pid, m)| (pid.to_string(), m.clone())).collect::<std::collections::BTreeMap<_, _>>(),
+            "accumulated": self.log.accumulated(),
+            "trap": self.trap,
+        }))
+        .expect("tracker state serializes")
+    }
+
+    /// Restores [`Self::export_state`] into a fresh tracker and re-arms the trap.
+    pub fn import_state(&mut self, raw: &[u8], mem: &GuestMem, vcpu: &VcpuFd) -> Result<(), String> {
+        #[derive(serde::Deserialize)]
+        struct State {
+            cleared: std::collections::BTreeMap<u32, Vec<Mapping>>,
+            accumulated: Vec<u64>,
+            trap: Option<u64>,
+        }
+        let st: State = serde_json::from_slice(raw).map_err(|e| format!("tracker state: {e}"))?;
+        if !self.log.set_accumulated(st.accumulated) {
+            return Err("tracker state: log size does not match the guest".into());
+        }
+        self.cleared = st.cleared.into_iter().collect();
+        if st.trap.is_some() {
+            self.trap = None;
+            self.arm(mem, vcpu).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
     /// Starts a dirty-rate window.
     pub fn window_start(&mut self, mem: &GuestMem, vm: &VmFd) -> Result<(), Error> {
         Ok(self.log.window_start(vm, mem)?)

@@ -1,0 +1,168 @@
+//! Incremental snapshots of the whole VM through the real binary: full + diffs, restore
+//! into a new VMM, checksums and chains, and failures that lose nothing.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+const SCRIPT: &str = "\
+proc p
+map 0x400000 64
+fill 0x400000 64 1
+sync s1
+fill 0x400000 8 2
+sync s2
+fill 0x408000 8 3
+sync s3
+check 0x400000 8 2
+check 0x408000 8 3
+check 0x410000 48 1
+exit 0
+proc q
+map 0x400000 4
+fill 0x400000 4 9
+loop 20
+  yield
+end
+check 0x400000 4 9
+";
+
+fn snap(live: &Live, out: &Path, diff: bool) -> Run {
+    let mut args = vec!["create", "--api-sock", live.sock(), "--out", out.to_str().unwrap()];
+    if diff {
+        args.push("--diff");
+    }
+    vmm(&[&["snapshot"][..], &args].concat())
+}
+
+/// Runs SCRIPT to s3 taking full@s1, diff@s2, diff@s3 (+ a full at s3 for comparison),
+/// then kills the source VM. Returns the snapshot directory.
+fn make_chain() -> tempfile::TempDir {
+    let dir = tempdir();
+    let d = dir.path();
+    let mut live = Live::start(SCRIPT, &[]);
+    for (label, name, diff) in [("s1", "full", false), ("s2", "d1", true), ("s3", "d2", true)] {
+        live.wait(label);
+        let r = snap(&live, &d.join(name), diff);
+        assert_eq!(r.code, 0, "{name}: {r:?}");
+        if label == "s3" {
+            let r = snap(&live, &d.join("full3"), false);
+            assert_eq!(r.code, 0, "{r:?}");
+        } else {
+            live.resume();
+        }
+    }
+    let _ = live.child.kill();
+    let _ = live.child.wait();
+    dir
+}
+
+#[test]
+fn restoring_the_last_diff_finishes_the_workload() {
+    require_kvm();
+    let dir = make_chain();
+    let d = dir.path();
+    let v = vmm(&["snapshot", "verify", d.join("d2").to_str().unwrap()]);
+    assert_eq!(v.code, 0, "{v:?}");
+    assert!(v.stdout.contains("chain of 3 snapshot(s) verified"), "{v:?}");
+    let r = vmm(&["run", "--restore", d.join("d2").to_str().unwrap(), "--timeout", "60"]);
+    assert_eq!(r.code, 0, "every check passes after the restore: {r:?}");
+    assert!(r.stdout.contains("kernel: all processes exited 0"), "{r:?}");
+    // The diffs hold what was written (plus guest-kernel pages), not the whole guest.
+    let pages = |name: &str| {
+        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join(name).join("manifest.json")).unwrap()).unwrap();
+        m["pages"].as_u64().unwrap()
+    };
+    assert!(pages("d1") >= 8 && pages("d1") < 40, "d1 has {} pages", pages("d1"));
+    assert!(pages("full") >= 64 + 4);
+}
+
+#[test]
+fn a_restored_chain_equals_the_source_memory_byte_for_byte() {
+    require_kvm();
+    let dir = make_chain();
+    let d = dir.path();
+    let size = 256 << 20;
+    let chain = vmm::memory::create(size).unwrap();
+    vmm::snapshot::load(&d.join("d2"), Some(&chain)).unwrap();
+    let full = vmm::memory::create(size).unwrap();
+    vmm::snapshot::load(&d.join("full3"), Some(&full)).unwrap();
+    let (a, b) = (vmm::memory::read(&chain, 0, size as usize).unwrap(), vmm::memory::read(&full, 0, size as usize).unwrap());
+    let first = a.iter().zip(&b).position(|(x, y)| x != y);
+    assert!(first.is_none(), "memory differs first at {:#x}", first.unwrap_or(0));
+}
+
+#[test]
+fn corrupted_truncated_or_mismatched_snapshots_are_refused() {
+    require_kvm();
+    let dir = make_chain();
+    let d = dir.path();
+    let refuse = |target: &Path, msg: &str| {
+        for args in [vec!["snapshot", "verify", target.to_str().unwrap()], vec!["run", "--restore", target.to_str().unwrap()]] {
+            let r = vmm(&args);
+            assert_eq!(r.code, 64, "{args:?}: {r:?}");
+            assert!(r.stderr.contains(msg), "{args:?} should say '{msg}': {r:?}");
+            assert!(r.stdout.is_empty() || args[0] == "snapshot", "no guest ran: {r:?}");
+        }
+    };
+    // A flipped byte in a diff's memory.
+    let mem = d.join("d1/memory.bin");
+    let mut bytes = std::fs::read(&mem).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&mem, &bytes).unwrap();
+    refuse(&d.join("d2"), "memory.bin does not match its checksum");
+    bytes[100] ^= 1;
+    std::fs::write(&mem, &bytes).unwrap();
+    // Truncated state.
+    let st = d.join("d2/state.bin");
+    let orig = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &orig[..orig.len() / 2]).unwrap();
+    refuse(&d.join("d2"), "state.bin does not match its checksum");
+    std::fs::write(&st, &orig).unwrap();
+    // The wrong base: d1 replaced by another snapshot.
+    std::fs::rename(d.join("d1"), d.join("d1-real")).unwrap();
+    std::fs::rename(d.join("full3"), d.join("d1")).unwrap();
+    refuse(&d.join("d2"), "expects base");
+    std::fs::rename(d.join("d1"), d.join("full3")).unwrap();
+    std::fs::rename(d.join("d1-real"), d.join("d1")).unwrap();
+    // Not a snapshot at all; a manifest from the future.
+    refuse(d, "manifest.json");
+    let man = d.join("full/manifest.json");
+    let text = std::fs::read_to_string(&man).unwrap();
+    std::fs::write(&man, text.replace("\"version\": 1", "\"version\": 99")).unwrap();
+    refuse(&d.join("full"), "version 99");
+    std::fs::write(&man, text).unwrap();
+    assert_eq!(vmm(&["snapshot", "verify", d.join("d2").to_str().unwrap()]).code, 0, "intact again");
+}
+
+#[test]
+fn a_failed_snapshot_loses_nothing_and_the_vm_goes_on() {
+    let dir = tempdir();
+    let d = dir.path();
+    let live = Live::start(SCRIPT, &[]);
+    live.wait("s1");
+    // A diff needs a base; an existing directory is never overwritten; an unwritable
+    // place fails cleanly.
+    let r = snap(&live, &d.join("x"), true);
+    assert_eq!(r.code, 65, "{r:?}");
+    assert!(r.stderr.contains("create a full snapshot of this VM first"), "{r:?}");
+    assert_eq!(snap(&live, &d.join("full"), false).code, 0);
+    let r = snap(&live, &d.join("full"), false);
+    assert!(r.code != 0 && r.stderr.contains("already exists"), "{r:?}");
+    live.resume();
+    live.wait("s2");
+    let blocker = d.join("not-a-dir");
+    std::fs::write(&blocker, b"x").unwrap();
+    let r = snap(&live, &blocker.join("d1"), true);
+    assert!(r.code != 0, "{r:?}");
+    assert!(!blocker.join("d1").exists());
+    // The pages written since `full` are still in the next diff.
+    assert_eq!(snap(&live, &d.join("d1"), true).code, 0);
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("d1/manifest.json")).unwrap()).unwrap();
+    assert!(m["pages"].as_u64().unwrap() >= 8, "{m}");
+    live.resume();
+    let r = live.drive(|_, _, _| {});
+    assert_eq!(r.code, 0, "the VM went on: {r:?}");
+    let restored = vmm(&["run", "--restore", d.join("d1").to_str().unwrap()]);
+    assert_eq!(restored.code, 0, "{restored:?}");
+}

@@ -101,8 +101,22 @@ impl Server {
                 Err(_) => std::fs::remove_file(path).map_err(io)?,
             }
         }
-        let listener = UnixListener::bind(path).map_err(io)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        // Bind and listen under a temporary name, restrict it, then rename it into place:
+        // the path appears only once it accepts connections and is private. (Binding
+        // the final path directly leaves a window between bind() and listen() in which
+        // clients that see the file get ECONNREFUSED — seen under load.)
+        let tmp = path.with_file_name(format!(
+            ".{}.tmp-{}",
+            path.file_name().map_or("api.sock".into(), |n| n.to_string_lossy()),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&tmp);
+        let listener = UnixListener::bind(&tmp).map_err(io)?;
+        let ready = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = ready {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(e));
+        }
         Ok(Server { path: path.to_path_buf(), listener })
     }
 

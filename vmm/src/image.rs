@@ -64,11 +64,6 @@ impl Symbols {
     }
 }
 
-/// The ELF entry point, if `image` parses.
-pub fn entry_of(image: &[u8]) -> Option<u64> {
-    Some(object::File::parse(image).ok()?.entry())
-}
-
 /// Checks `image` and loads its PT_LOAD segments at their physical addresses.
 pub fn load(mem: &GuestMem, mem_size: u64, image: &[u8], what: &str) -> Result<Loaded, Error> {
     let not_elf = |detail: String| Error::NotElf { what: what.to_string(), detail };

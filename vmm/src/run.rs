@@ -91,7 +91,8 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
         None => (image::EMBEDDED_KERNEL.to_vec(), "the embedded guest kernel".to_string()),
     };
     let image_sha256 = crate::snapshot::sha256_hex(&image_bytes);
-    let (mem, mem_size, engine, restored) = match &opts.restore {
+    // The kernel's entry point when booting; a restored vCPU carries its own registers.
+    let (mem, mem_size, engine, restored, entry) = match &opts.restore {
         Some(dir) => {
             // Every link, size and checksum is checked before a VM exists.
             let probe = crate::snapshot::load(dir, None)?;
@@ -103,7 +104,7 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
             let loaded = crate::snapshot::load(dir, Some(&mem))?;
             // What restoring wrote is not a guest write.
             memory::take_vmm_writes(&mem);
-            (mem, mem_size, loaded.manifest.engine, Some(loaded))
+            (mem, mem_size, loaded.manifest.engine, Some(loaded), 0)
         }
         None => {
             let mem_size = opts.mem_mib.checked_mul(1 << 20).ok_or(Error::BadMemSize(opts.mem_mib))?;
@@ -122,10 +123,9 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
             if info.free_phys + MIN_FREE > mem_size {
                 return Err(Error::TooLittleMemory { end: info.free_phys, mem_mib: opts.mem_mib });
             }
-            (mem, mem_size, opts.engine, None)
+            (mem, mem_size, opts.engine, None, loaded.entry)
         }
     };
-    let entry = if restored.is_some() { 0 } else { crate::image::entry_of(&image_bytes).unwrap_or(0) };
     let Machine { kvm: _kvm, vm, vcpu, serial_irq, sync_regs, mechanism } = Machine::new(&mem, entry, engine)?;
     let devices = Devices::new(serial_irq, Box::new(std::io::stdout()));
     kick::install().map_err(Error::Signal)?;

@@ -186,17 +186,10 @@ impl<H: SyncHook> Runner<H> {
                     if self.pause_at_sync {
                         self.control.pause_at(point, &mut self.ctx);
                     } else {
-                        self.control.passed_sync(point);
+                        self.control.passed_sync();
                     }
                 }
             }
         }
     }
-}
-
-/// A hook that does nothing.
-pub struct NoHook;
-
-impl SyncHook for NoHook {
-    fn at_sync(&mut self, _: &mut VcpuContext, _: &SyncPoint) {}
 }

@@ -77,19 +77,99 @@ fn restoring_the_last_diff_finishes_the_workload() {
     assert!(pages("full") >= 64 + 4);
 }
 
+/// Guest memory as restoring `dir` (and its chain) would set it.
+fn memory_of(dir: &Path) -> Vec<u8> {
+    let size = vmm::snapshot::read_manifest(dir).unwrap().mem_bytes;
+    let mem = vmm::memory::create(size).unwrap();
+    vmm::snapshot::load(dir, Some(&mem)).unwrap();
+    vmm::memory::read(&mem, 0, size as usize).unwrap()
+}
+
+fn assert_same_memory(a: &Path, b: &Path) {
+    let (a, b) = (memory_of(a), memory_of(b));
+    let first = a.iter().zip(&b).position(|(x, y)| x != y);
+    assert!(first.is_none(), "memory differs first at {:#x}", first.unwrap_or(0));
+}
+
+fn manifest(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
+}
+
 #[test]
 fn a_restored_chain_equals_the_source_memory_byte_for_byte() {
     require_kvm();
     let dir = make_chain();
+    assert_same_memory(&dir.path().join("d2"), &dir.path().join("full3"));
+}
+
+#[test]
+fn merging_diffs_rolls_the_full_base_forward() {
+    require_kvm();
+    let dir = make_chain();
     let d = dir.path();
-    let size = 256 << 20;
-    let chain = vmm::memory::create(size).unwrap();
-    vmm::snapshot::load(&d.join("d2"), Some(&chain)).unwrap();
-    let full = vmm::memory::create(size).unwrap();
-    vmm::snapshot::load(&d.join("full3"), Some(&full)).unwrap();
-    let (a, b) = (vmm::memory::read(&chain, 0, size as usize).unwrap(), vmm::memory::read(&full, 0, size as usize).unwrap());
-    let first = a.iter().zip(&b).position(|(x, y)| x != y);
-    assert!(first.is_none(), "memory differs first at {:#x}", first.unwrap_or(0));
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let (full_id, d1_id, d2_id) = (manifest(&d.join("full"))["id"].clone(), manifest(&d.join("d1"))["id"].clone(), manifest(&d.join("d2"))["id"].clone());
+    // Only a diff onto its own base.
+    let r = vmm(&["snapshot", "merge", &p("d2"), "--into", &p("full")]);
+    assert_eq!(r.code, 64, "{r:?}");
+    assert!(r.stderr.contains("its base is snapshot"), "{r:?}");
+    let r = vmm(&["snapshot", "merge", &p("full3"), "--into", &p("full")]);
+    assert_eq!(r.code, 64, "{r:?}");
+    assert!(r.stderr.contains("only a diff can be merged"), "{r:?}");
+    assert_eq!(manifest(&d.join("full"))["id"], full_id, "refused merges leave the base alone");
+
+    let r = vmm(&["snapshot", "merge", &p("d1"), "--into", &p("full")]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let m = manifest(&d.join("full"));
+    assert_eq!((m["id"].clone(), m["kind"].as_str()), (d1_id, Some("full")), "{m}");
+    assert_eq!(m["merged"], serde_json::json!([full_id]));
+    // d2 was built on d1: its chain now goes through the merged base.
+    let v = vmm(&["snapshot", "verify", &p("d2")]);
+    assert_eq!(v.code, 0, "{v:?}");
+    assert!(v.stdout.contains("chain of 2 snapshot(s)"), "{v:?}");
+    assert_same_memory(&d.join("d2"), &d.join("full3"));
+
+    // Rolling on: the base becomes d2's point in time, equal to a full snapshot there.
+    let r = vmm(&["snapshot", "merge", &p("d2"), "--into", &p("full")]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(manifest(&d.join("full"))["id"], d2_id);
+    assert_same_memory(&d.join("full"), &d.join("full3"));
+    let entries: Vec<_> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert!(entries.iter().all(|n| !n.contains(".tmp-")), "no staging left: {entries:?}");
+    let r = vmm(&["run", "--restore", &p("full"), "--timeout", "60"]);
+    assert_eq!(r.code, 0, "the merged snapshot runs the workload to the end: {r:?}");
+}
+
+#[test]
+fn a_diff_merges_into_a_diff() {
+    require_kvm();
+    let dir = make_chain();
+    let d = dir.path();
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let (n1, n2) = (manifest(&d.join("d1"))["pages"].as_u64().unwrap(), manifest(&d.join("d2"))["pages"].as_u64().unwrap());
+    let r = vmm(&["snapshot", "merge", &p("d2"), "--into", &p("d1")]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let m = manifest(&d.join("d1"));
+    assert_eq!(m["kind"], "diff");
+    let pages = m["pages"].as_u64().unwrap();
+    assert!(pages >= n1.max(n2) && pages <= n1 + n2, "union of {n1} and {n2} pages: {pages}");
+    assert_same_memory(&d.join("d1"), &d.join("full3"));
+    // A flipped byte in the base is refused and the base is left as it was.
+    let mem = d.join("full/memory.bin");
+    let mut bytes = std::fs::read(&mem).unwrap();
+    bytes[4096 * 300] ^= 0x40;
+    std::fs::write(&mem, &bytes).unwrap();
+    let r = vmm(&["snapshot", "merge", &p("d1"), "--into", &p("full")]);
+    assert_eq!(r.code, 64, "{r:?}");
+    assert!(r.stderr.contains("memory.bin does not match its checksum"), "{r:?}");
+    assert_eq!(std::fs::read(&mem).unwrap(), bytes, "untouched");
+    bytes[4096 * 300] ^= 0x40;
+    std::fs::write(&mem, &bytes).unwrap();
+    let r = vmm(&["snapshot", "merge", &p("d1"), "--into", &p("full")]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_same_memory(&d.join("full"), &d.join("full3"));
+    let r = vmm(&["run", "--restore", &p("full"), "--timeout", "60"]);
+    assert_eq!(r.code, 0, "{r:?}");
 }
 
 #[test]

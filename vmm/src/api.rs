@@ -15,6 +15,7 @@
 use crate::control::{Control, Phase};
 use crate::runner::VcpuContext;
 use crate::memory::GuestMem;
+use crate::progress::Progress;
 use crate::softdirty::{ClearRefs, PageInfo, Tracker};
 use kvm_ioctls::{VcpuFd, VmFd};
 use serde::Deserialize;
@@ -60,8 +61,9 @@ pub enum Request {
     /// Pages written per second over `seconds`, for the VM and per process.
     DirtyRate { seconds: Option<f64> },
     /// Snapshot the VM into directory `out` (a diff against the previous snapshot with
-    /// `diff`), then let it go on.
-    SnapshotCreate { out: String, diff: Option<bool> },
+    /// `diff`), then let it go on. With `progress`, `{"progress":{"done":B,"total":B}}`
+    /// lines precede the answer.
+    SnapshotCreate { out: String, diff: Option<bool>, progress: Option<bool> },
 }
 
 fn ok(mut v: Value) -> Value {
@@ -178,7 +180,9 @@ fn serve(stream: UnixStream, control: &Control<VcpuContext>) {
         }
         IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let response = match serde_json::from_slice::<Request>(&line) {
-            Ok(req) => handle(req, control),
+            Ok(req) => handle(req, control, &mut |v| {
+                let _ = reply(&mut writer, v);
+            }),
             Err(e) => error(format!("bad request: {e}")),
         };
         let sent = reply(&mut writer, &response);
@@ -226,8 +230,28 @@ fn answer(r: Result<Value, String>) -> Value {
     }
 }
 
-/// Answers one request.
-pub fn handle(req: Request, control: &Control<VcpuContext>) -> Value {
+/// Runs a long job on the vCPU thread; with `report`, emits its progress as lines of
+/// `{"progress":{"done":B,"total":B}}` every 200 ms meanwhile.
+fn call_reporting<R: Send + 'static>(
+    control: &Control<VcpuContext>,
+    report: bool,
+    emit: &mut dyn FnMut(&Value),
+    job: impl FnOnce(&mut VcpuContext, &Progress) -> R + Send + 'static,
+) -> Result<R, String> {
+    let progress = Arc::new(Progress::default());
+    let theirs = progress.clone();
+    let mut last = std::time::Instant::now();
+    control.call_ticking(move |ctx| job(ctx, &theirs), || {
+        if report && last.elapsed() >= Duration::from_millis(200) {
+            last = std::time::Instant::now();
+            let (done, total) = progress.get();
+            emit(&json!({"progress": {"done": done, "total": total}}));
+        }
+    })
+}
+
+/// Answers one request. Long requests may `emit` progress lines before the answer.
+pub fn handle(req: Request, control: &Control<VcpuContext>, emit: &mut dyn FnMut(&Value)) -> Value {
     match req {
         Request::Status {} => {
             let mut v = phase_json(&control.phase());
@@ -318,14 +342,11 @@ pub fn handle(req: Request, control: &Control<VcpuContext>) -> Value {
                 })).collect::<Vec<_>>(),
             }))
         })()),
-        Request::SnapshotCreate { out, diff } => answer(
-            control
-                .call(move |ctx: &mut VcpuContext| {
-                    crate::snapshot::create(ctx, std::path::Path::new(&out), diff.unwrap_or(false))
-                        .map(|r| json!(r))
-                        .map_err(|e| e.to_string())
-                })
-                .and_then(|r| r),
+        Request::SnapshotCreate { out, diff, progress } => answer(
+            call_reporting(control, progress == Some(true), emit, move |ctx, p| {
+                crate::snapshot::create(ctx, Path::new(&out), diff.unwrap_or(false), p).map(|r| json!(r)).map_err(|e| e.to_string())
+            })
+            .and_then(|r| r),
         ),
         Request::Wait { label, timeout_ms } => {
             let timeout = Duration::from_millis(timeout_ms.unwrap_or(60_000).min(24 * 3600 * 1000));
@@ -339,17 +360,30 @@ pub fn handle(req: Request, control: &Control<VcpuContext>) -> Value {
 
 /// Client side: sends one request and returns the response object.
 pub fn call(path: &Path, request: &Value) -> Result<Value, ClientError> {
+    call_with_progress(path, request, |_, _| {})
+}
+
+/// [`call`] for long requests sent with `"progress": true`: `on_progress(done, total)`
+/// gets each progress line before the answer.
+pub fn call_with_progress(path: &Path, request: &Value, mut on_progress: impl FnMut(u64, u64)) -> Result<Value, ClientError> {
     let mut stream = UnixStream::connect(path).map_err(|source| ClientError::Connect { path: path.to_path_buf(), source })?;
     let io = |source| ClientError::Io { path: path.to_path_buf(), source };
     let mut line = serde_json::to_vec(request).expect("a JSON value serializes");
     line.push(b'\n');
     stream.write_all(&line).map_err(io)?;
-    let mut response = String::new();
-    BufReader::new(stream).read_line(&mut response).map_err(io)?;
-    let v: Value = serde_json::from_str(&response).map_err(|e| ClientError::BadResponse {
-        path: path.to_path_buf(),
-        detail: e.to_string(),
-    })?;
+    let mut reader = BufReader::new(stream);
+    let v = loop {
+        let mut response = String::new();
+        reader.read_line(&mut response).map_err(io)?;
+        let v: Value = serde_json::from_str(&response).map_err(|e| ClientError::BadResponse {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        match v.get("progress") {
+            Some(p) if v.get("ok").is_none() => on_progress(p["done"].as_u64().unwrap_or(0), p["total"].as_u64().unwrap_or(0)),
+            _ => break v,
+        }
+    };
     if v["ok"] == json!(true) {
         Ok(v)
     } else {

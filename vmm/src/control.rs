@@ -185,6 +185,16 @@ impl<C> Control<C> {
 
     /// Runs `job` on the vCPU thread with the guest stopped, and returns its result.
     pub fn call<R: Send + 'static>(&self, job: impl FnOnce(&mut C) -> R + Send + 'static) -> Result<R, String> {
+        self.call_ticking(job, || {})
+    }
+
+    /// [`Control::call`], calling `tick` every few milliseconds while the job runs (to
+    /// report its progress).
+    pub fn call_ticking<R: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut C) -> R + Send + 'static,
+        mut tick: impl FnMut(),
+    ) -> Result<R, String> {
         let (tx, rx) = mpsc::channel();
         {
             let mut s = lock(&self.state);
@@ -201,6 +211,7 @@ impl<C> Control<C> {
             match rx.recv_timeout(Duration::from_millis(5)) {
                 Ok(r) => return Ok(r),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
+                    tick();
                     if let Phase::Finished(how) = self.phase() {
                         return Err(format!("the VM has finished ({how})"));
                     }

@@ -16,6 +16,8 @@ pub enum ExitCode {
     Unavailable,
     /// A VMM or KVM failure.
     Internal,
+    /// Writing the output failed (disk full, I/O error); nothing was half-written.
+    IoError,
     /// The guest crashed: triple fault, emulation failure, kernel panic.
     GuestCrashed,
     /// The guest did not finish within `--timeout`.
@@ -31,6 +33,7 @@ impl ExitCode {
             ExitCode::Refused => 65,
             ExitCode::Unavailable => 69,
             ExitCode::Internal => 70,
+            ExitCode::IoError => 74,
             ExitCode::GuestCrashed => 71,
             ExitCode::Timeout => 124,
         }

@@ -152,6 +152,13 @@ enum SnapshotCommand {
     },
     /// Check a snapshot and its chain of bases: formats, sizes, bases, checksums.
     Verify { dir: PathBuf },
+    /// Fold diff DIR into its base BASE: BASE is replaced, atomically, by a snapshot of
+    /// DIR's point in time (DIR's id and state). Later diffs built on DIR still restore.
+    Merge {
+        dir: PathBuf,
+        #[arg(long)]
+        into: PathBuf,
+    },
 }
 
 fn parse_hex(s: &str) -> Result<u64, String> {
@@ -306,8 +313,11 @@ fn main_code() -> ExitCode {
         },
         Command::Snapshot(SnapshotCommand::Create { api_sock, out, diff }) => {
             let out = if out.is_absolute() { out } else { std::env::current_dir().map(|d| d.join(&out)).unwrap_or(out) };
-            let req = json!({"cmd": "snapshot-create", "out": out.display().to_string(), "diff": diff});
-            match api::call(&api_sock, &req) {
+            let mut bar = vmm::progress::Bar::new("snapshot");
+            let req = json!({"cmd": "snapshot-create", "out": out.display().to_string(), "diff": diff, "progress": bar.enabled()});
+            let answer = api::call_with_progress(&api_sock, &req, |done, total| bar.draw(done, total));
+            bar.finish();
+            match answer {
                 Ok(v) => {
                     println!("{} snapshot {} -> {}: {} pages, {} bytes, VM paused {:.1} ms", v["kind"].as_str().unwrap_or("?"),
                         v["id"].as_str().unwrap_or("?"), out.display(), v["pages"], v["bytes"],
@@ -315,6 +325,30 @@ fn main_code() -> ExitCode {
                     ExitCode::Success
                 }
                 Err(e) => fail(client_code(&e), e),
+            }
+        }
+        Command::Snapshot(SnapshotCommand::Merge { dir, into }) => {
+            let progress = std::sync::Arc::new(vmm::progress::Progress::default());
+            let worker = {
+                let progress = progress.clone();
+                std::thread::spawn(move || vmm::snapshot::merge(&dir, &into, &progress).map(|m| (m, into)))
+            };
+            let mut bar = vmm::progress::Bar::new("merge");
+            while !worker.is_finished() {
+                let (done, total) = progress.get();
+                bar.draw(done, total);
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            bar.finish();
+            match worker.join() {
+                Ok(Ok((m, into))) => {
+                    println!("merged into {}: now {} snapshot {}, {} pages, {} bytes", into.display(),
+                        if m.kind == vmm::snapshot::Kind::Full { "full" } else { "diff" }, m.id, m.pages, m.bytes);
+                    ExitCode::Success
+                }
+                Ok(Err(e @ vmm::snapshot::Error::Durable(_))) => fail(ExitCode::IoError, e),
+                Ok(Err(e)) => fail(ExitCode::BadInput, e),
+                Err(_) => fail(ExitCode::Internal, "the merge panicked"),
             }
         }
         Command::Snapshot(SnapshotCommand::Verify { dir }) => match vmm::snapshot::load(&dir, None) {

@@ -1,0 +1,277 @@
+//! Full and diff snapshots of the whole VM: writing them ([`create`]), folding a diff
+//! into its base ([`merge`]), reading and checking a chain ([`load`]), and restoring
+//! ([`apply`]). Format and guarantees: docs/snapshots.md.
+//!
+//! A snapshot is a directory:
+//!
+//! ```text
+//! DIR/manifest.json   format, version, id, kind (full|diff), base {path, id}, guest size,
+//!                     engine, guest image sha256, page count, sha256 of every file,
+//!                     ids merged into it
+//! DIR/state.bin       vCPU and VM state: tagged sections of KVM's own structs
+//! DIR/memory.bin      full: guest RAM as one sparse file (zero pages are holes)
+//!                     diff: the pages written since the base, in pfn order
+//! DIR/pages.bin       diff only: their frame numbers, u64 little endian
+//! ```
+//!
+//! Writing is transactional (see [`crate::durable`]); reading checks format, version,
+//! sizes and every checksum, and every base's id, before a byte is used.
+
+mod create;
+mod merge;
+mod state;
+
+pub use create::{create, Report};
+pub use merge::{merge, Merged};
+pub use state::{apply, Sections};
+
+use crate::engine::EngineKind;
+use crate::memory::GuestMem;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use vm_memory::{Bytes, GuestAddress};
+
+pub const FORMAT: &str = "softdirty-vmm-snapshot";
+pub const VERSION: u32 = 1;
+const PAGE: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("snapshot {path} is invalid: {why}")]
+    Invalid { path: PathBuf, why: String },
+    #[error("no base snapshot: create a full snapshot of this VM first")]
+    NoBase,
+    #[error("cannot merge {dir} into {into}: {why}")]
+    Merge { dir: PathBuf, into: PathBuf, why: String },
+    #[error("KVM {op} failed: {source}")]
+    Kvm { op: &'static str, source: kvm_ioctls::Error },
+    #[error(transparent)]
+    Durable(#[from] crate::durable::Error),
+    #[error(transparent)]
+    Log(#[from] crate::dirty_log::Error),
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_path_buf(), source }
+}
+
+fn kvm<T>(op: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, Error> {
+    r.map_err(|source| Error::Kvm { op, source })
+}
+
+fn invalid(path: &Path, why: impl Into<String>) -> Error {
+    Error::Invalid { path: path.to_path_buf(), why: why.into() }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Full,
+    Diff,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseRef {
+    pub path: String,
+    pub id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub id: String,
+    pub kind: Kind,
+    pub base: Option<BaseRef>,
+    pub mem_bytes: u64,
+    pub engine: EngineKind,
+    pub image_sha256: String,
+    pub pages: u64,
+    pub files: BTreeMap<String, String>,
+    /// Ids of the snapshots folded into this one by `merge`, oldest first (it stands in
+    /// for each of them as the base of later diffs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged: Vec<String>,
+}
+
+/// The last snapshot written by this VM (the base of the next diff).
+#[derive(Debug, Clone)]
+pub struct Last {
+    pub path: PathBuf,
+    pub id: String,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex(&Sha256::digest(data))
+}
+
+/// A fresh random-enough id for a snapshot or dump (16 hex digits).
+pub fn new_id() -> String {
+    let mut seed = [0u8; 16];
+    // getrandom(2) cannot fail for 16 bytes once the pool is initialized; fall back to
+    // time and pid if it does.
+    // SAFETY: writes at most 16 bytes into `seed`.
+    let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+    let extra = if n == 16 { String::new() } else { format!("{:?}{}", std::time::SystemTime::now(), std::process::id()) };
+    let mut h = Sha256::new();
+    h.update(seed);
+    h.update(extra.as_bytes());
+    hex(&h.finalize())[..16].to_string()
+}
+
+/// Reads `name` from snapshot `dir`, checking it against the manifest's checksum.
+fn read_checked(dir: &Path, m: &Manifest, name: &str) -> Result<Vec<u8>, Error> {
+    let path = dir.join(name);
+    let data = std::fs::read(&path).map_err(io(&path))?;
+    check_sum(dir, m, name, &sha256_hex(&data))?;
+    Ok(data)
+}
+
+fn check_sum(dir: &Path, m: &Manifest, name: &str, have: &str) -> Result<(), Error> {
+    let want = m.files.get(name).ok_or_else(|| invalid(dir, format!("manifest lists no {name}")))?;
+    if have != want {
+        return Err(invalid(dir, format!("{name} does not match its checksum (corrupted or truncated)")));
+    }
+    Ok(())
+}
+
+pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
+    let path = dir.join("manifest.json");
+    let raw = std::fs::read(&path).map_err(io(&path))?;
+    let m: Manifest = serde_json::from_slice(&raw).map_err(|e| invalid(dir, format!("manifest.json: {e}")))?;
+    if m.format != FORMAT || m.version != VERSION {
+        return Err(invalid(dir, format!("format {} version {} is not {FORMAT} {VERSION}", m.format, m.version)));
+    }
+    if m.mem_bytes == 0 || m.mem_bytes % PAGE != 0 || m.mem_bytes > guest_abi::MAX_MEM {
+        return Err(invalid(dir, format!("guest size {} is not valid", m.mem_bytes)));
+    }
+    if (m.kind == Kind::Diff) != m.base.is_some() {
+        return Err(invalid(dir, "a diff needs a base and a full snapshot has none"));
+    }
+    Ok(m)
+}
+
+/// A diff's pages, checked: (frame numbers, their contents back to back).
+fn read_diff_pages(dir: &Path, m: &Manifest) -> Result<(Vec<u64>, Vec<u8>), Error> {
+    let data = read_checked(dir, m, "memory.bin")?;
+    let raw = read_checked(dir, m, "pages.bin")?;
+    if raw.len() as u64 != m.pages * 8 || data.len() as u64 != m.pages * PAGE {
+        return Err(invalid(dir, "page count does not match pages.bin and memory.bin"));
+    }
+    let pfns: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+    for w in pfns.windows(2) {
+        if w[0] >= w[1] {
+            return Err(invalid(dir, format!("pages.bin is not in increasing order at frame {:#x}", w[1])));
+        }
+    }
+    if let Some(&last) = pfns.last() {
+        if last.checked_mul(PAGE).is_none_or(|a| a + PAGE > m.mem_bytes) {
+            return Err(invalid(dir, format!("page {last:#x} is outside the guest")));
+        }
+    }
+    Ok((pfns, data))
+}
+
+/// Streams a full snapshot's memory.bin, checking its size and checksum; `sink` gets
+/// each chunk with its offset.
+fn read_full_memory(dir: &Path, m: &Manifest, mut sink: impl FnMut(u64, &[u8]) -> Result<(), Error>) -> Result<(), Error> {
+    let path = dir.join("memory.bin");
+    let mut f = std::fs::File::open(&path).map_err(io(&path))?;
+    let len = f.metadata().map_err(io(&path))?.len();
+    if len != m.mem_bytes {
+        return Err(invalid(dir, format!("memory.bin holds {len} bytes, not the guest's {}", m.mem_bytes)));
+    }
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(io(&path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        sink(off, &buf[..n])?;
+        off += n as u64;
+    }
+    check_sum(dir, m, "memory.bin", &hex(&hasher.finalize()))
+}
+
+/// A snapshot read back and checked.
+pub struct Loaded {
+    pub manifest: Manifest,
+    pub state: Sections,
+    /// Manifests from the base to this one.
+    pub chain: Vec<Manifest>,
+}
+
+/// Follows `dir`'s bases back to a full snapshot. A link `{path, id}` holds if the
+/// snapshot at `path` has that id; if instead it carries the id of the snapshot the
+/// link starts from, that snapshot was merged into it, which then takes its place.
+pub fn resolve_chain(dir: &Path) -> Result<Vec<(PathBuf, Manifest)>, Error> {
+    let mut chain = vec![(dir.to_path_buf(), read_manifest(dir)?)];
+    while let Some(base) = chain.last().expect("non-empty").1.base.clone() {
+        if chain.len() > 1000 {
+            return Err(invalid(dir, "the chain of bases is longer than 1000 (a loop?)"));
+        }
+        let bdir = PathBuf::from(&base.path);
+        let bm = read_manifest(&bdir)?;
+        let top = &chain.last().expect("non-empty").1;
+        if bm.mem_bytes != top.mem_bytes || bm.image_sha256 != top.image_sha256 {
+            return Err(invalid(&bdir, "guest size or image differs from the snapshot built on it"));
+        }
+        if bm.id == base.id {
+            chain.push((bdir, bm));
+        } else if bm.id == top.id && bm.merged.contains(&base.id) {
+            // `top` was folded into its base: the merged snapshot replaces it.
+            chain.pop();
+            chain.push((bdir, bm));
+        } else {
+            return Err(invalid(&bdir, format!("is snapshot {}, but {} expects base {}", bm.id, top.id, base.id)));
+        }
+    }
+    chain.reverse();
+    Ok(chain)
+}
+
+/// Follows a snapshot's chain back to its full base, checking every link and
+/// checksum, and writes the resulting memory into `mem` (of the snapshot's size) when
+/// given. Memory is written only from files whose checksums are being verified; the
+/// caller must not run a VM unless this returns `Ok`.
+pub fn load(dir: &Path, mem: Option<&GuestMem>) -> Result<Loaded, Error> {
+    let chain = resolve_chain(dir)?;
+    for (d, m) in &chain {
+        let bad_mem = |e: vm_memory::GuestMemoryError| invalid(d, e.to_string());
+        if m.kind == Kind::Full {
+            read_full_memory(d, m, |off, chunk| match mem {
+                Some(mem) => mem.write_slice(chunk, GuestAddress(off)).map_err(bad_mem),
+                None => Ok(()),
+            })?;
+        } else {
+            let (pfns, data) = read_diff_pages(d, m)?;
+            if let Some(mem) = mem {
+                for (i, pfn) in pfns.iter().enumerate() {
+                    let page = &data[i * PAGE as usize..(i + 1) * PAGE as usize];
+                    mem.write_slice(page, GuestAddress(pfn * PAGE)).map_err(bad_mem)?;
+                }
+            }
+        }
+    }
+    let (top_dir, manifest) = chain.last().expect("non-empty").clone();
+    let state_raw = read_checked(&top_dir, &manifest, "state.bin")?;
+    let state = state::decode(&state_raw).ok_or_else(|| invalid(&top_dir, "state.bin is malformed"))?;
+    for tag in state::TAGS {
+        if !state.contains_key(tag) {
+            return Err(invalid(&top_dir, format!("state.bin lacks '{tag}'")));
+        }
+    }
+    Ok(Loaded { manifest, state, chain: chain.into_iter().map(|(_, m)| m).collect() })
+}

@@ -131,9 +131,33 @@ impl Live {
     }
 
     /// Waits for the VMM to end and returns what it printed.
-    pub fn finish(self) -> Run {
-        let out = self.child.wait_with_output().expect("wait for vmm");
-        Run::from(out)
+    pub fn finish(mut self) -> Run {
+        use std::io::Read;
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let (stdout, stderr) = (self.child.stdout.take(), self.child.stderr.take());
+        let reader = std::thread::spawn(move || {
+            let mut err = Vec::new();
+            if let Some(mut e) = stderr {
+                let _ = e.read_to_end(&mut err);
+            }
+            err
+        });
+        if let Some(mut o) = stdout {
+            let _ = o.read_to_end(&mut out);
+        }
+        err.extend(reader.join().unwrap_or_default());
+        let status = self.child.wait().expect("wait for vmm");
+        Run { code: status.code().unwrap_or(-1), stdout: String::from_utf8_lossy(&out).into_owned(), stderr: String::from_utf8_lossy(&err).into_owned() }
+    }
+}
+
+impl Drop for Live {
+    /// A test that fails half-way must not leave a VMM paused at a sync forever.
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 

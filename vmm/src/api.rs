@@ -64,6 +64,9 @@ pub enum Request {
     /// `diff`), then let it go on. With `progress`, `{"progress":{"done":B,"total":B}}`
     /// lines precede the answer.
     SnapshotCreate { out: String, diff: Option<bool>, progress: Option<bool> },
+    /// Dump process `pid` into directory `out`: every present page, or with `prev` (its
+    /// latest dump) only the pages soft-dirty since; then clear its soft-dirty bits.
+    Dump { pid: u32, out: String, prev: Option<String>, progress: Option<bool> },
 }
 
 fn ok(mut v: Value) -> Value {
@@ -345,6 +348,14 @@ pub fn handle(req: Request, control: &Control<VcpuContext>, emit: &mut dyn FnMut
         Request::SnapshotCreate { out, diff, progress } => answer(
             call_reporting(control, progress == Some(true), emit, move |ctx, p| {
                 crate::snapshot::create(ctx, Path::new(&out), diff.unwrap_or(false), p).map(|r| json!(r)).map_err(|e| e.to_string())
+            })
+            .and_then(|r| r),
+        ),
+        Request::Dump { pid, out, prev, progress } => answer(
+            call_reporting(control, progress == Some(true), emit, move |ctx, p| {
+                crate::dump::create(ctx, pid, Path::new(&out), prev.as_deref().map(Path::new), p)
+                    .map(|r| json!(r))
+                    .map_err(|e| e.to_string())
             })
             .and_then(|r| r),
         ),

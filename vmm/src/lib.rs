@@ -11,6 +11,7 @@ pub mod devices;
 pub mod engine;
 pub mod dirty_log;
 pub mod dirty_ring;
+pub mod dump;
 pub mod durable;
 pub mod exit_code;
 pub mod guest_os;

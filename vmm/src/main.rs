@@ -11,6 +11,8 @@ use vmm::run::{self, RunOptions};
 use vmm::runner::Outcome;
 use vmm::summary::{Hook, SummaryHook};
 
+mod store_cli;
+
 #[derive(Parser)]
 #[command(name = "vmm", version, about = "Per-process soft-dirty tracking of a KVM guest, from outside")]
 struct Cli {
@@ -51,7 +53,10 @@ enum Command {
     },
     /// Snapshots of a running VM.
     #[command(subcommand)]
-    Snapshot(SnapshotCommand),
+    Snapshot(store_cli::SnapshotCommand),
+    /// Dump one guest process's memory from outside (CRIU-style), incrementally with
+    /// --prev; or `dump verify DIR`.
+    Dump(store_cli::DumpArgs),
     /// Pages written per second, for the whole VM and per guest process.
     DirtyRate {
         #[arg(long)]
@@ -138,29 +143,6 @@ enum Command {
     },
 }
 
-#[derive(Subcommand)]
-enum SnapshotCommand {
-    /// Pause the VM, write a full snapshot (or, with --diff, the pages written since the
-    /// previous one) to DIR, and let it go on.
-    Create {
-        #[arg(long)]
-        api_sock: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long)]
-        diff: bool,
-    },
-    /// Check a snapshot and its chain of bases: formats, sizes, bases, checksums.
-    Verify { dir: PathBuf },
-    /// Fold diff DIR into its base BASE: BASE is replaced, atomically, by a snapshot of
-    /// DIR's point in time (DIR's id and state). Later diffs built on DIR still restore.
-    Merge {
-        dir: PathBuf,
-        #[arg(long)]
-        into: PathBuf,
-    },
-}
-
 fn parse_hex(s: &str) -> Result<u64, String> {
     let digits = s.strip_prefix("0x").unwrap_or(s);
     u64::from_str_radix(digits, 16).map_err(|_| format!("'{s}' is not a hex address"))
@@ -227,12 +209,12 @@ fn print_rates(v: &serde_json::Value) {
     }
 }
 
-fn fail(code: ExitCode, msg: impl std::fmt::Display) -> ExitCode {
+pub(crate) fn fail(code: ExitCode, msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("vmm: error: {msg}");
     code
 }
 
-fn client_code(e: &ClientError) -> ExitCode {
+pub(crate) fn client_code(e: &ClientError) -> ExitCode {
     match e {
         ClientError::Connect { .. } | ClientError::Io { .. } => ExitCode::Unavailable,
         ClientError::BadResponse { .. } => ExitCode::Internal,
@@ -311,56 +293,8 @@ fn main_code() -> ExitCode {
             }
             Err(e) => fail(client_code(&e), e),
         },
-        Command::Snapshot(SnapshotCommand::Create { api_sock, out, diff }) => {
-            let out = if out.is_absolute() { out } else { std::env::current_dir().map(|d| d.join(&out)).unwrap_or(out) };
-            let mut bar = vmm::progress::Bar::new("snapshot");
-            let req = json!({"cmd": "snapshot-create", "out": out.display().to_string(), "diff": diff, "progress": bar.enabled()});
-            let answer = api::call_with_progress(&api_sock, &req, |done, total| bar.draw(done, total));
-            bar.finish();
-            match answer {
-                Ok(v) => {
-                    println!("{} snapshot {} -> {}: {} pages, {} bytes, VM paused {:.1} ms", v["kind"].as_str().unwrap_or("?"),
-                        v["id"].as_str().unwrap_or("?"), out.display(), v["pages"], v["bytes"],
-                        v["pause_ns"].as_f64().unwrap_or(0.0) / 1e6);
-                    ExitCode::Success
-                }
-                Err(e) => fail(client_code(&e), e),
-            }
-        }
-        Command::Snapshot(SnapshotCommand::Merge { dir, into }) => {
-            let progress = std::sync::Arc::new(vmm::progress::Progress::default());
-            let worker = {
-                let progress = progress.clone();
-                std::thread::spawn(move || vmm::snapshot::merge(&dir, &into, &progress).map(|m| (m, into)))
-            };
-            let mut bar = vmm::progress::Bar::new("merge");
-            while !worker.is_finished() {
-                let (done, total) = progress.get();
-                bar.draw(done, total);
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            bar.finish();
-            match worker.join() {
-                Ok(Ok((m, into))) => {
-                    println!("merged into {}: now {} snapshot {}, {} pages, {} bytes", into.display(),
-                        if m.kind == vmm::snapshot::Kind::Full { "full" } else { "diff" }, m.id, m.pages, m.bytes);
-                    ExitCode::Success
-                }
-                Ok(Err(e @ vmm::snapshot::Error::Durable(_))) => fail(ExitCode::IoError, e),
-                Ok(Err(e)) => fail(ExitCode::BadInput, e),
-                Err(_) => fail(ExitCode::Internal, "the merge panicked"),
-            }
-        }
-        Command::Snapshot(SnapshotCommand::Verify { dir }) => match vmm::snapshot::load(&dir, None) {
-            Ok(l) => {
-                for m in &l.chain {
-                    println!("{} {:?} {} pages, {} MiB guest, engine {}", m.id, m.kind, m.pages, m.mem_bytes >> 20, m.engine.name());
-                }
-                println!("ok: chain of {} snapshot(s) verified", l.chain.len());
-                ExitCode::Success
-            }
-            Err(e) => fail(ExitCode::BadInput, e),
-        },
+        Command::Snapshot(c) => store_cli::snapshot(c),
+        Command::Dump(d) => store_cli::dump(d),
         Command::DirtyRate { api_sock, seconds, json } => {
             let secs = match seconds_arg("--seconds", seconds) {
                 Ok(t) => t.as_secs_f64(),

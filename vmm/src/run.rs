@@ -163,7 +163,8 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
         path: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()),
         id: l.manifest.id.clone(),
     });
-    let ctx = VcpuContext { mem, vm, vcpu, symbols, tracker, exits: Default::default(), last_snapshot, image_sha256 };
+    let ctx = VcpuContext { mem, vm, vcpu, symbols, tracker, exits: Default::default(), last_snapshot, image_sha256,
+        dumps: Default::default() };
     let mut runner = Runner { ctx, devices, control: control.clone(), pause_at_sync: opts.api_sock.is_some(), hook };
     let result = runner.run();
     control.finish(match &result {

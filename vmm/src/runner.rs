@@ -58,6 +58,8 @@ pub struct VcpuContext {
     pub last_snapshot: Option<crate::snapshot::Last>,
     /// sha256 of the guest image (snapshots record it).
     pub image_sha256: String,
+    /// Each pid's latest dump (the only valid `--prev` of its next one).
+    pub dumps: std::collections::HashMap<u32, crate::dump::Last>,
 }
 
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]

@@ -112,6 +112,8 @@ pub struct Tracker {
     walker: Walker,
     /// Each cleared pid's mappings at its last soft-dirty clear.
     cleared: HashMap<u32, Vec<Mapping>>,
+    /// How many times each pid's soft-dirty bits were cleared (dumps check it).
+    clear_counts: HashMap<u32, u64>,
     trap: Option<u64>,
     /// Registers travel through `kvm_run` (KVM_CAP_SYNC_REGS).
     sync_regs: bool,
@@ -134,11 +136,17 @@ impl Tracker {
             engine,
             walker: Walker::new(PagingMode::Level4),
             cleared: HashMap::new(),
+            clear_counts: HashMap::new(),
             trap: None,
             stepping: false,
             log,
             stats: Stats::default(),
         }
+    }
+
+    /// Soft-dirty clears of `pid` so far (`clear-refs 4`, and each dump's own).
+    pub fn clears_of(&self, pid: u32) -> u64 {
+        self.clear_counts.get(&pid).copied().unwrap_or(0)
     }
 
     pub fn engine(&self) -> EngineKind {
@@ -219,6 +227,7 @@ impl Tracker {
                 // VMM-writes bitmap; harvest them now so page-table pages do not linger.
                 self.log.clear(vm, &protect)?;
                 self.cleared.insert(pid, p.mappings.clone());
+                *self.clear_counts.entry(pid).or_default() += 1;
                 self.stats.clears += 1;
                 self.stats.pages_write_protected += changed;
                 if self.engine == EngineKind::Pte {

@@ -1,0 +1,189 @@
+//! Writing a dump of one process, with the guest stopped.
+
+use super::{encode_runs, read_manifest, Counts, Error, Kind, Manifest, MappingRecord, PrevRef, Run, FORMAT, PAGE, VERSION};
+use crate::durable::{io, Staging};
+use crate::progress::Progress;
+use crate::runner::VcpuContext;
+use crate::softdirty::{ClearRefs, PageInfo};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use vm_memory::{Bytes, GuestAddress};
+
+/// The latest dump of a pid by this VMM: the only valid `--prev` for its next dump.
+#[derive(Debug, Clone)]
+pub struct Last {
+    pub path: PathBuf,
+    pub id: String,
+    /// The pid's soft-dirty clear count right after that dump's own clear.
+    pub clears: u64,
+}
+
+/// What `create` wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub id: String,
+    pub pid: u32,
+    pub counts: Counts,
+    pub bytes: u64,
+    pub pause_ns: u64,
+}
+
+fn bad_prev(prev: &Path, why: impl Into<String>) -> Error {
+    Error::BadPrev { prev: prev.to_path_buf(), why: why.into() }
+}
+
+/// Checks that `prev` is the latest dump of `pid` by this VMM, with no soft-dirty
+/// clear since, and returns its reference and the addresses it holds pages for.
+fn check_prev(ctx: &VcpuContext, dumps: &std::collections::HashMap<u32, Last>, pid: u32, prev: &Path) -> Result<(PrevRef, Vec<(u64, u64)>), Error> {
+    let pm = read_manifest(prev).map_err(|e| bad_prev(prev, e.to_string()))?;
+    if pm.pid != pid {
+        return Err(bad_prev(prev, format!("it is a dump of pid {}, not of pid {pid}", pm.pid)));
+    }
+    let last = dumps.get(&pid).ok_or_else(|| {
+        bad_prev(prev, format!("this VMM has not dumped pid {pid}, so soft-dirty says nothing about what changed since; dump it without --prev first"))
+    })?;
+    if last.id != pm.id {
+        return Err(bad_prev(prev, format!("it is dump {}, but the latest dump of pid {pid} is {} ({})", pm.id, last.id, last.path.display())));
+    }
+    if ctx.tracker.clears_of(pid) != last.clears {
+        return Err(bad_prev(prev, format!(
+            "pid {pid}'s soft-dirty bits were cleared (clear-refs) after that dump, so what changed since is unknown; dump without --prev"
+        )));
+    }
+    let raw = super::read_checked(prev, &pm, "pagemap.bin").map_err(|e| bad_prev(prev, e.to_string()))?;
+    let runs = super::decode_runs(&raw, &pm.mappings).map_err(|why| bad_prev(prev, why))?;
+    let held = runs.iter().map(|r| (r.va, r.va + r.pages as u64 * PAGE)).collect();
+    Ok((PrevRef { path: last.path.display().to_string(), id: pm.id }, held))
+}
+
+/// Dumps `pid` into `out` (which must not exist): every present page, or with `prev`
+/// (the latest dump of `pid`) only those soft-dirty since. Then clears the pid's
+/// soft-dirty bits for the next round. Nothing is cleared if the dump fails.
+pub fn create(ctx: &mut VcpuContext, pid: u32, out: &Path, prev: Option<&Path>, progress: &Progress) -> Result<Report, Error> {
+    let t0 = std::time::Instant::now();
+    let mut dumps = std::mem::take(&mut ctx.dumps);
+    let result = write(ctx, &dumps, pid, out, prev, progress);
+    let result = result.and_then(|(report, path)| {
+        ctx.tracker.clear_refs(&ctx.mem, &ctx.vm, &ctx.vcpu, pid, ClearRefs::SoftDirty).map_err(|e| Error::Guest {
+            pid,
+            why: format!("dump {} was written, but clearing soft-dirty failed ({e}); the next dump must be a full one", report.id),
+        })?;
+        dumps.insert(pid, Last { path, id: report.id.clone(), clears: ctx.tracker.clears_of(pid) });
+        Ok(report)
+    });
+    ctx.dumps = dumps;
+    result.map(|r| Report { pause_ns: t0.elapsed().as_nanos() as u64, ..r })
+}
+
+fn write(
+    ctx: &mut VcpuContext,
+    dumps: &std::collections::HashMap<u32, Last>,
+    pid: u32,
+    out: &Path,
+    prev: Option<&Path>,
+    progress: &Progress,
+) -> Result<(Report, PathBuf), Error> {
+    let (prev_ref, held) = match prev {
+        Some(p) => {
+            let (r, h) = check_prev(ctx, dumps, pid, p)?;
+            (Some(r), h)
+        }
+        None => (None, Vec::new()),
+    };
+    let in_prev = |va: u64| {
+        let i = held.partition_point(|&(_, end)| end <= va);
+        held.get(i).is_some_and(|&(s, _)| s <= va)
+    };
+    let snap = ctx.tracker.snapshot(&ctx.mem)?;
+    let pages: Vec<PageInfo> = ctx.tracker.pagemap(&ctx.mem, &ctx.vm, pid, None)?;
+    let proc = snap.by_pid(pid).ok_or(crate::softdirty::Error::UnknownPid(pid))?;
+    let mut mappings: Vec<MappingRecord> = proc
+        .mappings
+        .iter()
+        .map(|m| MappingRecord { start: m.start, pages: m.pages, read_only: m.read_only, huge: m.huge, shared: m.shared })
+        .collect();
+    mappings.sort_by_key(|m| m.start);
+    let zero = snap.zero_frame / PAGE;
+    let huge_zero = (snap.huge_zero_frame != 0).then(|| snap.huge_zero_frame / PAGE..snap.huge_zero_frame / PAGE + 512);
+
+    // Classify every page, mapping by mapping (runs never cross a mapping's edge).
+    let by_addr: std::collections::HashMap<u64, &PageInfo> = pages.iter().map(|p| (p.addr, p)).collect();
+    let mut runs: Vec<Run> = Vec::new();
+    let mut data_pfns: Vec<(u64, u64)> = Vec::new(); // (va, pfn)
+    let mut counts = Counts::default();
+    for m in &mappings {
+        let mut open: Option<Run> = None;
+        for k in 0..m.pages {
+            let va = m.start + k * PAGE;
+            let kind = match by_addr.get(&va).filter(|p| p.entry.is_present()).and_then(|p| p.entry.pfn().map(|f| (p, f))) {
+                None => None,
+                Some((_, pfn)) if pfn == zero || huge_zero.as_ref().is_some_and(|z| z.contains(&pfn)) => Some(Kind::Zero),
+                Some((p, pfn)) => {
+                    if prev_ref.is_none() || m.shared || p.entry.soft_dirty() || !in_prev(va) {
+                        data_pfns.push((va, pfn));
+                        Some(Kind::Data)
+                    } else {
+                        Some(Kind::Parent)
+                    }
+                }
+            };
+            match kind {
+                None => counts.absent += 1,
+                Some(Kind::Zero) => counts.zero += 1,
+                Some(Kind::Data) => counts.data += 1,
+                Some(Kind::Parent) => counts.parent += 1,
+            }
+            match (&mut open, kind) {
+                (Some(r), Some(kind)) if r.kind == kind && r.va + r.pages as u64 * PAGE == va && r.pages < u32::MAX => r.pages += 1,
+                (_, kind) => {
+                    runs.extend(open.take());
+                    open = kind.map(|kind| Run { va, pages: 1, kind });
+                }
+            }
+        }
+        runs.extend(open);
+    }
+
+    let id = crate::snapshot::new_id();
+    let stage = Staging::new(out, &id)?;
+    progress.start(data_pfns.len() as u64 * PAGE);
+    let pages_path = stage.file("pages.bin");
+    let f = std::fs::File::create(&pages_path).map_err(io(&pages_path))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, &f);
+    let mut hasher = Sha256::new();
+    let mut page = [0u8; PAGE as usize];
+    for &(va, pfn) in &data_pfns {
+        ctx.mem.read_slice(&mut page, GuestAddress(pfn.saturating_mul(PAGE))).map_err(|_| Error::Guest {
+            pid,
+            why: format!("page {va:#x} maps frame {pfn:#x}, outside guest memory"),
+        })?;
+        hasher.update(page);
+        w.write_all(&page).map_err(io(&pages_path))?;
+        progress.advance(PAGE);
+    }
+    w.flush().map_err(io(&pages_path))?;
+    drop(w);
+    f.sync_all().map_err(io(&pages_path))?;
+    let runs_raw = encode_runs(&runs);
+    let mut files = std::collections::BTreeMap::new();
+    files.insert("pages.bin".to_string(), crate::snapshot::hex(&hasher.finalize()));
+    files.insert("pagemap.bin".to_string(), crate::snapshot::sha256_hex(&runs_raw));
+    stage.write("pagemap.bin", &runs_raw)?;
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        version: VERSION,
+        id: id.clone(),
+        pid,
+        name: proc.name.clone(),
+        prev: prev_ref,
+        mappings,
+        counts: counts.clone(),
+        files,
+    };
+    stage.write("manifest.json", &serde_json::to_vec_pretty(&manifest).expect("manifest serializes"))?;
+    stage.commit()?;
+    let path = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
+    Ok((Report { id, pid, counts, bytes: data_pfns.len() as u64 * PAGE, pause_ns: 0 }, path))
+}

@@ -1,0 +1,170 @@
+//! `vmm snapshot ...` and `vmm dump ...`: whole-VM snapshots and per-process dumps.
+
+use crate::{client_code, fail};
+use clap::{Args, Subcommand};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use vmm::api;
+use vmm::exit_code::ExitCode;
+use vmm::progress::{Bar, Progress};
+
+#[derive(Subcommand)]
+pub enum SnapshotCommand {
+    /// Pause the VM, write a full snapshot (or, with --diff, the pages written since the
+    /// previous one) to DIR, and let it go on.
+    Create {
+        #[arg(long)]
+        api_sock: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        diff: bool,
+    },
+    /// Check a snapshot and its chain of bases: formats, sizes, bases, checksums.
+    Verify { dir: PathBuf },
+    /// Fold diff DIR into its base BASE: BASE is replaced, atomically, by a snapshot of
+    /// DIR's point in time (DIR's id and state). Later diffs built on DIR still restore.
+    Merge {
+        dir: PathBuf,
+        #[arg(long)]
+        into: PathBuf,
+    },
+}
+
+/// `vmm dump --api-sock PATH --pid N --out DIR [--prev DIR]`, or `vmm dump verify DIR`.
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct DumpArgs {
+    #[command(subcommand)]
+    command: Option<DumpCommand>,
+    /// The running VMM's control socket.
+    #[arg(long, required = true)]
+    api_sock: Option<PathBuf>,
+    /// The guest process.
+    #[arg(long, required = true)]
+    pid: Option<u32>,
+    /// New dump directory (must not exist).
+    #[arg(long, required = true)]
+    out: Option<PathBuf>,
+    /// The previous (latest) dump of this pid: write only the pages soft-dirty since.
+    #[arg(long)]
+    prev: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum DumpCommand {
+    /// Rebuild the process memory from DIR and its chain of previous dumps, checking
+    /// every file; print what it holds and a digest of it.
+    Verify { dir: PathBuf },
+}
+
+fn absolute(p: PathBuf) -> PathBuf {
+    if p.is_absolute() { p } else { std::env::current_dir().map(|d| d.join(&p)).unwrap_or(p) }
+}
+
+/// Runs `work` on a thread while a bar (on a terminal) shows its progress.
+fn with_bar<R: Send + 'static>(label: &str, work: impl FnOnce(&Progress) -> R + Send + 'static) -> Option<R> {
+    let progress = std::sync::Arc::new(Progress::default());
+    let worker = {
+        let progress = progress.clone();
+        std::thread::spawn(move || work(&progress))
+    };
+    let mut bar = Bar::new(label);
+    while !worker.is_finished() {
+        let (done, total) = progress.get();
+        bar.draw(done, total);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    bar.finish();
+    worker.join().ok()
+}
+
+/// A request whose answer may be preceded by progress lines, with a bar on a terminal.
+fn call_with_bar(label: &str, api_sock: &Path, mut req: serde_json::Value) -> Result<serde_json::Value, api::ClientError> {
+    let mut bar = Bar::new(label);
+    req["progress"] = json!(bar.enabled());
+    let answer = api::call_with_progress(api_sock, &req, |done, total| bar.draw(done, total));
+    bar.finish();
+    answer
+}
+
+pub fn snapshot(c: SnapshotCommand) -> ExitCode {
+    match c {
+        SnapshotCommand::Create { api_sock, out, diff } => {
+            let out = absolute(out);
+            let req = json!({"cmd": "snapshot-create", "out": out.display().to_string(), "diff": diff});
+            match call_with_bar("snapshot", &api_sock, req) {
+                Ok(v) => {
+                    println!("{} snapshot {} -> {}: {} pages, {} bytes, VM paused {:.1} ms", v["kind"].as_str().unwrap_or("?"),
+                        v["id"].as_str().unwrap_or("?"), out.display(), v["pages"], v["bytes"],
+                        v["pause_ns"].as_f64().unwrap_or(0.0) / 1e6);
+                    ExitCode::Success
+                }
+                Err(e) => fail(client_code(&e), e),
+            }
+        }
+        SnapshotCommand::Merge { dir, into } => {
+            let shown = into.clone();
+            match with_bar("merge", move |p| vmm::snapshot::merge(&dir, &into, p)) {
+                Some(Ok(m)) => {
+                    println!("merged into {}: now {} snapshot {}, {} pages, {} bytes", shown.display(),
+                        if m.kind == vmm::snapshot::Kind::Full { "full" } else { "diff" }, m.id, m.pages, m.bytes);
+                    ExitCode::Success
+                }
+                Some(Err(e @ vmm::snapshot::Error::Durable(_))) => fail(ExitCode::IoError, e),
+                Some(Err(e)) => fail(ExitCode::BadInput, e),
+                None => fail(ExitCode::Internal, "the merge panicked"),
+            }
+        }
+        SnapshotCommand::Verify { dir } => match vmm::snapshot::load(&dir, None) {
+        Ok(l) => {
+            for m in &l.chain {
+                println!("{} {:?} {} pages, {} MiB guest, engine {}", m.id, m.kind, m.pages, m.mem_bytes >> 20, m.engine.name());
+            }
+            println!("ok: chain of {} snapshot(s) verified", l.chain.len());
+            ExitCode::Success
+        }
+        Err(e) => fail(ExitCode::BadInput, e),
+    },
+    }
+}
+
+pub fn dump(d: DumpArgs) -> ExitCode {
+    match d.command {
+        Some(DumpCommand::Verify { dir }) => match with_bar("verify", move |_| vmm::dump::reconstruct(&dir)) {
+            Some(Ok(img)) => {
+                let zero = img.pages.values().filter(|p| matches!(p, vmm::dump::Page::Zero)).count();
+                for m in &img.chain {
+                    let prev = m.prev.as_ref().map_or("-".to_string(), |p| p.id.clone());
+                    println!("{} pid {} prev {prev}: {} data, {} zero, {} unchanged pages", m.id, m.pid, m.counts.data, m.counts.zero, m.counts.parent);
+                }
+                println!("pid {} ({}): {} mappings, {} pages present ({zero} zero), sha256 {}", img.pid, img.name,
+                    img.mappings.len(), img.pages.len(), img.digest());
+                println!("ok: chain of {} dump(s) verified", img.chain.len());
+                ExitCode::Success
+            }
+            Some(Err(e)) => fail(ExitCode::BadInput, e),
+            None => fail(ExitCode::Internal, "verifying panicked"),
+        },
+        None => {
+            let (Some(api_sock), Some(pid), Some(out)) = (d.api_sock, d.pid, d.out) else {
+                return fail(ExitCode::BadInput, "--api-sock, --pid and --out are required");
+            };
+            let out = absolute(out);
+            let mut req = json!({"cmd": "dump", "pid": pid, "out": out.display().to_string()});
+            if let Some(prev) = d.prev {
+                req["prev"] = json!(absolute(prev).display().to_string());
+            }
+            match call_with_bar("dump", &api_sock, req) {
+                Ok(v) => {
+                    let c = &v["counts"];
+                    println!("dump {} of pid {pid} -> {}: {} data, {} zero, {} unchanged, {} absent pages; {} bytes, VM paused {:.1} ms",
+                        v["id"].as_str().unwrap_or("?"), out.display(), c["data"], c["zero"], c["parent"], c["absent"], v["bytes"],
+                        v["pause_ns"].as_f64().unwrap_or(0.0) / 1e6);
+                    ExitCode::Success
+                }
+                Err(e) => fail(client_code(&e), e),
+            }
+        }
+    }
+}

@@ -127,6 +127,12 @@ impl Staging {
     }
 }
 
+/// Bytes the files of `dir` occupy on disk (holes of sparse files excluded).
+pub fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir).map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.blocks() * 512).sum()).unwrap_or(0)
+}
+
 impl Drop for Staging {
     fn drop(&mut self) {
         if !self.done {

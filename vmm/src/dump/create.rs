@@ -26,7 +26,12 @@ pub struct Report {
     pub id: String,
     pub pid: u32,
     pub counts: Counts,
+    /// Data pages written (`counts.data`).
+    pub pages: u64,
+    /// Bytes of page data written.
     pub bytes: u64,
+    /// Space the dump takes on disk.
+    pub disk_bytes: u64,
     pub pause_ns: u64,
 }
 
@@ -185,5 +190,6 @@ fn write(
     stage.write("manifest.json", &serde_json::to_vec_pretty(&manifest).expect("manifest serializes"))?;
     stage.commit()?;
     let path = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
-    Ok((Report { id, pid, counts, bytes: data_pfns.len() as u64 * PAGE, pause_ns: 0 }, path))
+    let disk_bytes = crate::durable::disk_usage(out);
+    Ok((Report { id, pid, counts, pages: data_pfns.len() as u64, bytes: data_pfns.len() as u64 * PAGE, disk_bytes, pause_ns: 0 }, path))
 }

@@ -21,7 +21,7 @@ mod create;
 mod merge;
 mod state;
 
-pub use create::{create, Report};
+pub use create::{create, Phases, Report};
 pub use merge::{merge, Merged};
 pub use state::{apply, Sections};
 

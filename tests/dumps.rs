@@ -61,7 +61,7 @@ fn counts(dir: &Path) -> serde_json::Value {
 fn verified_digest(dir: &Path) -> String {
     let r = vmm(&["dump", "verify", dir.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{r:?}");
-    let line = r.stdout.lines().find(|l| l.contains("sha256")).unwrap_or_else(|| panic!("{r:?}"));
+    let line = r.stdout.lines().find(|l| l.contains("digest")).unwrap_or_else(|| panic!("{r:?}"));
     line.rsplit(' ').next().unwrap().to_string()
 }
 

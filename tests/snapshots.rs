@@ -209,7 +209,7 @@ fn corrupted_truncated_or_mismatched_snapshots_are_refused() {
     refuse(d, "manifest.json");
     let man = d.join("full/manifest.json");
     let text = std::fs::read_to_string(&man).unwrap();
-    std::fs::write(&man, text.replace("\"version\": 1", "\"version\": 99")).unwrap();
+    std::fs::write(&man, text.replace("\"version\": 2", "\"version\": 99")).unwrap();
     refuse(&d.join("full"), "version 99");
     std::fs::write(&man, text).unwrap();
     assert_eq!(vmm(&["snapshot", "verify", d.join("d2").to_str().unwrap()]).code, 0, "intact again");

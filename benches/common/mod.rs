@@ -1,4 +1,5 @@
 //! A guest driven through the real `vmm` binary and its control socket, for benchmarks.
+#![allow(dead_code)]
 
 use serde_json::{json, Value};
 use std::path::PathBuf;

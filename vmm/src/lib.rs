@@ -6,6 +6,7 @@
 //! port devices ([`runner`], [`devices`]) → the control socket ([`control`]).
 pub mod api;
 pub mod boot;
+pub mod checksum;
 pub mod control;
 pub mod devices;
 pub mod engine;

@@ -138,7 +138,7 @@ pub fn dump(d: DumpArgs) -> ExitCode {
                     let prev = m.prev.as_ref().map_or("-".to_string(), |p| p.id.clone());
                     println!("{} pid {} prev {prev}: {} data, {} zero, {} unchanged pages", m.id, m.pid, m.counts.data, m.counts.zero, m.counts.parent);
                 }
-                println!("pid {} ({}): {} mappings, {} pages present ({zero} zero), sha256 {}", img.pid, img.name,
+                println!("pid {} ({}): {} mappings, {} pages present ({zero} zero), digest {}", img.pid, img.name,
                     img.mappings.len(), img.pages.len(), img.digest());
                 println!("ok: chain of {} dump(s) verified", img.chain.len());
                 ExitCode::Success

@@ -6,7 +6,6 @@ use crate::progress::Progress;
 use crate::runner::VcpuContext;
 use crate::softdirty::{ClearRefs, PageInfo};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use vm_memory::{Bytes, GuestAddress};
@@ -157,7 +156,7 @@ fn write(
     let pages_path = stage.file("pages.bin");
     let f = std::fs::File::create(&pages_path).map_err(io(&pages_path))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, &f);
-    let mut hasher = Sha256::new();
+    let mut hasher = crate::checksum::Hasher::new();
     let mut page = [0u8; PAGE as usize];
     for &(va, pfn) in &data_pfns {
         ctx.mem.read_slice(&mut page, GuestAddress(pfn.saturating_mul(PAGE))).map_err(|_| Error::Guest {
@@ -173,8 +172,8 @@ fn write(
     f.sync_all().map_err(io(&pages_path))?;
     let runs_raw = encode_runs(&runs);
     let mut files = std::collections::BTreeMap::new();
-    files.insert("pages.bin".to_string(), crate::snapshot::hex(&hasher.finalize()));
-    files.insert("pagemap.bin".to_string(), crate::snapshot::sha256_hex(&runs_raw));
+    files.insert("pages.bin".to_string(), hasher.hex());
+    files.insert("pagemap.bin".to_string(), crate::checksum::of(&runs_raw));
     stage.write("pagemap.bin", &runs_raw)?;
     let manifest = Manifest {
         format: FORMAT.into(),
@@ -185,6 +184,7 @@ fn write(
         prev: prev_ref,
         mappings,
         counts: counts.clone(),
+        checksum: crate::checksum::NAME.into(),
         files,
     };
     stage.write("manifest.json", &serde_json::to_vec_pretty(&manifest).expect("manifest serializes"))?;

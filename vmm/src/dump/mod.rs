@@ -25,7 +25,6 @@ mod create;
 pub use create::{create, Last, Report};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -155,11 +154,9 @@ pub struct Manifest {
     pub prev: Option<PrevRef>,
     pub mappings: Vec<MappingRecord>,
     pub counts: Counts,
+    /// How `files` are checksummed: [`crate::checksum::NAME`].
+    pub checksum: String,
     pub files: BTreeMap<String, String>,
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    crate::snapshot::sha256_hex(data)
 }
 
 pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
@@ -168,6 +165,9 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
     let m: Manifest = serde_json::from_slice(&raw).map_err(|e| invalid(dir, format!("manifest.json: {e}")))?;
     if m.format != FORMAT || m.version != VERSION {
         return Err(invalid(dir, format!("format {} version {} is not {FORMAT} {VERSION}", m.format, m.version)));
+    }
+    if m.checksum != crate::checksum::NAME {
+        return Err(invalid(dir, format!("checksum {} is not {}", m.checksum, crate::checksum::NAME)));
     }
     let mut sorted = m.mappings.clone();
     sorted.sort_by_key(|r| r.start);
@@ -186,7 +186,7 @@ fn read_checked(dir: &Path, m: &Manifest, name: &str) -> Result<Vec<u8>, Error> 
     let path = dir.join(name);
     let data = std::fs::read(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
     let want = m.files.get(name).ok_or_else(|| invalid(dir, format!("manifest lists no {name}")))?;
-    if &sha256_hex(&data) != want {
+    if &crate::checksum::of(&data) != want {
         return Err(invalid(dir, format!("{name} does not match its checksum (corrupted or truncated)")));
     }
     Ok(data)
@@ -222,9 +222,9 @@ pub struct Image {
 }
 
 impl Image {
-    /// sha256 over the mappings and every present page's address and contents.
+    /// A checksum over the mappings and every present page's address and contents.
     pub fn digest(&self) -> String {
-        let mut h = Sha256::new();
+        let mut h = crate::checksum::Hasher::new();
         let mut maps = self.mappings.clone();
         maps.sort_by_key(|m| m.start);
         for m in &maps {
@@ -236,7 +236,7 @@ impl Image {
             h.update(va.to_le_bytes());
             h.update(page.bytes());
         }
-        crate::snapshot::sha256_hex(&h.finalize())
+        h.hex()
     }
 }
 

@@ -1,11 +1,10 @@
 //! Writing a snapshot of the stopped VM.
 
-use super::{hex, state, Error, Kind, Last, Manifest, BaseRef, FORMAT, PAGE, VERSION};
+use super::{state, Error, Kind, Last, Manifest, BaseRef, FORMAT, PAGE, VERSION};
 use crate::durable::Staging;
 use crate::progress::Progress;
 use crate::runner::VcpuContext;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -71,12 +70,12 @@ pub fn create(ctx: &mut VcpuContext, out: &Path, diff: bool, progress: &Progress
 
     let mut files = BTreeMap::new();
     let state_bin = state::encode(&sections);
-    files.insert("state.bin".to_string(), super::sha256_hex(&state_bin));
+    files.insert("state.bin".to_string(), crate::checksum::of(&state_bin));
     stage.write("state.bin", &state_bin)?;
 
     let mem_path = stage.file("memory.bin");
     let f = std::fs::File::create(&mem_path).map_err(crate::durable::io(&mem_path))?;
-    let mut hasher = Sha256::new();
+    let mut hasher = crate::checksum::Hasher::new();
     let mut pages = 0u64;
     static ZERO: [u8; PAGE as usize] = [0; PAGE as usize];
     // Pages move in runs of consecutive frames (up to 1 MiB): one copy out of guest
@@ -127,10 +126,10 @@ pub fn create(ctx: &mut VcpuContext, out: &Path, diff: bool, progress: &Progress
     }
     mark(&mut phases.memory_ns);
     f.sync_all().map_err(crate::durable::io(&mem_path))?;
-    files.insert("memory.bin".to_string(), hex(&hasher.finalize()));
+    files.insert("memory.bin".to_string(), hasher.hex());
     if diff {
         let bytes: Vec<u8> = frames.iter().flat_map(|p| p.to_le_bytes()).collect();
-        files.insert("pages.bin".to_string(), super::sha256_hex(&bytes));
+        files.insert("pages.bin".to_string(), crate::checksum::of(&bytes));
         stage.write("pages.bin", &bytes)?;
     }
     let kind = if diff { Kind::Diff } else { Kind::Full };
@@ -144,6 +143,7 @@ pub fn create(ctx: &mut VcpuContext, out: &Path, diff: bool, progress: &Progress
         engine: ctx.tracker.engine(),
         image_sha256: ctx.image_sha256.clone(),
         pages,
+        checksum: crate::checksum::NAME.into(),
         files,
         merged: Vec::new(),
     };

@@ -7,11 +7,10 @@
 //! chain takes the merged snapshot instead (see [`super::resolve_chain`]). Merging again
 //! (`merge D2 --into BASE`) rolls the base forward. DIR itself is left alone.
 
-use super::{hex, invalid, read_checked, read_diff_pages, read_full_memory, read_manifest, Error, Kind, Manifest, PAGE};
+use super::{invalid, read_checked, read_diff_pages, read_full_memory, read_manifest, Error, Kind, Manifest, PAGE};
 use crate::durable::Staging;
 use crate::progress::Progress;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -49,7 +48,7 @@ pub fn merge(dir: &Path, into: &Path, progress: &Progress) -> Result<Merged, Err
     let stage = Staging::replacing(into, &id)?;
     let mem_path = stage.file("memory.bin");
     let f = std::fs::File::create(&mem_path).map_err(crate::durable::io(&mem_path))?;
-    let mut hasher = Sha256::new();
+    let mut hasher = crate::checksum::Hasher::new();
     let page_of = |data: &[u8], i: usize| data[i * PAGE as usize..(i + 1) * PAGE as usize].to_vec();
     let (pages, pfns) = match base.kind {
         Kind::Full => {
@@ -108,12 +107,12 @@ pub fn merge(dir: &Path, into: &Path, progress: &Progress) -> Result<Merged, Err
     };
     f.sync_all().map_err(crate::durable::io(&mem_path))?;
     let mut files = std::collections::BTreeMap::new();
-    files.insert("memory.bin".to_string(), hex(&hasher.finalize()));
-    files.insert("state.bin".to_string(), super::sha256_hex(&state));
+    files.insert("memory.bin".to_string(), hasher.hex());
+    files.insert("state.bin".to_string(), crate::checksum::of(&state));
     stage.write("state.bin", &state)?;
     if let Some(pfns) = pfns {
         let raw: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
-        files.insert("pages.bin".to_string(), super::sha256_hex(&raw));
+        files.insert("pages.bin".to_string(), crate::checksum::of(&raw));
         stage.write("pages.bin", &raw)?;
     }
     let mut merged = base.merged.clone();

@@ -35,7 +35,8 @@ use std::path::{Path, PathBuf};
 use vm_memory::{Bytes, GuestAddress};
 
 pub const FORMAT: &str = "softdirty-vmm-snapshot";
-pub const VERSION: u32 = 1;
+/// 2: BLAKE3 checksums (1 had SHA-256).
+pub const VERSION: u32 = 2;
 const PAGE: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +93,8 @@ pub struct Manifest {
     pub engine: EngineKind,
     pub image_sha256: String,
     pub pages: u64,
+    /// How `files` are checksummed: [`crate::checksum::NAME`].
+    pub checksum: String,
     pub files: BTreeMap<String, String>,
     /// Ids of the snapshots folded into this one by `merge`, oldest first (it stands in
     /// for each of them as the base of later diffs).
@@ -132,7 +135,7 @@ pub fn new_id() -> String {
 fn read_checked(dir: &Path, m: &Manifest, name: &str) -> Result<Vec<u8>, Error> {
     let path = dir.join(name);
     let data = std::fs::read(&path).map_err(io(&path))?;
-    check_sum(dir, m, name, &sha256_hex(&data))?;
+    check_sum(dir, m, name, &crate::checksum::of(&data))?;
     Ok(data)
 }
 
@@ -150,6 +153,9 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
     let m: Manifest = serde_json::from_slice(&raw).map_err(|e| invalid(dir, format!("manifest.json: {e}")))?;
     if m.format != FORMAT || m.version != VERSION {
         return Err(invalid(dir, format!("format {} version {} is not {FORMAT} {VERSION}", m.format, m.version)));
+    }
+    if m.checksum != crate::checksum::NAME {
+        return Err(invalid(dir, format!("checksum {} is not {}", m.checksum, crate::checksum::NAME)));
     }
     if m.mem_bytes == 0 || m.mem_bytes % PAGE != 0 || m.mem_bytes > guest_abi::MAX_MEM {
         return Err(invalid(dir, format!("guest size {} is not valid", m.mem_bytes)));
@@ -190,7 +196,7 @@ fn read_full_memory(dir: &Path, m: &Manifest, mut sink: impl FnMut(u64, &[u8]) -
     if len != m.mem_bytes {
         return Err(invalid(dir, format!("memory.bin holds {len} bytes, not the guest's {}", m.mem_bytes)));
     }
-    let mut hasher = Sha256::new();
+    let mut hasher = crate::checksum::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut off = 0u64;
     loop {
@@ -202,7 +208,7 @@ fn read_full_memory(dir: &Path, m: &Manifest, mut sink: impl FnMut(u64, &[u8]) -
         sink(off, &buf[..n])?;
         off += n as u64;
     }
-    check_sum(dir, m, "memory.bin", &hex(&hasher.finalize()))
+    check_sum(dir, m, "memory.bin", &hasher.hex())
 }
 
 /// A snapshot read back and checked.

@@ -23,8 +23,12 @@ const BASE: u64 = 0x1000_0000;
 const PERCENTS: [u64; 3] = [1, 10, 50];
 const SIZES: [u64; 2] = [256, 1024];
 
-/// Seconds to write `bytes` sequentially into a new file in `dir` and fsync it.
+/// Seconds to write `bytes` sequentially into a new file in `dir` and fsync it
+/// (starting, like every measured write, from a clean page cache).
 fn sequential_write(dir: &Path, bytes: u64) -> f64 {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    std::thread::sleep(std::time::Duration::from_millis(200));
     let path = dir.join("sequential.bin");
     let chunk = vec![0x5au8; 1 << 20];
     let t = Instant::now();
@@ -80,9 +84,19 @@ fn run(mib: u64, out: &Path) -> Vec<Value> {
         }
         g.call(req)
     };
+    // A large write here is slowed 2-3x by the writeback of whatever was written just
+    // before it (seen as a gap between a snapshot and a dump of the same bytes, which
+    // reversed with their order). Every measured write starts from a clean page cache.
+    let settle = || {
+        // SAFETY: sync(2) takes no arguments and cannot fail.
+        unsafe { libc::sync() };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    settle();
     let full = snap("full", false);
     let written = full["pages"].as_u64().unwrap() * 4096;
     rows.push(row(mib, "snapshot", None, &full, sequential_write(&dir, written), written));
+    settle();
     let d0 = dump("dump-full", None);
     let written = d0["bytes"].as_u64().unwrap();
     rows.push(row(mib, "dump", None, &d0, sequential_write(&dir, written), written));
@@ -90,10 +104,12 @@ fn run(mib: u64, out: &Path) -> Vec<Value> {
     for p in PERCENTS {
         g.resume();
         g.wait(&format!("d{p}"));
+        settle();
         let r = snap(&format!("d{p}"), true);
         let written = r["pages"].as_u64().unwrap() * 4096;
         rows.push(row(mib, "snapshot", Some(p), &r, sequential_write(&dir, written), written));
         let name = format!("dump-{p}");
+        settle();
         let r = dump(&name, Some(&prev));
         let written = r["bytes"].as_u64().unwrap();
         rows.push(row(mib, "dump", Some(p), &r, sequential_write(&dir, written), written));

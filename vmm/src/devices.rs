@@ -4,6 +4,7 @@
 use crate::memory::{self, GuestMem};
 use guest_abi::{EXIT_PORT, SERIAL_PORT, SYNC_LABEL_MAX, SYNC_PORT, ZERO_PORT, ZERO_REQUEST_MAX};
 use std::io::Write;
+use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -51,6 +52,40 @@ fn u32_of(data: &[u8]) -> Option<u32> {
 impl Devices {
     pub fn new(serial_irq: EventFd, console: Box<dyn Write + Send>) -> Self {
         Devices { serial: Serial::new(EventFdTrigger(serial_irq), console) }
+    }
+
+    /// The devices' state, for a snapshot: the 8250's registers and its receive FIFO
+    /// (`[9 register bytes][FIFO bytes]`). The exit, sync and zero ports hold none.
+    pub fn save(&self) -> Vec<u8> {
+        let s = self.serial.state();
+        let mut out = vec![
+            s.baud_divisor_low, s.baud_divisor_high, s.interrupt_enable, s.interrupt_identification,
+            s.line_control, s.line_status, s.modem_control, s.modem_status, s.scratch,
+        ];
+        out.extend(&s.in_buffer);
+        out
+    }
+
+    /// Devices in the state [`Devices::save`] wrote.
+    pub fn restore(serial_irq: EventFd, console: Box<dyn Write + Send>, saved: &[u8]) -> Result<Self, String> {
+        let [bdl, bdh, ie, ii, lc, ls, mc, ms, scratch, fifo @ ..] = saved else {
+            return Err(format!("serial state is {} bytes, fewer than its 9 registers", saved.len()));
+        };
+        let state = SerialState {
+            baud_divisor_low: *bdl,
+            baud_divisor_high: *bdh,
+            interrupt_enable: *ie,
+            interrupt_identification: *ii,
+            line_control: *lc,
+            line_status: *ls,
+            modem_control: *mc,
+            modem_status: *ms,
+            scratch: *scratch,
+            in_buffer: fifo.to_vec(),
+        };
+        let serial = Serial::from_state(&state, EventFdTrigger(serial_irq), vm_superio::serial::NoEvents, console)
+            .map_err(|e| format!("serial state refused: {e:?}"))?;
+        Ok(Devices { serial })
     }
 
     pub fn io_in(&mut self, port: u16, data: &mut [u8]) {
@@ -135,6 +170,28 @@ mod tests {
 
     fn mem() -> GuestMem {
         memory::create(1 << 20).unwrap()
+    }
+
+    #[test]
+    fn serial_state_survives_save_and_restore() {
+        let efd = || EventFd::new(0).unwrap();
+        let mut d = Devices::new(efd(), Box::new(std::io::sink()));
+        let m = mem();
+        // DLAB on, divisor 3 (38400 baud), then 8N1 and the scratch register.
+        for (port, v) in [(SERIAL_PORT + 3, 0x80u8), (SERIAL_PORT, 3), (SERIAL_PORT + 3, 0x03), (SERIAL_PORT + 7, 0x5a)] {
+            d.io_out(&m, port, &[v]).unwrap();
+        }
+        let saved = d.save();
+        let mut r = Devices::restore(efd(), Box::new(std::io::sink()), &saved).unwrap();
+        assert_eq!(r.save(), saved);
+        let mut scratch = [0u8];
+        r.io_in(SERIAL_PORT + 7, &mut scratch);
+        assert_eq!(scratch[0], 0x5a);
+        let short = Devices::restore(efd(), Box::new(std::io::sink()), &saved[..5]);
+        assert!(matches!(short, Err(e) if e.contains("fewer than its 9")));
+        let mut huge = saved.clone();
+        huge.extend([0u8; 1000]);
+        assert!(Devices::restore(efd(), Box::new(std::io::sink()), &huge).is_err(), "a FIFO longer than the 8250's");
     }
 
     #[test]

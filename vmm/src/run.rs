@@ -64,6 +64,8 @@ pub enum Error {
     ImageMismatch { path: PathBuf, want: String, have: String },
     #[error("cannot restore the tracking engine's state: {0}")]
     TrackerState(String),
+    #[error("cannot restore the devices' state: {0}")]
+    DeviceState(String),
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
 }
@@ -73,7 +75,7 @@ impl Error {
         match self {
             Error::BadMemSize(_) | Error::ReadImage { .. } | Error::TooLittleMemory { .. } | Error::Image(_)
             | Error::Script(_) | Error::Api(_) | Error::Snapshot(_) | Error::ImageMismatch { .. }
-            | Error::TrackerState(_) => ExitCode::BadInput,
+            | Error::TrackerState(_) | Error::DeviceState(_) => ExitCode::BadInput,
             Error::Vm(vm::Error::Open(_)) | Error::Vm(vm::Error::EngineUnavailable { .. }) => ExitCode::Unavailable,
             Error::Runner(runner::Error::Device(_)) => ExitCode::GuestCrashed,
             _ => ExitCode::Internal,
@@ -127,7 +129,10 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
         }
     };
     let Machine { kvm: _kvm, vm, vcpu, serial_irq, sync_regs, mechanism } = Machine::new(&mem, entry, engine)?;
-    let devices = Devices::new(serial_irq, Box::new(std::io::stdout()));
+    let devices = match restored.as_ref().and_then(|l| l.state.get("serial")) {
+        Some(saved) => Devices::restore(serial_irq, Box::new(std::io::stdout()), saved).map_err(Error::DeviceState)?,
+        None => Devices::new(serial_irq, Box::new(std::io::stdout())),
+    };
     kick::install().map_err(Error::Signal)?;
     let control = Arc::new(Control::<VcpuContext>::default());
     let _socket_file = match &opts.api_sock {
@@ -164,7 +169,7 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
         id: l.manifest.id.clone(),
     });
     let ctx = VcpuContext { mem, vm, vcpu, symbols, tracker, exits: Default::default(), last_snapshot, image_sha256,
-        dumps: Default::default() };
+        dumps: Default::default(), device_state: Vec::new() };
     let mut runner = Runner { ctx, devices, control: control.clone(), pause_at_sync: opts.api_sock.is_some(), hook };
     let result = runner.run();
     control.finish(match &result {

@@ -58,6 +58,8 @@ pub struct VcpuContext {
     pub last_snapshot: Option<crate::snapshot::Last>,
     /// sha256 of the guest image (snapshots record it).
     pub image_sha256: String,
+    /// The devices' state as of the guest's stop (snapshots save it).
+    pub device_state: Vec<u8>,
     /// Each pid's latest dump (the only valid `--prev` of its next one).
     pub dumps: std::collections::HashMap<u32, crate::dump::Last>,
 }
@@ -127,6 +129,7 @@ impl<H: SyncHook> Runner<H> {
                 return Ok(Outcome::TimedOut { rip: self.describe_rip() });
             }
             if self.control.has_jobs() && self.at_safe_point() {
+                self.ctx.device_state = self.devices.save();
                 self.control.run_jobs(&mut self.ctx);
             }
             self.ctx.exits.total += 1;
@@ -186,6 +189,7 @@ impl<H: SyncHook> Runner<H> {
                     eprintln!("vmm: sync {} (pid {})", point.label, point.pid);
                     self.hook.at_sync(&mut self.ctx, &point);
                     if self.pause_at_sync {
+                        self.ctx.device_state = self.devices.save();
                         self.control.pause_at(point, &mut self.ctx);
                     } else {
                         self.control.passed_sync();

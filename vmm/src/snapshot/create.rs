@@ -61,6 +61,7 @@ pub fn create(ctx: &mut VcpuContext, out: &Path, diff: bool, progress: &Progress
     let mem_bytes = vm_memory::GuestMemoryBackend::last_addr(&ctx.mem).0 + 1;
     let mut sections = state::capture(&ctx.vm, &mut ctx.vcpu)?;
     sections.insert("tracker".into(), ctx.tracker.export_state());
+    sections.insert("serial".into(), ctx.device_state.clone());
     mark(&mut phases.state_ns);
     let log = &mut ctx.tracker.log;
     log.harvest(&ctx.vm, &ctx.mem)?;

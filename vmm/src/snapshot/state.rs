@@ -28,8 +28,8 @@ fn from_pod<T: Copy + Default>(b: &[u8]) -> Option<T> {
     Some(v)
 }
 
-pub const TAGS: [&str; 11] =
-    ["regs", "sregs", "fpu", "lapic", "events", "debugregs", "msrs", "pic0", "pic1", "ioapic", "clock"];
+pub const TAGS: [&str; 12] =
+    ["regs", "sregs", "fpu", "lapic", "events", "debugregs", "msrs", "pic0", "pic1", "ioapic", "clock", "serial"];
 
 /// Saved sections by name.
 pub type Sections = BTreeMap<String, Vec<u8>>;

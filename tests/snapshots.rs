@@ -246,3 +246,22 @@ fn a_failed_snapshot_loses_nothing_and_the_vm_goes_on() {
     let restored = vmm(&["run", "--restore", d.join("d1").to_str().unwrap()]);
     assert_eq!(restored.code, 0, "{restored:?}");
 }
+
+#[test]
+fn a_progress_bar_is_drawn_on_a_terminal_and_only_there() {
+    let dir = tempdir();
+    let d = dir.path();
+    let live = Live::start(SCRIPT, &[]);
+    live.wait("s1");
+    // script(1) gives the client a terminal.
+    let cmd = format!("{} snapshot create --api-sock {} --out {}", vmm_bin(), live.sock(), d.join("full").display());
+    let out = std::process::Command::new("script").args(["-qefc", &cmd, "/dev/null"]).output().expect("script(1) from util-linux");
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{tty}");
+    assert!(tty.contains("snapshot [") && tty.contains("MiB"), "a bar on the terminal: {tty:?}");
+    assert!(tty.contains("full snapshot"), "{tty:?}");
+    // Not a terminal: no bar, nothing on stderr.
+    let r = snap(&live, &d.join("full2"), false);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stderr.is_empty(), "{r:?}");
+}

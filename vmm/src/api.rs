@@ -243,10 +243,11 @@ fn call_reporting<R: Send + 'static>(
 ) -> Result<R, String> {
     let progress = Arc::new(Progress::default());
     let theirs = progress.clone();
-    let mut last = std::time::Instant::now();
+    // The first report goes out at once, so that even a short job shows its bar.
+    let mut last: Option<std::time::Instant> = None;
     control.call_ticking(move |ctx| job(ctx, &theirs), || {
-        if report && last.elapsed() >= Duration::from_millis(200) {
-            last = std::time::Instant::now();
+        if report && last.is_none_or(|t| t.elapsed() >= Duration::from_millis(200)) {
+            last = Some(std::time::Instant::now());
             let (done, total) = progress.get();
             emit(&json!({"progress": {"done": done, "total": total}}));
         }

@@ -35,6 +35,16 @@ pub fn of(data: &[u8]) -> String {
     h.hex()
 }
 
+/// Checks that file `name` has checksum `have` against a manifest's `files` map.
+/// The error is a sentence naming the file.
+pub fn check(files: &std::collections::BTreeMap<String, String>, name: &str, have: &str) -> Result<(), String> {
+    match files.get(name) {
+        None => Err(format!("manifest lists no {name}")),
+        Some(want) if want != have => Err(format!("{name} does not match its checksum (corrupted or truncated)")),
+        Some(_) => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -185,10 +185,7 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
 fn read_checked(dir: &Path, m: &Manifest, name: &str) -> Result<Vec<u8>, Error> {
     let path = dir.join(name);
     let data = std::fs::read(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
-    let want = m.files.get(name).ok_or_else(|| invalid(dir, format!("manifest lists no {name}")))?;
-    if &crate::checksum::of(&data) != want {
-        return Err(invalid(dir, format!("{name} does not match its checksum (corrupted or truncated)")));
-    }
+    crate::checksum::check(&m.files, name, &crate::checksum::of(&data)).map_err(|why| invalid(dir, why))?;
     Ok(data)
 }
 

@@ -140,11 +140,7 @@ fn read_checked(dir: &Path, m: &Manifest, name: &str) -> Result<Vec<u8>, Error> 
 }
 
 fn check_sum(dir: &Path, m: &Manifest, name: &str, have: &str) -> Result<(), Error> {
-    let want = m.files.get(name).ok_or_else(|| invalid(dir, format!("manifest lists no {name}")))?;
-    if have != want {
-        return Err(invalid(dir, format!("{name} does not match its checksum (corrupted or truncated)")));
-    }
-    Ok(())
+    crate::checksum::check(&m.files, name, have).map_err(|why| invalid(dir, why))
 }
 
 pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {

@@ -103,7 +103,12 @@ fn a_killed_client_does_not_stop_the_snapshot_or_the_vm() {
     let live = Live::start(SCRIPT, &[]);
     live.wait("s1");
     let mut client = Command::new(vmm_bin()).args(create_args(&live, &d.join("full"), false)).stdout(Stdio::null()).spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(20));
+    // Kill it once the VMM has started writing (its staging directory exists).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while names_with(d, "full").is_empty() {
+        assert!(Instant::now() < deadline, "the snapshot never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let _ = client.kill();
     let _ = client.wait();
     // The VMM finishes what it started; the snapshot appears whole.

@@ -24,6 +24,11 @@ pub struct Merged {
     pub bytes: u64,
 }
 
+/// Page `i` of pages stored back to back.
+fn page_of(data: &[u8], i: usize) -> &[u8] {
+    &data[i * PAGE as usize..(i + 1) * PAGE as usize]
+}
+
 fn refuse(dir: &Path, into: &Path, why: impl Into<String>) -> Error {
     Error::Merge { dir: dir.to_path_buf(), into: into.to_path_buf(), why: why.into() }
 }
@@ -49,7 +54,6 @@ pub fn merge(dir: &Path, into: &Path, progress: &Progress) -> Result<Merged, Err
     let mem_path = stage.file("memory.bin");
     let f = std::fs::File::create(&mem_path).map_err(crate::durable::io(&mem_path))?;
     let mut hasher = crate::checksum::Hasher::new();
-    let page_of = |data: &[u8], i: usize| data[i * PAGE as usize..(i + 1) * PAGE as usize].to_vec();
     let (pages, pfns) = match base.kind {
         Kind::Full => {
             progress.start(base.mem_bytes);
@@ -61,7 +65,7 @@ pub fn merge(dir: &Path, into: &Path, progress: &Progress) -> Result<Merged, Err
                 let end = off + chunk.len() as u64;
                 while next < top_pfns.len() && top_pfns[next] * PAGE < end {
                     let at = (top_pfns[next] * PAGE - off) as usize;
-                    chunk[at..at + PAGE as usize].copy_from_slice(&page_of(&top_data, next));
+                    chunk[at..at + PAGE as usize].copy_from_slice(page_of(&top_data, next));
                     next += 1;
                 }
                 hasher.update(&chunk);
@@ -96,8 +100,8 @@ pub fn merge(dir: &Path, into: &Path, progress: &Progress) -> Result<Merged, Err
                     i += 1;
                     (base_pfns[i - 1], page_of(&base_data, i - 1))
                 };
-                hasher.update(&page);
-                out.write_all(&page).map_err(crate::durable::io(&mem_path))?;
+                hasher.update(page);
+                out.write_all(page).map_err(crate::durable::io(&mem_path))?;
                 pfns.push(pfn);
                 progress.advance(PAGE);
             }

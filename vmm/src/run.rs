@@ -96,12 +96,14 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
     // The kernel's entry point when booting; a restored vCPU carries its own registers.
     let (mem, mem_size, engine, restored, entry) = match &opts.restore {
         Some(dir) => {
-            // Every link, size and checksum is checked before a VM exists.
-            let probe = crate::snapshot::load(dir, None)?;
-            if probe.manifest.image_sha256 != image_sha256 {
-                return Err(Error::ImageMismatch { path: dir.clone(), want: probe.manifest.image_sha256, have: image_sha256 });
+            // Every link, size and checksum is checked before a VM exists: the manifests
+            // first, then every file as it is loaded into the (still unused) memory.
+            let chain = crate::snapshot::resolve_chain(dir)?;
+            let top = &chain.last().expect("a chain is never empty").1;
+            if top.image_sha256 != image_sha256 {
+                return Err(Error::ImageMismatch { path: dir.clone(), want: top.image_sha256.clone(), have: image_sha256 });
             }
-            let mem_size = probe.manifest.mem_bytes;
+            let mem_size = top.mem_bytes;
             let mem = memory::create(mem_size)?;
             let loaded = crate::snapshot::load(dir, Some(&mem))?;
             // What restoring wrote is not a guest write.

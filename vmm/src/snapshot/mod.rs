@@ -196,9 +196,21 @@ fn read_full_memory(dir: &Path, m: &Manifest, mut sink: impl FnMut(u64, &[u8]) -
     let mut buf = vec![0u8; 1 << 20];
     let mut off = 0u64;
     loop {
-        let n = f.read(&mut buf).map_err(io(&path))?;
+        // Whole buffers (short only at the end), so chunks stay page-aligned.
+        let mut n = 0;
+        while n < buf.len() {
+            match f.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io(&path)(e)),
+            }
+        }
         if n == 0 {
             break;
+        }
+        if n as u64 % PAGE != 0 || off + n as u64 > m.mem_bytes {
+            return Err(invalid(dir, "memory.bin changed size while being read"));
         }
         hasher.update(&buf[..n]);
         sink(off, &buf[..n])?;
@@ -245,17 +257,25 @@ pub fn resolve_chain(dir: &Path) -> Result<Vec<(PathBuf, Manifest)>, Error> {
 }
 
 /// Follows a snapshot's chain back to its full base, checking every link and
-/// checksum, and writes the resulting memory into `mem` (of the snapshot's size) when
-/// given. Memory is written only from files whose checksums are being verified; the
+/// checksum, and writes the resulting memory into `mem` (fresh, zero-filled guest
+/// memory of the snapshot's size) when given. Memory is written only from files whose checksums are being verified; the
 /// caller must not run a VM unless this returns `Ok`.
 pub fn load(dir: &Path, mem: Option<&GuestMem>) -> Result<Loaded, Error> {
     let chain = resolve_chain(dir)?;
     for (d, m) in &chain {
         let bad_mem = |e: vm_memory::GuestMemoryError| invalid(d, e.to_string());
         if m.kind == Kind::Full {
-            read_full_memory(d, m, |off, chunk| match mem {
-                Some(mem) => mem.write_slice(chunk, GuestAddress(off)).map_err(bad_mem),
-                None => Ok(()),
+            // `mem` is fresh (all zeros): only non-zero pages are written, which keeps
+            // the never-used part of the guest unbacked and the restore short.
+            read_full_memory(d, m, |off, chunk| {
+                let Some(mem) = mem else { return Ok(()) };
+                static ZERO: [u8; PAGE as usize] = [0; PAGE as usize];
+                for (i, page) in chunk.chunks(PAGE as usize).enumerate() {
+                    if page != ZERO {
+                        mem.write_slice(page, GuestAddress(off + (i as u64) * PAGE)).map_err(bad_mem)?;
+                    }
+                }
+                Ok(())
             })?;
         } else {
             let (pfns, data) = read_diff_pages(d, m)?;

@@ -38,9 +38,14 @@ fn snap(live: &Live, out: &Path, diff: bool) -> Run {
 /// Runs SCRIPT to s3 taking full@s1, diff@s2, diff@s3 (+ a full at s3 for comparison),
 /// then kills the source VM. Returns the snapshot directory.
 fn make_chain() -> tempfile::TempDir {
+    make_chain_with(&[])
+}
+
+/// `make_chain` with extra `vmm run` arguments (an engine).
+fn make_chain_with(extra: &[&str]) -> tempfile::TempDir {
     let dir = tempdir();
     let d = dir.path();
-    let mut live = Live::start(SCRIPT, &[]);
+    let mut live = Live::start(SCRIPT, extra);
     for (label, name, diff) in [("s1", "full", false), ("s2", "d1", true), ("s3", "d2", true)] {
         live.wait(label);
         let r = snap(&live, &d.join(name), diff);
@@ -264,4 +269,41 @@ fn a_progress_bar_is_drawn_on_a_terminal_and_only_there() {
     let r = snap(&live, &d.join("full2"), false);
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stderr.is_empty(), "{r:?}");
+}
+
+/// Restores d1 (taken at s2) with `engine`, lets it run to s3, takes a diff there:
+/// the diff holds only what the restored VM wrote, and restores in turn.
+fn restored_vm_snapshots_on_its_base(engine: &str) {
+    require_kvm();
+    let dir = make_chain_with(&["--engine", engine]);
+    let d = dir.path();
+    let live = Live::restore(&d.join("d1"));
+    live.wait("s3");
+    let r = snap(&live, &d.join("r1"), true);
+    assert_eq!(r.code, 0, "{r:?}");
+    live.resume();
+    let end = live.finish();
+    assert_eq!(end.code, 0, "{end:?}");
+    let v = vmm(&["snapshot", "verify", d.join("r1").to_str().unwrap()]);
+    assert!(v.code == 0 && v.stdout.contains("chain of 3 snapshot(s)"), "full + d1 + r1: {v:?}");
+    assert!(v.stdout.contains(&format!("engine {engine}")), "{v:?}");
+    let pages = manifest(&d.join("r1"))["pages"].as_u64().unwrap();
+    assert!((8..64).contains(&pages), "only what the restored VM wrote: {pages}");
+    let r = vmm(&["run", "--restore", d.join("r1").to_str().unwrap(), "--timeout", "60"]);
+    assert_eq!(r.code, 0, "{r:?}");
+}
+
+#[test]
+fn a_restored_vm_snapshots_on_top_of_the_snapshot_it_came_from_pte() {
+    restored_vm_snapshots_on_its_base("pte");
+}
+
+#[test]
+fn a_restored_vm_snapshots_on_top_of_the_snapshot_it_came_from_kvm_ring() {
+    restored_vm_snapshots_on_its_base("kvm-ring");
+}
+
+#[test]
+fn a_restored_vm_snapshots_on_top_of_the_snapshot_it_came_from_uffd() {
+    restored_vm_snapshots_on_its_base("uffd");
 }

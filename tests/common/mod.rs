@@ -82,12 +82,25 @@ impl Live {
 
     /// Like `start`, but a VMM that exits before creating its socket is returned as `Err`.
     pub fn try_start(script: &str, extra: &[&str]) -> Result<Live, Run> {
-        require_kvm();
         let dir = tempdir();
         let path = write_script(dir.path(), "w.wl", script);
+        let mut args = vec!["--workload".to_string(), path.to_str().unwrap().to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Live::spawn(dir, &args)
+    }
+
+    /// A VMM restoring snapshot `snapshot`, with a control socket.
+    pub fn restore(snapshot: &Path) -> Live {
+        Live::spawn(tempdir(), &["--restore".to_string(), snapshot.to_str().unwrap().to_string()])
+            .unwrap_or_else(|r| panic!("the restored VMM exited before serving: {r:?}"))
+    }
+
+    /// `vmm run --api-sock DIR/api.sock ARGS...`
+    fn spawn(dir: tempfile::TempDir, run_args: &[String]) -> Result<Live, Run> {
+        require_kvm();
         let sock = dir.path().join("api.sock");
-        let mut args = vec!["run", "--workload", path.to_str().unwrap(), "--api-sock", sock.to_str().unwrap()];
-        args.extend_from_slice(extra);
+        let mut args = vec!["run", "--api-sock", sock.to_str().unwrap()];
+        args.extend(run_args.iter().map(String::as_str));
         let child = Command::new(vmm_bin())
             .args(&args)
             .stdin(Stdio::null())

@@ -165,6 +165,8 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
         if let Some(raw) = loaded.state.get("tracker") {
             tracker.import_state(raw, &mem, &vcpu).map_err(Error::TrackerState)?;
         }
+        // Memory now equals the restored snapshot: the next diff is relative to it.
+        tracker.log.snapshot_start(&vm).map_err(|e| Error::TrackerState(e.to_string()))?;
     }
     let last_snapshot = opts.restore.as_ref().zip(restored.as_ref()).map(|(dir, l)| crate::snapshot::Last {
         path: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()),

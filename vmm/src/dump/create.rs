@@ -101,7 +101,8 @@ fn write(
         held.get(i).is_some_and(|&(s, _)| s <= va)
     };
     let snap = ctx.tracker.snapshot(&ctx.mem)?;
-    let pages: Vec<PageInfo> = ctx.tracker.pagemap(&ctx.mem, &ctx.vm, pid, None)?;
+    let mut pages: Vec<PageInfo> = ctx.tracker.pagemap(&ctx.mem, &ctx.vm, pid, None)?;
+    pages.sort_unstable_by_key(|p| p.addr);
     let proc = snap.by_pid(pid).ok_or(crate::softdirty::Error::UnknownPid(pid))?;
     let mut mappings: Vec<MappingRecord> = proc
         .mappings
@@ -113,7 +114,8 @@ fn write(
     let huge_zero = (snap.huge_zero_frame != 0).then(|| snap.huge_zero_frame / PAGE..snap.huge_zero_frame / PAGE + 512);
 
     // Classify every page, mapping by mapping (runs never cross a mapping's edge).
-    let by_addr: std::collections::HashMap<u64, &PageInfo> = pages.iter().map(|p| (p.addr, p)).collect();
+    // Both `mappings` and `pages` are in address order: one cursor walks the pages.
+    let mut cursor = 0usize;
     let mut runs: Vec<Run> = Vec::new();
     let mut data_pfns: Vec<(u64, u64)> = Vec::new(); // (va, pfn)
     let mut counts = Counts::default();
@@ -121,7 +123,11 @@ fn write(
         let mut open: Option<Run> = None;
         for k in 0..m.pages {
             let va = m.start + k * PAGE;
-            let kind = match by_addr.get(&va).filter(|p| p.entry.is_present()).and_then(|p| p.entry.pfn().map(|f| (p, f))) {
+            while cursor < pages.len() && pages[cursor].addr < va {
+                cursor += 1;
+            }
+            let page = pages.get(cursor).filter(|p| p.addr == va);
+            let kind = match page.filter(|p| p.entry.is_present()).and_then(|p| p.entry.pfn().map(|f| (p, f))) {
                 None => None,
                 Some((_, pfn)) if pfn == zero || huge_zero.as_ref().is_some_and(|z| z.contains(&pfn)) => Some(Kind::Zero),
                 Some((p, pfn)) => {

@@ -41,6 +41,20 @@ pub fn read(mem: &GuestMem, addr: u64, len: usize) -> Result<Vec<u8>, Error> {
     Ok(buf)
 }
 
+/// Runs `f` on guest memory `[addr, addr + len)` in place, without a copy (for bulk
+/// reads such as snapshots). Only while the guest is stopped: call it on the vCPU
+/// thread between `KVM_RUN`s.
+pub fn with_stopped_guest_bytes<R>(mem: &GuestMem, addr: u64, len: usize, f: impl FnOnce(&[u8]) -> R) -> Result<R, Error> {
+    let slice = mem.get_slice(GuestAddress(addr), len).map_err(|_| Error::OutOfRange { addr, len })?;
+    let guard = slice.ptr_guard();
+    // SAFETY: get_slice checked that the range lies inside one mapping, which lives as
+    // long as `mem`. The guest's only vCPU is stopped (the caller runs on its thread
+    // between KVM_RUNs) and no VMM thread writes guest memory meanwhile, so the bytes
+    // do not change while `f` borrows them.
+    let bytes = unsafe { std::slice::from_raw_parts(guard.as_ptr(), len) };
+    Ok(f(bytes))
+}
+
 pub fn write(mem: &GuestMem, addr: u64, bytes: &[u8]) -> Result<(), Error> {
     mem.write_slice(bytes, GuestAddress(addr)).map_err(|_| Error::OutOfRange { addr, len: bytes.len() })
 }

@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use vm_memory::{Bytes, GuestAddress};
 
 /// Most pages moved at once (1 MiB).
 const RUN_PAGES: usize = 256;
@@ -78,11 +77,9 @@ pub fn create(ctx: &mut VcpuContext, out: &Path, diff: bool, progress: &Progress
     let f = std::fs::File::create(&mem_path).map_err(crate::durable::io(&mem_path))?;
     let mut hasher = crate::checksum::Hasher::new();
     let mut pages = 0u64;
-    static ZERO: [u8; PAGE as usize] = [0; PAGE as usize];
-    // Pages move in runs of consecutive frames (up to 1 MiB): one copy out of guest
-    // memory, one hash update and one write per run. Diffs are written sequentially
+    // Pages move in runs of consecutive frames (up to 1 MiB), read in place from guest
+    // memory: one hash update and one write per run. Diffs are written sequentially
     // through a buffer; a full image by position, so that zero pages stay holes.
-    let mut buf = vec![0u8; RUN_PAGES * PAGE as usize];
     let mut seq = std::io::BufWriter::with_capacity(1 << 20, &f);
     let mut i = 0;
     while i < frames.len() {
@@ -91,32 +88,11 @@ pub fn create(ctx: &mut VcpuContext, out: &Path, diff: bool, progress: &Progress
         while i + n < frames.len() && n < RUN_PAGES && frames[i + n] == first + n as u64 {
             n += 1;
         }
-        let run = &mut buf[..n * PAGE as usize];
-        ctx.mem
-            .read_slice(run, GuestAddress(first * PAGE))
-            .map_err(|e| Error::Io { path: mem_path.clone(), source: std::io::Error::other(e.to_string()) })?;
-        // A full image hashes as the whole RAM (its holes read as zeros).
-        hasher.update(&*run);
-        if diff {
-            seq.write_all(run).map_err(crate::durable::io(&mem_path))?;
-            pages += n as u64;
-        } else {
-            let is_zero = |k: usize| run[k * PAGE as usize..(k + 1) * PAGE as usize] == ZERO;
-            let mut k = 0;
-            while k < n {
-                if is_zero(k) {
-                    k += 1;
-                    continue;
-                }
-                let start = k;
-                while k < n && !is_zero(k) {
-                    k += 1;
-                }
-                f.write_all_at(&run[start * PAGE as usize..k * PAGE as usize], (first + start as u64) * PAGE)
-                    .map_err(crate::durable::io(&mem_path))?;
-                pages += (k - start) as u64;
-            }
-        }
+        let written = crate::memory::with_stopped_guest_bytes(&ctx.mem, first * PAGE, n * PAGE as usize, |run| {
+            write_run(run, first, diff, &f, &mut seq, &mut hasher, &mem_path)
+        })
+        .map_err(|e| Error::Io { path: mem_path.clone(), source: std::io::Error::other(e.to_string()) })??;
+        pages += written;
         progress.advance(n as u64 * PAGE);
         i += n;
     }
@@ -160,4 +136,41 @@ pub fn create(ctx: &mut VcpuContext, out: &Path, diff: bool, progress: &Progress
     let bytes = std::fs::metadata(out.join("memory.bin")).map(|m| m.len()).unwrap_or(0);
     let disk_bytes = crate::durable::disk_usage(out);
     Ok(Report { id, kind, pages, bytes, disk_bytes, pause_ns: t0.elapsed().as_nanos() as u64, phases })
+}
+
+/// Hashes and writes one run of consecutive frames starting at `first`; returns the
+/// pages written. A full image hashes as the whole RAM (its holes read as zeros) and
+/// writes non-zero pages at their offsets; a diff appends every page.
+fn write_run(
+    run: &[u8],
+    first: u64,
+    diff: bool,
+    f: &std::fs::File,
+    seq: &mut impl Write,
+    hasher: &mut crate::checksum::Hasher,
+    path: &Path,
+) -> Result<u64, Error> {
+    static ZERO: [u8; PAGE as usize] = [0; PAGE as usize];
+    hasher.update(run);
+    let n = run.len() / PAGE as usize;
+    if diff {
+        seq.write_all(run).map_err(crate::durable::io(path))?;
+        return Ok(n as u64);
+    }
+    let is_zero = |k: usize| run[k * PAGE as usize..(k + 1) * PAGE as usize] == ZERO;
+    let (mut k, mut pages) = (0, 0);
+    while k < n {
+        if is_zero(k) {
+            k += 1;
+            continue;
+        }
+        let start = k;
+        while k < n && !is_zero(k) {
+            k += 1;
+        }
+        f.write_all_at(&run[start * PAGE as usize..k * PAGE as usize], (first + start as u64) * PAGE)
+            .map_err(crate::durable::io(path))?;
+        pages += (k - start) as u64;
+    }
+    Ok(pages)
 }

@@ -56,7 +56,7 @@ impl SliceMemory {
     fn range(&self, addr: GuestPhysAddr) -> Result<core::ops::Range<usize>, MemoryError> {
         let start = usize::try_from(addr.0).map_err(|_| MemoryError { addr })?;
         let end = start.checked_add(8).ok_or(MemoryError { addr })?;
-        if addr.0 % 8 != 0 || end > self.bytes.len() {
+        if !addr.0.is_multiple_of(8) || end > self.bytes.len() {
             return Err(MemoryError { addr });
         }
         Ok(start..end)

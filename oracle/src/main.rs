@@ -49,7 +49,7 @@ impl Child {
         // Any page of the range that is mapped but not by the scenario?
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
         maps.lines().any(|l| {
-            let mut it = l.split(|c| c == '-' || c == ' ');
+            let mut it = l.split(['-', ' ']);
             let (Some(s), Some(e)) = (it.next(), it.next()) else { return false };
             let (s, e) = (u64::from_str_radix(s, 16).unwrap_or(0), u64::from_str_radix(e, 16).unwrap_or(0));
             s < addr + len && addr < e && !self.mine.iter().any(|&(ms, me)| ms <= s.max(addr) && e.min(addr + len) <= me)

@@ -176,11 +176,11 @@ pub fn parse(raw: &[u8], mem_size: u64) -> Result<Snapshot, Error> {
         return bad(format!("nprocs {nprocs} exceeds {MAX_PROCS}"));
     }
     let zero_frame = u64_at(raw, offset_of!(ProcessTable, zero_frame));
-    if zero_frame % 4096 != 0 || zero_frame >= mem_size {
+    if !zero_frame.is_multiple_of(4096) || zero_frame >= mem_size {
         return bad(format!("zero frame {zero_frame:#x} is not a page of guest memory"));
     }
     let huge_zero_frame = u64_at(raw, offset_of!(ProcessTable, huge_zero_frame));
-    if huge_zero_frame % (2 << 20) != 0 || (huge_zero_frame != 0 && huge_zero_frame.checked_add(2 << 20).is_none_or(|e| e > mem_size)) {
+    if !huge_zero_frame.is_multiple_of(2 << 20) || (huge_zero_frame != 0 && huge_zero_frame.checked_add(2 << 20).is_none_or(|e| e > mem_size)) {
         return bad(format!("huge zero frame {huge_zero_frame:#x} is not a 2 MiB block of guest memory"));
     }
     let mut processes = Vec::new();
@@ -206,7 +206,7 @@ pub fn parse(raw: &[u8], mem_size: u64) -> Result<Snapshot, Error> {
             return Err(field("name", "is not printable ASCII".into()));
         }
         let cr3 = u64_at(s, offset_of!(ProcSlot, cr3));
-        if cr3 % 4096 != 0 || cr3 >= mem_size {
+        if !cr3.is_multiple_of(4096) || cr3 >= mem_size {
             return Err(field("cr3", format!("{cr3:#x} is not a page of guest memory")));
         }
         let mut mappings = Vec::with_capacity(nmaps);

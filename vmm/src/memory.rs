@@ -64,21 +64,21 @@ pub struct Phys<'a>(pub &'a GuestMem);
 
 impl PhysMemory for Phys<'_> {
     fn read_u64(&self, addr: GuestPhysAddr) -> Result<u64, MemoryError> {
-        if addr.0 % 8 != 0 {
+        if !addr.0.is_multiple_of(8) {
             return Err(MemoryError { addr });
         }
         self.0.read_obj::<u64>(GuestAddress(addr.0)).map_err(|_| MemoryError { addr })
     }
 
     fn write_u64(&mut self, addr: GuestPhysAddr, value: u64) -> Result<(), MemoryError> {
-        if addr.0 % 8 != 0 {
+        if !addr.0.is_multiple_of(8) {
             return Err(MemoryError { addr });
         }
         self.0.write_obj(value, GuestAddress(addr.0)).map_err(|_| MemoryError { addr })
     }
 
     fn read_table(&self, addr: GuestPhysAddr, out: &mut [u64; 512]) -> Result<(), MemoryError> {
-        if addr.0 % 4096 != 0 {
+        if !addr.0.is_multiple_of(4096) {
             return Err(MemoryError { addr });
         }
         let mut bytes = [0u8; 4096];

@@ -73,7 +73,7 @@ impl Drop for Bar {
 /// `label [#######.............]  35%  12.0/34.3 MiB`
 pub fn render(label: &str, done: u64, total: u64) -> String {
     const WIDTH: u64 = 30;
-    let frac = if total == 0 { 0 } else { done.min(total) * 1000 / total };
+    let frac = (done.min(total) * 1000).checked_div(total).unwrap_or(0);
     let filled = (frac * WIDTH / 1000) as usize;
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     format!(

@@ -533,7 +533,7 @@ impl FrameCounts {
 
 /// A pagemap range: page-aligned, non-empty, bounded, inside the user half.
 pub fn check_range(start: u64, pages: u64) -> Result<(), Error> {
-    if start % 4096 != 0 {
+    if !start.is_multiple_of(4096) {
         return Err(Error::BadRange(format!("start {start:#x} is not page-aligned")));
     }
     if pages == 0 {

@@ -156,7 +156,7 @@ pub fn parse_statement(line: &[u8]) -> Result<'_, Option<Statement<'_>>> {
         b"map" => {
             let range = args.range()?;
             let (mut huge, mut read_only, mut shared) = (false, false, false);
-            while let Some(opt) = args.tokens.next() {
+            for opt in args.tokens.by_ref() {
                 match opt {
                     b"huge" if !huge && !shared => huge = true,
                     b"ro" if !read_only => read_only = true,

@@ -92,7 +92,7 @@ pub fn encode_runs(runs: &[Run]) -> Vec<u8> {
 /// Parses `pagemap.bin`; every run must lie inside one of `mappings`, in increasing
 /// address order and without overlap.
 pub fn decode_runs(raw: &[u8], mappings: &[MappingRecord]) -> Result<Vec<Run>, String> {
-    if raw.len() % RUN_BYTES != 0 {
+    if !raw.len().is_multiple_of(RUN_BYTES) {
         return Err(format!("pagemap.bin is {} bytes, not a multiple of {RUN_BYTES}", raw.len()));
     }
     let mut runs = Vec::with_capacity(raw.len() / RUN_BYTES);

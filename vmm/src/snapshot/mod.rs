@@ -153,7 +153,7 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
     if m.checksum != crate::checksum::NAME {
         return Err(invalid(dir, format!("checksum {} is not {}", m.checksum, crate::checksum::NAME)));
     }
-    if m.mem_bytes == 0 || m.mem_bytes % PAGE != 0 || m.mem_bytes > guest_abi::MAX_MEM {
+    if m.mem_bytes == 0 || !m.mem_bytes.is_multiple_of(PAGE) || m.mem_bytes > guest_abi::MAX_MEM {
         return Err(invalid(dir, format!("guest size {} is not valid", m.mem_bytes)));
     }
     if (m.kind == Kind::Diff) != m.base.is_some() {
@@ -209,7 +209,7 @@ fn read_full_memory(dir: &Path, m: &Manifest, mut sink: impl FnMut(u64, &[u8]) -
         if n == 0 {
             break;
         }
-        if n as u64 % PAGE != 0 || off + n as u64 > m.mem_bytes {
+        if !(n as u64).is_multiple_of(PAGE) || off + n as u64 > m.mem_bytes {
             return Err(invalid(dir, "memory.bin changed size while being read"));
         }
         hasher.update(&buf[..n]);

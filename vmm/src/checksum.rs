@@ -35,6 +35,11 @@ pub fn of(data: &[u8]) -> String {
     h.hex()
 }
 
+/// Checks that a manifest's `checksum` field names the checksum this build uses.
+pub fn check_kind(kind: &str) -> Result<(), String> {
+    if kind == NAME { Ok(()) } else { Err(format!("checksum {kind} is not {NAME}")) }
+}
+
 /// Checks that file `name` has checksum `have` against a manifest's `files` map.
 /// The error is a sentence naming the file.
 pub fn check(files: &std::collections::BTreeMap<String, String>, name: &str, have: &str) -> Result<(), String> {

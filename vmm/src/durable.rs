@@ -57,10 +57,7 @@ impl Staging {
         if target.exists() {
             return Err(Error::Exists(target.to_path_buf()));
         }
-        let name = target.file_name().map_or("out".into(), |n| n.to_string_lossy().into_owned());
-        let tmp = target.with_file_name(format!("{name}.tmp-{id}"));
-        std::fs::create_dir(&tmp).map_err(io(&tmp))?;
-        Ok(Staging { target: target.to_path_buf(), tmp, done: false })
+        Staging::beside(target, id)
     }
 
     /// Starts `target.tmp-<id>` to [`Staging::replace`] `target`, which must exist.
@@ -68,6 +65,11 @@ impl Staging {
         if !target.is_dir() {
             return Err(Error::Io { path: target.to_path_buf(), source: std::io::ErrorKind::NotFound.into() });
         }
+        Staging::beside(target, id)
+    }
+
+    /// Creates the staging directory `target.tmp-<id>` next to `target`.
+    fn beside(target: &Path, id: &str) -> Result<Staging, Error> {
         let name = target.file_name().map_or("out".into(), |n| n.to_string_lossy().into_owned());
         let tmp = target.with_file_name(format!("{name}.tmp-{id}"));
         std::fs::create_dir(&tmp).map_err(io(&tmp))?;

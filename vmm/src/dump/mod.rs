@@ -166,9 +166,7 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
     if m.format != FORMAT || m.version != VERSION {
         return Err(invalid(dir, format!("format {} version {} is not {FORMAT} {VERSION}", m.format, m.version)));
     }
-    if m.checksum != crate::checksum::NAME {
-        return Err(invalid(dir, format!("checksum {} is not {}", m.checksum, crate::checksum::NAME)));
-    }
+    crate::checksum::check_kind(&m.checksum).map_err(|why| invalid(dir, why))?;
     let mut sorted = m.mappings.clone();
     sorted.sort_by_key(|r| r.start);
     for w in sorted.windows(2) {

@@ -150,9 +150,7 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
     if m.format != FORMAT || m.version != VERSION {
         return Err(invalid(dir, format!("format {} version {} is not {FORMAT} {VERSION}", m.format, m.version)));
     }
-    if m.checksum != crate::checksum::NAME {
-        return Err(invalid(dir, format!("checksum {} is not {}", m.checksum, crate::checksum::NAME)));
-    }
+    crate::checksum::check_kind(&m.checksum).map_err(|why| invalid(dir, why))?;
     if m.mem_bytes == 0 || !m.mem_bytes.is_multiple_of(PAGE) || m.mem_bytes > guest_abi::MAX_MEM {
         return Err(invalid(dir, format!("guest size {} is not valid", m.mem_bytes)));
     }

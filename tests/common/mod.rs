@@ -228,6 +228,33 @@ impl Live {
         self.finish()
     }
 
+    /// Waits for the next pause at a `sync` and returns `(pid, label)`; the VM stays
+    /// paused there until `resume`. For workloads that never end (a process that loops
+    /// until the test has seen what it needs, then drops the VMM): the ordering tool
+    /// when what the host checks depends on how far other processes have run.
+    pub fn next_sync(&self) -> (u32, String) {
+        let mut w = self.client("wait", &["--timeout", "60"]);
+        // As in `drive`: retry a client call that failed without a word under load.
+        for _ in 0..5 {
+            if w.code == 0 || w.stderr.contains("has finished") || !self.sock.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            w = self.client("wait", &["--timeout", "60"]);
+        }
+        assert_eq!(w.code, 0, "waiting for the next sync: {w:?}");
+        let mut parts = w.stdout.split_whitespace();
+        let pid: u32 = parts.next().unwrap().parse().unwrap();
+        (pid, parts.next().unwrap().to_string())
+    }
+
+    /// `vmm ps --json`: one object per process, by pid.
+    pub fn ps(&self) -> Vec<serde_json::Value> {
+        let r = self.client("ps", &["--json"]);
+        assert_eq!(r.code, 0, "ps: {r:?}");
+        r.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
     fn exits_soon(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {

@@ -126,17 +126,29 @@ fn split_mappings_keep_their_history_in_every_piece(engine: &str) {
 }
 
 fn dirty_rate_and_top_see_the_writer_not_the_reader(engine: &str) {
-    let script = "proc busy\nmap 0x400000 64\nloop 50000000\n  fill 0x400000 16 1\nend\nproc idle\nmap 0x400000 64\nfill 0x400000 64 1\nloop 50000000\n  touch 0x400000 1\nend\n";
+    // idle's only writes come before its sync: every window opened after it reads 0 for
+    // idle. busy writes the same 16 pages forever; a window (a span of host time) shows
+    // all 16 once busy got the CPU long enough in it, so windows are retried until then.
+    let script = "proc busy\nmap 0x400000 64\nloop 50000000\n  fill 0x400000 16 1\nend\nproc idle\nmap 0x400000 64\nfill 0x400000 64 1\nsync idle-ready\nloop 50000000\n  touch 0x400000 1\nend\n";
     let Some(mut live) = start(script, engine) else { return };
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    let r = live.client("dirty-rate", &["--seconds", "0.3", "--json"]);
-    assert_eq!(r.code, 0, "{r:?}");
-    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    let procs = v["processes"].as_array().unwrap();
-    assert_eq!(procs[0]["name"], "busy");
-    assert_eq!(procs[0]["pages"], 16, "{v}");
-    assert_eq!(procs[1]["pages"], 0, "{v}");
-    assert!(v["vm_pages"].as_u64().unwrap() >= 16 && v["running_seconds"].as_f64().unwrap() > 0.0, "{v}");
+    live.wait("idle-ready");
+    live.resume();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let r = live.client("dirty-rate", &["--seconds", "0.3", "--json"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        let procs = v["processes"].as_array().unwrap();
+        assert_eq!((&procs[0]["name"], &procs[1]["name"]), (&"busy".into(), &"idle".into()), "{v}");
+        assert_eq!(procs[1]["pages"], 0, "idle wrote nothing after its sync: {v}");
+        let busy = procs[0]["pages"].as_u64().unwrap();
+        assert!(busy <= 16, "{v}");
+        if busy == 16 {
+            assert!(v["vm_pages"].as_u64().unwrap() >= 16 && v["running_seconds"].as_f64().unwrap() > 0.0, "{v}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "busy never got to write its 16 pages in a window: {v}");
+    }
     let top = live.client("top", &["--interval", "0.2", "--count", "2"]);
     assert_eq!(top.code, 0, "{top:?}");
     assert_eq!(top.stdout.matches("busy").count(), 2, "{top:?}");
@@ -151,45 +163,58 @@ fn a_write_to_a_shared_frame_marks_the_other_mapper_only_for_guest_physical_engi
     // The one documented difference from Linux (docs/engines.md): soft-dirty is a
     // property of the mapping for the pte engine (as in Linux) and of the frame for the
     // guest-physical engines.
+    //
+    // What is checked needs an order across processes: b mapped and cleared, then a
+    // writes, then both are read. The processes cannot wait for each other, so the host
+    // orders it from outside: a writes only between its syncs `a-before` and `a-wrote`,
+    // and a round counts only if b's clear (at b-ready, or after the previous round)
+    // came before its `a-before`. Both loop until the test has seen such a round.
     const S: u64 = 0x6000_0000_0000;
     let script = "\
 proc a
 map 0x600000000000 1 shared
 fill 0x600000000000 1 1
-sync a-ready
-loop 300
+loop 1000000000
+  sync a-before
+  fill 0x600000000000 1 2
+  sync a-wrote
+  check 0x600000000000 1 2
   yield
 end
-fill 0x600000000000 1 2
-sync a-wrote
 proc b
 map 0x600000000000 1 shared
 touch 0x600000000000 1
 sync b-ready
-loop 900
+loop 1000000000
   yield
 end
-check 0x600000000000 1 2
 ";
     let Some(live) = start(script, engine) else { return };
-    let mut b_cleared = false;
-    let r = live.drive(|live, label, pid| match label {
-        "a-ready" => live.clear_refs(pid, 4),
-        "b-ready" => {
-            live.clear_refs(pid, 4);
-            b_cleared = true;
+    let (mut b_cleared, mut armed) = (false, false);
+    loop {
+        let (pid, label) = live.next_sync();
+        match label.as_str() {
+            "b-ready" => {
+                live.clear_refs(pid, 4);
+                b_cleared = true;
+            }
+            "a-before" => {
+                live.clear_refs(pid, 4);
+                armed = b_cleared;
+            }
+            "a-wrote" if armed => {
+                let (a, b) = (live.pagemap(1, S, 1)[0].clone(), live.pagemap(2, S, 1)[0].clone());
+                assert_eq!(a.pfn, b.pfn, "one frame, two processes");
+                assert!(a.present && b.present && !a.exclusive && !b.exclusive, "{a:?} {b:?}");
+                assert!(a.soft_dirty, "the writer's page is soft-dirty");
+                assert_eq!(b.soft_dirty, engine != "pte", "{engine}: the other mapper's page");
+                break;
+            }
+            "a-wrote" => {}
+            _ => unreachable!("{label}"),
         }
-        "a-wrote" => {
-            assert!(b_cleared, "b was cleared before a wrote (scheduling assumption)");
-            let (a, b) = (live.pagemap(1, S, 1)[0].clone(), live.pagemap(2, S, 1)[0].clone());
-            assert_eq!(a.pfn, b.pfn, "one frame, two processes");
-            assert!(!a.exclusive && !b.exclusive);
-            assert!(a.soft_dirty, "the writer's page is soft-dirty");
-            assert_eq!(b.soft_dirty, engine != "pte", "{engine}: the other mapper's page");
-        }
-        _ => unreachable!(),
-    });
-    assert_eq!(r.code, 0, "b saw a's write through the shared frame: {r:?}");
+        live.resume();
+    }
 }
 
 fn processes_see_only_their_own_writes(engine: &str) {
@@ -338,45 +363,60 @@ fn clear_refs_5_resets_peak_rss(engine: &str) {
 }
 
 fn bad_requests_get_clear_errors_and_the_vm_keeps_running(engine: &str) {
-    let script = "proc gone\nexit 0\nproc p\nmap 0x400000 1\nyield\nyield\nsync s\nfill 0x400000 1 1\ncheck 0x400000 1 1\n";
+    // "gone" exits whenever the scheduler lets it: p syncs in a loop until `ps` shows
+    // from outside that it has, and only then are the requests about it made.
+    let script = "proc gone\nexit 0\nproc p\nmap 0x400000 1\nloop 1000000000\n  yield\n  sync s\n  fill 0x400000 1 1\n  check 0x400000 1 1\nend\n";
     let Some(live) = start(script, engine) else { return };
-    let r = live.drive(|live, _, _| {
-        let cases: &[(&[&str], i32, &str)] = &[
-            (&["pagemap", "--pid", "99"], 65, "no process with pid 99"),
-            (&["pagemap", "--pid", "1"], 65, "pid 1 has exited"),
-            (&["clear-refs", "--pid", "1"], 65, "pid 1 has exited"),
-            (&["pagemap", "--pid", "2", "--start", "0xffff800000000000"], 65, "outside the user half"),
-            (&["pagemap", "--pid", "2", "--start", "0x7ffffffff000", "--pages", "2"], 65, "outside the user half"),
-            (&["pagemap", "--pid", "2", "--start", "0x400000", "--pages", "0"], 65, "page count is 0"),
-            (&["pagemap", "--pid", "2", "--start", "0x400000", "--pages", "100000000"], 65, "exceed the limit"),
-            (&["pagemap", "--pid", "2", "--start", "0x400800"], 65, "not page-aligned"),
-            (&["pagemap", "--pid", "2", "--start", "zz"], 64, "not a hex address"),
-            (&["clear-refs", "--pid", "2", "7"], 65, "invalid clear_refs value 7 (EINVAL)"),
-            (&["clear-refs", "--pid", "2", "0"], 65, "EINVAL"),
-            (&["clear-refs", "--pid", "x"], 64, "invalid value"),
-        ];
-        for (args, code, msg) in cases {
-            let mut all = vec![args[0], "--api-sock", live.sock()];
-            all.extend_from_slice(&args[1..]);
-            let r = vmm(&all);
-            assert_eq!(r.code, *code, "{args:?}: {r:?}");
-            assert!(r.stderr.contains(msg), "{args:?}: {r:?}");
+    loop {
+        live.wait("s");
+        if live.ps()[0]["state"] == "exited" {
+            break;
         }
-        assert_eq!(live.soft_dirty(2, A, 1), [true], "state intact after the errors");
-    });
-    assert_eq!(r.code, 0, "{r:?}");
+        live.resume();
+    }
+    let cases: &[(&[&str], i32, &str)] = &[
+        (&["pagemap", "--pid", "99"], 65, "no process with pid 99"),
+        (&["pagemap", "--pid", "1"], 65, "pid 1 has exited"),
+        (&["clear-refs", "--pid", "1"], 65, "pid 1 has exited"),
+        (&["pagemap", "--pid", "2", "--start", "0xffff800000000000"], 65, "outside the user half"),
+        (&["pagemap", "--pid", "2", "--start", "0x7ffffffff000", "--pages", "2"], 65, "outside the user half"),
+        (&["pagemap", "--pid", "2", "--start", "0x400000", "--pages", "0"], 65, "page count is 0"),
+        (&["pagemap", "--pid", "2", "--start", "0x400000", "--pages", "100000000"], 65, "exceed the limit"),
+        (&["pagemap", "--pid", "2", "--start", "0x400800"], 65, "not page-aligned"),
+        (&["pagemap", "--pid", "2", "--start", "zz"], 64, "not a hex address"),
+        (&["clear-refs", "--pid", "2", "7"], 65, "invalid clear_refs value 7 (EINVAL)"),
+        (&["clear-refs", "--pid", "2", "0"], 65, "EINVAL"),
+        (&["clear-refs", "--pid", "x"], 64, "invalid value"),
+    ];
+    for (args, code, msg) in cases {
+        let mut all = vec![args[0], "--api-sock", live.sock()];
+        all.extend_from_slice(&args[1..]);
+        let r = vmm(&all);
+        assert_eq!(r.code, *code, "{args:?}: {r:?}");
+        assert!(r.stderr.contains(msg), "{args:?}: {r:?}");
+    }
+    assert_eq!(live.soft_dirty(2, A, 1), [true], "state intact after the errors");
+    // The VM goes on: p writes and checks its page, then reaches its next sync.
+    live.clear_refs(2, 4);
+    live.resume();
+    live.wait("s");
+    assert_eq!(live.soft_dirty(2, A, 1), [true], "the write after the clear");
+    assert_eq!(live.ps()[1]["state"], "running");
 }
 
 fn concurrent_clients_while_the_guest_runs_never_lose_a_write(engine: &str) {
     // The guest rewrites and checks memory in a long loop while several clients clear
     // and read at the same time, with the VM running (not paused): every request must be
     // served at a safe point, and the guest's checks must keep passing.
-    let script = "proc busy\nmap 0x400000 64\nsync go\nloop 3000\n  fill 0x400000 64 0x5a\n  check 0x400000 64 0x5a\n  fill 0x400000 64 0xa5\n  check 0x400000 64 0xa5\nend\nsync end\n";
+    let script = "proc busy\nmap 0x400000 64\nfill 0x400000 64 0x5a\nsync go\nloop 3000\n  fill 0x400000 64 0x5a\n  check 0x400000 64 0x5a\n  fill 0x400000 64 0xa5\n  check 0x400000 64 0xa5\nend\nsync end\n";
     let Some(live) = start(script, engine) else { return };
     let r = live.drive(|live, label, pid| {
         if label != "go" {
             return;
         }
+        // One clear while paused, before the guest writes again: the faults (or dirty
+        // frames) counted below then exist whatever the clients' timing.
+        live.clear_refs(pid, 4);
         let sock = live.sock().to_string();
         let pid = pid.to_string();
         let workers: Vec<_> = (0..3)
@@ -406,7 +446,7 @@ fn concurrent_clients_while_the_guest_runs_never_lose_a_write(engine: &str) {
         for w in workers {
             w.join().unwrap().unwrap();
         }
-        // Now paused at "end" (or about to be): every page was written since the last clear.
+        // Now paused at "end" (or about to be).
         let w = live.client("wait", &["--label", "end", "--timeout", "60"]);
         assert_eq!(w.code, 0, "{w:?}");
         let info = live.info();

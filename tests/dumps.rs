@@ -8,6 +8,8 @@ use std::path::Path;
 
 /// p writes, unmaps and remaps, and reads a shared page that q keeps writing (soft-dirty
 /// is per PTE: q's writes never show in p's bits, so shared pages are always dumped).
+/// q never ends, so it is alive at any of p's syncs whatever the scheduler did; p's last
+/// sync, `done`, comes after its checks (the tests stop the VMM there).
 const SCRIPT: &str = "\
 proc p
 map 0x400000 64
@@ -33,10 +35,11 @@ end
 sync c
 check 0x400000 8 2
 check 0x410000 4 3
+sync done
 exit 0
 proc q
 map 0x600000000000 4 shared
-loop 400
+loop 1000000000
   fill 0x600000000000 1 7
   yield
   fill 0x600000000000 1 8
@@ -97,8 +100,8 @@ fn dump_chain_rebuilds_the_process(engine: &str) {
     // A full dump at the same moment reads the guest's memory directly.
     assert_eq!(dump(&live, &d.join("full"), None).code, 0);
     live.resume();
-    let end = live.finish();
-    assert_eq!(end.code, 0, "{end:?}");
+    // p's checks after the dumps passed (q runs on; dropping `live` stops the VMM).
+    live.wait("done");
 
     // Full: 64 written + the shared page; 4 + 0 read-only zero pages.
     let c0 = counts(&d.join("d0"));
@@ -172,8 +175,10 @@ fn dumps_refuse_a_prev_that_soft_dirty_cannot_vouch_for() {
     refused(dump(&live, &d.join("x"), Some(&d.join("d1"))), "were cleared (clear-refs) after that dump");
     assert_eq!(dump(&live, &d.join("d2"), None).code, 0, "a full dump starts a new chain");
     live.resume();
-    let end = live.drive(|_, _, _| {});
-    assert_eq!(end.code, 0, "{end:?}");
+    live.wait("c");
+    live.resume();
+    live.wait("done");
+    drop(live);
 
     // Damaged chains are refused by verify, naming the culprit.
     let bad = |dir: &Path, msg: &str| {

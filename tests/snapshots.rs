@@ -74,12 +74,14 @@ fn restoring_the_last_diff_finishes_the_workload() {
     assert_eq!(r.code, 0, "every check passes after the restore: {r:?}");
     assert!(r.stdout.contains("kernel: all processes exited 0"), "{r:?}");
     // The diffs hold what was written (plus guest-kernel pages), not the whole guest.
+    // q runs unordered with p's syncs: its 4 pages (and page tables) may land in `full`,
+    // in d1 or in d2; the bounds hold wherever they do (q in d1: ~22 pages).
     let pages = |name: &str| {
         let m: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join(name).join("manifest.json")).unwrap()).unwrap();
         m["pages"].as_u64().unwrap()
     };
     assert!(pages("d1") >= 8 && pages("d1") < 40, "d1 has {} pages", pages("d1"));
-    assert!(pages("full") >= 64 + 4);
+    assert!(pages("full") >= 64, "at least p's 64 pages written before s1");
 }
 
 /// Guest memory as restoring `dir` (and its chain) would set it.

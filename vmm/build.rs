@@ -29,7 +29,12 @@ fn main() {
     let status = cmd.status().expect("failed to run cargo for the guest kernel");
     assert!(status.success(), "building the guest kernel failed (see the errors above)");
 
-    let elf = guest.join("target/release/guest-kernel");
-    let out = PathBuf::from(std::env::var("OUT_DIR").expect("set by cargo")).join("guest-kernel.elf");
-    std::fs::copy(&elf, &out).unwrap_or_else(|e| panic!("copying {} failed: {e}", elf.display()));
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("set by cargo"));
+    for (bin, name) in [("guest-kernel", "guest-kernel.elf"), ("hostile-guest", "hostile-guest.elf")] {
+        let elf = guest.join("target/release").join(bin);
+        let out = out_dir.join(name);
+        std::fs::copy(&elf, &out).unwrap_or_else(|e| panic!("copying {} failed: {e}", elf.display()));
+    }
+    // The robustness tests boot the hostile guest (guest-kernel/src/hostile) by path.
+    println!("cargo:rustc-env=HOSTILE_GUEST_ELF={}", out_dir.join("hostile-guest.elf").display());
 }

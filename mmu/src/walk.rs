@@ -137,6 +137,8 @@ pub enum WalkError {
     Memory(MemoryError),
     /// A present entry on the path is malformed.
     Bad { level: u32, entry_addr: GuestPhysAddr, reason: BadEntry },
+    /// The walk would read more page-table pages than its [`TableBudget`] allows.
+    TooManyTables { limit: u64 },
 }
 
 impl fmt::Display for WalkError {
@@ -147,6 +149,11 @@ impl fmt::Display for WalkError {
             WalkError::Bad { level, entry_addr, reason } => {
                 write!(f, "level-{level} entry at {entry_addr}: {reason}")
             }
+            WalkError::TooManyTables { limit } => write!(
+                f,
+                "the page tables need more than {limit} table pages for this request (guest RAM holds no more \
+                 distinct tables: they are shared or aliased); refused to bound the work"
+            ),
         }
     }
 }
@@ -159,6 +166,39 @@ pub struct WalkStats {
     pub bad_entries: u64,
     /// Table pages reached a second time (aliasing or loops): not walked again.
     pub aliased_tables_skipped: u64,
+}
+
+/// How many page-table pages walks may still read: one budget shared by every walk of a
+/// request bounds the request's work by what guest RAM can hold, whatever the tables
+/// claim (each table page is at most 4 KiB of RAM, read once per walk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableBudget {
+    left: u64,
+    limit: u64,
+}
+
+impl TableBudget {
+    pub fn new(limit: u64) -> Self {
+        TableBudget { left: limit, limit }
+    }
+
+    /// No bound beyond "each table once per walk" (trusted or tiny memories).
+    pub fn unlimited() -> Self {
+        TableBudget::new(u64::MAX)
+    }
+
+    /// Table pages read so far.
+    pub fn used(&self) -> u64 {
+        self.limit - self.left
+    }
+
+    fn take(&mut self) -> bool {
+        if self.left == 0 {
+            return false;
+        }
+        self.left -= 1;
+        true
+    }
 }
 
 /// Walks page tables of one paging mode.
@@ -251,6 +291,14 @@ impl Walker {
     /// make the cost exceed one visit per table page.
     pub fn walk_range<M: PhysMemory + ?Sized>(&self, mem: &M, root: GuestPhysAddr, start: GuestVirtAddr, pages: u64,
         visit: &mut dyn FnMut(WalkItem)) -> Result<WalkStats, WalkError> {
+        self.walk_range_within(mem, root, start, pages, &mut TableBudget::unlimited(), visit)
+    }
+
+    /// [`Walker::walk_range`], reading at most as many table pages as `budget` has left
+    /// (and taking them from it). When the budget runs out the walk stops and fails with
+    /// [`WalkError::TooManyTables`]; what was visited until then has been reported.
+    pub fn walk_range_within<M: PhysMemory + ?Sized>(&self, mem: &M, root: GuestPhysAddr, start: GuestVirtAddr,
+        pages: u64, budget: &mut TableBudget, visit: &mut dyn FnMut(WalkItem)) -> Result<WalkStats, WalkError> {
         let bits = self.mode.va_bits();
         if !self.mode.is_canonical(start.0) {
             return Err(WalkError::NonCanonical(start));
@@ -269,8 +317,13 @@ impl Walker {
         // The root must be readable; everything below is reported, not fatal.
         mem.read_u64(GuestPhysAddr(root.0 & !(PAGE_SIZE - 1))).map_err(WalkError::Memory)?;
         let mut visited = BTreeSet::new();
-        let mut ctx = RangeWalk { walker: self, mem, visit, visited: &mut visited, stats: &mut stats, lin_start, lin_end };
+        let mut exhausted = false;
+        let mut ctx = RangeWalk { walker: self, mem, visit, visited: &mut visited, stats: &mut stats, lin_start, lin_end,
+            budget, exhausted: &mut exhausted };
         ctx.table(GuestPhysAddr(root.0 & !(PAGE_SIZE - 1)), self.mode.levels(), 0, PteFlags::WRITABLE | PteFlags::USER);
+        if exhausted {
+            return Err(WalkError::TooManyTables { limit: budget.limit });
+        }
         Ok(stats)
     }
 }
@@ -283,13 +336,22 @@ struct RangeWalk<'a, M: ?Sized> {
     stats: &'a mut WalkStats,
     lin_start: u64,
     lin_end: u64,
+    budget: &'a mut TableBudget,
+    exhausted: &'a mut bool,
 }
 
 impl<M: PhysMemory + ?Sized> RangeWalk<'_, M> {
     /// Walks the table at `table` (level `level`) that covers linear addresses from `base`.
     fn table(&mut self, table: GuestPhysAddr, level: u32, base: u64, upper: PteFlags) {
+        if *self.exhausted {
+            return;
+        }
         if !self.visited.insert(table.0) {
             self.stats.aliased_tables_skipped += 1;
+            return;
+        }
+        if !self.budget.take() {
+            *self.exhausted = true;
             return;
         }
         self.stats.tables_visited += 1;
@@ -332,6 +394,9 @@ impl<M: PhysMemory + ?Sized> RangeWalk<'_, M> {
                 continue;
             }
             self.table(child, level - 1, lin, upper & entry.flags());
+            if *self.exhausted {
+                return;
+            }
         }
     }
 }

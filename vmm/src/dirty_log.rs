@@ -13,6 +13,7 @@
 //! translations (DESIGN §3).
 
 use crate::dirty_ring::{self, DirtyRing};
+use crate::frame_set::FrameSet;
 use crate::memory::{self, GuestMem};
 use crate::uffd::{self, AsyncWp};
 use kvm_bindings::{kvm_clear_dirty_log, kvm_enable_cap, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
@@ -36,6 +37,8 @@ pub enum Error {
     Clear(std::io::Error),
     #[error("zapping KVM's translations of frames at {pfn:#x} failed: {source}")]
     Zap { pfn: u64, source: std::io::Error },
+    #[error("giving guest RAM at frame {pfn:#x} its write access back failed: {source}")]
+    Restore { pfn: u64, source: std::io::Error },
     #[error(transparent)]
     Ring(#[from] dirty_ring::Error),
     #[error(transparent)]
@@ -214,8 +217,14 @@ impl GpaLog {
         pfn < self.pages && self.accumulated[(pfn / 64) as usize] & (1 << (pfn % 64)) != 0
     }
 
+    /// Any of `[pfn, pfn + count)` written; frames past the end of RAM never are.
     pub fn any_dirty(&self, pfn: u64, count: u64) -> bool {
-        (pfn..pfn.saturating_add(count)).any(|p| self.is_dirty(p))
+        (pfn..pfn.saturating_add(count).min(self.pages)).any(|p| self.is_dirty(p))
+    }
+
+    /// The window's bits, one per frame from frame 0.
+    pub fn window_words(&self) -> &[u64] {
+        &self.window
     }
 
     pub fn in_window(&self, pfn: u64) -> bool {
@@ -257,16 +266,6 @@ impl GpaLog {
         self.window.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
-    fn bitmap_of(&self, frames: &[(u64, u64)]) -> Vec<u64> {
-        let mut bitmap = vec![0u64; self.accumulated.len()];
-        for &(pfn, count) in frames {
-            for p in pfn..pfn.saturating_add(count).min(self.pages) {
-                bitmap[(p / 64) as usize] |= 1 << (p % 64);
-            }
-        }
-        bitmap
-    }
-
     fn kvm_clear(&mut self, vm: &VmFd, mut bitmap: Vec<u64>) -> Result<(), Error> {
         let mut arg = kvm_clear_dirty_log { slot: SLOT, num_pages: self.pages as u32, first_page: 0, ..Default::default() };
         arg.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
@@ -284,16 +283,16 @@ impl GpaLog {
     /// makes sure the mechanism reports their next write. With the KVM bitmap this is one
     /// `KVM_CLEAR_DIRTY_LOG`, which also makes KVM re-read the guest PTEs mapping them;
     /// the ring and userfaultfd re-protected everything they reported at the harvest.
-    pub fn clear(&mut self, vm: &VmFd, frames: &[(u64, u64)]) -> Result<(), Error> {
+    pub fn clear(&mut self, vm: &VmFd, frames: &FrameSet) -> Result<(), Error> {
         if frames.is_empty() {
             return Ok(());
         }
-        let bitmap = self.bitmap_of(frames);
-        for (acc, clear) in self.accumulated.iter_mut().zip(&bitmap) {
+        debug_assert_eq!(frames.ram_pages(), self.pages, "a frame set over this guest's RAM");
+        for (acc, clear) in self.accumulated.iter_mut().zip(frames.words()) {
             *acc &= !clear;
         }
         if let Mechanism::KvmBitmap = self.mech {
-            self.kvm_clear(vm, bitmap)?;
+            self.kvm_clear(vm, frames.words().to_vec())?;
         }
         Ok(())
     }
@@ -312,27 +311,44 @@ impl GpaLog {
     }
 }
 
+/// More runs than this and [`zap`] makes one round trip over all of guest RAM instead:
+/// the cost stays two system calls, whatever the guest's tables look like.
+const ZAP_MAX_RUNS: usize = 64;
+
 /// Makes KVM forget every translation of the frames (an mprotect round trip on their
 /// host mapping fires the MMU notifier), so the next access of any kind faults and KVM
 /// re-reads the guest PTE. Needed after clearing accessed bits: read access is not
 /// removed by the dirty log.
-pub fn zap(mem: &GuestMem, frames: &[(u64, u64)]) -> Result<(), Error> {
-    for &(pfn, count) in frames {
-        let host = mem.get_host_address(GuestAddress(pfn * 4096)).map_err(|_| Error::Zap {
+///
+/// The frames come from a [`FrameSet`], so they are inside guest RAM. Whatever happens,
+/// every range is given back read-write access before this returns: a failed first
+/// `mprotect` may have changed part of its range, and guest RAM left read-only would end
+/// the guest's next write with `KVM_RUN: Bad address`.
+pub fn zap(mem: &GuestMem, frames: &FrameSet) -> Result<(), Error> {
+    let runs: Vec<(u64, u64)> = frames.runs().take(ZAP_MAX_RUNS + 1).collect();
+    let runs = if runs.len() > ZAP_MAX_RUNS { vec![(0, frames.ram_pages())] } else { runs };
+    let mut first_error = None;
+    for (pfn, count) in runs {
+        let len = (count * 4096) as usize;
+        let slice = mem.get_slice(GuestAddress(pfn * 4096), len).map_err(|_| Error::Zap {
             pfn,
             source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
         })?;
-        let len = (count * 4096) as usize;
-        for prot in [libc::PROT_READ, libc::PROT_READ | libc::PROT_WRITE] {
-            // SAFETY: `host..host+len` lies inside guest RAM's own anonymous mapping (the
-            // frames were checked against guest memory by the caller's walk); the second
-            // call restores exactly the original protection.
-            if unsafe { libc::mprotect(host.cast(), len, prot) } != 0 {
-                return Err(Error::Zap { pfn, source: std::io::Error::last_os_error() });
-            }
+        let host = slice.ptr_guard_mut().as_ptr();
+        // SAFETY: get_slice checked that `host..host+len` lies inside one region of guest
+        // RAM, an anonymous private mapping the VMM owns for the VM's whole life; read-only
+        // for a moment, it is never accessed by the VMM meanwhile (we are on the vCPU
+        // thread with the guest stopped).
+        if unsafe { libc::mprotect(host.cast(), len, libc::PROT_READ) } != 0 {
+            first_error.get_or_insert(Error::Zap { pfn, source: std::io::Error::last_os_error() });
+        }
+        // SAFETY: as above; this restores the mapping's original protection, also after
+        // a failed (possibly partial) first call.
+        if unsafe { libc::mprotect(host.cast(), len, libc::PROT_READ | libc::PROT_WRITE) } != 0 {
+            return Err(Error::Restore { pfn, source: std::io::Error::last_os_error() });
         }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub mod dirty_ring;
 pub mod dump;
 pub mod durable;
 pub mod exit_code;
+pub mod frame_set;
 pub mod guest_os;
 pub mod image;
 pub mod kick;

@@ -14,12 +14,13 @@
 
 use crate::dirty_log::{self, GpaLog};
 use crate::engine::EngineKind;
+use crate::frame_set::{FrameSet, LeafFrames};
 use crate::guest_os::{self, Mapping, Process, Snapshot, TableLocation};
 use crate::memory::{GuestMem, Phys};
 use crate::pf_trap;
 use kvm_ioctls::{VcpuFd, VmFd};
 use mmu::{softdirty, GuestPhysAddr, GuestVirtAddr, Leaf, PageSize, PagemapEntry, PagingMode, PhysMemory, PteFlags,
-    Translation, Walker};
+    TableBudget, Translation, Walker};
 use std::collections::HashMap;
 
 
@@ -123,9 +124,10 @@ pub struct Tracker {
     pub stats: Stats,
 }
 
-/// Frames of a leaf, as (first pfn, count).
-fn frames(leaf: &Leaf) -> (u64, u64) {
-    (leaf.frame().pfn(), leaf.size.bytes() / 4096)
+/// Frames of a leaf as the guest claims them (first pfn, count): they may lie past the
+/// end of RAM. Host-side uses go through a [`FrameSet`], which keeps only RAM frames.
+fn frames(leaf: &Leaf) -> LeafFrames {
+    LeafFrames { pfn: leaf.frame().pfn(), count: leaf.size.bytes() / 4096 }
 }
 
 impl Tracker {
@@ -166,17 +168,26 @@ impl Tracker {
         Ok(p)
     }
 
-    /// Present user leaves of `p` over `[start, start + pages*4096)`.
-    fn leaves(&self, mem: &GuestMem, p: &Process, start: u64, pages: u64) -> Result<Vec<Leaf>, Error> {
-        let mut out = Vec::new();
+    /// A fresh budget for one request's walks: as many table pages as guest RAM holds.
+    /// Honest guests never come near it (their processes' tables are distinct pages of
+    /// RAM); tables shared or aliased beyond it make the request fail instead of costing
+    /// leaves x processes (docs/security.md).
+    fn budget(&self) -> TableBudget {
+        TableBudget::new(self.log.pages())
+    }
+
+    /// Calls `visit` on every present user leaf of `p` over `[start, start + pages*4096)`,
+    /// in address order, reading no more tables than `budget` has left.
+    fn walk(&self, mem: &GuestMem, p: &Process, start: u64, pages: u64, budget: &mut TableBudget,
+        mut visit: impl FnMut(&Leaf)) -> Result<(), Error> {
         self.walker
-            .walk_range(&Phys(mem), GuestPhysAddr(p.cr3), GuestVirtAddr(start), pages, &mut |item| {
+            .walk_range_within(&Phys(mem), GuestPhysAddr(p.cr3), GuestVirtAddr(start), pages, budget, &mut |item| {
                 if let Ok(leaf) = item {
-                    out.push(leaf);
+                    visit(&leaf);
                 }
             })
-            .map_err(|e| Error::Walk { pid: p.pid, detail: e.to_string() })?;
-        Ok(out)
+            .map(|_| ())
+            .map_err(|e| Error::Walk { pid: p.pid, detail: e.to_string() })
     }
 
     fn write_entry(mem: &GuestMem, leaf: &Leaf, value: u64) -> Result<(), Error> {
@@ -196,44 +207,57 @@ impl Tracker {
                 Ok(0)
             }
             ClearRefs::Accessed | ClearRefs::AccessedAnon => {
-                let leaves = self.leaves(mem, p, 0, USER_TOP / 4096)?;
-                let mut zap = Vec::new();
-                for leaf in &leaves {
+                let mut zap = FrameSet::new(self.log.pages());
+                let (mut changed, mut failed) = (0, None);
+                let walked = self.walk(mem, p, 0, USER_TOP / 4096, &mut self.budget(), |leaf| {
                     if leaf.entry.contains(PteFlags::ACCESSED) {
-                        Self::write_entry(mem, leaf, leaf.entry.without(PteFlags::ACCESSED).0)?;
-                        zap.push(frames(leaf));
+                        match Self::write_entry(mem, leaf, leaf.entry.without(PteFlags::ACCESSED).0) {
+                            Ok(()) => changed += 1,
+                            Err(e) => _ = failed.get_or_insert(e),
+                        }
+                        zap.insert_leaf(frames(leaf));
                     }
-                }
+                });
+                // Zap what was edited even if the walk stopped early: KVM must re-read those.
                 dirty_log::zap(mem, &zap)?;
-                Ok(zap.len() as u64)
+                walked?;
+                failed.map_or(Ok(changed), Err)
             }
             ClearRefs::SoftDirty => {
-                let leaves = self.leaves(mem, p, 0, USER_TOP / 4096)?;
                 self.log.harvest(vm, mem)?;
-                let protect: Vec<(u64, u64)> = leaves.iter().map(frames).collect();
-                let mut changed = 0;
-                if self.engine == EngineKind::Pte {
-                    for leaf in &leaves {
-                        let new = softdirty::clear(leaf.entry);
-                        if new != leaf.entry {
-                            Self::write_entry(mem, leaf, new.0)?;
-                            changed += 1;
-                        }
-                    }
-                }
+                let pte_engine = self.engine == EngineKind::Pte;
                 // Every present frame, also for the pte engine: so that KVM re-reads the
                 // edited PTEs, and a later write through a PTE the guest makes writable
-                // again still shows in the log. The PTE edits themselves land in the
-                // VMM-writes bitmap; harvest them now so page-table pages do not linger.
+                // again still shows in the log.
+                let mut protect = FrameSet::new(self.log.pages());
+                let (mut changed, mut leaves, mut failed) = (0, 0, None);
+                let walked = self.walk(mem, p, 0, USER_TOP / 4096, &mut self.budget(), |leaf| {
+                    leaves += 1;
+                    protect.insert_leaf(frames(leaf));
+                    if pte_engine {
+                        let new = softdirty::clear(leaf.entry);
+                        if new != leaf.entry {
+                            match Self::write_entry(mem, leaf, new.0) {
+                                Ok(()) => changed += 1,
+                                Err(e) => _ = failed.get_or_insert(e),
+                            }
+                        }
+                    }
+                });
+                // Even after a failed walk, KVM must re-read the entries already edited.
                 self.log.clear(vm, &protect)?;
+                walked?;
+                if let Some(e) = failed {
+                    return Err(e);
+                }
                 self.cleared.insert(pid, p.mappings.clone());
                 *self.clear_counts.entry(pid).or_default() += 1;
                 self.stats.clears += 1;
                 self.stats.pages_write_protected += changed;
-                if self.engine == EngineKind::Pte {
+                if pte_engine {
                     self.arm(mem, vcpu)?;
                 }
-                Ok(if self.engine == EngineKind::Pte { changed } else { protect.len() as u64 })
+                Ok(if pte_engine { changed } else { leaves })
             }
         }
     }
@@ -248,23 +272,13 @@ impl Tracker {
         Ok(())
     }
 
-    /// Which frames live processes map more than once (for "exclusive"), and the
-    /// leaves of `target` over its whole user half (walked once for both).
-    fn frame_counts(&self, mem: &GuestMem, snap: &Snapshot, target: u32) -> (FrameCounts, Vec<Leaf>) {
+    /// Which frames live processes map more than once (for "exclusive").
+    fn frame_counts(&self, mem: &GuestMem, snap: &Snapshot, budget: &mut TableBudget) -> Result<FrameCounts, Error> {
         let mut counts = FrameCounts::new(self.log.pages());
-        let mut mine = Vec::new();
         for p in snap.processes.iter().filter(|p| p.is_live()) {
-            let _ = self.walker.walk_range(&Phys(mem), GuestPhysAddr(p.cr3), GuestVirtAddr(0), USER_TOP / 4096,
-                &mut |item| {
-                    if let Ok(leaf) = item {
-                        counts.add(leaf.frame().pfn());
-                        if p.pid == target {
-                            mine.push(leaf);
-                        }
-                    }
-                });
+            self.walk(mem, p, 0, USER_TOP / 4096, budget, |leaf| counts.add(leaf.frame().pfn()))?;
         }
-        (counts, mine)
+        Ok(counts)
     }
 
     /// Reads `/proc/PID/pagemap` for `pages` pages from `start`; `None` = every page of
@@ -284,10 +298,15 @@ impl Tracker {
             return Err(Error::BadRange(format!("{total} pages exceed the limit of {MAX_PAGEMAP_PAGES} per request")));
         }
         self.log.harvest(vm, mem)?;
-        let (counts, leaves) = self.frame_counts(mem, &snap, pid);
+        let counts = self.frame_counts(mem, &snap, &mut self.budget())?;
         let page = PageCtx { tracker: self, zero_frame: snap.zero_frame, huge_zero_frame: snap.huge_zero_frame, counts: &counts };
         let mut out = Vec::with_capacity(total as usize);
+        // Only the leaves of the requested pages: at most one per page, whatever the
+        // rest of the address space holds.
+        let mut budget = self.budget();
         for (start, pages) in ranges {
+            let mut leaves = Vec::new();
+            self.walk(mem, p, start, pages, &mut budget, |leaf| leaves.push(*leaf))?;
             let end = start + pages * 4096;
             let mut li = leaves.partition_point(|l| l.va.0 + l.size.bytes() <= start);
             let mut va = start;
@@ -381,13 +400,11 @@ impl Tracker {
         let total = self.log.window_count();
         let mut per = Vec::new();
         if let Ok(snap) = self.snapshot(mem) {
+            let mut budget = self.budget();
             for p in snap.processes.iter().filter(|p| p.is_live()) {
-                let mut n = 0;
-                for leaf in self.leaves(mem, p, 0, USER_TOP / 4096)? {
-                    let (pfn0, count) = frames(&leaf);
-                    n += (pfn0..pfn0 + count).filter(|&f| self.log.in_window(f)).count() as u64;
-                }
-                per.push((p.pid, p.name.clone(), n));
+                let mut mapped = FrameSet::new(self.log.pages());
+                self.walk(mem, p, 0, USER_TOP / 4096, &mut budget, |leaf| mapped.insert_leaf(frames(leaf)))?;
+                per.push((p.pid, p.name.clone(), mapped.count_in(self.log.window_words())));
             }
         }
         Ok((total, per))
@@ -470,7 +487,7 @@ impl PageCtx<'_> {
     /// Written since the last clear: the PTE says so, or it is writable (the guest gave
     /// W back itself, or the page appeared since) and the dirty log saw its frames written.
     fn written(&self, leaf: &Leaf) -> bool {
-        let (pfn0, count) = frames(leaf);
+        let LeafFrames { pfn: pfn0, count } = frames(leaf);
         if self.tracker.engine.is_guest_physical() {
             // Guest-physical: the frame was written since the clear. The zero frame is
             // never written (the guest maps it read-only everywhere).

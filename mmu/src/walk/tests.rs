@@ -212,3 +212,26 @@ fn random_memory_never_panics_and_stays_bounded() {
         let _ = w.translate(&m, root, GuestVirtAddr(next() & (mode.user_top() - 1)));
     }
 }
+
+#[test]
+fn a_shared_budget_bounds_table_reads_across_walks() {
+    // Two "processes" share one root: the second walk re-reads the same tables.
+    let mut m = basic();
+    m.set(0x4000, 0x5000 | PWU);
+    let w = Walker::new(PagingMode::Level4);
+    let mut budget = TableBudget::new(6);
+    let mut n = 0;
+    let stats = w
+        .walk_range_within(&m, GuestPhysAddr(0x1000), GuestVirtAddr(0), 512, &mut budget, &mut |_| n += 1)
+        .unwrap();
+    assert_eq!((stats.tables_visited, budget.used(), n), (4, 4, 1));
+    let err = w
+        .walk_range_within(&m, GuestPhysAddr(0x1000), GuestVirtAddr(0), 512, &mut budget, &mut |_| n += 1)
+        .unwrap_err();
+    assert_eq!(err, WalkError::TooManyTables { limit: 6 });
+    assert_eq!(budget.used(), 6, "the walk stopped when the budget ran out");
+    assert!(err.to_string().contains("more than 6 table pages"), "{err}");
+    // An exhausted budget refuses even a walk that needs a single table.
+    let mut none = TableBudget::new(0);
+    assert!(w.walk_range_within(&m, GuestPhysAddr(0x1000), GuestVirtAddr(0), 1, &mut none, &mut |_| ()).is_err());
+}

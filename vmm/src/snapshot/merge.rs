@@ -48,7 +48,7 @@ pub fn merge(dir: &Path, into: &Path, progress: &Progress) -> Result<Merged, Err
         return Err(refuse(dir, into, "guest size or image differ"));
     }
     let (top_pfns, top_data) = read_diff_pages(dir, &top)?;
-    let state = read_checked(dir, &top, "state.bin")?;
+    let state = read_checked(dir, &top, "state.bin", super::STATE_LIMIT)?;
     let id = super::new_id();
     let stage = Staging::replacing(into, &id)?;
     let mem_path = stage.file("memory.bin");

@@ -15,7 +15,9 @@
 //! ```
 //!
 //! Writing is transactional (see [`crate::durable`]); reading checks format, version,
-//! sizes and every checksum, and every base's id, before a byte is used.
+//! sizes and every checksum, and every base's id, before a byte is used. Every file is
+//! untrusted: only regular files are read, manifests and state up to [`MANIFEST_LIMIT`]
+//! and [`STATE_LIMIT`], memory files only at the size the manifest and guest imply.
 
 mod create;
 mod merge;
@@ -29,8 +31,9 @@ use crate::engine::EngineKind;
 use crate::memory::GuestMem;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -38,6 +41,11 @@ pub const FORMAT: &str = "softdirty-vmm-snapshot";
 /// 2: BLAKE3 checksums (1 had SHA-256).
 pub const VERSION: u32 = 2;
 const PAGE: u64 = 4096;
+/// Largest `manifest.json` read (1 MiB; a manifest is a few hundred bytes plus 20 per
+/// merged id).
+pub const MANIFEST_LIMIT: u64 = 1 << 20;
+/// Largest `state.bin` read (4 MiB; a 3 GiB guest's is about 400 KiB).
+pub const STATE_LIMIT: u64 = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -131,10 +139,27 @@ pub fn new_id() -> String {
     hex(&h.finalize())[..16].to_string()
 }
 
-/// Reads `name` from snapshot `dir`, checking it against the manifest's checksum.
-fn read_checked(dir: &Path, m: &Manifest, name: &str) -> Result<Vec<u8>, Error> {
+/// Reads `name` (a regular file of at most `limit` bytes) from snapshot `dir`,
+/// checking it against the manifest's checksum.
+fn read_checked(dir: &Path, m: &Manifest, name: &str, limit: u64) -> Result<Vec<u8>, Error> {
     let path = dir.join(name);
-    let data = std::fs::read(&path).map_err(io(&path))?;
+    let data = crate::durable::read_limited(&path, limit).map_err(io(&path))?;
+    check_sum(dir, m, name, &crate::checksum::of(&data))?;
+    Ok(data)
+}
+
+/// Reads `name`, which the manifest says is `want` bytes, checking its size before
+/// reading it and its checksum after.
+fn read_sized(dir: &Path, m: &Manifest, name: &str, want: u64) -> Result<Vec<u8>, Error> {
+    let path = dir.join(name);
+    let (f, len) = crate::durable::open_regular(&path).map_err(io(&path))?;
+    if len != want {
+        return Err(invalid(dir, format!("{name} is {len} bytes, but pages = {} needs {want}", m.pages)));
+    }
+    let data = crate::durable::read_at_most(f, want).map_err(io(&path))?;
+    if data.len() as u64 != want {
+        return Err(invalid(dir, format!("{name} changed size while being read")));
+    }
     check_sum(dir, m, name, &crate::checksum::of(&data))?;
     Ok(data)
 }
@@ -145,7 +170,7 @@ fn check_sum(dir: &Path, m: &Manifest, name: &str, have: &str) -> Result<(), Err
 
 pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
     let path = dir.join("manifest.json");
-    let raw = std::fs::read(&path).map_err(io(&path))?;
+    let raw = crate::durable::read_limited(&path, MANIFEST_LIMIT).map_err(io(&path))?;
     let m: Manifest = serde_json::from_slice(&raw).map_err(|e| invalid(dir, format!("manifest.json: {e}")))?;
     if m.format != FORMAT || m.version != VERSION {
         return Err(invalid(dir, format!("format {} version {} is not {FORMAT} {VERSION}", m.format, m.version)));
@@ -162,11 +187,16 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
 
 /// A diff's pages, checked: (frame numbers, their contents back to back).
 fn read_diff_pages(dir: &Path, m: &Manifest) -> Result<(Vec<u64>, Vec<u8>), Error> {
-    let data = read_checked(dir, m, "memory.bin")?;
-    let raw = read_checked(dir, m, "pages.bin")?;
-    if raw.len() as u64 != m.pages * 8 || data.len() as u64 != m.pages * PAGE {
-        return Err(invalid(dir, "page count does not match pages.bin and memory.bin"));
+    // At most one page per guest frame: this bounds what is read by the guest's size.
+    let frames = m.mem_bytes / PAGE;
+    if m.pages > frames {
+        return Err(invalid(dir, format!("pages = {} is more than the guest's {frames} frames", m.pages)));
     }
+    let (Some(index_len), Some(data_len)) = (m.pages.checked_mul(8), m.pages.checked_mul(PAGE)) else {
+        return Err(invalid(dir, format!("pages = {} overflows", m.pages)));
+    };
+    let raw = read_sized(dir, m, "pages.bin", index_len)?;
+    let data = read_sized(dir, m, "memory.bin", data_len)?;
     let pfns: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
     for w in pfns.windows(2) {
         if w[0] >= w[1] {
@@ -174,7 +204,7 @@ fn read_diff_pages(dir: &Path, m: &Manifest) -> Result<(Vec<u64>, Vec<u8>), Erro
         }
     }
     if let Some(&last) = pfns.last() {
-        if last.checked_mul(PAGE).is_none_or(|a| a + PAGE > m.mem_bytes) {
+        if last.checked_mul(PAGE).and_then(|a| a.checked_add(PAGE)).is_none_or(|end| end > m.mem_bytes) {
             return Err(invalid(dir, format!("page {last:#x} is outside the guest")));
         }
     }
@@ -185,8 +215,9 @@ fn read_diff_pages(dir: &Path, m: &Manifest) -> Result<(Vec<u64>, Vec<u8>), Erro
 /// each chunk with its offset.
 fn read_full_memory(dir: &Path, m: &Manifest, mut sink: impl FnMut(u64, &[u8]) -> Result<(), Error>) -> Result<(), Error> {
     let path = dir.join("memory.bin");
-    let mut f = std::fs::File::open(&path).map_err(io(&path))?;
-    let len = f.metadata().map_err(io(&path))?.len();
+    let (f, len) = crate::durable::open_regular(&path).map_err(io(&path))?;
+    // Never more than the guest's size, even if the file grows meanwhile.
+    let mut f = f.take(m.mem_bytes.saturating_add(1));
     if len != m.mem_bytes {
         return Err(invalid(dir, format!("memory.bin holds {len} bytes, not the guest's {}", m.mem_bytes)));
     }
@@ -214,6 +245,9 @@ fn read_full_memory(dir: &Path, m: &Manifest, mut sink: impl FnMut(u64, &[u8]) -
         sink(off, &buf[..n])?;
         off += n as u64;
     }
+    if off != m.mem_bytes {
+        return Err(invalid(dir, "memory.bin changed size while being read"));
+    }
     check_sum(dir, m, "memory.bin", &hasher.hex())
 }
 
@@ -225,18 +259,35 @@ pub struct Loaded {
     pub chain: Vec<Manifest>,
 }
 
+/// Directories already visited while following a chain, by (device, inode): whatever
+/// path names them, a second visit is a loop.
+#[derive(Default)]
+pub(crate) struct Visited(HashSet<(u64, u64)>);
+
+impl Visited {
+    /// Records `dir`; false if it was visited before.
+    pub(crate) fn first_visit(&mut self, dir: &Path) -> std::io::Result<bool> {
+        let md = std::fs::metadata(dir)?;
+        Ok(self.0.insert((md.dev(), md.ino())))
+    }
+}
+
 /// Follows `dir`'s bases back to a full snapshot. A link `{path, id}` holds if the
 /// snapshot at `path` has that id; if instead it carries the id of the snapshot the
 /// link starts from, that snapshot was merged into it, which then takes its place.
+/// A directory or an id met twice is a loop (each step visits a new directory, so
+/// the walk ends).
 pub fn resolve_chain(dir: &Path) -> Result<Vec<(PathBuf, Manifest)>, Error> {
+    let mut visited = Visited::default();
     let mut chain = vec![(dir.to_path_buf(), read_manifest(dir)?)];
+    visited.first_visit(dir).map_err(io(dir))?;
     while let Some(base) = chain.last().expect("non-empty").1.base.clone() {
-        if chain.len() > 1000 {
-            return Err(invalid(dir, "the chain of bases is longer than 1000 (a loop?)"));
-        }
         let bdir = PathBuf::from(&base.path);
         let bm = read_manifest(&bdir)?;
-        let top = &chain.last().expect("non-empty").1;
+        let (top_dir, top) = chain.last().expect("non-empty");
+        if !visited.first_visit(&bdir).map_err(io(&bdir))? {
+            return Err(invalid(top_dir, format!("its base {} is already in the chain of {} (a loop)", bdir.display(), dir.display())));
+        }
         if bm.mem_bytes != top.mem_bytes || bm.image_sha256 != top.image_sha256 {
             return Err(invalid(&bdir, "guest size or image differs from the snapshot built on it"));
         }
@@ -248,6 +299,10 @@ pub fn resolve_chain(dir: &Path) -> Result<Vec<(PathBuf, Manifest)>, Error> {
             chain.push((bdir, bm));
         } else {
             return Err(invalid(&bdir, format!("is snapshot {}, but {} expects base {}", bm.id, top.id, base.id)));
+        }
+        let (new_dir, new) = chain.last().expect("non-empty");
+        if chain[..chain.len() - 1].iter().any(|(_, m)| m.id == new.id) {
+            return Err(invalid(new_dir, format!("snapshot {} is already in the chain of {} (a loop)", new.id, dir.display())));
         }
     }
     chain.reverse();
@@ -286,7 +341,7 @@ pub fn load(dir: &Path, mem: Option<&GuestMem>) -> Result<Loaded, Error> {
         }
     }
     let (top_dir, manifest) = chain.last().expect("non-empty").clone();
-    let state_raw = read_checked(&top_dir, &manifest, "state.bin")?;
+    let state_raw = read_checked(&top_dir, &manifest, "state.bin", STATE_LIMIT)?;
     let state = state::decode(&state_raw).ok_or_else(|| invalid(&top_dir, "state.bin is malformed"))?;
     for tag in state::TAGS {
         if !state.contains_key(tag) {
@@ -294,4 +349,91 @@ pub fn load(dir: &Path, mem: Option<&GuestMem>) -> Result<Loaded, Error> {
         }
     }
     Ok(Loaded { manifest, state, chain: chain.into_iter().map(|(_, m)| m).collect() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(id: &str, base: Option<(&Path, &str)>, merged: &[&str]) -> Manifest {
+        Manifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            id: id.into(),
+            kind: if base.is_some() { Kind::Diff } else { Kind::Full },
+            base: base.map(|(p, id)| BaseRef { path: p.display().to_string(), id: id.into() }),
+            mem_bytes: 1 << 20,
+            engine: EngineKind::Pte,
+            image_sha256: "i".into(),
+            pages: 0,
+            checksum: crate::checksum::NAME.into(),
+            files: BTreeMap::new(),
+            merged: merged.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn put(dir: &Path, m: &Manifest) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("manifest.json"), serde_json::to_vec(m).unwrap()).unwrap();
+    }
+
+    fn why(r: Result<Vec<(PathBuf, Manifest)>, Error>) -> String {
+        r.expect_err("a loop is refused").to_string()
+    }
+
+    #[test]
+    fn chains_that_loop_are_refused_by_identity() {
+        let t = tempfile::tempdir().unwrap();
+        let (a, b) = (t.path().join("a"), t.path().join("b"));
+        // A merge result naming itself as its base: the merged branch would replace
+        // it by itself forever.
+        put(&a, &manifest("x", Some((&a, "y")), &["y"]));
+        assert!(why(resolve_chain(&a)).contains("is already in the chain"), "{}", why(resolve_chain(&a)));
+        // The same directory by another path.
+        let alias = t.path().join("alias");
+        std::os::unix::fs::symlink(&a, &alias).unwrap();
+        put(&a, &manifest("x", Some((&alias, "y")), &["y"]));
+        assert!(why(resolve_chain(&a)).contains("(a loop)"));
+        // Two diffs each the other's base.
+        put(&a, &manifest("x", Some((&b, "y")), &[]));
+        put(&b, &manifest("y", Some((&a, "x")), &[]));
+        assert!(why(resolve_chain(&a)).contains(&format!("its base {} is already in the chain", a.display())));
+        // The same id in two directories (a copy) is a loop too.
+        let c = t.path().join("c");
+        put(&b, &manifest("y", Some((&c, "x")), &[]));
+        put(&c, &manifest("x", Some((&b, "z")), &[]));
+        put(&a, &manifest("x", Some((&b, "y")), &[]));
+        assert!(why(resolve_chain(&a)).contains("snapshot x is already in the chain"), "{}", why(resolve_chain(&a)));
+    }
+
+    #[test]
+    fn a_merged_base_stands_in_for_the_diff_it_absorbed() {
+        let t = tempfile::tempdir().unwrap();
+        let (full, d1, d2) = (t.path().join("full"), t.path().join("d1"), t.path().join("d2"));
+        put(&full, &manifest("d1", None, &["f"]));
+        put(&d1, &manifest("d1", Some((&full, "f")), &[]));
+        put(&d2, &manifest("d2", Some((&d1, "d1")), &[]));
+        let chain = resolve_chain(&d2).unwrap();
+        assert_eq!(chain.iter().map(|(p, m)| (p.clone(), m.id.as_str())).collect::<Vec<_>>(), [(full, "d1"), (d2, "d2")]);
+    }
+
+    #[test]
+    fn claimed_page_counts_are_checked_against_the_guest_and_the_files() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path();
+        let mut m = manifest("x", Some((d, "y")), &[]);
+        std::fs::write(d.join("pages.bin"), b"").unwrap();
+        std::fs::write(d.join("memory.bin"), b"").unwrap();
+        m.files.insert("pages.bin".into(), crate::checksum::of(b""));
+        m.files.insert("memory.bin".into(), crate::checksum::of(b""));
+        // 2^61 * 8 wraps to 0: it must not pass as an empty diff.
+        m.pages = 1 << 61;
+        let e = read_diff_pages(d, &m).err().unwrap().to_string();
+        assert!(e.contains("pages = 2305843009213693952 is more than the guest's 256 frames"), "{e}");
+        m.pages = 2;
+        let e = read_diff_pages(d, &m).err().unwrap().to_string();
+        assert!(e.contains("pages.bin is 0 bytes, but pages = 2 needs 16"), "{e}");
+        m.pages = 0;
+        assert!(read_diff_pages(d, &m).unwrap().0.is_empty());
+    }
 }

@@ -49,10 +49,11 @@ pub fn decode(b: &[u8]) -> Option<Sections> {
     let mut s = Sections::new();
     let mut i = 0usize;
     while i < b.len() {
-        let n = u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?) as usize;
-        let name = std::str::from_utf8(b.get(i + 4..i + 4 + n)?).ok()?.to_string();
-        i += 4 + n;
-        let len = usize::try_from(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?)).ok()?;
+        let n = u32::from_le_bytes(b.get(i..i.checked_add(4)?)?.try_into().ok()?) as usize;
+        i += 4;
+        let name = std::str::from_utf8(b.get(i..i.checked_add(n)?)?).ok()?.to_string();
+        i += n;
+        let len = usize::try_from(u64::from_le_bytes(b.get(i..i.checked_add(8)?)?.try_into().ok()?)).ok()?;
         i += 8;
         s.insert(name, b.get(i..i.checked_add(len)?)?.to_vec());
         i += len;

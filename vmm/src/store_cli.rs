@@ -133,13 +133,13 @@ pub fn dump(d: DumpArgs) -> ExitCode {
     match d.command {
         Some(DumpCommand::Verify { dir }) => match vmm::dump::reconstruct(&dir) {
             Ok(img) => {
-                let zero = img.pages.values().filter(|p| matches!(p, vmm::dump::Page::Zero)).count();
+                let zero = img.zero_pages();
                 for m in &img.chain {
                     let prev = m.prev.as_ref().map_or("-".to_string(), |p| p.id.clone());
                     println!("{} pid {} prev {prev}: {} data, {} zero, {} unchanged pages", m.id, m.pid, m.counts.data, m.counts.zero, m.counts.parent);
                 }
                 println!("pid {} ({}): {} mappings, {} pages present ({zero} zero), digest {}", img.pid, img.name,
-                    img.mappings.len(), img.pages.len(), img.digest());
+                    img.mappings.len(), img.pages.len() as u64 + zero, img.digest());
                 println!("ok: chain of {} dump(s) verified", img.chain.len());
                 ExitCode::Success
             }

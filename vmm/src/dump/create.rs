@@ -56,9 +56,8 @@ fn check_prev(ctx: &VcpuContext, dumps: &std::collections::HashMap<u32, Last>, p
             "pid {pid}'s soft-dirty bits were cleared (clear-refs) after that dump, so what changed since is unknown; dump without --prev"
         )));
     }
-    let raw = super::read_checked(prev, &pm, "pagemap.bin").map_err(|e| bad_prev(prev, e.to_string()))?;
-    let runs = super::decode_runs(&raw, &pm.mappings).map_err(|why| bad_prev(prev, why))?;
-    let held = runs.iter().map(|r| (r.va, r.va + r.pages as u64 * PAGE)).collect();
+    let runs = super::read_runs(prev, &pm).map_err(|e| bad_prev(prev, e.to_string()))?;
+    let held = runs.iter().map(|r| (r.va, r.end())).collect();
     Ok((PrevRef { path: last.path.display().to_string(), id: pm.id }, held))
 }
 

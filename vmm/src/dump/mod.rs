@@ -14,6 +14,11 @@
 //! DIR/pages.bin      the data pages back to back
 //! ```
 //!
+//! Every file is untrusted: only regular files are read, a manifest up to
+//! [`MANIFEST_LIMIT`] with at most as many mappings as a guest process can have,
+//! `pagemap.bin` and `pages.bin` only at sizes the manifest implies. The work of
+//! rebuilding is bounded by those sizes: zero pages are kept as ranges, never one by one.
+//!
 //! Why a page may be "unchanged": it is present and not soft-dirty, and soft-dirty was
 //! cleared by the previous dump. Pages of shared mappings are always written in full:
 //! soft-dirty is per page-table entry, so another process's write through its own
@@ -31,8 +36,10 @@ use std::path::{Path, PathBuf};
 pub const FORMAT: &str = "softdirty-vmm-dump";
 pub const VERSION: u32 = 1;
 const PAGE: u64 = 4096;
-/// Longest chain `reconstruct` follows.
-const MAX_CHAIN: usize = 1000;
+/// Largest `manifest.json` read (1 MiB; one is a few KiB at most).
+pub const MANIFEST_LIMIT: u64 = 1 << 20;
+/// Most data pages a dump may hold: as many as the largest guest has frames.
+const MAX_DATA_PAGES: u64 = guest_abi::MAX_MEM / PAGE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -52,6 +59,10 @@ pub enum Error {
 
 fn invalid(path: &Path, why: impl Into<String>) -> Error {
     Error::Invalid { path: path.to_path_buf(), why: why.into() }
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_path_buf(), source }
 }
 
 /// What a run of pages is.
@@ -89,12 +100,23 @@ pub fn encode_runs(runs: &[Run]) -> Vec<u8> {
     out
 }
 
-/// Parses `pagemap.bin`; every run must lie inside one of `mappings`, in increasing
-/// address order and without overlap.
+impl Run {
+    /// The first address after the run (checked by [`decode_runs`]).
+    pub fn end(&self) -> u64 {
+        self.va + self.pages as u64 * PAGE
+    }
+}
+
+/// Parses `pagemap.bin`; every run must lie inside one of `mappings` (which must not
+/// overlap), in increasing address order and without overlap. One sweep over runs and
+/// sorted mappings.
 pub fn decode_runs(raw: &[u8], mappings: &[MappingRecord]) -> Result<Vec<Run>, String> {
     if !raw.len().is_multiple_of(RUN_BYTES) {
         return Err(format!("pagemap.bin is {} bytes, not a multiple of {RUN_BYTES}", raw.len()));
     }
+    let mut maps: Vec<&MappingRecord> = mappings.iter().collect();
+    maps.sort_by_key(|m| m.start);
+    let mut cursor = 0usize; // the first mapping that may hold the next run
     let mut runs = Vec::with_capacity(raw.len() / RUN_BYTES);
     let mut next_free = 0u64;
     for c in raw.chunks_exact(RUN_BYTES) {
@@ -106,7 +128,10 @@ pub fn decode_runs(raw: &[u8], mappings: &[MappingRecord]) -> Result<Vec<Run>, S
         if pages == 0 || va % PAGE != 0 || va < next_free {
             return Err(format!("run at {va:#x} is empty, unaligned, or out of order"));
         }
-        if !mappings.iter().any(|m| m.start <= va && end <= m.end()) {
+        while maps.get(cursor).is_some_and(|m| m.end() <= va) {
+            cursor += 1;
+        }
+        if !maps.get(cursor).is_some_and(|m| m.start <= va && end <= m.end()) {
             return Err(format!("run {va:#x}..{end:#x} is not inside one mapping"));
         }
         next_free = end;
@@ -161,12 +186,18 @@ pub struct Manifest {
 
 pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
     let path = dir.join("manifest.json");
-    let raw = std::fs::read(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+    let raw = crate::durable::read_limited(&path, MANIFEST_LIMIT).map_err(io(&path))?;
     let m: Manifest = serde_json::from_slice(&raw).map_err(|e| invalid(dir, format!("manifest.json: {e}")))?;
     if m.format != FORMAT || m.version != VERSION {
         return Err(invalid(dir, format!("format {} version {} is not {FORMAT} {VERSION}", m.format, m.version)));
     }
     crate::checksum::check_kind(&m.checksum).map_err(|why| invalid(dir, why))?;
+    if m.mappings.len() > guest_abi::MAX_MAPPINGS {
+        return Err(invalid(dir, format!("{} mappings, more than a guest process can have ({})", m.mappings.len(), guest_abi::MAX_MAPPINGS)));
+    }
+    if m.counts.data > MAX_DATA_PAGES {
+        return Err(invalid(dir, format!("counts.data = {} is more than the largest guest's {MAX_DATA_PAGES} frames", m.counts.data)));
+    }
     let mut sorted = m.mappings.clone();
     sorted.sort_by_key(|r| r.start);
     for w in sorted.windows(2) {
@@ -180,28 +211,20 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
     Ok(m)
 }
 
-fn read_checked(dir: &Path, m: &Manifest, name: &str) -> Result<Vec<u8>, Error> {
+/// Reads `name` (a regular file of at most `limit` bytes) and checks its checksum.
+fn read_checked(dir: &Path, m: &Manifest, name: &str, limit: u64) -> Result<Vec<u8>, Error> {
     let path = dir.join(name);
-    let data = std::fs::read(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+    let data = crate::durable::read_limited(&path, limit).map_err(io(&path))?;
     crate::checksum::check(&m.files, name, &crate::checksum::of(&data)).map_err(|why| invalid(dir, why))?;
     Ok(data)
 }
 
-/// A page of a rebuilt process: the zero page or data.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Page {
-    Zero,
-    Data(Box<[u8]>),
-}
-
-impl Page {
-    pub fn bytes(&self) -> &[u8] {
-        static ZERO: [u8; PAGE as usize] = [0; PAGE as usize];
-        match self {
-            Page::Zero => &ZERO,
-            Page::Data(d) => d,
-        }
-    }
+/// The runs of dump `dir`, checked. `pagemap.bin` cannot hold more runs than its
+/// mappings have pages.
+pub(crate) fn read_runs(dir: &Path, m: &Manifest) -> Result<Vec<Run>, Error> {
+    let pages = m.mappings.iter().fold(0u64, |n, r| n.saturating_add(r.pages));
+    let raw = read_checked(dir, m, "pagemap.bin", pages.saturating_mul(RUN_BYTES as u64))?;
+    decode_runs(&raw, &m.mappings).map_err(|why| invalid(dir, why))
 }
 
 /// A process's memory as a dump chain says it was at its last dump.
@@ -210,14 +233,36 @@ pub struct Image {
     pub pid: u32,
     pub name: String,
     pub mappings: Vec<MappingRecord>,
-    /// Present pages by virtual address.
-    pub pages: BTreeMap<u64, Page>,
+    /// Present pages holding data, by virtual address.
+    pub pages: BTreeMap<u64, Box<[u8]>>,
+    /// Present pages mapping the zero page: maximal ranges `[start, end)`, by address.
+    pub zero: Vec<(u64, u64)>,
     /// Dumps from the first (full) one to `dir`.
     pub chain: Vec<Manifest>,
 }
 
+/// Appends `[start, end)` to sorted, maximal ranges that end at or before `start`.
+fn push_range(ranges: &mut Vec<(u64, u64)>, start: u64, end: u64) {
+    match ranges.last_mut() {
+        Some(last) if last.1 == start => last.1 = end,
+        _ => ranges.push((start, end)),
+    }
+}
+
+/// The end of the range of `ranges` (sorted, disjoint) that holds `va`.
+fn range_end(ranges: &[(u64, u64)], va: u64) -> Option<u64> {
+    let i = ranges.partition_point(|&(_, end)| end <= va);
+    ranges.get(i).filter(|&&(start, _)| start <= va).map(|&(_, end)| end)
+}
+
 impl Image {
-    /// A checksum over the mappings and every present page's address and contents.
+    /// Zero pages present.
+    pub fn zero_pages(&self) -> u64 {
+        self.zero.iter().map(|&(s, e)| (e - s) / PAGE).sum()
+    }
+
+    /// A checksum over the mappings and the present pages, in address order: each data
+    /// page's address and contents, each range of zero pages' bounds.
     pub fn digest(&self) -> String {
         let mut h = crate::checksum::Hasher::new();
         let mut maps = self.mappings.clone();
@@ -227,24 +272,40 @@ impl Image {
             h.update(m.pages.to_le_bytes());
             h.update([m.read_only as u8, m.huge as u8, m.shared as u8]);
         }
+        let mut zero = self.zero.iter().peekable();
         for (va, page) in &self.pages {
+            while let Some(&&(s, e)) = zero.peek().filter(|z| z.0 < *va) {
+                h.update([b'z']);
+                h.update(s.to_le_bytes());
+                h.update(e.to_le_bytes());
+                zero.next();
+            }
+            h.update([b'd']);
             h.update(va.to_le_bytes());
-            h.update(page.bytes());
+            h.update(page);
+        }
+        for &(s, e) in zero {
+            h.update([b'z']);
+            h.update(s.to_le_bytes());
+            h.update(e.to_le_bytes());
         }
         h.hex()
     }
 }
 
-/// The chain from the first dump to `dir`, each link checked (id, pid).
+/// The chain from the first dump to `dir`, each link checked (id, pid). A directory
+/// or an id met twice is a loop.
 fn resolve_chain(dir: &Path) -> Result<Vec<(PathBuf, Manifest)>, Error> {
+    let mut visited = crate::snapshot::Visited::default();
     let mut chain = vec![(dir.to_path_buf(), read_manifest(dir)?)];
+    visited.first_visit(dir).map_err(io(dir))?;
     while let Some(prev) = chain.last().expect("non-empty").1.prev.clone() {
-        if chain.len() >= MAX_CHAIN {
-            return Err(invalid(dir, format!("the chain of previous dumps is longer than {MAX_CHAIN} (a loop?)")));
-        }
         let pdir = PathBuf::from(&prev.path);
         let pm = read_manifest(&pdir)?;
-        let top = &chain.last().expect("non-empty").1;
+        let (top_dir, top) = chain.last().expect("non-empty");
+        if !visited.first_visit(&pdir).map_err(io(&pdir))? || chain.iter().any(|(_, m)| m.id == pm.id) {
+            return Err(invalid(top_dir, format!("its previous dump {} is already in the chain of {} (a loop)", pdir.display(), dir.display())));
+        }
         if pm.id != prev.id {
             return Err(invalid(&pdir, format!("is dump {}, but {} expects previous dump {}", pm.id, top.id, prev.id)));
         }
@@ -257,44 +318,60 @@ fn resolve_chain(dir: &Path) -> Result<Vec<(PathBuf, Manifest)>, Error> {
     Ok(chain)
 }
 
-/// Rebuilds the process memory at dump `dir` from its chain, checking every file.
+/// Rebuilds the process memory at dump `dir` from its chain, checking every file. The
+/// work is bounded by the files: data pages by `pages.bin`, runs by `pagemap.bin`.
 pub fn reconstruct(dir: &Path) -> Result<Image, Error> {
     let chain = resolve_chain(dir)?;
-    let mut pages: BTreeMap<u64, Page> = BTreeMap::new();
+    let mut pages: BTreeMap<u64, Box<[u8]>> = BTreeMap::new();
+    let mut zero: Vec<(u64, u64)> = Vec::new();
     for (i, (d, m)) in chain.iter().enumerate() {
-        let runs = decode_runs(&read_checked(d, m, "pagemap.bin")?, &m.mappings).map_err(|why| invalid(d, why))?;
-        let data = read_checked(d, m, "pages.bin")?;
-        let want: u64 = runs.iter().filter(|r| r.kind == Kind::Data).map(|r| r.pages as u64).sum();
-        if data.len() as u64 != want * PAGE || want != m.counts.data {
-            return Err(invalid(d, format!("pages.bin holds {} bytes for {want} data pages", data.len())));
+        let runs = read_runs(d, m)?;
+        let want = runs.iter().filter(|r| r.kind == Kind::Data).try_fold(0u64, |n, r| n.checked_add(r.pages as u64));
+        if want != Some(m.counts.data) {
+            return Err(invalid(d, format!("pagemap.bin's data runs do not add up to counts.data = {}", m.counts.data)));
         }
-        let mut old = std::mem::take(&mut pages);
-        let mut at = 0usize;
+        // counts.data is bounded by read_manifest: no overflow.
+        let data = read_checked(d, m, "pages.bin", m.counts.data * PAGE)?;
+        if data.len() as u64 != m.counts.data * PAGE {
+            return Err(invalid(d, format!("pages.bin holds {} bytes for {} data pages", data.len(), m.counts.data)));
+        }
+        let (mut old, old_zero) = (std::mem::take(&mut pages), std::mem::take(&mut zero));
+        let mut pages_of_data = data.chunks_exact(PAGE as usize);
         for r in &runs {
-            for k in 0..r.pages as u64 {
-                let va = r.va + k * PAGE;
-                let page = match r.kind {
-                    Kind::Zero => Page::Zero,
-                    Kind::Data => {
-                        let p = Page::Data(data[at..at + PAGE as usize].into());
-                        at += PAGE as usize;
-                        p
+            match r.kind {
+                Kind::Zero => push_range(&mut zero, r.va, r.end()),
+                Kind::Data => {
+                    for k in 0..r.pages as u64 {
+                        let page = pages_of_data.next().expect("counted above");
+                        pages.insert(r.va + k * PAGE, page.into());
                     }
-                    Kind::Parent => old.remove(&va).ok_or_else(|| {
-                        let why = if i == 0 {
-                            format!("page {va:#x} refers to a previous dump, but this is the first")
+                }
+                Kind::Parent => {
+                    // Page by page through the previous data, range by range through its zero pages.
+                    let mut va = r.va;
+                    while va < r.end() {
+                        if let Some(page) = old.remove(&va) {
+                            pages.insert(va, page);
+                            va += PAGE;
+                        } else if let Some(stop) = range_end(&old_zero, va) {
+                            let stop = stop.min(r.end());
+                            push_range(&mut zero, va, stop);
+                            va = stop;
                         } else {
-                            format!("page {va:#x} is unchanged since dump {}, which does not have it", chain[i - 1].1.id)
-                        };
-                        invalid(d, why)
-                    })?,
-                };
-                pages.insert(va, page);
+                            let why = if i == 0 {
+                                format!("page {va:#x} refers to a previous dump, but this is the first")
+                            } else {
+                                format!("page {va:#x} is unchanged since dump {}, which does not have it", chain[i - 1].1.id)
+                            };
+                            return Err(invalid(d, why));
+                        }
+                    }
+                }
             }
         }
     }
     let (_, top) = chain.last().expect("non-empty").clone();
-    Ok(Image { pid: top.pid, name: top.name.clone(), mappings: top.mappings.clone(), pages, chain: chain.into_iter().map(|(_, m)| m).collect() })
+    Ok(Image { pid: top.pid, name: top.name.clone(), mappings: top.mappings.clone(), pages, zero, chain: chain.into_iter().map(|(_, m)| m).collect() })
 }
 
 #[cfg(test)]
@@ -324,5 +401,94 @@ mod tests {
         twice.extend(encode_runs(&runs[..1]));
         assert!(decode_runs(&twice, &maps).unwrap_err().contains("out of order"));
         assert!(decode_runs(&[0; 15], &maps).is_err());
+        // Mappings in any order; a run between them, or across two, fits none.
+        let maps = [map(0x10000, 2), map(0x1000, 4), map(0x5000, 1)];
+        assert_eq!(decode_runs(&encode_runs(&runs), &maps).unwrap(), runs);
+        for va in [0x4000, 0x8000] {
+            let e = decode_runs(&encode_runs(&[Run { va, pages: 2, kind: Kind::Zero }]), &maps).unwrap_err();
+            assert!(e.contains("not inside one mapping"), "{e}");
+        }
+    }
+
+    /// Writes dump `dir` with id `id`, `prev` and `runs` (data pages filled with `fill`).
+    fn put(dir: &Path, id: &str, prev: Option<(&Path, &str)>, maps: &[MappingRecord], runs: &[Run], fill: u8) {
+        std::fs::create_dir_all(dir).unwrap();
+        let data_pages: u64 = runs.iter().filter(|r| r.kind == Kind::Data).map(|r| r.pages as u64).sum();
+        let (raw, data) = (encode_runs(runs), vec![fill; (data_pages * PAGE) as usize]);
+        std::fs::write(dir.join("pagemap.bin"), &raw).unwrap();
+        std::fs::write(dir.join("pages.bin"), &data).unwrap();
+        let files = [("pagemap.bin", &raw), ("pages.bin", &data)].map(|(n, b)| (n.to_string(), crate::checksum::of(b)));
+        let m = Manifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            id: id.into(),
+            pid: 1,
+            name: "p".into(),
+            prev: prev.map(|(p, id)| PrevRef { path: p.display().to_string(), id: id.into() }),
+            mappings: maps.to_vec(),
+            counts: Counts { data: data_pages, ..Counts::default() },
+            checksum: crate::checksum::NAME.into(),
+            files: files.into_iter().collect(),
+        };
+        std::fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn zero_pages_are_rebuilt_as_ranges_and_unchanged_pages_taken_from_the_previous_dump() {
+        let t = tempfile::tempdir().unwrap();
+        let (d0, d1) = (t.path().join("d0"), t.path().join("d1"));
+        // 16 TiB of zero pages from 16 bytes of pagemap.bin: kept as one range.
+        let maps = [map(0x40_0000, u32::MAX as u64), map(0x1000, 4)];
+        let zero = Run { va: 0x40_0000, pages: u32::MAX, kind: Kind::Zero };
+        put(&d0, "a", None, &maps, &[Run { va: 0x1000, pages: 2, kind: Kind::Data }, zero], 7);
+        let img = reconstruct(&d0).unwrap();
+        assert_eq!((img.pages.len(), img.zero_pages()), (2, u32::MAX as u64));
+        // d1: the data pages and part of the zero range unchanged, one zero page rewritten.
+        let runs = [
+            Run { va: 0x1000, pages: 2, kind: Kind::Parent },
+            Run { va: 0x3000, pages: 1, kind: Kind::Data },
+            Run { va: 0x40_0000, pages: 10, kind: Kind::Parent },
+            Run { va: 0x40_a000, pages: 1, kind: Kind::Data },
+            Run { va: 0x40_b000, pages: 5, kind: Kind::Parent },
+        ];
+        put(&d1, "b", Some((&d0, "a")), &maps, &runs, 9);
+        let img = reconstruct(&d1).unwrap();
+        assert_eq!(img.zero, [(0x40_0000, 0x40_a000), (0x40_b000, 0x41_0000)]);
+        assert_eq!(img.pages.keys().copied().collect::<Vec<_>>(), [0x1000, 0x2000, 0x3000, 0x40_a000]);
+        assert_eq!((img.pages[&0x1000][0], img.pages[&0x3000][0]), (7, 9));
+        // The same memory dumped in full has the same digest.
+        let full = t.path().join("full");
+        let runs = [
+            Run { va: 0x1000, pages: 2, kind: Kind::Data },
+            Run { va: 0x40_0000, pages: 10, kind: Kind::Zero },
+            Run { va: 0x40_b000, pages: 5, kind: Kind::Zero },
+        ];
+        put(&full, "c", None, &maps, &runs, 7);
+        let mut want = reconstruct(&full).unwrap();
+        assert_ne!(want.digest(), img.digest());
+        want.pages.insert(0x3000, vec![9; PAGE as usize].into());
+        want.pages.insert(0x40_a000, vec![9; PAGE as usize].into());
+        assert_eq!(want.digest(), img.digest());
+        // A page unchanged since a dump that does not have it.
+        put(&d1, "b", Some((&d0, "a")), &maps, &[Run { va: 0x3000, pages: 2, kind: Kind::Parent }], 0);
+        let e = reconstruct(&d1).unwrap_err().to_string();
+        assert!(e.contains("page 0x3000 is unchanged since dump a, which does not have it"), "{e}");
+    }
+
+    #[test]
+    fn chains_that_loop_and_too_many_mappings_are_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let (a, b) = (t.path().join("a"), t.path().join("b"));
+        let maps = [map(0x1000, 1)];
+        put(&a, "a", Some((&a, "a")), &maps, &[], 0);
+        let e = reconstruct(&a).unwrap_err().to_string();
+        assert!(e.contains(&format!("its previous dump {} is already in the chain", a.display())), "{e}");
+        put(&a, "a", Some((&b, "b")), &maps, &[], 0);
+        put(&b, "b", Some((&a, "a")), &maps, &[], 0);
+        assert!(reconstruct(&a).unwrap_err().to_string().contains("(a loop)"));
+        let many: Vec<_> = (1..=65).map(|i| map(i * 0x1000, 1)).collect();
+        put(&a, "a", None, &many, &[], 0);
+        let e = reconstruct(&a).unwrap_err().to_string();
+        assert!(e.contains("65 mappings, more than a guest process can have (64)"), "{e}");
     }
 }

@@ -68,17 +68,21 @@ pub fn write_gdt(mem: &GuestMem) -> Result<(), memory::Error> {
     memory::write(mem, BOOT_GDT_PHYS, &bytes)
 }
 
+/// Where the script goes (the page after the kernel) and the first free page after
+/// it: `(script_phys, free_phys)`, or `None` if that overflows. Callers check that it
+/// fits in guest memory before writing anything.
+pub fn place_script(kernel_end: u64, script_len: u64) -> Option<(u64, u64)> {
+    let script_phys = kernel_end.checked_next_multiple_of(PAGE)?;
+    let free_phys = script_phys.checked_add(script_len)?.checked_next_multiple_of(PAGE)?;
+    Some((script_phys, free_phys))
+}
+
 /// Places the script after the kernel and writes the boot info; returns it.
 pub fn write_boot_info(mem: &GuestMem, mem_size: u64, kernel_end: u64, script: &[u8]) -> Result<BootInfo, memory::Error> {
-    let script_phys = kernel_end.next_multiple_of(PAGE);
+    let (script_phys, free_phys) =
+        place_script(kernel_end, script.len() as u64).ok_or(memory::Error::OutOfRange { addr: kernel_end, len: script.len() })?;
     memory::write(mem, script_phys, script)?;
-    let info = BootInfo {
-        magic: BOOT_INFO_MAGIC,
-        mem_size,
-        script_phys,
-        script_len: script.len() as u64,
-        free_phys: (script_phys + script.len() as u64).next_multiple_of(PAGE),
-    };
+    let info = BootInfo { magic: BOOT_INFO_MAGIC, mem_size, script_phys, script_len: script.len() as u64, free_phys };
     let words = [info.magic, info.mem_size, info.script_phys, info.script_len, info.free_phys];
     let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
     memory::write(mem, BOOT_INFO_PHYS, &bytes)?;
@@ -154,5 +158,8 @@ mod tests {
         assert_eq!(info.free_phys, 0x12_5000);
         assert_eq!(memory::read(&mem, 0x12_4000, 7).unwrap(), b"proc a\n");
         assert_eq!(memory::read(&mem, BOOT_INFO_PHYS, 8).unwrap(), BOOT_INFO_MAGIC.to_le_bytes());
+        assert_eq!(place_script(0x12_3456, 7), Some((0x12_4000, 0x12_5000)));
+        assert_eq!(place_script(u64::MAX - 5, 0), None);
+        assert_eq!(place_script(0x1000, u64::MAX), None);
     }
 }

@@ -24,6 +24,8 @@ use std::time::Duration;
 pub const MIN_MEM_MIB: u64 = 16;
 /// Room the guest needs beyond kernel and script (frame stack, page tables, data).
 const MIN_FREE: u64 = 8 << 20;
+/// Largest guest image read (64 MiB): it must fit in guest memory, debug info aside.
+pub const MAX_IMAGE_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -34,7 +36,8 @@ pub struct RunOptions {
     pub timeout: Duration,
     pub engine: EngineKind,
     /// Restore this snapshot (a full one or a diff, whose chain is followed) instead of
-    /// booting; `workload`, `mem` and `engine` then come from the snapshot.
+    /// booting; `workload`, `mem` and `engine` then come from the snapshot (the command
+    /// line refuses them with `--restore`).
     pub restore: Option<PathBuf>,
 }
 
@@ -44,8 +47,8 @@ pub enum Error {
     BadMemSize(u64),
     #[error("cannot read image {path}: {source}")]
     ReadImage { path: PathBuf, source: std::io::Error },
-    #[error("guest memory is too small: kernel and script end at {end:#x}, leaving less than 8 MiB of {mem_mib} MiB")]
-    TooLittleMemory { end: u64, mem_mib: u64 },
+    #[error("guest memory is too small for {what}: kernel and script end at {end:#x}, leaving less than 8 MiB of {mem_mib} MiB")]
+    TooLittleMemory { what: String, end: u64, mem_mib: u64 },
     #[error(transparent)]
     Image(#[from] image::Error),
     #[error(transparent)]
@@ -87,7 +90,7 @@ impl Error {
 pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
     let (image_bytes, what) = match &opts.image {
         Some(path) => (
-            std::fs::read(path).map_err(|source| Error::ReadImage { path: path.clone(), source })?,
+            crate::durable::read_limited(path, MAX_IMAGE_BYTES).map_err(|source| Error::ReadImage { path: path.clone(), source })?,
             path.display().to_string(),
         ),
         None => (image::EMBEDDED_KERNEL.to_vec(), "the embedded guest kernel".to_string()),
@@ -121,12 +124,15 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
             };
             let mem = memory::create(mem_size)?;
             let loaded = image::load(&mem, mem_size, &image_bytes, &what)?;
+            // Bad input, not a failed write: check that the boot data fits before writing it.
+            let placed = boot::place_script(loaded.end, script.len() as u64);
+            if placed.and_then(|(_, free)| free.checked_add(MIN_FREE)).is_none_or(|need| need > mem_size) {
+                let end = placed.map_or(u64::MAX, |(_, free)| free);
+                return Err(Error::TooLittleMemory { what, end, mem_mib: opts.mem_mib });
+            }
             boot::write_gdt(&mem)?;
             boot::write_page_tables(&mem, mem_size)?;
-            let info = boot::write_boot_info(&mem, mem_size, loaded.end, &script)?;
-            if info.free_phys + MIN_FREE > mem_size {
-                return Err(Error::TooLittleMemory { end: info.free_phys, mem_mib: opts.mem_mib });
-            }
+            boot::write_boot_info(&mem, mem_size, loaded.end, &script)?;
             (mem, mem_size, opts.engine, None, loaded.entry)
         }
     };

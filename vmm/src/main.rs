@@ -47,8 +47,9 @@ enum Command {
         #[arg(long, value_enum, default_value_t = EngineKind::Pte)]
         engine: EngineKind,
         /// Restore this snapshot (full, or a diff whose chain is followed) and go on
-        /// running it; the workload, memory size and engine come from the snapshot.
-        #[arg(long, conflicts_with_all = ["workload", "summary"])]
+        /// running it; the workload, memory size and engine come from the snapshot
+        /// (given explicitly, even at their defaults, they are refused).
+        #[arg(long, conflicts_with_all = ["workload", "summary", "mem", "engine"])]
         restore: Option<PathBuf>,
     },
     /// Snapshots of a running VM.

@@ -172,29 +172,51 @@ fn print_ps(v: &serde_json::Value, as_json: bool) {
     }
 }
 
-fn print_pagemap(v: &serde_json::Value, json: bool, raw: bool) -> std::io::Result<()> {
-    use std::io::Write;
-    let pages = v["pages"].as_array().cloned().unwrap_or_default();
+/// Where printing a streamed pagemap failed.
+enum PagemapOutput {
+    Stdout(std::io::Error),
+    Vmm(String),
+}
+
+/// Prints a streamed pagemap answer page by page (memory bounded, whatever its size).
+fn print_pagemap(header: &serde_json::Value, mut body: impl std::io::BufRead, json: bool, raw: bool)
+    -> Result<(), PagemapOutput> {
+    use std::io::{Read, Write};
+    let vmm_err = |e: std::io::Error| PagemapOutput::Vmm(e.to_string());
+    let count = header["count"].as_u64().ok_or_else(|| PagemapOutput::Vmm("the answer has no page count".into()))?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if raw {
-        for p in &pages {
-            out.write_all(&p["entry"].as_u64().unwrap_or(0).to_le_bytes())?;
+        let bytes = count.checked_mul(8).ok_or_else(|| PagemapOutput::Vmm(format!("{count} pages is not a size")))?;
+        let copied = std::io::copy(&mut (&mut body).take(bytes), &mut out).map_err(|e| match e.kind() {
+            std::io::ErrorKind::BrokenPipe => PagemapOutput::Stdout(e),
+            _ => vmm_err(e),
+        })?;
+        if copied != bytes {
+            return Err(PagemapOutput::Vmm(format!("the answer ended after {copied} of {bytes} bytes")));
         }
-    } else if json {
-        for p in &pages {
-            writeln!(out, "{p}")?;
-        }
-    } else {
-        writeln!(out, "{:<18}  {:<7}  {:>10}  {:<10}  {:<9}  {:<4}  {:<8}", "ADDRESS", "PRESENT", "PFN", "SOFT-DIRTY",
-                 "EXCLUSIVE", "HUGE", "ACCESSED")?;
-        for p in &pages {
-            let pfn = p["pfn"].as_u64().map_or("-".to_string(), |n| format!("{n:#x}"));
-            writeln!(out, "{:<#18x}  {:<7}  {:>10}  {:<10}  {:<9}  {:<4}  {:<8}", p["addr"].as_u64().unwrap_or(0),
-                     yes(&p["present"]), pfn, yes(&p["soft_dirty"]), yes(&p["exclusive"]), yes(&p["huge"]),
-                     yes(&p["accessed"]))?;
-        }
+        return out.flush().map_err(PagemapOutput::Stdout);
     }
-    out.flush()
+    if !json {
+        writeln!(out, "{:<18}  {:<7}  {:>10}  {:<10}  {:<9}  {:<4}  {:<8}", "ADDRESS", "PRESENT", "PFN", "SOFT-DIRTY",
+                 "EXCLUSIVE", "HUGE", "ACCESSED").map_err(PagemapOutput::Stdout)?;
+    }
+    let mut line = String::new();
+    for i in 0..count {
+        line.clear();
+        if body.read_line(&mut line).map_err(vmm_err)? == 0 {
+            return Err(PagemapOutput::Vmm(format!("the answer ended after {i} of {count} pages")));
+        }
+        if json {
+            out.write_all(line.as_bytes()).map_err(PagemapOutput::Stdout)?;
+            continue;
+        }
+        let p: serde_json::Value = serde_json::from_str(&line).map_err(|e| PagemapOutput::Vmm(format!("page {i}: {e}")))?;
+        let pfn = p["pfn"].as_u64().map_or("-".to_string(), |n| format!("{n:#x}"));
+        writeln!(out, "{:<#18x}  {:<7}  {:>10}  {:<10}  {:<9}  {:<4}  {:<8}", p["addr"].as_u64().unwrap_or(0),
+                 yes(&p["present"]), pfn, yes(&p["soft_dirty"]), yes(&p["exclusive"]), yes(&p["huge"]),
+                 yes(&p["accessed"])).map_err(PagemapOutput::Stdout)?;
+    }
+    out.flush().map_err(PagemapOutput::Stdout)
 }
 
 fn print_rates(v: &serde_json::Value) {
@@ -217,7 +239,7 @@ pub(crate) fn fail(code: ExitCode, msg: impl std::fmt::Display) -> ExitCode {
 
 pub(crate) fn client_code(e: &ClientError) -> ExitCode {
     match e {
-        ClientError::Connect { .. } | ClientError::Io { .. } => ExitCode::Unavailable,
+        ClientError::Connect { .. } | ClientError::Io { .. } | ClientError::TimedOut { .. } => ExitCode::Unavailable,
         ClientError::BadResponse { .. } => ExitCode::Internal,
         ClientError::Refused(_) => ExitCode::Refused,
     }
@@ -276,12 +298,14 @@ fn main_code() -> ExitCode {
             }
         }
         Command::Pagemap { api_sock, pid, start, pages, json, raw } => {
-            let req = json!({"cmd": "pagemap", "pid": pid, "start": start, "pages": pages, "summary": false});
-            match api::call(&api_sock, &req) {
-                Ok(v) => match print_pagemap(&v, json, raw) {
+            let format = if raw { "raw" } else { "lines" };
+            let req = json!({"cmd": "pagemap", "pid": pid, "start": start, "pages": pages, "format": format});
+            match api::call_streaming(&api_sock, &req) {
+                Ok((header, body)) => match print_pagemap(&header, body, json, raw) {
                     Ok(()) => ExitCode::Success,
-                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::Success,
-                    Err(e) => fail(ExitCode::Internal, format!("writing the pagemap failed: {e}")),
+                    Err(PagemapOutput::Stdout(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::Success,
+                    Err(PagemapOutput::Stdout(e)) => fail(ExitCode::Internal, format!("writing the pagemap failed: {e}")),
+                    Err(PagemapOutput::Vmm(e)) => fail(ExitCode::Unavailable, format!("reading the pagemap from {} failed: {e}", api_sock.display())),
                 },
                 Err(e) => fail(client_code(&e), e),
             }

@@ -170,7 +170,9 @@ check 0x600000 64 0x33
 #[test]
 fn freed_frames_come_back_zeroed() {
     // Fill, unmap and remap far more memory than the guest has: only recycled frames,
-    // zeroed by the VMM on the guest's request, can satisfy it.
+    // zeroed by the VMM on the guest's request, can satisfy it. ~24,000 page faults take
+    // ~20 s of guest time on an idle host and ~55 s with two CPU hogs: the timeout (guest
+    // time, which includes time the host takes the CPU away) only guards against a hang.
     let script = "\
 proc churn
 loop 12
@@ -180,7 +182,7 @@ loop 12
   unmap 0x400000 2048
 end
 ";
-    let r = run_script(script, &["--mem", "32"]);
+    let r = run_script(script, &["--mem", "32", "--timeout", "600"]);
     assert_eq!(r.code, 0, "{r:?}");
 }
 

@@ -33,6 +33,18 @@ pub enum Error {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0} already exists; refusing to overwrite it")]
     Exists(PathBuf),
+    #[error("{0}: names containing `{STAGING_MARK}` are reserved for directories being written")]
+    ReservedName(PathBuf),
+}
+
+/// What every staging directory's name contains (`TARGET.tmp-<id>`).
+pub const STAGING_MARK: &str = ".tmp-";
+
+/// `dir` is (by its name) a staging directory: possibly complete inside, but never
+/// committed — a process was killed between writing its last file and renaming it.
+/// Readers refuse it, so that only committed snapshots and dumps are ever used.
+pub fn is_staging(dir: &Path) -> bool {
+    dir.file_name().is_some_and(|n| n.to_string_lossy().contains(STAGING_MARK))
 }
 
 pub fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
@@ -60,6 +72,9 @@ fn fsync_dir(dir: &Path) -> Result<(), Error> {
 impl Staging {
     /// Starts `target.tmp-<id>`. Fails if `target` exists.
     pub fn new(target: &Path, id: &str) -> Result<Staging, Error> {
+        if is_staging(target) {
+            return Err(Error::ReservedName(target.to_path_buf()));
+        }
         if target.exists() {
             return Err(Error::Exists(target.to_path_buf()));
         }
@@ -200,6 +215,15 @@ impl Drop for Staging {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn staging_names_are_reserved_and_never_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("snap");
+        let stage = Staging::new(&target, "abc").unwrap();
+        assert!(is_staging(stage.path()) && !is_staging(&target));
+        assert!(matches!(Staging::new(&dir.path().join("x.tmp-1"), "2"), Err(Error::ReservedName(_))));
+    }
 
     #[test]
     fn commit_appears_whole_and_never_overwrites() {

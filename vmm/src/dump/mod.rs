@@ -185,6 +185,9 @@ pub struct Manifest {
 }
 
 pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
+    if crate::durable::is_staging(dir) {
+        return Err(invalid(dir, "its name marks the staging directory of a dump that was never committed (the VMM stopped before renaming it into place)"));
+    }
     let path = dir.join("manifest.json");
     let raw = crate::durable::read_limited(&path, MANIFEST_LIMIT).map_err(io(&path))?;
     let m: Manifest = serde_json::from_slice(&raw).map_err(|e| invalid(dir, format!("manifest.json: {e}")))?;

@@ -169,6 +169,9 @@ fn check_sum(dir: &Path, m: &Manifest, name: &str, have: &str) -> Result<(), Err
 }
 
 pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
+    if crate::durable::is_staging(dir) {
+        return Err(invalid(dir, "its name marks the staging directory of a snapshot that was never committed (the VMM stopped before renaming it into place)"));
+    }
     let path = dir.join("manifest.json");
     let raw = crate::durable::read_limited(&path, MANIFEST_LIMIT).map_err(io(&path))?;
     let m: Manifest = serde_json::from_slice(&raw).map_err(|e| invalid(dir, format!("manifest.json: {e}")))?;

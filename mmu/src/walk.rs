@@ -317,11 +317,10 @@ impl Walker {
         // The root must be readable; everything below is reported, not fatal.
         mem.read_u64(GuestPhysAddr(root.0 & !(PAGE_SIZE - 1))).map_err(WalkError::Memory)?;
         let mut visited = BTreeSet::new();
-        let mut exhausted = false;
         let mut ctx = RangeWalk { walker: self, mem, visit, visited: &mut visited, stats: &mut stats, lin_start, lin_end,
-            budget, exhausted: &mut exhausted };
+            budget, exhausted: false };
         ctx.table(GuestPhysAddr(root.0 & !(PAGE_SIZE - 1)), self.mode.levels(), 0, PteFlags::WRITABLE | PteFlags::USER);
-        if exhausted {
+        if ctx.exhausted {
             return Err(WalkError::TooManyTables { limit: budget.limit });
         }
         Ok(stats)
@@ -337,13 +336,14 @@ struct RangeWalk<'a, M: ?Sized> {
     lin_start: u64,
     lin_end: u64,
     budget: &'a mut TableBudget,
-    exhausted: &'a mut bool,
+    /// The budget ran out: every pending level returns at once.
+    exhausted: bool,
 }
 
 impl<M: PhysMemory + ?Sized> RangeWalk<'_, M> {
     /// Walks the table at `table` (level `level`) that covers linear addresses from `base`.
     fn table(&mut self, table: GuestPhysAddr, level: u32, base: u64, upper: PteFlags) {
-        if *self.exhausted {
+        if self.exhausted {
             return;
         }
         if !self.visited.insert(table.0) {
@@ -351,7 +351,7 @@ impl<M: PhysMemory + ?Sized> RangeWalk<'_, M> {
             return;
         }
         if !self.budget.take() {
-            *self.exhausted = true;
+            self.exhausted = true;
             return;
         }
         self.stats.tables_visited += 1;
@@ -394,7 +394,7 @@ impl<M: PhysMemory + ?Sized> RangeWalk<'_, M> {
                 continue;
             }
             self.table(child, level - 1, lin, upper & entry.flags());
-            if *self.exhausted {
+            if self.exhausted {
                 return;
             }
         }

@@ -585,18 +585,12 @@ fn handle_json(req: Request, control: &Control<VcpuContext>, emit: &mut dyn FnMu
                 Ok(json!({"pid": pid, "value": value as u64, "entries_changed": changed, "elapsed_ns": elapsed}))
             })
         })()),
-        Request::Pagemap { pid, start, pages, .. } => answer((|| {
-            let range = pagemap_range(start, pages)?;
-            with_tracker(control, move |t, mem, vm, _| {
-                let t0 = std::time::Instant::now();
-                let pages = t.pagemap(mem, vm, pid, range).map_err(|e| e.to_string())?;
-                let elapsed = t0.elapsed().as_nanos() as u64;
-                let present = pages.iter().filter(|p| p.entry.is_present()).count();
-                let dirty = pages.iter().filter(|p| p.entry.soft_dirty()).count();
-                Ok(json!({"pid": pid, "count": pages.len(), "present": present, "soft_dirty": dirty,
-                    "elapsed_ns": elapsed}))
-            })
-        })()),
+        // Only summaries get here (`handle` streams the rest).
+        Request::Pagemap { pid, start, pages, .. } => answer(pagemap(control, pid, start, pages).map(|a| {
+            let present = a.entries.iter().filter(|&&e| mmu::PagemapEntry(e).is_present()).count();
+            let dirty = a.entries.iter().filter(|&&e| mmu::PagemapEntry(e).soft_dirty()).count();
+            json!({"pid": pid, "count": a.entries.len(), "present": present, "soft_dirty": dirty, "elapsed_ns": a.elapsed_ns})
+        })),
         Request::Info {} => answer(control.call(|ctx: &mut VcpuContext| {
             let mem_size = vm_memory::GuestMemoryBackend::last_addr(&ctx.mem).0 + 1;
             json!({

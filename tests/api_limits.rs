@@ -16,12 +16,6 @@ fn threads_and_fds(live: &Live) -> (u64, u64) {
     (threads, fds)
 }
 
-fn peak_rss_mib(live: &Live) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", live.child.id())).expect("VMM status");
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmHWM") / 1024
-}
-
 /// Lets this test process hold more descriptors than the default 1024.
 fn raise_fd_limit() {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
@@ -79,7 +73,7 @@ fn clients_that_never_read_their_pagemaps_cannot_bloat_the_vmm() {
     let script = "proc big\nmap 0x100000000 1048576\nfill 0x100000000 2 7\nsync ready\nexit 0\n";
     let live = Live::start(script, &["--mem", "64"]);
     live.wait("ready");
-    let base = peak_rss_mib(&live);
+    let base = live.peak_rss_mib();
     let stuck: Vec<UnixStream> = (0..8)
         .map(|_| {
             let mut s = UnixStream::connect(live.sock()).unwrap();
@@ -93,7 +87,7 @@ fn clients_that_never_read_their_pagemaps_cannot_bloat_the_vmm() {
         let mut b = [0u8; 1];
         assert_eq!(s.read(&mut b).expect("an answer starts"), 1);
     }
-    let grown = peak_rss_mib(&live).saturating_sub(base);
+    let grown = live.peak_rss_mib().saturating_sub(base);
     assert!(grown < 160, "8 unread 2^20-page answers grew the VMM by {grown} MiB (base {base} MiB)");
     drop(stuck);
 
@@ -112,7 +106,7 @@ fn clients_that_never_read_their_pagemaps_cannot_bloat_the_vmm() {
         .unwrap();
     assert!(lines.status.success());
     assert_eq!(lines.stdout.iter().filter(|&&b| b == b'\n').count(), 1 << 20);
-    let grown = peak_rss_mib(&live).saturating_sub(base);
+    let grown = live.peak_rss_mib().saturating_sub(base);
     assert!(grown < 160, "the VMM grew by {grown} MiB");
     live.resume();
     assert_eq!(live.finish().code, 0);

@@ -25,17 +25,6 @@ fn boot(procs: &[&str], mem: u32, engine: &str) -> Live {
     live
 }
 
-/// The VMM's peak resident memory so far, in MiB (VmHWM).
-fn peak_rss_mib(live: &Live) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", live.child.id())).expect("VMM status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/PID/status");
-    kb / 1024
-}
-
 /// A request either succeeds or is refused with a message naming why (exit 65); the
 /// VMM never dies or hangs on it.
 fn ok_or_refused(live: &Live, cmd: &str, args: &[&str], refusal: &str) -> Run {
@@ -117,7 +106,7 @@ fn fan_out_and_giant_tables_cost_what_ram_holds() {
         let r = live.client("pagemap", &["--pid", "1"]);
         assert_eq!(r.code, 65, "{shape}: {r:?}");
         assert!(r.stderr.contains("exceed the limit"), "{shape}: {r:?}");
-        assert!(peak_rss_mib(&live) < 256 + 64, "{shape}: the VMM grew to {} MiB", peak_rss_mib(&live));
+        assert!(live.peak_rss_mib() < 256 + 64, "{shape}: the VMM grew to {} MiB", live.peak_rss_mib());
         finish_cleanly(live);
     }
 }
@@ -130,7 +119,7 @@ fn ram_full_of_tables_is_bounded_in_memory_and_work() {
     let mut procs = vec!["ramfull"];
     procs.extend(["p2", "p3", "p4", "p5", "p6", "p7", "p8", "p9", "p10", "p11", "p12", "p13", "p14", "p15", "p16"]);
     let live = boot(&procs, 64, "pte");
-    let base = peak_rss_mib(&live);
+    let base = live.peak_rss_mib();
     // Requests on one process read at most what RAM holds: they are served.
     for value in ["1", "4"] {
         let r = live.client("clear-refs", &["--pid", "3", value]);
@@ -155,7 +144,7 @@ fn ram_full_of_tables_is_bounded_in_memory_and_work() {
         let r = h.join().unwrap();
         assert_eq!(r.code, 0, "{r:?}");
     }
-    let grown = peak_rss_mib(&live).saturating_sub(base);
+    let grown = live.peak_rss_mib().saturating_sub(base);
     assert!(grown < 48, "the VMM grew by {grown} MiB over its {base} MiB for a 64 MiB guest");
     finish_cleanly(live);
 }

@@ -324,3 +324,16 @@ impl Rng {
         self.next() % n
     }
 }
+
+impl Live {
+    /// The VMM's peak resident memory so far, in MiB (`VmHWM`).
+    pub fn peak_rss_mib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("VMM status");
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/PID/status");
+        kb / 1024
+    }
+}

@@ -121,14 +121,14 @@ fn run(mib: u64, out: &Path) -> Vec<Value> {
     let mut restore = Vec::new();
     for (what, top) in [("restore full", "full"), ("restore chain of 4", "d50")] {
         settle();
-        let mem = vmm::memory::create(mib << 20).unwrap();
+        let mem = vmm::machine::memory::create(mib << 20).unwrap();
         let t = Instant::now();
-        vmm::snapshot::load(&dir.join(top), Some(&mem)).unwrap();
+        vmm::storage::snapshot::load(&dir.join(top), Some(&mem)).unwrap();
         restore.push(json!({"mib": mib, "what": what, "seconds": t.elapsed().as_secs_f64()}));
     }
     settle();
     let t = Instant::now();
-    vmm::snapshot::merge(&dir.join("d1"), &dir.join("full"), &Default::default()).unwrap();
+    vmm::storage::snapshot::merge(&dir.join("d1"), &dir.join("full"), &Default::default()).unwrap();
     restore.push(json!({"mib": mib, "what": "merge d1 into full", "seconds": t.elapsed().as_secs_f64()}));
     let _ = std::fs::remove_dir_all(&dir);
     for r in &restore {

@@ -392,7 +392,7 @@ fn guest_kernel_has_no_sse_instructions() {
     // state is not switched. So no xmm/ymm register may appear anywhere in the guest.
     let dir = tempdir();
     let elf = dir.path().join("guest.elf");
-    std::fs::write(&elf, vmm::image::EMBEDDED_KERNEL).unwrap();
+    std::fs::write(&elf, vmm::machine::image::EMBEDDED_KERNEL).unwrap();
     let out = std::process::Command::new("objdump")
         .args(["-d", "--no-show-raw-insn", elf.to_str().unwrap()])
         .output()

@@ -120,18 +120,18 @@ fn dump_chain_rebuilds_the_process(engine: &str) {
 
     assert_eq!(verified_digest(&d.join("d2")), verified_digest(&d.join("full")), "the chain rebuilds the process exactly");
     let memory = |dir: &str| {
-        let mem = vmm::memory::create(256 << 20).unwrap();
-        vmm::snapshot::load(&d.join(dir), Some(&mem)).unwrap();
-        vmm::memory::read(&mem, 0, 256 << 20).unwrap()
+        let mem = vmm::machine::memory::create(256 << 20).unwrap();
+        vmm::storage::snapshot::load(&d.join(dir), Some(&mem)).unwrap();
+        vmm::machine::memory::read(&mem, 0, 256 << 20).unwrap()
     };
     assert!(memory("snap-c") == memory("snap-c-full"), "the snapshot chain equals a full snapshot despite the dumps' clears");
-    let chain = vmm::dump::reconstruct(&d.join("d2")).unwrap();
-    let full = vmm::dump::reconstruct(&d.join("full")).unwrap();
+    let chain = vmm::storage::dump::reconstruct(&d.join("d2")).unwrap();
+    let full = vmm::storage::dump::reconstruct(&d.join("full")).unwrap();
     assert_eq!(chain.chain.len(), 3);
     assert_eq!(chain.mappings, full.mappings);
     assert_eq!(chain.pages, full.pages);
     // And it is not simply the first dump again: the rewritten pages changed.
-    let first = vmm::dump::reconstruct(&d.join("d0")).unwrap();
+    let first = vmm::storage::dump::reconstruct(&d.join("d0")).unwrap();
     assert_ne!(first.pages.get(&0x400000), chain.pages.get(&0x400000));
     assert_eq!(first.pages.get(&0x420000), chain.pages.get(&0x420000));
 }

@@ -96,7 +96,7 @@ fn snapshot_manifest(id: &str, base: Option<(&Path, &str)>, pages: u64) -> Value
         "kind": if base.is_some() { "diff" } else { "full" },
         "base": base.map(|(p, id)| json!({"path": s(p), "id": id})),
         "mem_bytes": MEM, "engine": "pte",
-        "image_sha256": vmm::snapshot::sha256_hex(vmm::image::EMBEDDED_KERNEL),
+        "image_sha256": vmm::storage::snapshot::sha256_hex(vmm::machine::image::EMBEDDED_KERNEL),
         "pages": pages, "checksum": "blake3", "files": {},
     })
 }
@@ -106,7 +106,7 @@ fn put(dir: &Path, mut m: Value, files: &[(&str, &[u8])]) {
     std::fs::create_dir_all(dir).unwrap();
     for (name, data) in files {
         std::fs::write(dir.join(name), data).unwrap();
-        m["files"][*name] = json!(vmm::checksum::of(data));
+        m["files"][*name] = json!(vmm::storage::checksum::of(data));
     }
     std::fs::write(dir.join("manifest.json"), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
 }

@@ -166,7 +166,7 @@ fn a_full_file_system_fails_the_snapshot_and_loses_nothing() {
     let r = snap(&live, &tiny.0.join("d1"), true);
     assert!(r.code != 0 && r.stderr.contains("No space left on device"), "{r:?}");
     assert_eq!(snap(&live, &d.join("d1"), true).code, 0);
-    let m = vmm::snapshot::read_manifest(&d.join("d1")).unwrap();
+    let m = vmm::storage::snapshot::read_manifest(&d.join("d1")).unwrap();
     assert!(m.pages >= 1024, "the failed diff's pages are in the next one: {}", m.pages);
     live.resume();
     assert_eq!(live.finish().code, 0);
@@ -178,11 +178,11 @@ fn a_full_file_system_fails_the_snapshot_and_loses_nothing() {
     let fs = TinyFs::mount(&d.join("tiny24"), "24m");
     let st = Command::new("cp").args(["-r", "--sparse=always", d.join("full").to_str().unwrap(), fs.0.to_str().unwrap()]).status().unwrap();
     assert!(st.success());
-    let before = vmm::snapshot::read_manifest(&fs.0.join("full")).unwrap();
+    let before = vmm::storage::snapshot::read_manifest(&fs.0.join("full")).unwrap();
     let r = vmm(&["snapshot", "merge", d.join("d1").to_str().unwrap(), "--into", fs.0.join("full").to_str().unwrap()]);
     assert_eq!(r.code, 74, "{r:?}");
     assert!(r.stderr.contains("No space left on device"), "{r:?}");
-    assert_eq!(vmm::snapshot::read_manifest(&fs.0.join("full")).unwrap(), before);
+    assert_eq!(vmm::storage::snapshot::read_manifest(&fs.0.join("full")).unwrap(), before);
     assert_eq!(vmm(&["snapshot", "verify", fs.0.join("full").to_str().unwrap()]).code, 0, "the base is whole");
     assert_eq!(names_with(&fs.0, ".tmp-"), Vec::<String>::new());
 }

@@ -86,10 +86,10 @@ fn restoring_the_last_diff_finishes_the_workload() {
 
 /// Guest memory as restoring `dir` (and its chain) would set it.
 fn memory_of(dir: &Path) -> Vec<u8> {
-    let size = vmm::snapshot::read_manifest(dir).unwrap().mem_bytes;
-    let mem = vmm::memory::create(size).unwrap();
-    vmm::snapshot::load(dir, Some(&mem)).unwrap();
-    vmm::memory::read(&mem, 0, size as usize).unwrap()
+    let size = vmm::storage::snapshot::read_manifest(dir).unwrap().mem_bytes;
+    let mem = vmm::machine::memory::create(size).unwrap();
+    vmm::storage::snapshot::load(dir, Some(&mem)).unwrap();
+    vmm::machine::memory::read(&mem, 0, size as usize).unwrap()
 }
 
 fn assert_same_memory(a: &Path, b: &Path) {

@@ -1,33 +1,30 @@
 //! softdirty-vmm: a small KVM VMM that runs the project's guest kernel and answers,
 //! from outside, which memory each guest process changed.
 //!
-//! Assembly of a run (see `run::run`): guest memory ([`memory`]) → kernel image and boot
-//! structures ([`image`], [`boot`]) → KVM VM and vCPU ([`vm`]) → the vCPU loop with its
-//! port devices ([`runner`], [`devices`]) → the control socket ([`control`]).
+//! The folders are the layers, each using only those listed before it:
+//!
+//! | folder | what lives there |
+//! |---|---|
+//! | [`machine`] | guest memory, kernel image, boot structures, the KVM VM and vCPU, port devices |
+//! | [`guest_os`] | the guest kernel's process table read from outside; workload scripts |
+//! | [`tracking`] | engines, guest-physical dirty sources, frame sets, the soft-dirty tracker |
+//! | [`storage`] | snapshots, per-process dumps, durable writes, checksums, progress |
+//! | [`vcpu`] | the vCPU loop and the state it shares with other threads |
+//! | [`api`] | the control-socket protocol, its server and its client |
+//! | [`run`] | `vmm run` assembled from all of the above; the summary; `vmm scenario` |
+//!
+//! Entry points: [`run::run`] with [`RunOptions`], [`api`]'s client for talking to a
+//! running VMM, and the storage readers for snapshots and dumps on disk.
 pub mod api;
-pub mod boot;
-pub mod checksum;
-pub mod control;
-pub mod devices;
-pub mod engine;
-pub mod dirty_log;
-pub mod dirty_ring;
-pub mod dump;
-pub mod durable;
 pub mod exit_code;
-pub mod frame_set;
 pub mod guest_os;
-pub mod image;
-pub mod kick;
-pub mod memory;
-pub mod pf_trap;
-pub mod progress;
+pub mod machine;
 pub mod run;
-pub mod runner;
-pub mod scenario_exec;
-pub mod script;
-pub mod snapshot;
-pub mod softdirty;
-pub mod summary;
-pub mod uffd;
-pub mod vm;
+pub mod storage;
+pub mod tracking;
+pub mod vcpu;
+
+pub use exit_code::ExitCode;
+pub use run::{run, RunOptions};
+pub use tracking::EngineKind;
+pub use vcpu::Outcome;

@@ -1,12 +1,12 @@
 //! KVM objects: the VM with its memory slot and in-kernel irqchip, and one vCPU in
 //! 64-bit mode at the kernel's entry.
 
-use crate::boot;
-use crate::dirty_log::{self, Mechanism};
-use crate::dirty_ring::{self, DirtyRing};
-use crate::engine::EngineKind;
-use crate::uffd::AsyncWp;
-use crate::memory::GuestMem;
+use crate::machine::boot;
+use crate::tracking::dirty_log::{self, Mechanism};
+use crate::tracking::dirty_ring::{self, DirtyRing};
+use crate::tracking::engine::EngineKind;
+use crate::tracking::uffd::AsyncWp;
+use crate::machine::memory::GuestMem;
 use kvm_bindings::{kvm_fpu, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};

@@ -14,7 +14,7 @@
 //! DIR/pages.bin       diff only: their frame numbers, u64 little endian
 //! ```
 //!
-//! Writing is transactional (see [`crate::durable`]); reading checks format, version,
+//! Writing is transactional (see [`crate::storage::durable`]); reading checks format, version,
 //! sizes and every checksum, and every base's id, before a byte is used. Every file is
 //! untrusted: only regular files are read, manifests and state up to [`MANIFEST_LIMIT`]
 //! and [`STATE_LIMIT`], memory files only at the size the manifest and guest imply.
@@ -27,8 +27,8 @@ pub use create::{create, Phases, Report};
 pub use merge::{merge, Merged};
 pub use state::{apply, Sections};
 
-use crate::engine::EngineKind;
-use crate::memory::GuestMem;
+use crate::tracking::engine::EngineKind;
+use crate::machine::memory::GuestMem;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
@@ -60,9 +60,9 @@ pub enum Error {
     #[error("KVM {op} failed: {source}")]
     Kvm { op: &'static str, source: kvm_ioctls::Error },
     #[error(transparent)]
-    Durable(#[from] crate::durable::Error),
+    Durable(#[from] crate::storage::durable::Error),
     #[error(transparent)]
-    Log(#[from] crate::dirty_log::Error),
+    Log(#[from] crate::tracking::dirty_log::Error),
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
@@ -101,7 +101,7 @@ pub struct Manifest {
     pub engine: EngineKind,
     pub image_sha256: String,
     pub pages: u64,
-    /// How `files` are checksummed: [`crate::checksum::NAME`].
+    /// How `files` are checksummed: [`crate::storage::checksum::NAME`].
     pub checksum: String,
     pub files: BTreeMap<String, String>,
     /// Ids of the snapshots folded into this one by `merge`, oldest first (it stands in
@@ -143,8 +143,8 @@ pub fn new_id() -> String {
 /// checking it against the manifest's checksum.
 fn read_checked(dir: &Path, m: &Manifest, name: &str, limit: u64) -> Result<Vec<u8>, Error> {
     let path = dir.join(name);
-    let data = crate::durable::read_limited(&path, limit).map_err(io(&path))?;
-    check_sum(dir, m, name, &crate::checksum::of(&data))?;
+    let data = crate::storage::durable::read_limited(&path, limit).map_err(io(&path))?;
+    check_sum(dir, m, name, &crate::storage::checksum::of(&data))?;
     Ok(data)
 }
 
@@ -152,33 +152,33 @@ fn read_checked(dir: &Path, m: &Manifest, name: &str, limit: u64) -> Result<Vec<
 /// reading it and its checksum after.
 fn read_sized(dir: &Path, m: &Manifest, name: &str, want: u64) -> Result<Vec<u8>, Error> {
     let path = dir.join(name);
-    let (f, len) = crate::durable::open_regular(&path).map_err(io(&path))?;
+    let (f, len) = crate::storage::durable::open_regular(&path).map_err(io(&path))?;
     if len != want {
         return Err(invalid(dir, format!("{name} is {len} bytes, but pages = {} needs {want}", m.pages)));
     }
-    let data = crate::durable::read_at_most(f, want).map_err(io(&path))?;
+    let data = crate::storage::durable::read_at_most(f, want).map_err(io(&path))?;
     if data.len() as u64 != want {
         return Err(invalid(dir, format!("{name} changed size while being read")));
     }
-    check_sum(dir, m, name, &crate::checksum::of(&data))?;
+    check_sum(dir, m, name, &crate::storage::checksum::of(&data))?;
     Ok(data)
 }
 
 fn check_sum(dir: &Path, m: &Manifest, name: &str, have: &str) -> Result<(), Error> {
-    crate::checksum::check(&m.files, name, have).map_err(|why| invalid(dir, why))
+    crate::storage::checksum::check(&m.files, name, have).map_err(|why| invalid(dir, why))
 }
 
 pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
-    if crate::durable::is_staging(dir) {
+    if crate::storage::durable::is_staging(dir) {
         return Err(invalid(dir, "its name marks the staging directory of a snapshot that was never committed (the VMM stopped before renaming it into place)"));
     }
     let path = dir.join("manifest.json");
-    let raw = crate::durable::read_limited(&path, MANIFEST_LIMIT).map_err(io(&path))?;
+    let raw = crate::storage::durable::read_limited(&path, MANIFEST_LIMIT).map_err(io(&path))?;
     let m: Manifest = serde_json::from_slice(&raw).map_err(|e| invalid(dir, format!("manifest.json: {e}")))?;
     if m.format != FORMAT || m.version != VERSION {
         return Err(invalid(dir, format!("format {} version {} is not {FORMAT} {VERSION}", m.format, m.version)));
     }
-    crate::checksum::check_kind(&m.checksum).map_err(|why| invalid(dir, why))?;
+    crate::storage::checksum::check_kind(&m.checksum).map_err(|why| invalid(dir, why))?;
     if m.mem_bytes == 0 || !m.mem_bytes.is_multiple_of(PAGE) || m.mem_bytes > guest_abi::MAX_MEM {
         return Err(invalid(dir, format!("guest size {} is not valid", m.mem_bytes)));
     }
@@ -218,13 +218,13 @@ fn read_diff_pages(dir: &Path, m: &Manifest) -> Result<(Vec<u64>, Vec<u8>), Erro
 /// each chunk with its offset.
 fn read_full_memory(dir: &Path, m: &Manifest, mut sink: impl FnMut(u64, &[u8]) -> Result<(), Error>) -> Result<(), Error> {
     let path = dir.join("memory.bin");
-    let (f, len) = crate::durable::open_regular(&path).map_err(io(&path))?;
+    let (f, len) = crate::storage::durable::open_regular(&path).map_err(io(&path))?;
     // Never more than the guest's size, even if the file grows meanwhile.
     let mut f = f.take(m.mem_bytes.saturating_add(1));
     if len != m.mem_bytes {
         return Err(invalid(dir, format!("memory.bin holds {len} bytes, not the guest's {}", m.mem_bytes)));
     }
-    let mut hasher = crate::checksum::Hasher::new();
+    let mut hasher = crate::storage::checksum::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut off = 0u64;
     loop {
@@ -369,7 +369,7 @@ mod tests {
             engine: EngineKind::Pte,
             image_sha256: "i".into(),
             pages: 0,
-            checksum: crate::checksum::NAME.into(),
+            checksum: crate::storage::checksum::NAME.into(),
             files: BTreeMap::new(),
             merged: merged.iter().map(|s| s.to_string()).collect(),
         }
@@ -427,8 +427,8 @@ mod tests {
         let mut m = manifest("x", Some((d, "y")), &[]);
         std::fs::write(d.join("pages.bin"), b"").unwrap();
         std::fs::write(d.join("memory.bin"), b"").unwrap();
-        m.files.insert("pages.bin".into(), crate::checksum::of(b""));
-        m.files.insert("memory.bin".into(), crate::checksum::of(b""));
+        m.files.insert("pages.bin".into(), crate::storage::checksum::of(b""));
+        m.files.insert("memory.bin".into(), crate::storage::checksum::of(b""));
         // 2^61 * 8 wraps to 0: it must not pass as an empty diff.
         m.pages = 1 << 61;
         let e = read_diff_pages(d, &m).err().unwrap().to_string();

@@ -12,10 +12,10 @@
 //! VMM edited: `KVM_CLEAR_DIRTY_LOG` on their frames drops KVM's cached writable
 //! translations (DESIGN §3).
 
-use crate::dirty_ring::{self, DirtyRing};
-use crate::frame_set::FrameSet;
-use crate::memory::{self, GuestMem};
-use crate::uffd::{self, AsyncWp};
+use crate::tracking::dirty_ring::{self, DirtyRing};
+use crate::tracking::frame_set::FrameSet;
+use crate::machine::memory::{self, GuestMem};
+use crate::tracking::uffd::{self, AsyncWp};
 use kvm_bindings::{kvm_clear_dirty_log, kvm_enable_cap, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE};
 use kvm_ioctls::VmFd;

@@ -8,8 +8,8 @@
 //! (`merge D2 --into BASE`) rolls the base forward. DIR itself is left alone.
 
 use super::{invalid, read_checked, read_diff_pages, read_full_memory, read_manifest, Error, Kind, Manifest, PAGE};
-use crate::durable::Staging;
-use crate::progress::Progress;
+use crate::storage::durable::Staging;
+use crate::storage::progress::Progress;
 use serde::Serialize;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -52,8 +52,8 @@ pub fn merge(dir: &Path, into: &Path, progress: &Progress) -> Result<Merged, Err
     let id = super::new_id();
     let stage = Staging::replacing(into, &id)?;
     let mem_path = stage.file("memory.bin");
-    let f = std::fs::File::create(&mem_path).map_err(crate::durable::io(&mem_path))?;
-    let mut hasher = crate::checksum::Hasher::new();
+    let f = std::fs::File::create(&mem_path).map_err(crate::storage::durable::io(&mem_path))?;
+    let mut hasher = crate::storage::checksum::Hasher::new();
     let (pages, pfns) = match base.kind {
         Kind::Full => {
             progress.start(base.mem_bytes);
@@ -71,14 +71,14 @@ pub fn merge(dir: &Path, into: &Path, progress: &Progress) -> Result<Merged, Err
                 hasher.update(&chunk);
                 for (i, page) in chunk.chunks(PAGE as usize).enumerate() {
                     if page != ZERO {
-                        f.write_all_at(page, off + (i as u64) * PAGE).map_err(crate::durable::io(&mem_path))?;
+                        f.write_all_at(page, off + (i as u64) * PAGE).map_err(crate::storage::durable::io(&mem_path))?;
                         written += 1;
                     }
                 }
                 progress.advance(chunk.len() as u64);
                 Ok(())
             })?;
-            f.set_len(base.mem_bytes).map_err(crate::durable::io(&mem_path))?;
+            f.set_len(base.mem_bytes).map_err(crate::storage::durable::io(&mem_path))?;
             (written, None)
         }
         Kind::Diff => {
@@ -101,22 +101,22 @@ pub fn merge(dir: &Path, into: &Path, progress: &Progress) -> Result<Merged, Err
                     (base_pfns[i - 1], page_of(&base_data, i - 1))
                 };
                 hasher.update(page);
-                out.write_all(page).map_err(crate::durable::io(&mem_path))?;
+                out.write_all(page).map_err(crate::storage::durable::io(&mem_path))?;
                 pfns.push(pfn);
                 progress.advance(PAGE);
             }
-            out.flush().map_err(crate::durable::io(&mem_path))?;
+            out.flush().map_err(crate::storage::durable::io(&mem_path))?;
             (pfns.len() as u64, Some(pfns))
         }
     };
-    f.sync_all().map_err(crate::durable::io(&mem_path))?;
+    f.sync_all().map_err(crate::storage::durable::io(&mem_path))?;
     let mut files = std::collections::BTreeMap::new();
     files.insert("memory.bin".to_string(), hasher.hex());
-    files.insert("state.bin".to_string(), crate::checksum::of(&state));
+    files.insert("state.bin".to_string(), crate::storage::checksum::of(&state));
     stage.write("state.bin", &state)?;
     if let Some(pfns) = pfns {
         let raw: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
-        files.insert("pages.bin".to_string(), crate::checksum::of(&raw));
+        files.insert("pages.bin".to_string(), crate::storage::checksum::of(&raw));
         stage.write("pages.bin", &raw)?;
     }
     let mut merged = base.merged.clone();

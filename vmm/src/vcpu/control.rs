@@ -3,8 +3,8 @@
 //! must run on the vCPU thread while the guest is stopped; and the running-time clock
 //! that `--timeout` bounds (time paused at a `sync` does not count).
 
-use crate::devices::SyncPoint;
-use crate::kick::Kicker;
+use crate::machine::devices::SyncPoint;
+use crate::machine::kick::Kicker;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Condvar, Mutex, MutexGuard};

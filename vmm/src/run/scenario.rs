@@ -4,7 +4,7 @@
 //! (`sd-linux`), so that the two can be compared line by line.
 
 use crate::api;
-use crate::engine::EngineKind;
+use crate::tracking::engine::EngineKind;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -1,19 +1,22 @@
 //! `vmm run`: everything from options to a finished guest, in one place.
 
+pub mod scenario;
+pub mod summary;
+
 use crate::api;
-use crate::control::Control;
-use crate::devices::Devices;
+use crate::vcpu::control::Control;
+use crate::machine::devices::Devices;
 use crate::exit_code::ExitCode;
-use crate::image::{self, Symbols};
-use crate::memory;
-use crate::runner::{self, Outcome, Runner, SyncHook, VcpuContext};
-use crate::dirty_log::GpaLog;
-use crate::engine::EngineKind;
+use crate::machine::image::{self, Symbols};
+use crate::machine::memory;
+use crate::vcpu::runner::{self, Outcome, Runner, SyncHook, VcpuContext};
+use crate::tracking::dirty_log::GpaLog;
+use crate::tracking::engine::EngineKind;
 use crate::guest_os::TableLocation;
-use crate::script;
-use crate::softdirty::Tracker;
-use crate::vm::{self, Machine};
-use crate::{boot, kick};
+use crate::guest_os::script;
+use crate::tracking::softdirty::Tracker;
+use crate::machine::vm::{self, Machine};
+use crate::machine::{boot, kick};
 use guest_abi::{MAX_MEM, MEM_ALIGN};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,7 +65,7 @@ pub enum Error {
     #[error(transparent)]
     Runner(#[from] runner::Error),
     #[error("cannot restore: {0}")]
-    Snapshot(#[from] crate::snapshot::Error),
+    Snapshot(#[from] crate::storage::snapshot::Error),
     #[error("cannot restore {path}: it was taken with another guest image (sha256 {want}, this one is {have})")]
     ImageMismatch { path: PathBuf, want: String, have: String },
     #[error("cannot restore the tracking engine's state: {0}")]
@@ -90,25 +93,25 @@ impl Error {
 pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
     let (image_bytes, what) = match &opts.image {
         Some(path) => (
-            crate::durable::read_limited(path, MAX_IMAGE_BYTES).map_err(|source| Error::ReadImage { path: path.clone(), source })?,
+            crate::storage::durable::read_limited(path, MAX_IMAGE_BYTES).map_err(|source| Error::ReadImage { path: path.clone(), source })?,
             path.display().to_string(),
         ),
         None => (image::EMBEDDED_KERNEL.to_vec(), "the embedded guest kernel".to_string()),
     };
-    let image_sha256 = crate::snapshot::sha256_hex(&image_bytes);
+    let image_sha256 = crate::storage::snapshot::sha256_hex(&image_bytes);
     // The kernel's entry point when booting; a restored vCPU carries its own registers.
     let (mem, mem_size, engine, restored, entry) = match &opts.restore {
         Some(dir) => {
             // Every link, size and checksum is checked before a VM exists: the manifests
             // first, then every file as it is loaded into the (still unused) memory.
-            let chain = crate::snapshot::resolve_chain(dir)?;
+            let chain = crate::storage::snapshot::resolve_chain(dir)?;
             let top = &chain.last().expect("a chain is never empty").1;
             if top.image_sha256 != image_sha256 {
                 return Err(Error::ImageMismatch { path: dir.clone(), want: top.image_sha256.clone(), have: image_sha256 });
             }
             let mem_size = top.mem_bytes;
             let mem = memory::create(mem_size)?;
-            let loaded = crate::snapshot::load(dir, Some(&mem))?;
+            let loaded = crate::storage::snapshot::load(dir, Some(&mem))?;
             // What restoring wrote is not a guest write.
             memory::take_vmm_writes(&mem);
             (mem, mem_size, loaded.manifest.engine, Some(loaded), 0)
@@ -167,14 +170,14 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
     let log = GpaLog::new(mem_size, mechanism, engine == EngineKind::Pte);
     let mut tracker = Tracker::new(table, engine, log, sync_regs);
     if let Some(loaded) = &restored {
-        crate::snapshot::apply(&vm, &vcpu, &loaded.state)?;
+        crate::storage::snapshot::apply(&vm, &vcpu, &loaded.state)?;
         if let Some(raw) = loaded.state.get("tracker") {
             tracker.import_state(raw, &mem, &vcpu).map_err(Error::TrackerState)?;
         }
         // Memory now equals the restored snapshot: the next diff is relative to it.
         tracker.log.snapshot_start(&vm).map_err(|e| Error::TrackerState(e.to_string()))?;
     }
-    let last_snapshot = opts.restore.as_ref().zip(restored.as_ref()).map(|(dir, l)| crate::snapshot::Last {
+    let last_snapshot = opts.restore.as_ref().zip(restored.as_ref()).map(|(dir, l)| crate::storage::snapshot::Last {
         path: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()),
         id: l.manifest.id.clone(),
     });

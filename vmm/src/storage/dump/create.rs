@@ -1,10 +1,10 @@
 //! Writing a dump of one process, with the guest stopped.
 
 use super::{encode_runs, read_manifest, Counts, Error, Kind, Manifest, MappingRecord, PrevRef, Run, FORMAT, PAGE, VERSION};
-use crate::durable::{io, Staging};
-use crate::progress::Progress;
-use crate::runner::VcpuContext;
-use crate::softdirty::{ClearRefs, PageInfo};
+use crate::storage::durable::{io, Staging};
+use crate::storage::progress::Progress;
+use crate::vcpu::runner::VcpuContext;
+use crate::tracking::softdirty::{ClearRefs, PageInfo};
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -102,7 +102,7 @@ fn write(
     let snap = ctx.tracker.snapshot(&ctx.mem)?;
     let mut pages: Vec<PageInfo> = ctx.tracker.pagemap(&ctx.mem, &ctx.vm, pid, None)?;
     pages.sort_unstable_by_key(|p| p.addr);
-    let proc = snap.by_pid(pid).ok_or(crate::softdirty::Error::UnknownPid(pid))?;
+    let proc = snap.by_pid(pid).ok_or(crate::tracking::softdirty::Error::UnknownPid(pid))?;
     let mut mappings: Vec<MappingRecord> = proc
         .mappings
         .iter()
@@ -155,13 +155,13 @@ fn write(
         runs.extend(open);
     }
 
-    let id = crate::snapshot::new_id();
+    let id = crate::storage::snapshot::new_id();
     let stage = Staging::new(out, &id)?;
     progress.start(data_pfns.len() as u64 * PAGE);
     let pages_path = stage.file("pages.bin");
     let f = std::fs::File::create(&pages_path).map_err(io(&pages_path))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, &f);
-    let mut hasher = crate::checksum::Hasher::new();
+    let mut hasher = crate::storage::checksum::Hasher::new();
     let mut page = [0u8; PAGE as usize];
     for &(va, pfn) in &data_pfns {
         ctx.mem.read_slice(&mut page, GuestAddress(pfn.saturating_mul(PAGE))).map_err(|_| Error::Guest {
@@ -178,7 +178,7 @@ fn write(
     let runs_raw = encode_runs(&runs);
     let mut files = std::collections::BTreeMap::new();
     files.insert("pages.bin".to_string(), hasher.hex());
-    files.insert("pagemap.bin".to_string(), crate::checksum::of(&runs_raw));
+    files.insert("pagemap.bin".to_string(), crate::storage::checksum::of(&runs_raw));
     stage.write("pagemap.bin", &runs_raw)?;
     let manifest = Manifest {
         format: FORMAT.into(),
@@ -189,12 +189,12 @@ fn write(
         prev: prev_ref,
         mappings,
         counts: counts.clone(),
-        checksum: crate::checksum::NAME.into(),
+        checksum: crate::storage::checksum::NAME.into(),
         files,
     };
     stage.write("manifest.json", &serde_json::to_vec_pretty(&manifest).expect("manifest serializes"))?;
     stage.commit()?;
     let path = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
-    let disk_bytes = crate::durable::disk_usage(out);
+    let disk_bytes = crate::storage::durable::disk_usage(out);
     Ok((Report { id, pid, counts, pages: data_pfns.len() as u64, bytes: data_pfns.len() as u64 * PAGE, disk_bytes, pause_ns: 0 }, path))
 }

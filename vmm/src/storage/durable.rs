@@ -1,8 +1,8 @@
 //! Writing a directory of files so that it appears whole or not at all.
 //!
 //! ```no_run
-//! # fn main() -> Result<(), vmm::durable::Error> {
-//! let stage = vmm::durable::Staging::new(std::path::Path::new("snaps/full"), "3f2a")?;
+//! # fn main() -> Result<(), vmm::storage::durable::Error> {
+//! let stage = vmm::storage::durable::Staging::new(std::path::Path::new("snaps/full"), "3f2a")?;
 //! stage.write("manifest.json", b"{}")?;
 //! stage.commit()?; // fsync files and directory, rename to snaps/full, fsync snaps/
 //! # Ok(()) }

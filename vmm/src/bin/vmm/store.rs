@@ -5,8 +5,8 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use vmm::api;
-use vmm::exit_code::ExitCode;
-use vmm::progress::{Bar, Progress};
+use vmm::ExitCode;
+use vmm::storage::progress::{Bar, Progress};
 
 #[derive(Subcommand)]
 pub enum SnapshotCommand {
@@ -105,18 +105,18 @@ pub fn snapshot(c: SnapshotCommand) -> ExitCode {
         }
         SnapshotCommand::Merge { dir, into } => {
             let shown = into.clone();
-            match with_bar("merge", move |p| vmm::snapshot::merge(&dir, &into, p)) {
+            match with_bar("merge", move |p| vmm::storage::snapshot::merge(&dir, &into, p)) {
                 Some(Ok(m)) => {
                     println!("merged into {}: now {} snapshot {}, {} pages, {} bytes", shown.display(),
-                        if m.kind == vmm::snapshot::Kind::Full { "full" } else { "diff" }, m.id, m.pages, m.bytes);
+                        if m.kind == vmm::storage::snapshot::Kind::Full { "full" } else { "diff" }, m.id, m.pages, m.bytes);
                     ExitCode::Success
                 }
-                Some(Err(e @ vmm::snapshot::Error::Durable(_))) => fail(ExitCode::IoError, e),
+                Some(Err(e @ vmm::storage::snapshot::Error::Durable(_))) => fail(ExitCode::IoError, e),
                 Some(Err(e)) => fail(ExitCode::BadInput, e),
                 None => fail(ExitCode::Internal, "the merge panicked"),
             }
         }
-        SnapshotCommand::Verify { dir } => match vmm::snapshot::load(&dir, None) {
+        SnapshotCommand::Verify { dir } => match vmm::storage::snapshot::load(&dir, None) {
         Ok(l) => {
             for m in &l.chain {
                 println!("{} {:?} {} pages, {} MiB guest, engine {}", m.id, m.kind, m.pages, m.mem_bytes >> 20, m.engine.name());
@@ -131,7 +131,7 @@ pub fn snapshot(c: SnapshotCommand) -> ExitCode {
 
 pub fn dump(d: DumpArgs) -> ExitCode {
     match d.command {
-        Some(DumpCommand::Verify { dir }) => match vmm::dump::reconstruct(&dir) {
+        Some(DumpCommand::Verify { dir }) => match vmm::storage::dump::reconstruct(&dir) {
             Ok(img) => {
                 let zero = img.zero_pages();
                 for m in &img.chain {

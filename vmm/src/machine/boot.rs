@@ -4,7 +4,7 @@
 //!
 //! These are plain functions over guest memory, tested without KVM.
 
-use crate::memory::{self, GuestMem};
+use crate::machine::memory::{self, GuestMem};
 use guest_abi::{
     BootInfo, BOOT_GDT_PHYS, BOOT_INFO_MAGIC, BOOT_INFO_PHYS, BOOT_PML4_PHYS, DIRECT_MAP_BASE, KERNEL_VIRT_BASE,
 };

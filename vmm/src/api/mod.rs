@@ -12,11 +12,11 @@
 //! Each connection gets its own thread; a client that sends garbage, sends too much or
 //! hangs up mid-request only ends its own connection.
 
-use crate::control::{Control, Phase};
-use crate::runner::VcpuContext;
-use crate::memory::GuestMem;
-use crate::progress::Progress;
-use crate::softdirty::{ClearRefs, PageInfo, Tracker};
+use crate::vcpu::control::{Control, Phase};
+use crate::vcpu::runner::VcpuContext;
+use crate::machine::memory::GuestMem;
+use crate::storage::progress::Progress;
+use crate::tracking::softdirty::{ClearRefs, PageInfo, Tracker};
 use kvm_ioctls::{VcpuFd, VmFd};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -537,7 +537,7 @@ fn pagemap_range(start: Option<u64>, pages: Option<u64>) -> Result<Option<(u64, 
         (None, Some(_)) => return Err("pages given without start".to_string()),
     };
     if let Some((s, n)) = range {
-        crate::softdirty::check_range(s, n).map_err(|e| e.to_string())?;
+        crate::tracking::softdirty::check_range(s, n).map_err(|e| e.to_string())?;
     }
     Ok(range)
 }
@@ -628,13 +628,13 @@ fn handle_json(req: Request, control: &Control<VcpuContext>, emit: &mut dyn FnMu
         })()),
         Request::SnapshotCreate { out, diff, progress } => answer(
             call_reporting(control, progress == Some(true), emit, move |ctx, p| {
-                crate::snapshot::create(ctx, Path::new(&out), diff.unwrap_or(false), p).map(|r| json!(r)).map_err(|e| e.to_string())
+                crate::storage::snapshot::create(ctx, Path::new(&out), diff.unwrap_or(false), p).map(|r| json!(r)).map_err(|e| e.to_string())
             })
             .and_then(|r| r),
         ),
         Request::Dump { pid, out, prev, progress } => answer(
             call_reporting(control, progress == Some(true), emit, move |ctx, p| {
-                crate::dump::create(ctx, pid, Path::new(&out), prev.as_deref().map(Path::new), p)
+                crate::storage::dump::create(ctx, pid, Path::new(&out), prev.as_deref().map(Path::new), p)
                     .map(|r| json!(r))
                     .map_err(|e| e.to_string())
             })

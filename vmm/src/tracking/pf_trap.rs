@@ -4,7 +4,7 @@
 //! The VMM then either fixes the fault and emulates the handler's `iretq` (the guest
 //! never runs its handler), or lets the guest handle its own fault.
 
-use crate::memory::{GuestMem, Phys};
+use crate::machine::memory::{GuestMem, Phys};
 use kvm_bindings::{kvm_guest_debug, kvm_regs, kvm_sregs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
     KVM_GUESTDBG_USE_HW_BP};
 use kvm_ioctls::{SyncReg, VcpuFd};
@@ -119,8 +119,8 @@ pub fn return_to_user(vcpu: &mut VcpuFd, mut s: Stopped, sync_regs: bool) -> Res
     s.regs.rip = s.fault.rip;
     s.regs.rsp = s.fault.rsp;
     s.regs.rflags = s.fault.rflags & !RF;
-    s.sregs.cs = crate::boot::flat_segment(s.fault.cs as u16, true, 3);
-    s.sregs.ss = crate::boot::flat_segment(s.fault.ss as u16, false, 3);
+    s.sregs.cs = crate::machine::boot::flat_segment(s.fault.cs as u16, true, 3);
+    s.sregs.ss = crate::machine::boot::flat_segment(s.fault.ss as u16, false, 3);
     if sync_regs {
         let run = vcpu.sync_regs_mut();
         run.regs = s.regs;

@@ -5,13 +5,13 @@ use serde_json::json;
 use std::path::PathBuf;
 use std::time::Duration;
 use vmm::api::{self, ClientError};
-use vmm::engine::EngineKind;
-use vmm::exit_code::ExitCode;
+use vmm::EngineKind;
+use vmm::ExitCode;
 use vmm::run::{self, RunOptions};
-use vmm::runner::Outcome;
-use vmm::summary::{Hook, SummaryHook};
+use vmm::Outcome;
+use vmm::run::summary::{Hook, SummaryHook};
 
-mod store_cli;
+mod store;
 
 #[derive(Parser)]
 #[command(name = "vmm", version, about = "Per-process soft-dirty tracking of a KVM guest, from outside")]
@@ -54,10 +54,10 @@ enum Command {
     },
     /// Snapshots of a running VM.
     #[command(subcommand)]
-    Snapshot(store_cli::SnapshotCommand),
+    Snapshot(store::SnapshotCommand),
     /// Dump one guest process's memory from outside (CRIU-style), incrementally with
     /// --prev; or `dump verify DIR`.
-    Dump(store_cli::DumpArgs),
+    Dump(store::DumpArgs),
     /// Pages written per second, for the whole VM and per guest process.
     DirtyRate {
         #[arg(long)]
@@ -318,8 +318,8 @@ fn main_code() -> ExitCode {
             }
             Err(e) => fail(client_code(&e), e),
         },
-        Command::Snapshot(c) => store_cli::snapshot(c),
-        Command::Dump(d) => store_cli::dump(d),
+        Command::Snapshot(c) => store::snapshot(c),
+        Command::Dump(d) => store::dump(d),
         Command::DirtyRate { api_sock, seconds, json } => {
             let secs = match seconds_arg("--seconds", seconds) {
                 Ok(t) => t.as_secs_f64(),
@@ -366,7 +366,7 @@ fn main_code() -> ExitCode {
             let mut code = ExitCode::Success;
             for f in files {
                 println!("== {}", f.display());
-                match vmm::scenario_exec::run(&me, &f, engine) {
+                match vmm::run::scenario::run(&me, &f, engine) {
                     Ok(lines) => {
                         lines.iter().for_each(|l| println!("{l}"));
                         if let Some(e) = lines.iter().find(|l| l.starts_with("error:")) {

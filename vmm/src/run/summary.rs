@@ -6,9 +6,9 @@
 //! in program order, so the counts cannot depend on when the guest's timer preempted it.
 //! Another process's state at that moment depends on how far the scheduler let it run.
 
-use crate::devices::SyncPoint;
-use crate::runner::{SyncHook, VcpuContext};
-use crate::softdirty::ClearRefs;
+use crate::machine::devices::SyncPoint;
+use crate::vcpu::runner::{SyncHook, VcpuContext};
+use crate::tracking::softdirty::ClearRefs;
 
 /// Prints `sync LABEL: pid N NAME: M mapped, K soft-dirty` for the process at the sync,
 /// then clears its soft-dirty bits.

@@ -1,7 +1,7 @@
 //! Port I/O devices: the 8250 console (vm-superio) and the guest kernel's ports (exit,
 //! sync, zero-frames). Requests read from guest memory are untrusted and validated here.
 
-use crate::memory::{self, GuestMem};
+use crate::machine::memory::{self, GuestMem};
 use guest_abi::{EXIT_PORT, SERIAL_PORT, SYNC_LABEL_MAX, SYNC_PORT, ZERO_PORT, ZERO_REQUEST_MAX};
 use std::io::Write;
 use vm_superio::serial::SerialState;

@@ -1,7 +1,7 @@
 //! Kernel images: the embedded guest kernel, loading an ELF into guest memory, and the
 //! symbols the VMM needs to find things in the guest from outside.
 
-use crate::memory::GuestMem;
+use crate::machine::memory::GuestMem;
 use guest_abi::KERNEL_PHYS_BASE;
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use object::{Object, ObjectSymbol};

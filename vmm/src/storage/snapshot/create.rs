@@ -1,9 +1,9 @@
 //! Writing a snapshot of the stopped VM.
 
 use super::{state, Error, Kind, Last, Manifest, BaseRef, FORMAT, PAGE, VERSION};
-use crate::durable::Staging;
-use crate::progress::Progress;
-use crate::runner::VcpuContext;
+use crate::storage::durable::Staging;
+use crate::storage::progress::Progress;
+use crate::vcpu::runner::VcpuContext;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -70,12 +70,12 @@ pub fn create(ctx: &mut VcpuContext, out: &Path, diff: bool, progress: &Progress
 
     let mut files = BTreeMap::new();
     let state_bin = state::encode(&sections);
-    files.insert("state.bin".to_string(), crate::checksum::of(&state_bin));
+    files.insert("state.bin".to_string(), crate::storage::checksum::of(&state_bin));
     stage.write("state.bin", &state_bin)?;
 
     let mem_path = stage.file("memory.bin");
-    let f = std::fs::File::create(&mem_path).map_err(crate::durable::io(&mem_path))?;
-    let mut hasher = crate::checksum::Hasher::new();
+    let f = std::fs::File::create(&mem_path).map_err(crate::storage::durable::io(&mem_path))?;
+    let mut hasher = crate::storage::checksum::Hasher::new();
     let mut pages = 0u64;
     // Pages move in runs of consecutive frames (up to 1 MiB), read in place from guest
     // memory: one hash update and one write per run. Diffs are written sequentially
@@ -88,7 +88,7 @@ pub fn create(ctx: &mut VcpuContext, out: &Path, diff: bool, progress: &Progress
         while i + n < frames.len() && n < RUN_PAGES && frames[i + n] == first + n as u64 {
             n += 1;
         }
-        let written = crate::memory::with_stopped_guest_bytes(&ctx.mem, first * PAGE, n * PAGE as usize, |run| {
+        let written = crate::machine::memory::with_stopped_guest_bytes(&ctx.mem, first * PAGE, n * PAGE as usize, |run| {
             write_run(run, first, diff, &f, &mut seq, &mut hasher, &mem_path)
         })
         .map_err(|e| Error::Io { path: mem_path.clone(), source: std::io::Error::other(e.to_string()) })??;
@@ -96,17 +96,17 @@ pub fn create(ctx: &mut VcpuContext, out: &Path, diff: bool, progress: &Progress
         progress.advance(n as u64 * PAGE);
         i += n;
     }
-    seq.flush().map_err(crate::durable::io(&mem_path))?;
+    seq.flush().map_err(crate::storage::durable::io(&mem_path))?;
     drop(seq);
     if !diff {
-        f.set_len(mem_bytes).map_err(crate::durable::io(&mem_path))?;
+        f.set_len(mem_bytes).map_err(crate::storage::durable::io(&mem_path))?;
     }
     mark(&mut phases.memory_ns);
-    f.sync_all().map_err(crate::durable::io(&mem_path))?;
+    f.sync_all().map_err(crate::storage::durable::io(&mem_path))?;
     files.insert("memory.bin".to_string(), hasher.hex());
     if diff {
         let bytes: Vec<u8> = frames.iter().flat_map(|p| p.to_le_bytes()).collect();
-        files.insert("pages.bin".to_string(), crate::checksum::of(&bytes));
+        files.insert("pages.bin".to_string(), crate::storage::checksum::of(&bytes));
         stage.write("pages.bin", &bytes)?;
     }
     let kind = if diff { Kind::Diff } else { Kind::Full };
@@ -120,7 +120,7 @@ pub fn create(ctx: &mut VcpuContext, out: &Path, diff: bool, progress: &Progress
         engine: ctx.tracker.engine(),
         image_sha256: ctx.image_sha256.clone(),
         pages,
-        checksum: crate::checksum::NAME.into(),
+        checksum: crate::storage::checksum::NAME.into(),
         files,
         merged: Vec::new(),
     };
@@ -134,7 +134,7 @@ pub fn create(ctx: &mut VcpuContext, out: &Path, diff: bool, progress: &Progress
     let abs = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
     ctx.last_snapshot = Some(Last { path: abs, id: id.clone() });
     let bytes = std::fs::metadata(out.join("memory.bin")).map(|m| m.len()).unwrap_or(0);
-    let disk_bytes = crate::durable::disk_usage(out);
+    let disk_bytes = crate::storage::durable::disk_usage(out);
     Ok(Report { id, kind, pages, bytes, disk_bytes, pause_ns: t0.elapsed().as_nanos() as u64, phases })
 }
 
@@ -147,14 +147,14 @@ fn write_run(
     diff: bool,
     f: &std::fs::File,
     seq: &mut impl Write,
-    hasher: &mut crate::checksum::Hasher,
+    hasher: &mut crate::storage::checksum::Hasher,
     path: &Path,
 ) -> Result<u64, Error> {
     static ZERO: [u8; PAGE as usize] = [0; PAGE as usize];
     hasher.update(run);
     let n = run.len() / PAGE as usize;
     if diff {
-        seq.write_all(run).map_err(crate::durable::io(path))?;
+        seq.write_all(run).map_err(crate::storage::durable::io(path))?;
         return Ok(n as u64);
     }
     let is_zero = |k: usize| run[k * PAGE as usize..(k + 1) * PAGE as usize] == ZERO;
@@ -169,7 +169,7 @@ fn write_run(
             k += 1;
         }
         f.write_all_at(&run[start * PAGE as usize..k * PAGE as usize], (first + start as u64) * PAGE)
-            .map_err(crate::durable::io(path))?;
+            .map_err(crate::storage::durable::io(path))?;
         pages += (k - start) as u64;
     }
     Ok(pages)

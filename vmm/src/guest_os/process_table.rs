@@ -4,7 +4,7 @@
 //! The table is untrusted input: magic, version, sizes and every field are checked,
 //! and a table the kernel is changing (odd sequence number) is refused.
 
-use crate::memory::{self, GuestMem};
+use crate::machine::memory::{self, GuestMem};
 use guest_abi::{
     mapping_flags, state, MappingRecord, ProcSlot, ProcessTable, KERNEL_VIRT_BASE, MAX_MAPPINGS, MAX_PROCS,
     PROCESS_TABLE_MAGIC, PROCESS_TABLE_VERSION, PROC_NAME_LEN,

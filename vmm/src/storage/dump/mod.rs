@@ -52,9 +52,9 @@ pub enum Error {
     #[error("pid {pid}: {why}")]
     Guest { pid: u32, why: String },
     #[error(transparent)]
-    SoftDirty(#[from] crate::softdirty::Error),
+    SoftDirty(#[from] crate::tracking::softdirty::Error),
     #[error(transparent)]
-    Durable(#[from] crate::durable::Error),
+    Durable(#[from] crate::storage::durable::Error),
 }
 
 fn invalid(path: &Path, why: impl Into<String>) -> Error {
@@ -179,22 +179,22 @@ pub struct Manifest {
     pub prev: Option<PrevRef>,
     pub mappings: Vec<MappingRecord>,
     pub counts: Counts,
-    /// How `files` are checksummed: [`crate::checksum::NAME`].
+    /// How `files` are checksummed: [`crate::storage::checksum::NAME`].
     pub checksum: String,
     pub files: BTreeMap<String, String>,
 }
 
 pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
-    if crate::durable::is_staging(dir) {
+    if crate::storage::durable::is_staging(dir) {
         return Err(invalid(dir, "its name marks the staging directory of a dump that was never committed (the VMM stopped before renaming it into place)"));
     }
     let path = dir.join("manifest.json");
-    let raw = crate::durable::read_limited(&path, MANIFEST_LIMIT).map_err(io(&path))?;
+    let raw = crate::storage::durable::read_limited(&path, MANIFEST_LIMIT).map_err(io(&path))?;
     let m: Manifest = serde_json::from_slice(&raw).map_err(|e| invalid(dir, format!("manifest.json: {e}")))?;
     if m.format != FORMAT || m.version != VERSION {
         return Err(invalid(dir, format!("format {} version {} is not {FORMAT} {VERSION}", m.format, m.version)));
     }
-    crate::checksum::check_kind(&m.checksum).map_err(|why| invalid(dir, why))?;
+    crate::storage::checksum::check_kind(&m.checksum).map_err(|why| invalid(dir, why))?;
     if m.mappings.len() > guest_abi::MAX_MAPPINGS {
         return Err(invalid(dir, format!("{} mappings, more than a guest process can have ({})", m.mappings.len(), guest_abi::MAX_MAPPINGS)));
     }
@@ -217,8 +217,8 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
 /// Reads `name` (a regular file of at most `limit` bytes) and checks its checksum.
 fn read_checked(dir: &Path, m: &Manifest, name: &str, limit: u64) -> Result<Vec<u8>, Error> {
     let path = dir.join(name);
-    let data = crate::durable::read_limited(&path, limit).map_err(io(&path))?;
-    crate::checksum::check(&m.files, name, &crate::checksum::of(&data)).map_err(|why| invalid(dir, why))?;
+    let data = crate::storage::durable::read_limited(&path, limit).map_err(io(&path))?;
+    crate::storage::checksum::check(&m.files, name, &crate::storage::checksum::of(&data)).map_err(|why| invalid(dir, why))?;
     Ok(data)
 }
 
@@ -267,7 +267,7 @@ impl Image {
     /// A checksum over the mappings and the present pages, in address order: each data
     /// page's address and contents, each range of zero pages' bounds.
     pub fn digest(&self) -> String {
-        let mut h = crate::checksum::Hasher::new();
+        let mut h = crate::storage::checksum::Hasher::new();
         let mut maps = self.mappings.clone();
         maps.sort_by_key(|m| m.start);
         for m in &maps {
@@ -299,7 +299,7 @@ impl Image {
 /// The chain from the first dump to `dir`, each link checked (id, pid). A directory
 /// or an id met twice is a loop.
 fn resolve_chain(dir: &Path) -> Result<Vec<(PathBuf, Manifest)>, Error> {
-    let mut visited = crate::snapshot::Visited::default();
+    let mut visited = crate::storage::snapshot::Visited::default();
     let mut chain = vec![(dir.to_path_buf(), read_manifest(dir)?)];
     visited.first_visit(dir).map_err(io(dir))?;
     while let Some(prev) = chain.last().expect("non-empty").1.prev.clone() {
@@ -420,7 +420,7 @@ mod tests {
         let (raw, data) = (encode_runs(runs), vec![fill; (data_pages * PAGE) as usize]);
         std::fs::write(dir.join("pagemap.bin"), &raw).unwrap();
         std::fs::write(dir.join("pages.bin"), &data).unwrap();
-        let files = [("pagemap.bin", &raw), ("pages.bin", &data)].map(|(n, b)| (n.to_string(), crate::checksum::of(b)));
+        let files = [("pagemap.bin", &raw), ("pages.bin", &data)].map(|(n, b)| (n.to_string(), crate::storage::checksum::of(b)));
         let m = Manifest {
             format: FORMAT.into(),
             version: VERSION,
@@ -430,7 +430,7 @@ mod tests {
             prev: prev.map(|(p, id)| PrevRef { path: p.display().to_string(), id: id.into() }),
             mappings: maps.to_vec(),
             counts: Counts { data: data_pages, ..Counts::default() },
-            checksum: crate::checksum::NAME.into(),
+            checksum: crate::storage::checksum::NAME.into(),
             files: files.into_iter().collect(),
         };
         std::fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();

@@ -12,12 +12,12 @@
 //!   grown since the last clear, or it is writable and its frame shows in the dirty log
 //!   (the guest made the PTE writable again, so writes no longer fault).
 
-use crate::dirty_log::{self, GpaLog};
-use crate::engine::EngineKind;
-use crate::frame_set::{FrameSet, LeafFrames};
+use crate::tracking::dirty_log::{self, GpaLog};
+use crate::tracking::engine::EngineKind;
+use crate::tracking::frame_set::{FrameSet, LeafFrames};
 use crate::guest_os::{self, Mapping, Process, Snapshot, TableLocation};
-use crate::memory::{GuestMem, Phys};
-use crate::pf_trap;
+use crate::machine::memory::{GuestMem, Phys};
+use crate::tracking::pf_trap;
 use kvm_ioctls::{VcpuFd, VmFd};
 use mmu::{softdirty, GuestPhysAddr, GuestVirtAddr, Leaf, PageSize, PagemapEntry, PagingMode, PhysMemory, PteFlags,
     TableBudget, Translation, Walker};

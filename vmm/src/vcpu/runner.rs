@@ -1,12 +1,12 @@
 //! The vCPU loop: enter the guest, handle each exit, run jobs from the control socket
 //! while the guest is stopped, until the guest reports its exit status or fails.
 
-use crate::control::Control;
-use crate::devices::{self, Devices, PortEvent, SyncPoint};
-use crate::image::Symbols;
-use crate::memory::GuestMem;
+use crate::vcpu::control::Control;
+use crate::machine::devices::{self, Devices, PortEvent, SyncPoint};
+use crate::machine::image::Symbols;
+use crate::machine::memory::GuestMem;
 use guest_abi::EXIT_KERNEL_PANIC;
-use crate::softdirty::{self, Tracker};
+use crate::tracking::softdirty::{self, Tracker};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use std::sync::Arc;
 
@@ -55,13 +55,13 @@ pub struct VcpuContext {
     /// KVM_RUN calls and exits by kind, for `vmm info`.
     pub exits: ExitCounts,
     /// The last snapshot written (the base of the next diff).
-    pub last_snapshot: Option<crate::snapshot::Last>,
+    pub last_snapshot: Option<crate::storage::snapshot::Last>,
     /// sha256 of the guest image (snapshots record it).
     pub image_sha256: String,
     /// The devices' state as of the guest's stop (snapshots save it).
     pub device_state: Vec<u8>,
     /// Each pid's latest dump (the only valid `--prev` of its next one).
-    pub dumps: std::collections::HashMap<u32, crate::dump::Last>,
+    pub dumps: std::collections::HashMap<u32, crate::storage::dump::Last>,
 }
 
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -123,7 +123,7 @@ impl<H: SyncHook> Runner<H> {
 
     /// Runs the guest to its end.
     pub fn run(&mut self) -> Result<Outcome, Error> {
-        self.control.vcpu_started(crate::kick::Kicker::current());
+        self.control.vcpu_started(crate::machine::kick::Kicker::current());
         loop {
             if self.control.timed_out() {
                 return Ok(Outcome::TimedOut { rip: self.describe_rip() });
@@ -157,7 +157,7 @@ impl<H: SyncHook> Runner<H> {
                     PortEvent::Nothing
                 }
                 Ok(VcpuExit::MmioWrite(..)) => PortEvent::Nothing,
-                Ok(VcpuExit::Unsupported(crate::dirty_ring::KVM_EXIT_DIRTY_RING_FULL)) => {
+                Ok(VcpuExit::Unsupported(crate::tracking::dirty_ring::KVM_EXIT_DIRTY_RING_FULL)) => {
                     self.ctx.exits.ring_full += 1;
                     let ctx = &mut self.ctx;
                     ctx.tracker.log.harvest_ring_full(&ctx.vm, &ctx.mem).map_err(softdirty::Error::from)?;

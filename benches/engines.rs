@@ -17,7 +17,7 @@ use common::Guest;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::Instant;
-use vmm::tracking::uffd::AsyncWp;
+use vmm::tracking::source::uffd::AsyncWp;
 
 const BASE: u64 = 0x1000_0000;
 const FRACTIONS: [u64; 3] = [1, 10, 100];

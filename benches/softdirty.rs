@@ -15,7 +15,7 @@ use common::Guest;
 use serde_json::json;
 use std::path::Path;
 use std::time::Instant;
-use vmm::tracking::uffd::AsyncWp;
+use vmm::tracking::source::uffd::AsyncWp;
 
 const ROUNDS: usize = 3;
 const BASE: u64 = 0x1000_0000;

@@ -17,7 +17,7 @@ use crate::vcpu::runner::VcpuContext;
 use crate::machine::memory::GuestMem;
 use crate::storage::progress::Progress;
 use crate::tracking::softdirty::{ClearRefs, PageInfo, Tracker};
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_ioctls::VcpuFd;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
@@ -480,11 +480,11 @@ fn reply(w: &mut impl Write, v: &Value) -> std::io::Result<()> {
 /// Runs `job` on the vCPU thread with the tracker and the stopped guest.
 fn with_tracker<R: Send + 'static>(
     control: &Control<VcpuContext>,
-    job: impl FnOnce(&mut Tracker, &GuestMem, &VmFd, &VcpuFd) -> Result<R, String> + Send + 'static,
+    job: impl FnOnce(&mut Tracker, &GuestMem, &VcpuFd) -> Result<R, String> + Send + 'static,
 ) -> Result<R, String> {
     control.call(move |ctx: &mut VcpuContext| {
-        let VcpuContext { tracker, mem, vm, vcpu, .. } = ctx;
-        job(tracker, mem, vm, vcpu)
+        let VcpuContext { tracker, mem, vcpu, .. } = ctx;
+        job(tracker, mem, vcpu)
     })?
 }
 
@@ -544,9 +544,9 @@ fn pagemap_range(start: Option<u64>, pages: Option<u64>) -> Result<Option<(u64, 
 
 fn pagemap(control: &Control<VcpuContext>, pid: u32, start: Option<u64>, pages: Option<u64>) -> Result<PagemapAnswer, String> {
     let range = pagemap_range(start, pages)?;
-    with_tracker(control, move |t, mem, vm, _| {
+    with_tracker(control, move |t, mem, _| {
         let t0 = std::time::Instant::now();
-        let pages = t.pagemap(mem, vm, pid, range).map_err(|e| e.to_string())?;
+        let pages = t.pagemap(mem, pid, range).map_err(|e| e.to_string())?;
         // Compact before leaving the vCPU thread: the connection may hold it a while.
         Ok(PagemapAnswer::new(pid, &pages, t0.elapsed().as_nanos() as u64))
     })
@@ -564,7 +564,7 @@ fn handle_json(req: Request, control: &Control<VcpuContext>, emit: &mut dyn FnMu
             Ok(()) => ok(json!({})),
             Err(e) => error(e),
         },
-        Request::Ps {} => answer(with_tracker(control, |t, mem, _, _| {
+        Request::Ps {} => answer(with_tracker(control, |t, mem, _| {
             let snap = t.snapshot(mem).map_err(|e| e.to_string())?;
             let procs: Vec<Value> = snap.processes.iter().map(|p| json!({
                 "pid": p.pid, "name": p.name, "state": p.state.name(), "exit_code": p.exit_code,
@@ -578,9 +578,9 @@ fn handle_json(req: Request, control: &Control<VcpuContext>, emit: &mut dyn FnMu
         })),
         Request::ClearRefs { pid, value } => answer((|| {
             let value = ClearRefs::try_from(value.unwrap_or(4)).map_err(|e| e.to_string())?;
-            with_tracker(control, move |t, mem, vm, vcpu| {
+            with_tracker(control, move |t, mem, vcpu| {
                 let t0 = std::time::Instant::now();
-                let changed = t.clear_refs(mem, vm, vcpu, pid, value).map_err(|e| e.to_string())?;
+                let changed = t.clear_refs(mem, vcpu, pid, value).map_err(|e| e.to_string())?;
                 let elapsed = t0.elapsed().as_nanos() as u64;
                 Ok(json!({"pid": pid, "value": value as u64, "entries_changed": changed, "elapsed_ns": elapsed}))
             })
@@ -596,7 +596,7 @@ fn handle_json(req: Request, control: &Control<VcpuContext>, emit: &mut dyn FnMu
             json!({
                 "engine": ctx.tracker.engine().name(),
                 "tsc_khz": ctx.vcpu.get_tsc_khz().ok(),
-                "mechanism": ctx.tracker.log.mechanism().name(),
+                "mechanism": ctx.tracker.log.mechanism(),
                 "mem_bytes": mem_size,
                 "exits": ctx.exits,
                 "tracker": ctx.tracker.stats,
@@ -609,11 +609,11 @@ fn handle_json(req: Request, control: &Control<VcpuContext>, emit: &mut dyn FnMu
                 return Err(format!("seconds {seconds}: must be between 0 and 3600"));
             }
             let run0 = control.running_time();
-            with_tracker(control, |t, mem, vm, _| t.window_start(mem, vm).map_err(|e| e.to_string()))?;
+            with_tracker(control, |t, mem, _| t.window_start(mem).map_err(|e| e.to_string()))?;
             let t0 = std::time::Instant::now();
             std::thread::sleep(Duration::from_secs_f64(seconds));
             let (total, per) =
-                with_tracker(control, |t, mem, vm, _| t.window_report(mem, vm).map_err(|e| e.to_string()))?;
+                with_tracker(control, |t, mem, _| t.window_report(mem).map_err(|e| e.to_string()))?;
             let wall = t0.elapsed().as_secs_f64();
             let ran = (control.running_time() - run0).as_secs_f64();
             Ok(json!({

@@ -2,12 +2,8 @@
 //! 64-bit mode at the kernel's entry.
 
 use crate::machine::boot;
-use crate::tracking::dirty_log::{self, Mechanism};
-use crate::tracking::dirty_ring::{self, DirtyRing};
-use crate::tracking::engine::EngineKind;
-use crate::tracking::uffd::AsyncWp;
 use crate::machine::memory::GuestMem;
-use kvm_bindings::{kvm_fpu, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::{kvm_fpu, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -37,31 +33,33 @@ pub struct Machine {
     /// KVM copies regs and sregs into `kvm_run` on every exit and takes changes from
     /// there on entry (KVM_CAP_SYNC_REGS): the fault trap then needs no register ioctls.
     pub sync_regs: bool,
-    /// Where the engine learns guest-physical writes.
-    pub mechanism: Mechanism,
+}
+
+/// What dirty logging needs from KVM before the memory slots and vCPUs exist. The
+/// tracking layer provides it; the machine does not know which engine runs.
+pub trait DirtyLogSetup {
+    /// The engine's name, for errors.
+    fn name(&self) -> &'static str;
+    /// VM capabilities to enable before any slot or vCPU exists.
+    fn before_slots(&self, vm: &VmFd) -> Result<(), String>;
+    /// Flags of the memory slots (e.g. `KVM_MEM_LOG_DIRTY_PAGES`).
+    fn slot_flags(&self) -> u32;
 }
 
 const SERIAL_GSI: u32 = 4;
 
 impl Machine {
-    /// Creates the VM over `mem` and a vCPU ready to run at `entry`, set up for `engine`.
-    pub fn new(mem: &GuestMem, entry: u64, engine: EngineKind) -> Result<Machine, Error> {
-        let unavailable = |detail: String| Error::EngineUnavailable { engine: engine.name(), detail };
+    /// Creates the VM over `mem` and a vCPU ready to run at `entry`, with dirty logging
+    /// set up as `log` says.
+    pub fn new(mem: &GuestMem, entry: u64, log: &dyn DirtyLogSetup) -> Result<Machine, Error> {
+        let unavailable = |detail: String| Error::EngineUnavailable { engine: log.name(), detail };
         let kvm = Kvm::new().map_err(Error::Open)?;
         let vm = ioctl("CREATE_VM", kvm.create_vm())?;
         ioctl("SET_TSS_ADDR", vm.set_tss_address(0xfffb_d000))?;
         ioctl("CREATE_IRQCHIP", vm.create_irq_chip())?;
-        // Dirty logging must be configured before the slot and vCPU exist. The pte engine
-        // starts "initially all dirty" (free until something is cleared: it needs the
-        // bitmap only to make KVM re-read edited PTEs, and as its backstop); the bitmap
-        // engine starts protected, so its history is exact from boot.
-        match engine {
-            EngineKind::Pte => dirty_log::enable(&vm, true).map_err(|e| unavailable(e.to_string()))?,
-            EngineKind::KvmBitmap => dirty_log::enable(&vm, false).map_err(|e| unavailable(e.to_string()))?,
-            EngineKind::KvmRing => dirty_ring::enable(&vm).map_err(|e| unavailable(e.to_string()))?,
-            EngineKind::Uffd => {}
-        }
-        let slot_flags = if engine == EngineKind::Uffd { 0 } else { KVM_MEM_LOG_DIRTY_PAGES };
+        // Dirty logging must be configured before the slot and vCPU exist.
+        log.before_slots(&vm).map_err(unavailable)?;
+        let slot_flags = log.slot_flags();
         for (slot, region) in mem.iter().enumerate() {
             let host = mem.get_host_address(region.start_addr()).expect("region start is inside the region");
             let region = kvm_userspace_memory_region {
@@ -91,17 +89,6 @@ impl Machine {
         ioctl("SET_REGS", vcpu.set_regs(&boot::entry_regs(entry)))?;
         let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
         ioctl("SET_FPU", vcpu.set_fpu(&fpu))?;
-        let mechanism = match engine {
-            EngineKind::Pte | EngineKind::KvmBitmap => Mechanism::KvmBitmap,
-            EngineKind::KvmRing => Mechanism::KvmRing(DirtyRing::map(&vm, &vcpu).map_err(|e| unavailable(e.to_string()))?),
-            EngineKind::Uffd => {
-                let host_base = mem.get_host_address(vm_memory::GuestAddress(0)).expect("RAM starts at 0") as u64;
-                let len = mem.last_addr().0 + 1;
-                let mut wp = AsyncWp::register(host_base, len).map_err(|e| unavailable(e.to_string()))?;
-                wp.protect().map_err(|e| unavailable(e.to_string()))?;
-                Mechanism::Uffd { wp, host_base }
-            }
-        };
-        Ok(Machine { kvm, vm, vcpu, serial_irq, sync_regs, mechanism })
+        Ok(Machine { kvm, vm, vcpu, serial_irq, sync_regs })
     }
 }

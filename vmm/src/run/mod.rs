@@ -139,7 +139,10 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
             (mem, mem_size, opts.engine, None, loaded.entry)
         }
     };
-    let Machine { kvm: _kvm, vm, vcpu, serial_irq, sync_regs, mechanism } = Machine::new(&mem, entry, engine)?;
+    let setup = engine.setup();
+    let machine = Machine::new(&mem, entry, &setup)?;
+    let source = setup.attach(&machine, &mem)?;
+    let Machine { kvm: _kvm, vm, vcpu, serial_irq, sync_regs } = machine;
     let devices = match restored.as_ref().and_then(|l| l.state.get("serial")) {
         Some(saved) => Devices::restore(serial_irq, Box::new(std::io::stdout()), saved).map_err(Error::DeviceState)?,
         None => Devices::new(serial_irq, Box::new(std::io::stdout())),
@@ -167,7 +170,7 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
 
     let symbols = Symbols::parse(&image_bytes);
     let table = TableLocation::from_symbol(symbols.address_of(guest_abi::PROCESS_TABLE_SYMBOL)).ok();
-    let log = GpaLog::new(mem_size, mechanism, engine == EngineKind::Pte);
+    let log = GpaLog::new(mem_size, source, engine.initially_dirty());
     let mut tracker = Tracker::new(table, engine, log, sync_regs);
     if let Some(loaded) = &restored {
         crate::storage::snapshot::apply(&vm, &vcpu, &loaded.state)?;
@@ -175,7 +178,7 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
             tracker.import_state(raw, &mem, &vcpu).map_err(Error::TrackerState)?;
         }
         // Memory now equals the restored snapshot: the next diff is relative to it.
-        tracker.log.snapshot_start(&vm).map_err(|e| Error::TrackerState(e.to_string()))?;
+        tracker.log.snapshot_start().map_err(|e| Error::TrackerState(e.to_string()))?;
     }
     let last_snapshot = opts.restore.as_ref().zip(restored.as_ref()).map(|(dir, l)| crate::storage::snapshot::Last {
         path: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()),

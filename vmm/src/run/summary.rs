@@ -24,10 +24,10 @@ impl SyncHook for SummaryHook {
         let Some(p) = snap.processes.iter().find(|p| p.pid == point.pid && p.is_live()) else {
             return eprintln!("vmm: summary at sync {}: pid {} is not a live process", point.label, point.pid);
         };
-        let result = t.pagemap(&ctx.mem, &ctx.vm, p.pid, None).and_then(|pages| {
+        let result = t.pagemap(&ctx.mem, p.pid, None).and_then(|pages| {
             let dirty = pages.iter().filter(|pg| pg.entry.soft_dirty()).count();
             println!("sync {}: pid {} {}: {} mapped, {} soft-dirty", point.label, p.pid, p.name, pages.len(), dirty);
-            t.clear_refs(&ctx.mem, &ctx.vm, &ctx.vcpu, p.pid, ClearRefs::SoftDirty)
+            t.clear_refs(&ctx.mem, &ctx.vcpu, p.pid, ClearRefs::SoftDirty)
         });
         if let Err(e) = result {
             eprintln!("vmm: summary at sync {}: pid {}: {e}", point.label, p.pid);

@@ -1,4 +1,16 @@
-//! The tracking engines a VM can run with (`vmm run --engine NAME`).
+//! The tracking engines a VM can run with (`vmm run --engine NAME`), and how each is
+//! set up: the only place that tells engines apart besides the command line.
+
+use super::ram::Ram;
+use super::source::kvm_bitmap::{self, KvmBitmap};
+use super::source::kvm_ring::{self, DirtyRing};
+use super::source::uffd::UffdSource;
+use super::source::DirtySource;
+use crate::machine::memory::GuestMem;
+use crate::machine::vm::{self, DirtyLogSetup, Machine};
+use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+use kvm_ioctls::VmFd;
+use vm_memory::GuestMemoryBackend;
 
 /// How writes are learned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -31,5 +43,71 @@ impl EngineKind {
     /// Tracks guest-physical frames (not guest PTEs).
     pub fn is_guest_physical(self) -> bool {
         self != EngineKind::Pte
+    }
+}
+
+/// What an engine needs from the machine, and the dirty source it then runs on.
+///
+/// The pte engine is "a tracker with a PTE trap" on the KVM bitmap: its bitmap starts
+/// "initially all dirty" (free until something is cleared: it needs the bitmap only to
+/// make KVM re-read edited PTEs, and as its backstop). The bitmap engine starts
+/// protected, so its history is exact from boot.
+pub struct EngineSetup(pub EngineKind);
+
+impl EngineKind {
+    pub fn setup(self) -> EngineSetup {
+        EngineSetup(self)
+    }
+
+    /// Catches write faults on guest PTEs it write-protected (precise per mapping).
+    pub fn traps_ptes(self) -> bool {
+        self == EngineKind::Pte
+    }
+
+    /// The history before the first clear is unknown: every frame counts as written.
+    pub fn initially_dirty(self) -> bool {
+        self == EngineKind::Pte
+    }
+}
+
+impl DirtyLogSetup for EngineSetup {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn before_slots(&self, vm: &VmFd) -> Result<(), String> {
+        match self.0 {
+            EngineKind::Pte => kvm_bitmap::enable(vm, true).map_err(|e| e.to_string()),
+            EngineKind::KvmBitmap => kvm_bitmap::enable(vm, false).map_err(|e| e.to_string()),
+            EngineKind::KvmRing => kvm_ring::enable(vm).map_err(|e| e.to_string()),
+            EngineKind::Uffd => Ok(()),
+        }
+    }
+
+    fn slot_flags(&self) -> u32 {
+        match self.0 {
+            EngineKind::Uffd => 0,
+            _ => KVM_MEM_LOG_DIRTY_PAGES,
+        }
+    }
+}
+
+impl EngineSetup {
+    /// The engine's dirty source, once the VM, its vCPU and guest memory exist.
+    pub fn attach(&self, machine: &Machine, mem: &GuestMem) -> Result<Box<dyn DirtySource>, vm::Error> {
+        let unavailable = |detail: String| vm::Error::EngineUnavailable { engine: self.0.name(), detail };
+        let pages = mem.size() / 4096;
+        Ok(match self.0 {
+            EngineKind::Pte | EngineKind::KvmBitmap => {
+                Box::new(KvmBitmap::new(&machine.vm, pages).map_err(|e| unavailable(e.to_string()))?)
+            }
+            EngineKind::KvmRing => {
+                Box::new(DirtyRing::map(&machine.vm, &machine.vcpu, pages).map_err(|e| unavailable(e.to_string()))?)
+            }
+            EngineKind::Uffd => {
+                let host_base = mem.get_host_address(vm_memory::GuestAddress(0)).expect("RAM starts at 0") as u64;
+                Box::new(UffdSource::new(host_base, pages).map_err(|e| unavailable(e.to_string()))?)
+            }
+        })
     }
 }

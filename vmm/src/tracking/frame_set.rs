@@ -90,6 +90,31 @@ impl FrameSet {
         }
     }
 
+    /// Adds the frames set in `words` (one bit per frame from frame 0, KVM's layout);
+    /// bits past the end of RAM are ignored.
+    pub fn insert_words(&mut self, words: &[u64]) {
+        for (mine, w) in self.bits.iter_mut().zip(words) {
+            *mine |= w;
+        }
+        self.trim();
+    }
+
+    /// Every frame of RAM.
+    pub fn fill(&mut self) {
+        self.bits.iter_mut().for_each(|w| *w = u64::MAX);
+        self.trim();
+    }
+
+    /// Clears the bits of the last word that lie past the end of RAM.
+    fn trim(&mut self) {
+        let tail = self.pages % 64;
+        if tail != 0 {
+            if let Some(last) = self.bits.last_mut() {
+                *last &= (1u64 << tail) - 1;
+            }
+        }
+    }
+
     pub fn contains(&self, pfn: u64) -> bool {
         pfn < self.pages && self.bits[(pfn / 64) as usize] & (1 << (pfn % 64)) != 0
     }

@@ -12,20 +12,21 @@
 //!   grown since the last clear, or it is writable and its frame shows in the dirty log
 //!   (the guest made the PTE writable again, so writes no longer fault).
 
-use crate::tracking::dirty_log::{self, GpaLog};
-use crate::tracking::engine::EngineKind;
-use crate::tracking::frame_set::{FrameSet, LeafFrames};
+use super::dirty_log::{self, GpaLog};
+use super::frame_set::FrameSet;
+use super::pagemap::{frames, FrameCounts, PageCtx};
+use super::pf_trap;
+use super::ram::{self, AsPhys, Ram};
 use crate::guest_os::{self, Mapping, Process, Snapshot, TableLocation};
-use crate::machine::memory::{GuestMem, Phys};
-use crate::tracking::pf_trap;
-use kvm_ioctls::{VcpuFd, VmFd};
-use mmu::{softdirty, GuestPhysAddr, GuestVirtAddr, Leaf, PageSize, PagemapEntry, PagingMode, PhysMemory, PteFlags,
-    TableBudget, Translation, Walker};
+use crate::machine::memory::GuestMem;
+use crate::tracking::engine::EngineKind;
+use guest_abi::ProcessTable;
+use kvm_ioctls::VcpuFd;
+use mmu::{softdirty, GuestPhysAddr, GuestVirtAddr, Leaf, PagingMode, PteFlags, TableBudget, Translation, Walker};
 use std::collections::HashMap;
+use std::mem::{offset_of, size_of};
 
-
-/// Largest pagemap request, in pages (4 GiB of address space).
-pub const MAX_PAGEMAP_PAGES: u64 = 1 << 20;
+pub use super::pagemap::{PageInfo, MAX_PAGEMAP_PAGES};
 const USER_TOP: u64 = workload::USER_TOP;
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,8 @@ pub enum Error {
     DirtyLog(#[from] dirty_log::Error),
     #[error(transparent)]
     Trap(#[from] pf_trap::Error),
+    #[error(transparent)]
+    Ram(#[from] ram::Error),
     #[error("writing guest memory at {0:#x} failed")]
     Write(u64),
 }
@@ -74,15 +77,6 @@ impl TryFrom<u64> for ClearRefs {
     }
 }
 
-/// One page of a pagemap answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PageInfo {
-    pub addr: u64,
-    pub entry: PagemapEntry,
-    pub huge: bool,
-    pub accessed: bool,
-}
-
 /// Counters for `vmm info`.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Stats {
@@ -94,7 +88,14 @@ pub struct Stats {
     pub trap_read_ns: u64,
     pub trap_decide_ns: u64,
     pub trap_resume_ns: u64,
+    /// Times the trap parsed the process table (only when the guest changed it since the
+    /// trap's last parse).
+    pub trap_table_reads: u64,
 }
+
+/// Pages written in a dirty-rate window: the whole VM's, then (pid, name, pages) per
+/// live process.
+pub type WindowReport = (u64, Vec<(u32, String, u64)>);
 
 /// What a debug exit was.
 pub enum TrapOutcome {
@@ -115,32 +116,39 @@ pub struct Tracker {
     cleared: HashMap<u32, Vec<Mapping>>,
     /// How many times each pid's soft-dirty bits were cleared (dumps check it).
     clear_counts: HashMap<u32, u64>,
-    trap: Option<u64>,
-    /// Registers travel through `kvm_run` (KVM_CAP_SYNC_REGS).
-    sync_regs: bool,
-    /// Single-stepping over the #PF handler's first instruction (a passed fault).
-    stepping: bool,
+    /// The PTE trap, for engines that write-protect guest PTEs; `None` for the
+    /// guest-physical engines.
+    trap: Option<PteTrap>,
+    /// The process table as last parsed, with the sequence number it had: the fault
+    /// path re-reads it only when the guest changed it.
+    procs: Option<(u64, Snapshot)>,
     pub log: GpaLog,
     pub stats: Stats,
 }
 
-/// Frames of a leaf as the guest claims them (first pfn, count): they may lie past the
-/// end of RAM. Host-side uses go through a [`FrameSet`], which keeps only RAM frames.
-fn frames(leaf: &Leaf) -> LeafFrames {
-    LeafFrames { pfn: leaf.frame().pfn(), count: leaf.size.bytes() / 4096 }
+/// The PTE trap's state.
+#[derive(Debug, Default)]
+struct PteTrap {
+    /// The guest's #PF handler, once the breakpoint is on it.
+    handler: Option<u64>,
+    /// A clear wants the breakpoint on before the guest runs again.
+    wanted: bool,
+    /// Registers travel through `kvm_run` (KVM_CAP_SYNC_REGS).
+    sync_regs: bool,
+    /// Single-stepping over the #PF handler's first instruction (a passed fault).
+    stepping: bool,
 }
 
 impl Tracker {
     pub fn new(table: Option<TableLocation>, engine: EngineKind, log: GpaLog, sync_regs: bool) -> Tracker {
         Tracker {
-            sync_regs,
             table,
             engine,
             walker: Walker::new(PagingMode::Level4),
             cleared: HashMap::new(),
             clear_counts: HashMap::new(),
-            trap: None,
-            stepping: false,
+            trap: engine.traps_ptes().then(|| PteTrap { sync_regs, ..PteTrap::default() }),
+            procs: None,
             log,
             stats: Stats::default(),
         }
@@ -155,9 +163,31 @@ impl Tracker {
         self.engine
     }
 
-    pub fn snapshot(&self, mem: &GuestMem) -> Result<Snapshot, Error> {
-        let table = self.table.ok_or(guest_os::Error::NoSymbol(guest_abi::PROCESS_TABLE_SYMBOL))?;
-        Ok(table.read(mem)?)
+    fn table(&self) -> Result<TableLocation, Error> {
+        Ok(self.table.ok_or(guest_os::Error::NoSymbol(guest_abi::PROCESS_TABLE_SYMBOL))?)
+    }
+
+    /// Reads and checks the guest's process table.
+    pub fn snapshot(&self, ram: &impl Ram) -> Result<Snapshot, Error> {
+        let table = self.table()?;
+        let raw = ram.read_bytes(table.phys, size_of::<ProcessTable>()).ok_or(guest_os::Error::Unreadable { addr: table.phys })?;
+        Ok(guest_os::parse(&raw, ram.size())?)
+    }
+
+    /// The process table, parsed again only if its sequence number moved since the last
+    /// parse (the kernel bumps it around every change). A guest that edits the table
+    /// without bumping it only misleads the trap about its own mappings: the trap still
+    /// never grants a write that the guest's own PTE forbids.
+    fn cached_snapshot(&mut self, ram: &impl Ram) -> Result<&Snapshot, Error> {
+        let table = self.table()?;
+        let seq_addr = table.phys + offset_of!(ProcessTable, seq) as u64;
+        let seq = ram.read_u64(GuestPhysAddr(seq_addr)).map_err(|_| guest_os::Error::Unreadable { addr: seq_addr })?;
+        if self.procs.as_ref().is_none_or(|(s, _)| *s != seq) {
+            // parse() refuses an odd (changing) sequence number.
+            self.procs = Some((seq, self.snapshot(ram)?));
+            self.stats.trap_table_reads += 1;
+        }
+        Ok(&self.procs.as_ref().expect("just filled").1)
     }
 
     fn live(snap: &Snapshot, pid: u32) -> Result<&Process, Error> {
@@ -178,10 +208,10 @@ impl Tracker {
 
     /// Calls `visit` on every present user leaf of `p` over `[start, start + pages*4096)`,
     /// in address order, reading no more tables than `budget` has left.
-    fn walk(&self, mem: &GuestMem, p: &Process, start: u64, pages: u64, budget: &mut TableBudget,
+    fn walk(&self, ram: &impl Ram, p: &Process, start: u64, pages: u64, budget: &mut TableBudget,
         mut visit: impl FnMut(&Leaf)) -> Result<(), Error> {
         self.walker
-            .walk_range_within(&Phys(mem), GuestPhysAddr(p.cr3), GuestVirtAddr(start), pages, budget, &mut |item| {
+            .walk_range_within(&AsPhys(ram), GuestPhysAddr(p.cr3), GuestVirtAddr(start), pages, budget, &mut |item| {
                 if let Ok(leaf) = item {
                     visit(&leaf);
                 }
@@ -190,28 +220,37 @@ impl Tracker {
             .map_err(|e| Error::Walk { pid: p.pid, detail: e.to_string() })
     }
 
-    fn write_entry(mem: &GuestMem, leaf: &Leaf, value: u64) -> Result<(), Error> {
-        Phys(mem).write_u64(leaf.entry_addr, value).map_err(|_| Error::Write(leaf.entry_addr.0))
+    fn write_entry(ram: &impl Ram, leaf: &Leaf, value: u64) -> Result<(), Error> {
+        ram.write_u64(leaf.entry_addr, value).map_err(|_| Error::Write(leaf.entry_addr.0))
     }
 
-    /// `echo VALUE > /proc/PID/clear_refs`. Returns the number of leaf entries changed.
-    pub fn clear_refs(&mut self, mem: &GuestMem, vm: &VmFd, vcpu: &VcpuFd, pid: u32, value: ClearRefs) -> Result<u64, Error> {
-        let snap = self.snapshot(mem)?;
+    /// `echo VALUE > /proc/PID/clear_refs`. Returns the number of leaf entries changed
+    /// (for the guest-physical engines' soft-dirty clear: the leaves whose frames were
+    /// re-protected). Puts the PTE trap on before returning when the clear needs it.
+    pub fn clear_refs(&mut self, mem: &GuestMem, vcpu: &VcpuFd, pid: u32, value: ClearRefs) -> Result<u64, Error> {
+        let changed = self.clear_refs_in(mem, pid, value)?;
+        self.arm_if_wanted(mem, vcpu)?;
+        Ok(changed)
+    }
+
+    /// [`Self::clear_refs`] on any RAM, without touching the vCPU: the trap, if the
+    /// clear wants it, is put on by the next [`Self::arm_if_wanted`].
+    pub fn clear_refs_in(&mut self, ram: &impl Ram, pid: u32, value: ClearRefs) -> Result<u64, Error> {
+        let snap = self.snapshot(ram)?;
         let p = Self::live(&snap, pid)?;
         match value {
             ClearRefs::AccessedFile => Ok(0), // our guest has no file-backed memory
             ClearRefs::PeakRss => {
-                let table = self.table.ok_or(guest_os::Error::NoSymbol(guest_abi::PROCESS_TABLE_SYMBOL))?;
-                let addr = table.peak_rss_addr(p.slot);
-                Phys(mem).write_u64(GuestPhysAddr(addr), p.rss_pages).map_err(|_| Error::Write(addr))?;
+                let addr = self.table()?.peak_rss_addr(p.slot);
+                ram.write_u64(GuestPhysAddr(addr), p.rss_pages).map_err(|_| Error::Write(addr))?;
                 Ok(0)
             }
             ClearRefs::Accessed | ClearRefs::AccessedAnon => {
                 let mut zap = FrameSet::new(self.log.pages());
                 let (mut changed, mut failed) = (0, None);
-                let walked = self.walk(mem, p, 0, USER_TOP / 4096, &mut self.budget(), |leaf| {
+                let walked = self.walk(ram, p, 0, USER_TOP / 4096, &mut self.budget(), |leaf| {
                     if leaf.entry.contains(PteFlags::ACCESSED) {
-                        match Self::write_entry(mem, leaf, leaf.entry.without(PteFlags::ACCESSED).0) {
+                        match Self::write_entry(ram, leaf, leaf.entry.without(PteFlags::ACCESSED).0) {
                             Ok(()) => changed += 1,
                             Err(e) => _ = failed.get_or_insert(e),
                         }
@@ -219,25 +258,25 @@ impl Tracker {
                     }
                 });
                 // Zap what was edited even if the walk stopped early: KVM must re-read those.
-                dirty_log::zap(mem, &zap)?;
+                ram.zap(&zap)?;
                 walked?;
                 failed.map_or(Ok(changed), Err)
             }
             ClearRefs::SoftDirty => {
-                self.log.harvest(vm, mem)?;
-                let pte_engine = self.engine == EngineKind::Pte;
+                self.log.harvest(ram)?;
+                let traps_ptes = self.trap.is_some();
                 // Every present frame, also for the pte engine: so that KVM re-reads the
                 // edited PTEs, and a later write through a PTE the guest makes writable
                 // again still shows in the log.
                 let mut protect = FrameSet::new(self.log.pages());
                 let (mut changed, mut leaves, mut failed) = (0, 0, None);
-                let walked = self.walk(mem, p, 0, USER_TOP / 4096, &mut self.budget(), |leaf| {
+                let walked = self.walk(ram, p, 0, USER_TOP / 4096, &mut self.budget(), |leaf| {
                     leaves += 1;
                     protect.insert_leaf(frames(leaf));
-                    if pte_engine {
+                    if traps_ptes {
                         let new = softdirty::clear(leaf.entry);
                         if new != leaf.entry {
-                            match Self::write_entry(mem, leaf, new.0) {
+                            match Self::write_entry(ram, leaf, new.0) {
                                 Ok(()) => changed += 1,
                                 Err(e) => _ = failed.get_or_insert(e),
                             }
@@ -245,7 +284,7 @@ impl Tracker {
                     }
                 });
                 // Even after a failed walk, KVM must re-read the entries already edited.
-                self.log.clear(vm, &protect)?;
+                self.log.clear(&protect)?;
                 walked?;
                 if let Some(e) = failed {
                     return Err(e);
@@ -254,37 +293,41 @@ impl Tracker {
                 *self.clear_counts.entry(pid).or_default() += 1;
                 self.stats.clears += 1;
                 self.stats.pages_write_protected += changed;
-                if pte_engine {
-                    self.arm(mem, vcpu)?;
+                self.procs = None;
+                if let Some(trap) = &mut self.trap {
+                    trap.wanted = true;
                 }
-                Ok(if pte_engine { changed } else { leaves })
+                Ok(if traps_ptes { changed } else { leaves })
             }
         }
     }
 
-    fn arm(&mut self, mem: &GuestMem, vcpu: &VcpuFd) -> Result<(), Error> {
-        if self.trap.is_none() {
+    /// Puts the breakpoint on the guest's #PF handler if a clear wants it and it is not
+    /// there yet.
+    pub fn arm_if_wanted(&mut self, mem: &GuestMem, vcpu: &VcpuFd) -> Result<(), Error> {
+        let Some(trap) = &mut self.trap else { return Ok(()) };
+        if trap.wanted && trap.handler.is_none() {
             let sregs = vcpu.get_sregs().map_err(|source| pf_trap::Error::Kvm { op: "GET_SREGS", source })?;
             let handler = pf_trap::find_handler(mem, &self.walker, &sregs)?;
             pf_trap::arm(vcpu, handler)?;
-            self.trap = Some(handler);
+            trap.handler = Some(handler);
         }
         Ok(())
     }
 
     /// Which frames live processes map more than once (for "exclusive").
-    fn frame_counts(&self, mem: &GuestMem, snap: &Snapshot, budget: &mut TableBudget) -> Result<FrameCounts, Error> {
+    fn frame_counts(&self, ram: &impl Ram, snap: &Snapshot, budget: &mut TableBudget) -> Result<FrameCounts, Error> {
         let mut counts = FrameCounts::new(self.log.pages());
         for p in snap.processes.iter().filter(|p| p.is_live()) {
-            self.walk(mem, p, 0, USER_TOP / 4096, budget, |leaf| counts.add(leaf.frame().pfn()))?;
+            self.walk(ram, p, 0, USER_TOP / 4096, budget, |leaf| counts.add(leaf.frame().pfn()))?;
         }
         Ok(counts)
     }
 
     /// Reads `/proc/PID/pagemap` for `pages` pages from `start`; `None` = every page of
     /// every mapping of the process.
-    pub fn pagemap(&mut self, mem: &GuestMem, vm: &VmFd, pid: u32, range: Option<(u64, u64)>) -> Result<Vec<PageInfo>, Error> {
-        let snap = self.snapshot(mem)?;
+    pub fn pagemap(&mut self, ram: &impl Ram, pid: u32, range: Option<(u64, u64)>) -> Result<Vec<PageInfo>, Error> {
+        let snap = self.snapshot(ram)?;
         let p = Self::live(&snap, pid)?;
         let ranges: Vec<(u64, u64)> = match range {
             Some((start, pages)) => {
@@ -297,16 +340,22 @@ impl Tracker {
         if total > MAX_PAGEMAP_PAGES {
             return Err(Error::BadRange(format!("{total} pages exceed the limit of {MAX_PAGEMAP_PAGES} per request")));
         }
-        self.log.harvest(vm, mem)?;
-        let counts = self.frame_counts(mem, &snap, &mut self.budget())?;
-        let page = PageCtx { tracker: self, zero_frame: snap.zero_frame, huge_zero_frame: snap.huge_zero_frame, counts: &counts };
+        self.log.harvest(ram)?;
+        let counts = self.frame_counts(ram, &snap, &mut self.budget())?;
+        let page = PageCtx {
+            log: &self.log,
+            traps_ptes: self.trap.is_some(),
+            zero_frame: snap.zero_frame,
+            huge_zero_frame: snap.huge_zero_frame,
+            counts: &counts,
+        };
         let mut out = Vec::with_capacity(total as usize);
         // Only the leaves of the requested pages: at most one per page, whatever the
         // rest of the address space holds.
         let mut budget = self.budget();
         for (start, pages) in ranges {
             let mut leaves = Vec::new();
-            self.walk(mem, p, start, pages, &mut budget, |leaf| leaves.push(*leaf))?;
+            self.walk(ram, p, start, pages, &mut budget, |leaf| leaves.push(*leaf))?;
             let end = start + pages * 4096;
             let mut li = leaves.partition_point(|l| l.va.0 + l.size.bytes() <= start);
             let mut va = start;
@@ -363,7 +412,7 @@ impl Tracker {
         serde_json::to_vec(&serde_json::json!({
             "cleared": self.cleared.iter().map(|(pid, m)| (pid.to_string(), m.clone())).collect::<std::collections::BTreeMap<_, _>>(),
             "accumulated": self.log.accumulated(),
-            "trap": self.trap,
+            "trap": self.trap.as_ref().and_then(|t| t.handler),
         }))
         .expect("tracker state serializes")
     }
@@ -381,29 +430,30 @@ impl Tracker {
             return Err("tracker state: log size does not match the guest".into());
         }
         self.cleared = st.cleared.into_iter().collect();
-        if st.trap.is_some() {
-            self.trap = None;
-            self.arm(mem, vcpu).map_err(|e| e.to_string())?;
+        if let (Some(_), Some(trap)) = (st.trap, &mut self.trap) {
+            trap.handler = None;
+            trap.wanted = true;
+            self.arm_if_wanted(mem, vcpu).map_err(|e| e.to_string())?;
         }
         Ok(())
     }
 
     /// Starts a dirty-rate window.
-    pub fn window_start(&mut self, mem: &GuestMem, vm: &VmFd) -> Result<(), Error> {
-        Ok(self.log.window_start(vm, mem)?)
+    pub fn window_start(&mut self, ram: &impl Ram) -> Result<(), Error> {
+        Ok(self.log.window_start(ram)?)
     }
 
     /// Pages written in the window: the whole VM, and per live process (frames of its
     /// present pages written in the window; a 2 MiB page counts its written 4 KiB frames).
-    pub fn window_report(&mut self, mem: &GuestMem, vm: &VmFd) -> Result<(u64, Vec<(u32, String, u64)>), Error> {
-        self.log.harvest(vm, mem)?;
+    pub fn window_report(&mut self, ram: &impl Ram) -> Result<WindowReport, Error> {
+        self.log.harvest(ram)?;
         let total = self.log.window_count();
         let mut per = Vec::new();
-        if let Ok(snap) = self.snapshot(mem) {
+        if let Ok(snap) = self.snapshot(ram) {
             let mut budget = self.budget();
             for p in snap.processes.iter().filter(|p| p.is_live()) {
                 let mut mapped = FrameSet::new(self.log.pages());
-                self.walk(mem, p, 0, USER_TOP / 4096, &mut budget, |leaf| mapped.insert_leaf(frames(leaf)))?;
+                self.walk(ram, p, 0, USER_TOP / 4096, &mut budget, |leaf| mapped.insert_leaf(frames(leaf)))?;
                 per.push((p.pid, p.name.clone(), mapped.count_in(self.log.window_words())));
             }
         }
@@ -412,10 +462,12 @@ impl Tracker {
 
     /// Handles a debug exit. Returns what it was.
     pub fn on_debug_exit(&mut self, mem: &GuestMem, vcpu: &mut VcpuFd, pc: u64) -> Result<TrapOutcome, Error> {
-        let Some(handler) = self.trap else { return Ok(TrapOutcome::NotOurs) };
-        if self.stepping {
+        let Some(trap) = &mut self.trap else { return Ok(TrapOutcome::NotOurs) };
+        let Some(handler) = trap.handler else { return Ok(TrapOutcome::NotOurs) };
+        let sync_regs = trap.sync_regs;
+        if trap.stepping {
             // The guest's handler is past its first instruction: breakpoint back on.
-            self.stepping = false;
+            trap.stepping = false;
             pf_trap::arm(vcpu, handler)?;
             return Ok(TrapOutcome::Passed);
         }
@@ -423,36 +475,50 @@ impl Tracker {
             return Ok(TrapOutcome::NotOurs);
         }
         let t0 = std::time::Instant::now();
-        let stopped = pf_trap::stopped(vcpu, mem, &self.walker, self.sync_regs)?;
+        let stopped = pf_trap::stopped(vcpu, mem, &self.walker, sync_regs)?;
         let t1 = std::time::Instant::now();
         self.stats.trap_read_ns += (t1 - t0).as_nanos() as u64;
         let f = stopped.fault;
-        if f.is_user_write_protection() && f.addr < USER_TOP {
-            if let Some(leaf) = self.leaf_at(mem, f.cr3, f.addr) {
-                if softdirty::is_hypervisor_protected(leaf.entry) {
-                    if self.guest_allows_write(mem, f.cr3, f.addr, &leaf) {
-                        Self::write_entry(mem, &leaf, softdirty::restore_after_write(leaf.entry).0)?;
-                        let t2 = std::time::Instant::now();
-                        self.stats.trap_decide_ns += (t2 - t1).as_nanos() as u64;
-                        pf_trap::return_to_user(vcpu, stopped, self.sync_regs)?;
-                        self.stats.trap_resume_ns += t2.elapsed().as_nanos() as u64;
-                        self.stats.faults_caught += 1;
-                        return Ok(TrapOutcome::Caught);
-                    }
-                    // The guest will decide (kill, copy-on-write, ...); the write may
-                    // happen, so count it as one.
-                    Self::write_entry(mem, &leaf, softdirty::mark_written(leaf.entry).0)?;
-                }
-            }
+        if self.on_fault(mem, f.cr3, f.addr, f.is_user_write_protection())? {
+            let t2 = std::time::Instant::now();
+            self.stats.trap_decide_ns += (t2 - t1).as_nanos() as u64;
+            pf_trap::return_to_user(vcpu, stopped, sync_regs)?;
+            self.stats.trap_resume_ns += t2.elapsed().as_nanos() as u64;
+            self.stats.faults_caught += 1;
+            return Ok(TrapOutcome::Caught);
         }
         pf_trap::step_over_handler_entry(vcpu)?;
-        self.stepping = true;
+        if let Some(trap) = &mut self.trap {
+            trap.stepping = true;
+        }
         self.stats.faults_passed += 1;
         Ok(TrapOutcome::Passed)
     }
 
-    fn leaf_at(&self, mem: &GuestMem, cr3: u64, va: u64) -> Option<Leaf> {
-        match self.walker.translate(&Phys(mem), GuestPhysAddr(cr3 & !0xfff), GuestVirtAddr(va)) {
+    /// The trap's decision for a page fault at `addr` in the address space `cr3`, on any
+    /// RAM. A user write to a page the VMM write-protected, through a mapping the guest
+    /// itself allows writing, gets W back and is recorded: returns true, and the guest
+    /// must not see the fault. Otherwise the guest handles it (false); if it was a write
+    /// to a page the VMM protected, it is recorded anyway, since the guest may let it
+    /// happen (copy-on-write).
+    pub fn on_fault(&mut self, ram: &impl Ram, cr3: u64, addr: u64, user_write_protection: bool) -> Result<bool, Error> {
+        if !user_write_protection || addr >= USER_TOP {
+            return Ok(false);
+        }
+        let Some(leaf) = self.leaf_at(ram, cr3, addr) else { return Ok(false) };
+        if !softdirty::is_hypervisor_protected(leaf.entry) {
+            return Ok(false);
+        }
+        if self.guest_allows_write(ram, cr3, addr, &leaf) {
+            Self::write_entry(ram, &leaf, softdirty::restore_after_write(leaf.entry).0)?;
+            return Ok(true);
+        }
+        Self::write_entry(ram, &leaf, softdirty::mark_written(leaf.entry).0)?;
+        Ok(false)
+    }
+
+    fn leaf_at(&self, ram: &impl Ram, cr3: u64, va: u64) -> Option<Leaf> {
+        match self.walker.translate(&AsPhys(ram), GuestPhysAddr(cr3 & !0xfff), GuestVirtAddr(va)) {
             Ok(Translation::Mapped { leaf, .. }) => Some(leaf),
             _ => None,
         }
@@ -460,8 +526,8 @@ impl Tracker {
 
     /// The guest's own view: the mapping is writable and the page is not the shared
     /// zero frame (a write there is the guest's copy-on-write to handle).
-    fn guest_allows_write(&self, mem: &GuestMem, cr3: u64, va: u64, leaf: &Leaf) -> bool {
-        let Ok(snap) = self.snapshot(mem) else { return false };
+    fn guest_allows_write(&mut self, ram: &impl Ram, cr3: u64, va: u64, leaf: &Leaf) -> bool {
+        let Ok(snap) = self.cached_snapshot(ram) else { return false };
         let Some(p) = snap.by_cr3(cr3) else { return false };
         let writable = p.mapping_at(va).is_some_and(|m| !m.read_only);
         let zero = leaf.frame().0 == snap.zero_frame || (snap.huge_zero_frame != 0 && leaf.frame().0 == snap.huge_zero_frame);
@@ -469,126 +535,10 @@ impl Tracker {
     }
 }
 
-/// What one page's pagemap entry needs besides its leaf.
-struct PageCtx<'a> {
-    tracker: &'a Tracker,
-    zero_frame: u64,
-    huge_zero_frame: u64,
-    counts: &'a FrameCounts,
-}
-
-impl PageCtx<'_> {
-    /// The guest's shared zero page or huge zero page: never written, never exclusive.
-    fn is_zero(&self, leaf: &Leaf) -> bool {
-        let f = leaf.frame().0;
-        f == self.zero_frame || (self.huge_zero_frame != 0 && f == self.huge_zero_frame)
-    }
-
-    /// Written since the last clear: the PTE says so, or it is writable (the guest gave
-    /// W back itself, or the page appeared since) and the dirty log saw its frames written.
-    fn written(&self, leaf: &Leaf) -> bool {
-        let LeafFrames { pfn: pfn0, count } = frames(leaf);
-        if self.tracker.engine.is_guest_physical() {
-            // Guest-physical: the frame was written since the clear. The zero frame is
-            // never written (the guest maps it read-only everywhere).
-            return !self.is_zero(leaf) && self.tracker.log.any_dirty(pfn0, count);
-        }
-        // The backstop (the guest made the PTE writable itself, or the page appeared
-        // since the clear): the frame was written since the clear, through this entry
-        // (the CPU sets DIRTY on the first write; an entry never written through has it
-        // clear). Not conditioned on WRITABLE: the guest may have made the page
-        // read-only since, and mprotect must not lose soft-dirty (the Linux oracle
-        // caught exactly that).
-        softdirty::is_soft_dirty(leaf.entry)
-            || (leaf.entry.contains(PteFlags::DIRTY) && self.tracker.log.any_dirty(pfn0, count))
-    }
-
-    fn info(&self, va: u64, leaf: Option<&Leaf>, written: bool, vma_new: bool) -> PageInfo {
-        let Some(leaf) = leaf else {
-            // Linux: a hole in a VMA reads soft-dirty when the VMA is.
-            return PageInfo { addr: va, entry: PagemapEntry::none().with_soft_dirty(vma_new), huge: false, accessed: false };
-        };
-        let pfn0 = leaf.frame().pfn();
-        let pfn = pfn0 + (va - leaf.va.0) / 4096;
-        let exclusive = !self.is_zero(leaf) && self.counts.once(pfn0);
-        PageInfo {
-            addr: va,
-            entry: PagemapEntry::present(pfn).with_soft_dirty(written || vma_new).with_exclusive(exclusive),
-            huge: leaf.size != PageSize::Size4K,
-            accessed: leaf.entry.contains(PteFlags::ACCESSED),
-        }
-    }
-}
-
-/// Two bitmaps over guest frames: mapped at least once, mapped more than once.
-struct FrameCounts {
-    once: Vec<u64>,
-    more: Vec<u64>,
-}
-
-impl FrameCounts {
-    fn new(pages: u64) -> Self {
-        let words = pages.div_ceil(64) as usize;
-        FrameCounts { once: vec![0; words], more: vec![0; words] }
-    }
-
-    fn add(&mut self, pfn: u64) {
-        let (w, b) = ((pfn / 64) as usize, 1u64 << (pfn % 64));
-        if w < self.once.len() {
-            if self.once[w] & b != 0 {
-                self.more[w] |= b;
-            }
-            self.once[w] |= b;
-        }
-    }
-
-    fn once(&self, pfn: u64) -> bool {
-        let (w, b) = ((pfn / 64) as usize, 1u64 << (pfn % 64));
-        w < self.once.len() && self.once[w] & b != 0 && self.more[w] & b == 0
-    }
-}
-
 /// A pagemap range: page-aligned, non-empty, bounded, inside the user half.
 pub fn check_range(start: u64, pages: u64) -> Result<(), Error> {
-    if !start.is_multiple_of(4096) {
-        return Err(Error::BadRange(format!("start {start:#x} is not page-aligned")));
-    }
-    if pages == 0 {
-        return Err(Error::BadRange("page count is 0".into()));
-    }
-    if pages > MAX_PAGEMAP_PAGES {
-        return Err(Error::BadRange(format!("{pages} pages exceed the limit of {MAX_PAGEMAP_PAGES} per request")));
-    }
-    let end = pages.checked_mul(4096).and_then(|l| l.checked_add(start));
-    if end.is_none_or(|e| e > USER_TOP) {
-        return Err(Error::BadRange(format!("{start:#x} + {pages} pages reaches outside the user half (below {USER_TOP:#x})")));
-    }
-    Ok(())
+    super::pagemap::check_range(start, pages).map_err(Error::BadRange)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn clear_refs_values_follow_linux() {
-        for (v, c) in [(1, ClearRefs::Accessed), (2, ClearRefs::AccessedAnon), (3, ClearRefs::AccessedFile),
-            (4, ClearRefs::SoftDirty), (5, ClearRefs::PeakRss)] {
-            assert_eq!(ClearRefs::try_from(v).unwrap(), c);
-        }
-        for v in [0, 6, 42, u64::MAX] {
-            assert!(matches!(ClearRefs::try_from(v), Err(Error::BadValue(_))));
-        }
-    }
-
-    #[test]
-    fn ranges_are_checked() {
-        assert!(check_range(0x400000, 1).is_ok());
-        assert!(check_range(0x400001, 1).is_err());
-        assert!(check_range(0x400000, 0).is_err());
-        assert!(check_range(0x7fff_ffff_f000, 2).is_err());
-        assert!(check_range(0xffff_8000_0000_0000, 1).is_err());
-        assert!(check_range(0, MAX_PAGEMAP_PAGES + 1).is_err());
-        assert!(check_range(0x1000, u64::MAX).is_err());
-    }
-}
+mod tests;

@@ -157,10 +157,10 @@ impl<H: SyncHook> Runner<H> {
                     PortEvent::Nothing
                 }
                 Ok(VcpuExit::MmioWrite(..)) => PortEvent::Nothing,
-                Ok(VcpuExit::Unsupported(crate::tracking::dirty_ring::KVM_EXIT_DIRTY_RING_FULL)) => {
+                Ok(VcpuExit::Unsupported(crate::tracking::source::kvm_ring::KVM_EXIT_DIRTY_RING_FULL)) => {
                     self.ctx.exits.ring_full += 1;
                     let ctx = &mut self.ctx;
-                    ctx.tracker.log.harvest_ring_full(&ctx.vm, &ctx.mem).map_err(softdirty::Error::from)?;
+                    ctx.tracker.log.harvest_ring_full(&ctx.mem).map_err(softdirty::Error::from)?;
                     PortEvent::Nothing
                 }
                 Ok(VcpuExit::Hlt) => return Ok(self.crashed("guest halted without reporting an exit status")),

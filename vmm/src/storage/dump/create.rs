@@ -69,7 +69,7 @@ pub fn create(ctx: &mut VcpuContext, pid: u32, out: &Path, prev: Option<&Path>, 
     let mut dumps = std::mem::take(&mut ctx.dumps);
     let result = write(ctx, &dumps, pid, out, prev, progress);
     let result = result.and_then(|(report, path)| {
-        ctx.tracker.clear_refs(&ctx.mem, &ctx.vm, &ctx.vcpu, pid, ClearRefs::SoftDirty).map_err(|e| Error::Guest {
+        ctx.tracker.clear_refs(&ctx.mem, &ctx.vcpu, pid, ClearRefs::SoftDirty).map_err(|e| Error::Guest {
             pid,
             why: format!("dump {} was written, but clearing soft-dirty failed ({e}); the next dump must be a full one", report.id),
         })?;
@@ -100,7 +100,7 @@ fn write(
         held.get(i).is_some_and(|&(s, _)| s <= va)
     };
     let snap = ctx.tracker.snapshot(&ctx.mem)?;
-    let mut pages: Vec<PageInfo> = ctx.tracker.pagemap(&ctx.mem, &ctx.vm, pid, None)?;
+    let mut pages: Vec<PageInfo> = ctx.tracker.pagemap(&ctx.mem, pid, None)?;
     pages.sort_unstable_by_key(|p| p.addr);
     let proc = snap.by_pid(pid).ok_or(crate::tracking::softdirty::Error::UnknownPid(pid))?;
     let mut mappings: Vec<MappingRecord> = proc

@@ -63,7 +63,7 @@ pub fn create(ctx: &mut VcpuContext, out: &Path, diff: bool, progress: &Progress
     sections.insert("serial".into(), ctx.device_state.clone());
     mark(&mut phases.state_ns);
     let log = &mut ctx.tracker.log;
-    log.harvest(&ctx.vm, &ctx.mem)?;
+    log.harvest(&ctx.mem)?;
     let frames: Vec<u64> = (0..mem_bytes / PAGE).filter(|&pfn| !diff || log.in_snapshot(pfn)).collect();
     progress.start(frames.len() as u64 * PAGE);
     mark(&mut phases.select_ns);
@@ -129,7 +129,7 @@ pub fn create(ctx: &mut VcpuContext, out: &Path, diff: bool, progress: &Progress
     mark(&mut phases.sync_ns);
 
     // Only now is the dirty information consumed.
-    ctx.tracker.log.snapshot_start(&ctx.vm)?;
+    ctx.tracker.log.snapshot_start()?;
     mark(&mut phases.rearm_ns);
     let abs = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
     ctx.last_snapshot = Some(Last { path: abs, id: id.clone() });

@@ -7,6 +7,8 @@
 //! The system's headers predate these interfaces, so the structs and constants are
 //! defined here (from include/uapi/linux/fs.h and userfaultfd.h).
 
+use super::{Cause, DirtySource, Harvested};
+use crate::tracking::frame_set::FrameSet;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use vmm_sys_util::ioctl_iowr_nr;
@@ -90,6 +92,8 @@ pub enum Error {
     Unsupported(u64),
     #[error("PAGEMAP_SCAN on /proc/self/pagemap failed: {0}")]
     Scan(std::io::Error),
+    #[error("PAGEMAP_SCAN reported written pages from frame {pfn:#x} on, outside guest RAM")]
+    Outside { pfn: u64 },
 }
 
 fn last(op: &'static str) -> Error {
@@ -190,6 +194,47 @@ impl AsyncWp {
 
     pub fn fd(&self) -> i32 {
         self.uffd.as_raw_fd()
+    }
+}
+
+/// Guest RAM (mapped at `host_base` in the VMM) tracked by async write-protect: each
+/// harvest reads and re-protects in one walk, so no write slips between the two.
+pub struct UffdSource {
+    wp: AsyncWp,
+    host_base: u64,
+    pages: u64,
+}
+
+impl UffdSource {
+    /// Registers and write-protects the `ram_pages` frames of guest RAM mapped at
+    /// `host_base`.
+    pub fn new(host_base: u64, ram_pages: u64) -> Result<UffdSource, Error> {
+        let mut wp = AsyncWp::register(host_base, ram_pages * 4096)?;
+        wp.protect()?;
+        Ok(UffdSource { wp, host_base, pages: ram_pages })
+    }
+}
+
+impl DirtySource for UffdSource {
+    fn name(&self) -> &'static str {
+        "uffd"
+    }
+
+    fn harvest(&mut self, _cause: Cause, into: &mut FrameSet) -> Result<Harvested, super::Error> {
+        let before = self.wp.ioctls;
+        let (base, pages) = (self.host_base, self.pages);
+        let mut outside = None;
+        self.wp.scan(true, |addr, count| {
+            let pfn = (addr - base) / 4096;
+            if pfn + count > pages {
+                outside.get_or_insert(pfn);
+            }
+            into.insert_range(pfn, count);
+        })?;
+        if let Some(pfn) = outside {
+            return Err(Error::Outside { pfn }.into());
+        }
+        Ok(Harvested { ioctls: self.wp.ioctls - before, overflowed: false })
     }
 }
 

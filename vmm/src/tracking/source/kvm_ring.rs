@@ -13,6 +13,8 @@
 //! The ring must be enabled on the VM before any vCPU exists; with it, KVM_GET_DIRTY_LOG
 //! is unavailable, so the pte engine (which needs KVM_CLEAR_DIRTY_LOG) cannot use it.
 
+use super::{Cause, DirtySource, Harvested};
+use crate::tracking::frame_set::FrameSet;
 use kvm_bindings::{kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_DIRTY_LOG_PAGE_OFFSET};
 use kvm_ioctls::{VcpuFd, VmFd};
 use std::fs::File;
@@ -155,11 +157,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The ring and its background harvester.
 pub struct DirtyRing {
     shared: Arc<Shared>,
+    /// Frames of guest RAM: an entry past them is a broken ring.
+    pages: u64,
     thread: Option<JoinHandle<()>>,
 }
 
 impl DirtyRing {
-    pub fn map(vm: &VmFd, vcpu: &VcpuFd) -> Result<DirtyRing, Error> {
+    pub fn map(vm: &VmFd, vcpu: &VcpuFd, ram_pages: u64) -> Result<DirtyRing, Error> {
         let len = ENTRIES as usize * std::mem::size_of::<DirtyGfn>();
         // SAFETY: maps the vCPU fd's dirty-ring pages, which KVM provides at this offset
         // once the capability is enabled; unmapped when the Ring drops.
@@ -208,7 +212,7 @@ impl DirtyRing {
                 }
             })
             .map_err(Error::Thread)?;
-        Ok(DirtyRing { shared, thread: Some(thread) })
+        Ok(DirtyRing { shared, pages: ram_pages, thread: Some(thread) })
     }
 
     /// Harvests now (from the vCPU thread) and takes what the background thread found.
@@ -228,6 +232,27 @@ impl DirtyRing {
             return Err(Error::Desynchronized);
         }
         Ok(if overflow { Harvest::MaybeOverflowed(frames) } else { Harvest::Frames(frames) })
+    }
+}
+
+impl DirtySource for DirtyRing {
+    fn name(&self) -> &'static str {
+        "kvm-ring"
+    }
+
+    fn harvest(&mut self, cause: Cause, into: &mut FrameSet) -> Result<Harvested, super::Error> {
+        let (frames, overflowed) = match DirtyRing::harvest(self, cause == Cause::RingFull)? {
+            Harvest::Frames(f) => (f, false),
+            Harvest::MaybeOverflowed(f) => (f, true),
+        };
+        for &offset in &frames {
+            if offset >= self.pages {
+                return Err(Error::BadEntry { slot: 0, offset }.into());
+            }
+            into.insert_range(offset, 1);
+        }
+        // The ring itself is read without system calls; a reset follows a non-empty one.
+        Ok(Harvested { ioctls: u64::from(!frames.is_empty()), overflowed })
     }
 }
 

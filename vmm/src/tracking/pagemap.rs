@@ -1,0 +1,154 @@
+//! The pagemap rules: what one page's `/proc/PID/pagemap` entry says, given its leaf (or
+//! none), the dirty log, the frames every live process maps, and whether its mapping is
+//! new since the pid's last clear. Linux's behaviour, including the cases the Linux
+//! oracle found: a hole in a soft-dirty VMA reads soft-dirty; `mprotect` after a write
+//! keeps soft-dirty; the (huge) zero page is never written and never exclusive.
+
+use super::dirty_log::GpaLog;
+use super::frame_set::LeafFrames;
+use mmu::{softdirty, Leaf, PageSize, PagemapEntry, PteFlags};
+
+/// Largest pagemap request, in pages (4 GiB of address space).
+pub const MAX_PAGEMAP_PAGES: u64 = 1 << 20;
+const USER_TOP: u64 = workload::USER_TOP;
+
+/// One page of a pagemap answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageInfo {
+    pub addr: u64,
+    pub entry: PagemapEntry,
+    pub huge: bool,
+    pub accessed: bool,
+}
+
+/// Frames of a leaf as the guest claims them (first pfn, count): they may lie past the
+/// end of RAM. Host-side uses go through a [`super::frame_set::FrameSet`], which keeps
+/// only RAM frames.
+pub fn frames(leaf: &Leaf) -> LeafFrames {
+    LeafFrames { pfn: leaf.frame().pfn(), count: leaf.size.bytes() / 4096 }
+}
+
+/// What one page's pagemap entry needs besides its leaf.
+pub struct PageCtx<'a> {
+    pub log: &'a GpaLog,
+    /// The engine traps PTE writes (pte): the PTE's own soft-dirty bit is the answer,
+    /// with the log as backstop. Otherwise the log alone is.
+    pub traps_ptes: bool,
+    pub zero_frame: u64,
+    pub huge_zero_frame: u64,
+    pub counts: &'a FrameCounts,
+}
+
+impl PageCtx<'_> {
+    /// The guest's shared zero page or huge zero page: never written, never exclusive.
+    pub fn is_zero(&self, leaf: &Leaf) -> bool {
+        let f = leaf.frame().0;
+        f == self.zero_frame || (self.huge_zero_frame != 0 && f == self.huge_zero_frame)
+    }
+
+    /// Written since the last clear: the PTE says so, or it is writable (the guest gave
+    /// W back itself, or the page appeared since) and the dirty log saw its frames written.
+    pub fn written(&self, leaf: &Leaf) -> bool {
+        let LeafFrames { pfn: pfn0, count } = frames(leaf);
+        if !self.traps_ptes {
+            // Guest-physical: the frame was written since the clear. The zero frame is
+            // never written (the guest maps it read-only everywhere).
+            return !self.is_zero(leaf) && self.log.any_dirty(pfn0, count);
+        }
+        // The backstop (the guest made the PTE writable itself, or the page appeared
+        // since the clear): the frame was written since the clear, through this entry
+        // (the CPU sets DIRTY on the first write; an entry never written through has it
+        // clear). Not conditioned on WRITABLE: the guest may have made the page
+        // read-only since, and mprotect must not lose soft-dirty (the Linux oracle
+        // caught exactly that).
+        softdirty::is_soft_dirty(leaf.entry) || (leaf.entry.contains(PteFlags::DIRTY) && self.log.any_dirty(pfn0, count))
+    }
+
+    pub fn info(&self, va: u64, leaf: Option<&Leaf>, written: bool, vma_new: bool) -> PageInfo {
+        let Some(leaf) = leaf else {
+            // Linux: a hole in a VMA reads soft-dirty when the VMA is.
+            return PageInfo { addr: va, entry: PagemapEntry::none().with_soft_dirty(vma_new), huge: false, accessed: false };
+        };
+        let pfn0 = leaf.frame().pfn();
+        let pfn = pfn0 + (va - leaf.va.0) / 4096;
+        let exclusive = !self.is_zero(leaf) && self.counts.once(pfn0);
+        PageInfo {
+            addr: va,
+            entry: PagemapEntry::present(pfn).with_soft_dirty(written || vma_new).with_exclusive(exclusive),
+            huge: leaf.size != PageSize::Size4K,
+            accessed: leaf.entry.contains(PteFlags::ACCESSED),
+        }
+    }
+}
+
+/// Two bitmaps over guest frames: mapped at least once, mapped more than once.
+pub struct FrameCounts {
+    once: Vec<u64>,
+    more: Vec<u64>,
+}
+
+impl FrameCounts {
+    pub fn new(pages: u64) -> Self {
+        let words = pages.div_ceil(64) as usize;
+        FrameCounts { once: vec![0; words], more: vec![0; words] }
+    }
+
+    pub fn add(&mut self, pfn: u64) {
+        let (w, b) = ((pfn / 64) as usize, 1u64 << (pfn % 64));
+        if w < self.once.len() {
+            if self.once[w] & b != 0 {
+                self.more[w] |= b;
+            }
+            self.once[w] |= b;
+        }
+    }
+
+    pub fn once(&self, pfn: u64) -> bool {
+        let (w, b) = ((pfn / 64) as usize, 1u64 << (pfn % 64));
+        w < self.once.len() && self.once[w] & b != 0 && self.more[w] & b == 0
+    }
+}
+
+/// A pagemap range: page-aligned, non-empty, bounded, inside the user half.
+pub fn check_range(start: u64, pages: u64) -> Result<(), String> {
+    if !start.is_multiple_of(4096) {
+        return Err(format!("start {start:#x} is not page-aligned"));
+    }
+    if pages == 0 {
+        return Err("page count is 0".into());
+    }
+    if pages > MAX_PAGEMAP_PAGES {
+        return Err(format!("{pages} pages exceed the limit of {MAX_PAGEMAP_PAGES} per request"));
+    }
+    let end = pages.checked_mul(4096).and_then(|l| l.checked_add(start));
+    if end.is_none_or(|e| e > USER_TOP) {
+        return Err(format!("{start:#x} + {pages} pages reaches outside the user half (below {USER_TOP:#x})"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_checked() {
+        assert!(check_range(0x400000, 1).is_ok());
+        assert!(check_range(0x400001, 1).is_err());
+        assert!(check_range(0x400000, 0).is_err());
+        assert!(check_range(0x7fff_ffff_f000, 2).is_err());
+        assert!(check_range(0xffff_8000_0000_0000, 1).is_err());
+        assert!(check_range(0, MAX_PAGEMAP_PAGES + 1).is_err());
+        assert!(check_range(0x1000, u64::MAX).is_err());
+    }
+
+    #[test]
+    fn frames_mapped_twice_are_not_exclusive() {
+        let mut c = FrameCounts::new(128);
+        c.add(5);
+        c.add(9);
+        c.add(9);
+        c.add(1 << 40);
+        assert!(c.once(5) && !c.once(9) && !c.once(6) && !c.once(1 << 40));
+    }
+}

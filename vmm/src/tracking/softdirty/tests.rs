@@ -1,0 +1,370 @@
+use super::*;
+
+#[test]
+fn clear_refs_values_follow_linux() {
+    for (v, c) in [(1, ClearRefs::Accessed), (2, ClearRefs::AccessedAnon), (3, ClearRefs::AccessedFile),
+        (4, ClearRefs::SoftDirty), (5, ClearRefs::PeakRss)] {
+        assert_eq!(ClearRefs::try_from(v).unwrap(), c);
+    }
+    for v in [0, 6, 42, u64::MAX] {
+        assert!(matches!(ClearRefs::try_from(v), Err(Error::BadValue(_))));
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The tracker on plain memory: a hand-built guest (page tables and process table in a
+// byte vector) and a dirty source the test drives. Each test plays the guest's part
+// (the CPU's accessed/dirty bits, the kernel's table updates, the trap's faults) and
+// checks what pagemap says, as Linux would.
+
+use crate::tracking::ram::testing::{Manual, TestRam};
+use guest_abi::{mapping_flags, state, MappingRecord, ProcSlot, MAX_MAPPINGS, MAX_PROCS, PROCESS_TABLE_MAGIC,
+    PROCESS_TABLE_VERSION};
+use mmu::PageTableEntry;
+
+const RAM: u64 = 8 << 20;
+const TABLE: u64 = 0x10000;
+const ZERO: u64 = 0x5000;
+const HUGE_ZERO: u64 = 0x40_0000;
+const PWU: PteFlags = PteFlags::PRESENT.union(PteFlags::WRITABLE).union(PteFlags::USER);
+
+struct Proc {
+    pid: u32,
+    cr3: u64,
+    maps: Vec<MappingRecord>,
+}
+
+/// The guest: its RAM, its processes, and a bump allocator for page-table pages.
+struct Guest {
+    ram: TestRam,
+    procs: Vec<Proc>,
+    next_table: u64,
+    seq: u64,
+    source: Manual,
+}
+
+impl Guest {
+    fn new() -> Guest {
+        let g = Guest { ram: TestRam::new(RAM), procs: Vec::new(), next_table: 0x20000, seq: 0, source: Manual::default() };
+        g.ram.take_vmm_writes(&mut FrameSet::new(RAM / 4096));
+        g
+    }
+
+    fn table_page(&mut self) -> u64 {
+        let p = self.next_table;
+        self.next_table += 4096;
+        assert!(p < 0x10_0000, "test page tables overflow");
+        p
+    }
+
+    fn spawn(&mut self, pid: u32) -> usize {
+        let cr3 = self.table_page();
+        self.procs.push(Proc { pid, cr3, maps: Vec::new() });
+        self.publish();
+        self.procs.len() - 1
+    }
+
+    /// The entry for `va` at `level` (4 = PML4 ... 1 = PT), making tables on the way.
+    fn entry_addr(&mut self, cr3: u64, va: u64, leaf_level: u32) -> u64 {
+        let mut table = cr3;
+        for level in (leaf_level + 1..=4).rev() {
+            let idx = (va >> (12 + 9 * (level - 1))) & 511;
+            let e = self.ram.get(table + idx * 8);
+            table = if e & 1 == 0 {
+                let t = self.table_page();
+                self.ram.guest_write_u64(table + idx * 8, t | PWU.bits());
+                t
+            } else {
+                e & 0x000f_ffff_ffff_f000
+            };
+        }
+        table + ((va >> (12 + 9 * (leaf_level - 1))) & 511) * 8
+    }
+
+    fn set_pte(&mut self, p: usize, va: u64, frame: u64, flags: PteFlags) {
+        let a = self.entry_addr(self.procs[p].cr3, va, 1);
+        self.ram.guest_write_u64(a, frame | flags.bits());
+    }
+
+    fn set_huge_pte(&mut self, p: usize, va: u64, frame: u64, flags: PteFlags) {
+        let a = self.entry_addr(self.procs[p].cr3, va, 2);
+        self.ram.guest_write_u64(a, frame | (flags | PteFlags::HUGE).bits());
+    }
+
+    fn pte(&mut self, p: usize, va: u64) -> PageTableEntry {
+        let a = self.entry_addr(self.procs[p].cr3, va, 1);
+        PageTableEntry(self.ram.get(a))
+    }
+
+    fn map(&mut self, p: usize, start: u64, pages: u64, flags: u32, serial: u64) {
+        self.procs[p].maps.push(MappingRecord { start, pages, flags, _pad: 0, serial });
+        self.procs[p].maps.sort_by_key(|m| m.start);
+        self.publish();
+    }
+
+    /// Writes the process table as the guest kernel does, bumping its sequence number.
+    fn publish(&mut self) {
+        let mut t = ProcessTable::EMPTY;
+        t.magic = PROCESS_TABLE_MAGIC;
+        t.version = PROCESS_TABLE_VERSION;
+        t.max_procs = MAX_PROCS as u32;
+        t.max_mappings = MAX_MAPPINGS as u32;
+        t.slot_size = size_of::<ProcSlot>() as u32;
+        t.nprocs = self.procs.len() as u32;
+        t.zero_frame = ZERO;
+        t.huge_zero_frame = HUGE_ZERO;
+        self.seq += 2;
+        t.seq = self.seq;
+        for (slot, p) in self.procs.iter().enumerate() {
+            let s = &mut t.procs[slot];
+            s.pid = p.pid;
+            s.state = state::RUNNABLE;
+            s.name[..1].copy_from_slice(b"p");
+            s.cr3 = p.cr3;
+            s.nmappings = p.maps.len() as u32;
+            s.mappings[..p.maps.len()].copy_from_slice(&p.maps);
+        }
+        // SAFETY: ProcessTable is plain old data (repr(C), integers only).
+        let raw = unsafe { std::slice::from_raw_parts(&t as *const _ as *const u8, size_of::<ProcessTable>()) };
+        self.ram.guest_write_bytes(TABLE, raw);
+    }
+
+    /// A guest write to `va` of process `p`, as the CPU and the trap see it: through a
+    /// PTE the VMM write-protected it faults first (the trap decides); through a writable
+    /// one the CPU sets accessed and dirty, and the frame shows in the dirty source.
+    /// Returns whether the write went through without the guest's fault handler.
+    fn write(&mut self, tracker: &mut Tracker, p: usize, va: u64) -> bool {
+        let mut e = self.pte(p, va);
+        if !e.contains(PteFlags::WRITABLE) {
+            let cr3 = self.procs[p].cr3;
+            if !tracker.on_fault(&self.ram, cr3, va, true).unwrap() {
+                return false;
+            }
+            e = self.pte(p, va);
+        }
+        let frame = e.0 & 0x000f_ffff_ffff_f000;
+        let a = self.entry_addr(self.procs[p].cr3, va, 1);
+        self.ram.guest_write_u64(a, e.0 | (PteFlags::ACCESSED | PteFlags::DIRTY).bits());
+        self.source.write(frame / 4096, 1);
+        true
+    }
+
+    fn tracker(&self, engine: EngineKind) -> Tracker {
+        let log = GpaLog::new(RAM, Box::new(self.source.clone()), engine.initially_dirty());
+        Tracker::new(Some(TableLocation { phys: TABLE }), engine, log, false)
+    }
+}
+
+/// Soft-dirty bits of `pages` pages from `start`, as a string of 0/1.
+fn sd(t: &mut Tracker, g: &Guest, pid: u32, start: u64, pages: u64) -> String {
+    t.pagemap(&g.ram, pid, Some((start, pages))).unwrap().iter().map(|p| if p.entry.soft_dirty() { '1' } else { '0' }).collect()
+}
+
+fn clear(t: &mut Tracker, g: &Guest, pid: u32) {
+    t.clear_refs_in(&g.ram, pid, ClearRefs::SoftDirty).unwrap();
+}
+
+const A: u64 = 0x40_0000;
+const F: u64 = 0x20_0000; // data frames from 2 MiB
+
+/// One process with 4 present writable pages at A (frames F..) and a 5th page unpopulated.
+fn one_process() -> (Guest, usize) {
+    let mut g = Guest::new();
+    let p = g.spawn(1);
+    g.map(p, A, 5, 0, 1);
+    for i in 0..4 {
+        g.set_pte(p, A + i * 4096, F + i * 4096, PWU);
+    }
+    (g, p)
+}
+
+#[test]
+fn a_never_cleared_process_is_all_soft_dirty_and_a_clear_makes_it_clean() {
+    for engine in EngineKind::ALL {
+        let (g, _) = one_process();
+        let mut t = g.tracker(engine);
+        if engine == EngineKind::Pte {
+            assert_eq!(sd(&mut t, &g, 1, A, 5), "11111", "{engine:?}: new mappings read soft-dirty, holes too");
+        }
+        clear(&mut t, &g, 1);
+        assert_eq!(sd(&mut t, &g, 1, A, 5), "00000", "{engine:?}");
+    }
+}
+
+#[test]
+fn exactly_the_written_pages_read_soft_dirty_and_writes_never_reach_the_guest_handler() {
+    for engine in EngineKind::ALL {
+        let (mut g, p) = one_process();
+        let mut t = g.tracker(engine);
+        clear(&mut t, &g, 1);
+        if engine.traps_ptes() {
+            assert!(softdirty::is_hypervisor_protected(g.pte(p, A)), "the clear write-protected the PTE");
+        }
+        assert!(g.write(&mut t, p, A + 4096));
+        assert!(g.write(&mut t, p, A + 3 * 4096));
+        assert_eq!(sd(&mut t, &g, 1, A, 5), "01010", "{engine:?}");
+        // A second clear forgets them.
+        clear(&mut t, &g, 1);
+        assert_eq!(sd(&mut t, &g, 1, A, 5), "00000", "{engine:?}");
+    }
+}
+
+#[test]
+fn mprotect_after_a_write_keeps_soft_dirty() {
+    for engine in EngineKind::ALL {
+        let (mut g, p) = one_process();
+        let mut t = g.tracker(engine);
+        clear(&mut t, &g, 1);
+        assert!(g.write(&mut t, p, A));
+        // The guest makes the whole mapping read-only (one record, the same serial).
+        g.procs[p].maps[0].flags = mapping_flags::READ_ONLY;
+        g.publish();
+        for i in 0..4 {
+            let e = g.pte(p, A + i * 4096);
+            g.set_pte(p, A + i * 4096, F + i * 4096, PteFlags::from_bits_retain(e.0 & 0xfff0_0000_0000_0fff) - PteFlags::WRITABLE);
+        }
+        assert_eq!(sd(&mut t, &g, 1, A, 5), "10000", "{engine:?}: Linux keeps soft-dirty across mprotect");
+    }
+}
+
+#[test]
+fn a_page_populated_by_a_write_after_the_clear_is_soft_dirty_and_one_populated_by_a_read_is_not() {
+    for engine in EngineKind::ALL {
+        let (mut g, p) = one_process();
+        let mut t = g.tracker(engine);
+        clear(&mut t, &g, 1);
+        // The guest's fault handler populates page 4 on a write: a fresh writable PTE,
+        // written through (the CPU sets dirty), then the guest mprotects it read-only.
+        g.set_pte(p, A + 4 * 4096, F + 4 * 4096, PWU);
+        assert!(g.write(&mut t, p, A + 4 * 4096));
+        let e = g.pte(p, A + 4 * 4096);
+        g.set_pte(p, A + 4 * 4096, F + 4 * 4096, PteFlags::from_bits_retain(e.0 & 0xfff) - PteFlags::WRITABLE);
+        assert_eq!(sd(&mut t, &g, 1, A + 4 * 4096, 1), "1", "{engine:?}");
+        // A read fault maps the shared zero page: never written.
+        let mut g2 = one_process().0;
+        let mut t2 = g2.tracker(engine);
+        clear(&mut t2, &g2, 1);
+        g2.set_pte(0, A + 4 * 4096, ZERO, PteFlags::PRESENT | PteFlags::USER | PteFlags::ACCESSED);
+        g2.source.write(ZERO / 4096, 1); // even if the frame shows in the log
+        let pm = t2.pagemap(&g2.ram, 1, Some((A + 4 * 4096, 1))).unwrap();
+        assert!(!pm[0].entry.soft_dirty() && !pm[0].entry.exclusive(), "{engine:?}: zero page {:?}", pm[0]);
+    }
+}
+
+#[test]
+fn new_and_grown_mappings_read_soft_dirty_but_split_ones_do_not() {
+    for engine in EngineKind::ALL {
+        let (mut g, p) = one_process();
+        let mut t = g.tracker(engine);
+        clear(&mut t, &g, 1);
+        // Split (as mprotect of a part does): two records with the same serial.
+        g.procs[p].maps[0].pages = 2;
+        g.map(p, A + 2 * 4096, 3, mapping_flags::READ_ONLY, 1);
+        // A new mapping after the clear, unpopulated, and one grown from the old end.
+        g.map(p, A + 16 * 4096, 2, 0, 2);
+        assert_eq!(sd(&mut t, &g, 1, A, 5), "00000", "{engine:?}: splitting is not writing");
+        assert_eq!(sd(&mut t, &g, 1, A + 16 * 4096, 2), "11", "{engine:?}: a new VMA is soft-dirty, holes too");
+        g.procs[p].maps[1].pages = 4; // grows over A+5 pages
+        g.publish();
+        assert_eq!(sd(&mut t, &g, 1, A + 4 * 4096, 2), "01", "{engine:?}: only the grown part");
+        // A hole between mappings is not a page of any mapping: never soft-dirty.
+        assert_eq!(sd(&mut t, &g, 1, A + 10 * 4096, 1), "0", "{engine:?}");
+    }
+}
+
+#[test]
+fn a_huge_zero_page_is_never_written_and_a_written_huge_page_is_dirty_in_all_its_pages() {
+    for engine in EngineKind::ALL {
+        let mut g = Guest::new();
+        let p = g.spawn(1);
+        let h = 0x4000_0000;
+        g.map(p, h, 1024, mapping_flags::HUGE, 1);
+        g.set_huge_pte(p, h, HUGE_ZERO, PteFlags::PRESENT | PteFlags::USER);
+        g.set_huge_pte(p, h + (2 << 20), 0x60_0000, PWU);
+        let mut t = g.tracker(engine);
+        clear(&mut t, &g, 1);
+        g.source.write(HUGE_ZERO / 4096, 512);
+        // A 4 KiB write into the second huge page dirties all of its 512 entries.
+        let a = g.entry_addr(g.procs[p].cr3, h + (2 << 20), 2);
+        let e = PageTableEntry(g.ram.get(a));
+        if engine.traps_ptes() {
+            assert!(t.on_fault(&g.ram, g.procs[p].cr3, h + (2 << 20) + 0x3000, true).unwrap());
+        }
+        g.ram.guest_write_u64(a, g.ram.get(a) | (PteFlags::DIRTY | PteFlags::WRITABLE).bits());
+        g.source.write(0x60_0000 / 4096 + 3, 1);
+        let pm = t.pagemap(&g.ram, 1, Some((h, 1024))).unwrap();
+        assert!(pm[..512].iter().all(|p| !p.entry.soft_dirty() && !p.entry.exclusive() && p.huge), "{engine:?}");
+        assert!(pm[512..].iter().all(|p| p.entry.soft_dirty() && p.entry.exclusive() && p.huge), "{engine:?} {e:?}");
+        assert_eq!(pm[512 + 7].entry.pfn(), Some(0x60_0000 / 4096 + 7));
+    }
+}
+
+#[test]
+fn frames_two_processes_map_are_not_exclusive_and_guest_physical_engines_over_report_them() {
+    for engine in EngineKind::ALL {
+        let mut g = Guest::new();
+        let (a, b) = (g.spawn(1), g.spawn(2));
+        g.map(a, A, 2, mapping_flags::SHARED, 1);
+        g.map(b, A, 2, mapping_flags::SHARED, 2);
+        for p in [a, b] {
+            g.set_pte(p, A, F, PWU);
+            g.set_pte(p, A + 4096, F + 4096 * (1 + p as u64), PWU);
+        }
+        let mut t = g.tracker(engine);
+        clear(&mut t, &g, 1);
+        clear(&mut t, &g, 2);
+        assert!(g.write(&mut t, a, A));
+        let pa = t.pagemap(&g.ram, 1, Some((A, 2))).unwrap();
+        let pb = t.pagemap(&g.ram, 2, Some((A, 2))).unwrap();
+        assert!(!pa[0].entry.exclusive() && pa[1].entry.exclusive(), "{engine:?}");
+        assert!(pa[0].entry.soft_dirty(), "{engine:?}");
+        // The write went through a's PTE: pte knows b's page was not written; a
+        // guest-physical engine only knows the frame was.
+        assert_eq!(pb[0].entry.soft_dirty(), !engine.traps_ptes(), "{engine:?}");
+    }
+}
+
+#[test]
+fn the_trap_never_grants_a_write_the_guest_forbids_and_rereads_the_table_only_when_it_changed() {
+    let (mut g, p) = one_process();
+    let mut t = g.tracker(EngineKind::Pte);
+    clear(&mut t, &g, 1);
+    assert!(g.write(&mut t, p, A));
+    assert!(g.write(&mut t, p, A + 4096));
+    assert_eq!(t.stats.trap_table_reads, 1, "one parse for two faults");
+    // The guest makes the mapping read-only in its table (not yet in the PTEs): the
+    // trap must see it, since the sequence number moved.
+    g.procs[p].maps[0].flags = mapping_flags::READ_ONLY;
+    g.publish();
+    assert!(!g.write(&mut t, p, A + 2 * 4096), "the guest's handler gets the fault");
+    assert_eq!(t.stats.trap_table_reads, 2);
+    let e = g.pte(p, A + 2 * 4096);
+    assert!(!e.contains(PteFlags::WRITABLE) && softdirty::is_soft_dirty(e), "recorded as written, W not given back");
+    // Faults that are not the VMM's: kernel addresses, non-protection faults.
+    assert!(!t.on_fault(&g.ram, g.procs[p].cr3, 0xffff_8000_0000_0000, true).unwrap());
+    assert!(!t.on_fault(&g.ram, g.procs[p].cr3, A + 3 * 4096, false).unwrap());
+}
+
+#[test]
+fn clearing_accessed_bits_zaps_the_frames_and_peak_rss_is_reset() {
+    let (mut g, p) = one_process();
+    let mut t = g.tracker(EngineKind::Pte);
+    for i in 0..2 {
+        let e = g.pte(p, A + i * 4096);
+        g.set_pte(p, A + i * 4096, F + i * 4096, PteFlags::from_bits_retain(e.0 & 0xfff) | PteFlags::ACCESSED);
+    }
+    assert_eq!(t.clear_refs_in(&g.ram, 1, ClearRefs::Accessed).unwrap(), 2);
+    assert!(!g.pte(p, A).contains(PteFlags::ACCESSED));
+    assert_eq!(*g.ram.zapped.borrow(), 2, "KVM must re-read both entries");
+    assert_eq!(t.clear_refs_in(&g.ram, 1, ClearRefs::PeakRss).unwrap(), 0);
+    assert!(matches!(t.clear_refs_in(&g.ram, 9, ClearRefs::SoftDirty), Err(Error::UnknownPid(9))));
+}
+
+#[test]
+fn the_vmm_own_writes_count_for_guest_physical_engines() {
+    let (g, _) = one_process();
+    let mut t = g.tracker(EngineKind::KvmBitmap);
+    clear(&mut t, &g, 1);
+    g.ram.vmm_wrote(F / 4096 + 2); // e.g. the zeroing port
+    assert_eq!(sd(&mut t, &g, 1, A, 4), "0010");
+}

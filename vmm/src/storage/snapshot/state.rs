@@ -1,12 +1,12 @@
 //! The vCPU's and the VM's own state: KVM's structs, saved byte for byte as named
 //! sections (`[u32 name length][name][u64 length][bytes]`...), and put back into a new VM.
 
-use super::{kvm, Error};
+use super::{invalid, kvm, Error};
 use kvm_bindings::{kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_msr_entry, kvm_regs,
     kvm_sregs, kvm_vcpu_events, Msrs};
 use kvm_ioctls::{VcpuFd, VmFd};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::Path;
 
 /// MSRs saved besides what the sregs carry: APIC base, TSC, kernel GS base.
 const MSRS: [u32; 3] = [0x1b, 0x10, 0xc000_0102];
@@ -89,7 +89,7 @@ pub fn capture(vm: &VmFd, vcpu: &mut VcpuFd) -> Result<Sections, Error> {
 
 /// Puts captured state into a fresh VM and vCPU.
 pub fn apply(vm: &VmFd, vcpu: &VcpuFd, s: &Sections) -> Result<(), Error> {
-    let bad = |what: &str| Error::Invalid { path: PathBuf::new(), why: format!("state section '{what}' is malformed") };
+    let bad = |what: &str| invalid(Path::new(""), format!("state section '{what}' is malformed"));
     let get = |name: &str| s.get(name).ok_or_else(|| bad(name));
     for (name, chip) in [("pic0", 0u32), ("pic1", 1), ("ioapic", 2)] {
         let c: kvm_irqchip = from_pod(get(name)?).ok_or_else(|| bad(name))?;

@@ -59,6 +59,20 @@ pub enum Refusal {
     Invalid(String),
 }
 
+/// The fields every chain manifest has, borrowed from it.
+pub struct Header<'a> {
+    /// The `format` and `version` the manifest claims.
+    pub format: &'a str,
+    pub version: u32,
+    pub id: &'a str,
+    /// How `files` are checksummed.
+    pub checksum: &'a str,
+    /// Checksums of the directory's files, by name.
+    pub files: &'a BTreeMap<String, String>,
+    /// The reference to the link before this one; `None` ends the chain.
+    pub previous: Option<&'a Ref>,
+}
+
 /// A kind of manifest that is one link of a chain (a snapshot's, a dump's).
 pub trait Linked: DeserializeOwned + Sized {
     /// What such a directory is called in messages: "snapshot", "dump".
@@ -69,19 +83,11 @@ pub trait Linked: DeserializeOwned + Sized {
     const FORMAT: &'static str;
     const VERSION: u32;
 
-    /// The `format` and `version` the manifest claims.
-    fn format(&self) -> (&str, u32);
-    /// The manifest's `checksum` field: how `files` are checksummed.
-    fn checksum(&self) -> &str;
-    /// Checksums of the directory's files, by name.
-    fn files(&self) -> &BTreeMap<String, String>;
-    fn id(&self) -> &str;
-    /// The reference to the link before this one; `None` ends the chain.
-    fn previous(&self) -> Option<&Ref>;
+    fn header(&self) -> Header<'_>;
     /// The kind's own checks of a parsed manifest of the right format; the error is a
     /// sentence naming what is wrong.
     fn check(&self) -> Result<(), String>;
-    /// May `next`, read at `link` (the top's [`Linked::previous`]), come before the top
+    /// May `next`, read at `link` (the top's [`Header::previous`]), come before the top
     /// of `chain` (newest last, never empty)?
     fn follow(chain: &[(PathBuf, Self)], link: &Ref, next: &Self) -> Result<Step, Refusal>;
 }
@@ -101,18 +107,18 @@ pub fn read_manifest<M: Linked>(dir: &Path) -> Result<M, Error> {
     let path = dir.join("manifest.json");
     let raw = crate::storage::durable::read_limited(&path, MANIFEST_LIMIT).map_err(io(&path))?;
     let m: M = serde_json::from_slice(&raw).map_err(|e| invalid::<M>(dir, format!("manifest.json: {e}")))?;
-    let (format, version) = m.format();
-    if format != M::FORMAT || version != M::VERSION {
-        return Err(invalid::<M>(dir, format!("format {format} version {version} is not {} {}", M::FORMAT, M::VERSION)));
+    let h = m.header();
+    if h.format != M::FORMAT || h.version != M::VERSION {
+        return Err(invalid::<M>(dir, format!("format {} version {} is not {} {}", h.format, h.version, M::FORMAT, M::VERSION)));
     }
-    crate::storage::checksum::check_kind(m.checksum()).map_err(|why| invalid::<M>(dir, why))?;
+    crate::storage::checksum::check_kind(h.checksum).map_err(|why| invalid::<M>(dir, why))?;
     m.check().map_err(|why| invalid::<M>(dir, why))?;
     Ok(m)
 }
 
 /// Checks that file `name` of `dir` has checksum `have`, as its manifest `m` lists.
 pub fn check_sum<M: Linked>(dir: &Path, m: &M, name: &str, have: &str) -> Result<(), Error> {
-    crate::storage::checksum::check(m.files(), name, have).map_err(|why| invalid::<M>(dir, why))
+    crate::storage::checksum::check(m.header().files, name, have).map_err(|why| invalid::<M>(dir, why))
 }
 
 /// Reads `name` (a regular file of at most `limit` bytes) from `dir`, checking it
@@ -146,7 +152,7 @@ pub fn resolve<M: Linked>(dir: &Path) -> Result<Vec<(PathBuf, M)>, Error> {
     let mut visited = Visited::default();
     let mut chain = vec![(dir.to_path_buf(), read_manifest::<M>(dir)?)];
     visited.first_visit(dir)?;
-    while let Some(link) = chain.last().expect("non-empty").1.previous().cloned() {
+    while let Some(link) = chain.last().expect("non-empty").1.header().previous.cloned() {
         let next_dir = PathBuf::from(&link.path);
         let next = read_manifest::<M>(&next_dir)?;
         let top_dir = &chain.last().expect("non-empty").0;
@@ -164,8 +170,9 @@ pub fn resolve<M: Linked>(dir: &Path) -> Result<Vec<(PathBuf, M)>, Error> {
             Err(Refusal::Loop) => return Err(looped()),
             Err(Refusal::Invalid(why)) => return Err(invalid::<M>(&next_dir, why)),
         }
-        if chain.iter().any(|(_, m)| m.id() == next.id()) {
-            return Err(invalid::<M>(&next_dir, format!("{} {} is already in the chain of {} (a loop)", M::WHAT, next.id(), dir.display())));
+        let id = next.header().id;
+        if chain.iter().any(|(_, m)| m.header().id == id) {
+            return Err(invalid::<M>(&next_dir, format!("{} {id} is already in the chain of {} (a loop)", M::WHAT, dir.display())));
         }
         chain.push((next_dir, next));
     }

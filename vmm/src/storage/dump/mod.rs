@@ -32,7 +32,7 @@ mod create;
 
 pub use create::{create, Last, Report, Source};
 
-use crate::storage::chain::{self, Linked, Ref, Refusal, Step};
+use crate::storage::chain::{self, Header, Linked, Ref, Refusal, Step};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -181,24 +181,9 @@ impl Linked for Manifest {
     const FORMAT: &'static str = FORMAT;
     const VERSION: u32 = VERSION;
 
-    fn format(&self) -> (&str, u32) {
-        (&self.format, self.version)
-    }
-
-    fn checksum(&self) -> &str {
-        &self.checksum
-    }
-
-    fn files(&self) -> &BTreeMap<String, String> {
-        &self.files
-    }
-
-    fn id(&self) -> &str {
-        &self.id
-    }
-
-    fn previous(&self) -> Option<&Ref> {
-        self.prev.as_ref()
+    fn header(&self) -> Header<'_> {
+        let Manifest { format, version, id, checksum, files, prev, .. } = self;
+        Header { format, version: *version, id, checksum, files, previous: prev.as_ref() }
     }
 
     fn check(&self) -> Result<(), String> {

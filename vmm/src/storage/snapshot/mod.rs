@@ -30,7 +30,7 @@ pub use merge::{merge, Merged};
 pub use state::{apply, Sections};
 
 use crate::machine::memory::GuestMem;
-use crate::storage::chain::{self, check_sum, Linked, Ref, Refusal, Step};
+use crate::storage::chain::{self, check_sum, Header, Linked, Ref, Refusal, Step};
 use crate::tracking::engine::EngineKind;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -109,24 +109,9 @@ impl Linked for Manifest {
     const FORMAT: &'static str = FORMAT;
     const VERSION: u32 = VERSION;
 
-    fn format(&self) -> (&str, u32) {
-        (&self.format, self.version)
-    }
-
-    fn checksum(&self) -> &str {
-        &self.checksum
-    }
-
-    fn files(&self) -> &BTreeMap<String, String> {
-        &self.files
-    }
-
-    fn id(&self) -> &str {
-        &self.id
-    }
-
-    fn previous(&self) -> Option<&Ref> {
-        self.base.as_ref()
+    fn header(&self) -> Header<'_> {
+        let Manifest { format, version, id, checksum, files, base, .. } = self;
+        Header { format, version: *version, id, checksum, files, previous: base.as_ref() }
     }
 
     fn check(&self) -> Result<(), String> {

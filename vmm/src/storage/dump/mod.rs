@@ -480,6 +480,11 @@ mod tests {
         put(&a, "a", Some((&b, "b")), &maps, &[], 0);
         put(&b, "b", Some((&a, "a")), &maps, &[], 0);
         assert!(reconstruct(&a).unwrap_err().to_string().contains("(a loop)"));
+        // A copy of a dump (same id, another directory) as its own previous dump.
+        put(&b, "a", None, &maps, &[], 0);
+        put(&a, "a", Some((&b, "a")), &maps, &[], 0);
+        let e = reconstruct(&a).unwrap_err().to_string();
+        assert!(e.contains(&format!("dump {} is invalid: its previous dump {} is already in the chain", a.display(), b.display())), "{e}");
         let many: Vec<_> = (1..=65).map(|i| map(i * 0x1000, 1)).collect();
         put(&a, "a", None, &many, &[], 0);
         let e = reconstruct(&a).unwrap_err().to_string();

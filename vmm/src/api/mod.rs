@@ -628,13 +628,13 @@ fn handle_json(req: Request, control: &Control<VcpuContext>, emit: &mut dyn FnMu
         })()),
         Request::SnapshotCreate { out, diff, progress } => answer(
             call_reporting(control, progress == Some(true), emit, move |ctx, p| {
-                crate::storage::snapshot::create(ctx, Path::new(&out), diff.unwrap_or(false), p).map(|r| json!(r)).map_err(|e| e.to_string())
+                ctx.snapshot(Path::new(&out), diff.unwrap_or(false), p).map(|r| json!(r)).map_err(|e| e.to_string())
             })
             .and_then(|r| r),
         ),
         Request::Dump { pid, out, prev, progress } => answer(
             call_reporting(control, progress == Some(true), emit, move |ctx, p| {
-                crate::storage::dump::create(ctx, pid, Path::new(&out), prev.as_deref().map(Path::new), p)
+                ctx.dump(pid, Path::new(&out), prev.as_deref().map(Path::new), p)
                     .map(|r| json!(r))
                     .map_err(|e| e.to_string())
             })

@@ -180,12 +180,10 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
         // Memory now equals the restored snapshot: the next diff is relative to it.
         tracker.log.snapshot_start().map_err(|e| Error::TrackerState(e.to_string()))?;
     }
-    let last_snapshot = opts.restore.as_ref().zip(restored.as_ref()).map(|(dir, l)| crate::storage::snapshot::Last {
-        path: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()),
-        id: l.manifest.id.clone(),
-    });
-    let ctx = VcpuContext { mem, vm, vcpu, symbols, tracker, exits: Default::default(), last_snapshot, image_sha256,
-        dumps: Default::default(), device_state: Vec::new() };
+    let mut history = crate::storage::History::new(image_sha256);
+    history.last_snapshot =
+        opts.restore.as_ref().zip(restored.as_ref()).map(|(dir, l)| crate::storage::snapshot::Last::at(dir, &l.manifest.id));
+    let ctx = VcpuContext { mem, vm, vcpu, symbols, tracker, exits: Default::default(), history, device_state: Vec::new() };
     let mut runner = Runner { ctx, devices, control: control.clone(), pause_at_sync: opts.api_sock.is_some(), hook };
     let result = runner.run();
     control.finish(match &result {

@@ -6,8 +6,11 @@ use crate::machine::devices::{self, Devices, PortEvent, SyncPoint};
 use crate::machine::image::Symbols;
 use crate::machine::memory::GuestMem;
 use guest_abi::EXIT_KERNEL_PANIC;
+use crate::storage::progress::Progress;
+use crate::storage::{dump, snapshot, History};
 use crate::tracking::softdirty::{self, Tracker};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use std::path::Path;
 use std::sync::Arc;
 
 /// How a run ended, from the guest's side.
@@ -54,14 +57,43 @@ pub struct VcpuContext {
     pub tracker: Tracker,
     /// KVM_RUN calls and exits by kind, for `vmm info`.
     pub exits: ExitCounts,
-    /// The last snapshot written (the base of the next diff).
-    pub last_snapshot: Option<crate::storage::snapshot::Last>,
-    /// sha256 of the guest image (snapshots record it).
-    pub image_sha256: String,
+    /// The guest image's SHA-256, the last snapshot, each pid's latest dump: what the
+    /// next snapshot or dump builds on.
+    pub history: History,
     /// The devices' state as of the guest's stop (snapshots save it).
     pub device_state: Vec<u8>,
-    /// Each pid's latest dump (the only valid `--prev` of its next one).
-    pub dumps: std::collections::HashMap<u32, crate::storage::dump::Last>,
+}
+
+impl VcpuContext {
+    /// Writes a snapshot of the stopped guest to `out` (see [`snapshot::create`]): a
+    /// diff since the last snapshot with `diff`, else a full one. It becomes the base
+    /// of the next diff.
+    pub fn snapshot(&mut self, out: &Path, diff: bool, progress: &Progress) -> Result<snapshot::Report, snapshot::Error> {
+        let base = self.history.snapshot_base(diff)?.cloned();
+        let source = snapshot::Source {
+            mem: &self.mem,
+            vm: &self.vm,
+            vcpu: &mut self.vcpu,
+            engine: self.tracker.engine(),
+            tracker_state: self.tracker.export_state(),
+            device_state: &self.device_state,
+            image_sha256: &self.history.image_sha256,
+            log: &mut self.tracker.log,
+        };
+        let (report, last) = snapshot::create(source, base.as_ref(), out, progress)?;
+        self.history.last_snapshot = Some(last);
+        Ok(report)
+    }
+
+    /// Dumps process `pid` to `out` (see [`dump::create`]): only what changed since
+    /// `prev`, which must be its latest dump, when given. It becomes the only valid
+    /// `prev` of the pid's next dump.
+    pub fn dump(&mut self, pid: u32, out: &Path, prev: Option<&Path>, progress: &Progress) -> Result<dump::Report, dump::Error> {
+        let source = dump::Source { mem: &self.mem, vcpu: &self.vcpu, tracker: &mut self.tracker };
+        let (report, last) = dump::create(source, pid, out, prev, self.history.dumps.get(&pid), progress)?;
+        self.history.dumps.insert(pid, last);
+        Ok(report)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]

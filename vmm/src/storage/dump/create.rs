@@ -1,10 +1,12 @@
 //! Writing a dump of one process, with the guest stopped.
 
-use super::{encode_runs, read_manifest, Counts, Error, Kind, Manifest, MappingRecord, PrevRef, Run, FORMAT, PAGE, VERSION};
+use super::{encode_runs, read_manifest, Counts, Error, Kind, Manifest, MappingRecord, Run, FORMAT, PAGE, VERSION};
+use crate::machine::memory::GuestMem;
+use crate::storage::chain::Ref;
 use crate::storage::durable::{io, Staging};
 use crate::storage::progress::Progress;
-use crate::vcpu::runner::VcpuContext;
-use crate::tracking::softdirty::{ClearRefs, PageInfo};
+use crate::tracking::softdirty::{ClearRefs, PageInfo, Tracker};
+use kvm_ioctls::VcpuFd;
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -38,59 +40,66 @@ fn bad_prev(prev: &Path, why: impl Into<String>) -> Error {
     Error::BadPrev { prev: prev.to_path_buf(), why: why.into() }
 }
 
-/// Checks that `prev` is the latest dump of `pid` by this VMM, with no soft-dirty
-/// clear since, and returns its reference and the addresses it holds pages for.
-fn check_prev(ctx: &VcpuContext, dumps: &std::collections::HashMap<u32, Last>, pid: u32, prev: &Path) -> Result<(PrevRef, Vec<(u64, u64)>), Error> {
+/// What a dump reads: the stopped guest and its tracker (the process table, the
+/// pagemap, the soft-dirty bits it clears after the dump).
+pub struct Source<'a> {
+    pub mem: &'a GuestMem,
+    pub vcpu: &'a VcpuFd,
+    pub tracker: &'a mut Tracker,
+}
+
+/// Checks that `prev` is `latest`, the latest dump of `pid` by this VMM, with no
+/// soft-dirty clear since, and returns its reference and the addresses it holds pages for.
+fn check_prev(tracker: &Tracker, latest: Option<&Last>, pid: u32, prev: &Path) -> Result<(Ref, Vec<(u64, u64)>), Error> {
     let pm = read_manifest(prev).map_err(|e| bad_prev(prev, e.to_string()))?;
     if pm.pid != pid {
         return Err(bad_prev(prev, format!("it is a dump of pid {}, not of pid {pid}", pm.pid)));
     }
-    let last = dumps.get(&pid).ok_or_else(|| {
+    let last = latest.ok_or_else(|| {
         bad_prev(prev, format!("this VMM has not dumped pid {pid}, so soft-dirty says nothing about what changed since; dump it without --prev first"))
     })?;
     if last.id != pm.id {
         return Err(bad_prev(prev, format!("it is dump {}, but the latest dump of pid {pid} is {} ({})", pm.id, last.id, last.path.display())));
     }
-    if ctx.tracker.clears_of(pid) != last.clears {
+    if tracker.clears_of(pid) != last.clears {
         return Err(bad_prev(prev, format!(
             "pid {pid}'s soft-dirty bits were cleared (clear-refs) after that dump, so what changed since is unknown; dump without --prev"
         )));
     }
     let runs = super::read_runs(prev, &pm).map_err(|e| bad_prev(prev, e.to_string()))?;
     let held = runs.iter().map(|r| (r.va, r.end())).collect();
-    Ok((PrevRef { path: last.path.display().to_string(), id: pm.id }, held))
+    Ok((Ref { path: last.path.display().to_string(), id: pm.id }, held))
 }
 
 /// Dumps `pid` into `out` (which must not exist): every present page, or with `prev`
-/// (the latest dump of `pid`) only those soft-dirty since. Then clears the pid's
-/// soft-dirty bits for the next round. Nothing is cleared if the dump fails.
-pub fn create(ctx: &mut VcpuContext, pid: u32, out: &Path, prev: Option<&Path>, progress: &Progress) -> Result<Report, Error> {
+/// only those soft-dirty since. `prev` must be `latest`, the latest dump of `pid` by
+/// this VMM. Then clears the pid's soft-dirty bits for the next round; nothing is
+/// cleared if the dump fails. Returns what was written and the dump as the only valid
+/// `prev` of the pid's next one.
+pub fn create(mut src: Source, pid: u32, out: &Path, prev: Option<&Path>, latest: Option<&Last>, progress: &Progress) -> Result<(Report, Last), Error> {
     let t0 = std::time::Instant::now();
-    let mut dumps = std::mem::take(&mut ctx.dumps);
-    let result = write(ctx, &dumps, pid, out, prev, progress);
-    let result = result.and_then(|(report, path)| {
-        ctx.tracker.clear_refs(&ctx.mem, &ctx.vcpu, pid, ClearRefs::SoftDirty).map_err(|e| Error::Guest {
-            pid,
-            why: format!("dump {} was written, but clearing soft-dirty failed ({e}); the next dump must be a full one", report.id),
-        })?;
-        dumps.insert(pid, Last { path, id: report.id.clone(), clears: ctx.tracker.clears_of(pid) });
-        Ok(report)
-    });
-    ctx.dumps = dumps;
-    result.map(|r| Report { pause_ns: t0.elapsed().as_nanos() as u64, ..r })
+    let (report, path) = write(&mut src, latest, pid, out, prev, progress)?;
+    let Source { mem, vcpu, tracker } = src;
+    tracker.clear_refs(mem, vcpu, pid, ClearRefs::SoftDirty).map_err(|e| Error::Guest {
+        pid,
+        why: format!("dump {} was written, but clearing soft-dirty failed ({e}); the next dump must be a full one", report.id),
+    })?;
+    let last = Last { path, id: report.id.clone(), clears: tracker.clears_of(pid) };
+    Ok((Report { pause_ns: t0.elapsed().as_nanos() as u64, ..report }, last))
 }
 
 fn write(
-    ctx: &mut VcpuContext,
-    dumps: &std::collections::HashMap<u32, Last>,
+    src: &mut Source,
+    latest: Option<&Last>,
     pid: u32,
     out: &Path,
     prev: Option<&Path>,
     progress: &Progress,
 ) -> Result<(Report, PathBuf), Error> {
+    let Source { mem, tracker, .. } = src;
     let (prev_ref, held) = match prev {
         Some(p) => {
-            let (r, h) = check_prev(ctx, dumps, pid, p)?;
+            let (r, h) = check_prev(tracker, latest, pid, p)?;
             (Some(r), h)
         }
         None => (None, Vec::new()),
@@ -99,8 +108,8 @@ fn write(
         let i = held.partition_point(|&(_, end)| end <= va);
         held.get(i).is_some_and(|&(s, _)| s <= va)
     };
-    let snap = ctx.tracker.snapshot(&ctx.mem)?;
-    let mut pages: Vec<PageInfo> = ctx.tracker.pagemap(&ctx.mem, pid, None)?;
+    let snap = tracker.snapshot(*mem)?;
+    let mut pages: Vec<PageInfo> = tracker.pagemap(*mem, pid, None)?;
     pages.sort_unstable_by_key(|p| p.addr);
     let proc = snap.by_pid(pid).ok_or(crate::tracking::softdirty::Error::UnknownPid(pid))?;
     let mut mappings: Vec<MappingRecord> = proc
@@ -155,7 +164,7 @@ fn write(
         runs.extend(open);
     }
 
-    let id = crate::storage::snapshot::new_id();
+    let id = crate::storage::chain::new_id();
     let stage = Staging::new(out, &id)?;
     progress.start(data_pfns.len() as u64 * PAGE);
     let pages_path = stage.file("pages.bin");
@@ -164,7 +173,7 @@ fn write(
     let mut hasher = crate::storage::checksum::Hasher::new();
     let mut page = [0u8; PAGE as usize];
     for &(va, pfn) in &data_pfns {
-        ctx.mem.read_slice(&mut page, GuestAddress(pfn.saturating_mul(PAGE))).map_err(|_| Error::Guest {
+        mem.read_slice(&mut page, GuestAddress(pfn.saturating_mul(PAGE))).map_err(|_| Error::Guest {
             pid,
             why: format!("page {va:#x} maps frame {pfn:#x}, outside guest memory"),
         })?;

@@ -6,7 +6,7 @@
 //! ```text
 //! DIR/manifest.json  format "softdirty-vmm-dump", version, id, pid, name, prev {path, id},
 //!                    mappings [{start, pages, read_only, huge, shared}], counts,
-//!                    sha256 of every file
+//!                    BLAKE3 of every file
 //! DIR/pagemap.bin    runs of 16 bytes: [u64 va][u32 pages][u32 kind], by address;
 //!                    kind 1 = zero page, 2 = data (next pages of pages.bin),
 //!                    3 = unchanged since the previous dump (take it from there).
@@ -15,7 +15,7 @@
 //! ```
 //!
 //! Every file is untrusted: only regular files are read, a manifest up to
-//! [`MANIFEST_LIMIT`] with at most as many mappings as a guest process can have,
+//! [`MANIFEST_LIMIT`](crate::storage::chain::MANIFEST_LIMIT) with at most as many mappings as a guest process can have,
 //! `pagemap.bin` and `pages.bin` only at sizes the manifest implies. The work of
 //! rebuilding is bounded by those sizes: zero pages are kept as ranges, never one by one.
 //!
@@ -24,11 +24,15 @@
 //! soft-dirty is per page-table entry, so another process's write through its own
 //! mapping would not show in this process's bits (Linux's CRIU dumps shared memory
 //! separately for the same reason).
+//!
+//! Reading manifests and following `prev` is [`crate::storage::chain`]'s, shared with
+//! snapshots.
 
 mod create;
 
-pub use create::{create, Last, Report};
+pub use create::{create, Last, Report, Source};
 
+use crate::storage::chain::{self, Header, Linked, Ref, Refusal, Step};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -36,17 +40,14 @@ use std::path::{Path, PathBuf};
 pub const FORMAT: &str = "softdirty-vmm-dump";
 pub const VERSION: u32 = 1;
 const PAGE: u64 = 4096;
-/// Largest `manifest.json` read (1 MiB; one is a few KiB at most).
-pub const MANIFEST_LIMIT: u64 = 1 << 20;
 /// Most data pages a dump may hold: as many as the largest guest has frames.
 const MAX_DATA_PAGES: u64 = guest_abi::MAX_MEM / PAGE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("dump {path} is invalid: {why}")]
-    Invalid { path: PathBuf, why: String },
+    /// A file that cannot be read, or a dump that is invalid.
+    #[error(transparent)]
+    Chain(#[from] chain::Error),
     #[error("cannot use {prev} as the previous dump: {why}")]
     BadPrev { prev: PathBuf, why: String },
     #[error("pid {pid}: {why}")]
@@ -58,11 +59,7 @@ pub enum Error {
 }
 
 fn invalid(path: &Path, why: impl Into<String>) -> Error {
-    Error::Invalid { path: path.to_path_buf(), why: why.into() }
-}
-
-fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_path_buf(), source }
+    chain::invalid::<Manifest>(path, why).into()
 }
 
 /// What a run of pages is.
@@ -164,19 +161,13 @@ pub struct Counts {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PrevRef {
-    pub path: String,
-    pub id: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: String,
     pub version: u32,
     pub id: String,
     pub pid: u32,
     pub name: String,
-    pub prev: Option<PrevRef>,
+    pub prev: Option<Ref>,
     pub mappings: Vec<MappingRecord>,
     pub counts: Counts,
     /// How `files` are checksummed: [`crate::storage::checksum::NAME`].
@@ -184,42 +175,61 @@ pub struct Manifest {
     pub files: BTreeMap<String, String>,
 }
 
-pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
-    if crate::storage::durable::is_staging(dir) {
-        return Err(invalid(dir, "its name marks the staging directory of a dump that was never committed (the VMM stopped before renaming it into place)"));
+impl Linked for Manifest {
+    const WHAT: &'static str = "dump";
+    const PREVIOUS: &'static str = "previous dump";
+    const FORMAT: &'static str = FORMAT;
+    const VERSION: u32 = VERSION;
+
+    fn header(&self) -> Header<'_> {
+        let Manifest { format, version, id, checksum, files, prev, .. } = self;
+        Header { format, version: *version, id, checksum, files, previous: prev.as_ref() }
     }
-    let path = dir.join("manifest.json");
-    let raw = crate::storage::durable::read_limited(&path, MANIFEST_LIMIT).map_err(io(&path))?;
-    let m: Manifest = serde_json::from_slice(&raw).map_err(|e| invalid(dir, format!("manifest.json: {e}")))?;
-    if m.format != FORMAT || m.version != VERSION {
-        return Err(invalid(dir, format!("format {} version {} is not {FORMAT} {VERSION}", m.format, m.version)));
-    }
-    crate::storage::checksum::check_kind(&m.checksum).map_err(|why| invalid(dir, why))?;
-    if m.mappings.len() > guest_abi::MAX_MAPPINGS {
-        return Err(invalid(dir, format!("{} mappings, more than a guest process can have ({})", m.mappings.len(), guest_abi::MAX_MAPPINGS)));
-    }
-    if m.counts.data > MAX_DATA_PAGES {
-        return Err(invalid(dir, format!("counts.data = {} is more than the largest guest's {MAX_DATA_PAGES} frames", m.counts.data)));
-    }
-    let mut sorted = m.mappings.clone();
-    sorted.sort_by_key(|r| r.start);
-    for w in sorted.windows(2) {
-        if w[0].end() > w[1].start {
-            return Err(invalid(dir, format!("mappings at {:#x} and {:#x} overlap", w[0].start, w[1].start)));
+
+    fn check(&self) -> Result<(), String> {
+        if self.mappings.len() > guest_abi::MAX_MAPPINGS {
+            return Err(format!("{} mappings, more than a guest process can have ({})", self.mappings.len(), guest_abi::MAX_MAPPINGS));
         }
+        if self.counts.data > MAX_DATA_PAGES {
+            return Err(format!("counts.data = {} is more than the largest guest's {MAX_DATA_PAGES} frames", self.counts.data));
+        }
+        let mut sorted = self.mappings.clone();
+        sorted.sort_by_key(|r| r.start);
+        for w in sorted.windows(2) {
+            if w[0].end() > w[1].start {
+                return Err(format!("mappings at {:#x} and {:#x} overlap", w[0].start, w[1].start));
+            }
+        }
+        if sorted.iter().any(|r| r.start % PAGE != 0 || r.pages == 0 || r.end() > workload::USER_TOP) {
+            return Err("a mapping is empty, unaligned or outside user space".into());
+        }
+        Ok(())
     }
-    if sorted.iter().any(|r| r.start % PAGE != 0 || r.pages == 0 || r.end() > workload::USER_TOP) {
-        return Err(invalid(dir, "a mapping is empty, unaligned or outside user space"));
+
+    /// The previous dump must have the id the link names and the same pid.
+    fn follow(chain: &[(PathBuf, Manifest)], link: &Ref, prev: &Manifest) -> Result<Step, Refusal> {
+        let top = &chain.last().expect("non-empty").1;
+        if chain.iter().any(|(_, m)| m.id == prev.id) {
+            return Err(Refusal::Loop);
+        }
+        if prev.id != link.id {
+            return Err(Refusal::Invalid(format!("is dump {}, but {} expects previous dump {}", prev.id, top.id, link.id)));
+        }
+        if prev.pid != top.pid {
+            return Err(Refusal::Invalid(format!("is a dump of pid {}, not of pid {}", prev.pid, top.pid)));
+        }
+        Ok(Step::Follows)
     }
-    Ok(m)
+}
+
+/// Reads and checks dump `dir`'s manifest (see [`chain::read_manifest`]).
+pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
+    Ok(chain::read_manifest(dir)?)
 }
 
 /// Reads `name` (a regular file of at most `limit` bytes) and checks its checksum.
 fn read_checked(dir: &Path, m: &Manifest, name: &str, limit: u64) -> Result<Vec<u8>, Error> {
-    let path = dir.join(name);
-    let data = crate::storage::durable::read_limited(&path, limit).map_err(io(&path))?;
-    crate::storage::checksum::check(&m.files, name, &crate::storage::checksum::of(&data)).map_err(|why| invalid(dir, why))?;
-    Ok(data)
+    Ok(chain::read_checked(dir, m, name, limit)?)
 }
 
 /// The runs of dump `dir`, checked. `pagemap.bin` cannot hold more runs than its
@@ -296,29 +306,10 @@ impl Image {
     }
 }
 
-/// The chain from the first dump to `dir`, each link checked (id, pid). A directory
-/// or an id met twice is a loop.
+/// The chain from the first dump to `dir`, each link checked (id, pid; see
+/// [`chain::resolve`]).
 fn resolve_chain(dir: &Path) -> Result<Vec<(PathBuf, Manifest)>, Error> {
-    let mut visited = crate::storage::snapshot::Visited::default();
-    let mut chain = vec![(dir.to_path_buf(), read_manifest(dir)?)];
-    visited.first_visit(dir).map_err(io(dir))?;
-    while let Some(prev) = chain.last().expect("non-empty").1.prev.clone() {
-        let pdir = PathBuf::from(&prev.path);
-        let pm = read_manifest(&pdir)?;
-        let (top_dir, top) = chain.last().expect("non-empty");
-        if !visited.first_visit(&pdir).map_err(io(&pdir))? || chain.iter().any(|(_, m)| m.id == pm.id) {
-            return Err(invalid(top_dir, format!("its previous dump {} is already in the chain of {} (a loop)", pdir.display(), dir.display())));
-        }
-        if pm.id != prev.id {
-            return Err(invalid(&pdir, format!("is dump {}, but {} expects previous dump {}", pm.id, top.id, prev.id)));
-        }
-        if pm.pid != top.pid {
-            return Err(invalid(&pdir, format!("is a dump of pid {}, not of pid {}", pm.pid, top.pid)));
-        }
-        chain.push((pdir, pm));
-    }
-    chain.reverse();
-    Ok(chain)
+    Ok(chain::resolve(dir)?)
 }
 
 /// Rebuilds the process memory at dump `dir` from its chain, checking every file. The
@@ -427,7 +418,7 @@ mod tests {
             id: id.into(),
             pid: 1,
             name: "p".into(),
-            prev: prev.map(|(p, id)| PrevRef { path: p.display().to_string(), id: id.into() }),
+            prev: prev.map(|(p, id)| Ref { path: p.display().to_string(), id: id.into() }),
             mappings: maps.to_vec(),
             counts: Counts { data: data_pages, ..Counts::default() },
             checksum: crate::storage::checksum::NAME.into(),
@@ -489,6 +480,11 @@ mod tests {
         put(&a, "a", Some((&b, "b")), &maps, &[], 0);
         put(&b, "b", Some((&a, "a")), &maps, &[], 0);
         assert!(reconstruct(&a).unwrap_err().to_string().contains("(a loop)"));
+        // A copy of a dump (same id, another directory) as its own previous dump.
+        put(&b, "a", None, &maps, &[], 0);
+        put(&a, "a", Some((&b, "a")), &maps, &[], 0);
+        let e = reconstruct(&a).unwrap_err().to_string();
+        assert!(e.contains(&format!("dump {} is invalid: its previous dump {} is already in the chain", a.display(), b.display())), "{e}");
         let many: Vec<_> = (1..=65).map(|i| map(i * 0x1000, 1)).collect();
         put(&a, "a", None, &many, &[], 0);
         let e = reconstruct(&a).unwrap_err().to_string();

@@ -1,9 +1,13 @@
 //! Writing a snapshot of the stopped VM.
 
-use super::{state, Error, Kind, Last, Manifest, BaseRef, FORMAT, PAGE, VERSION};
+use super::{state, Error, Kind, Last, Manifest, FORMAT, PAGE, VERSION};
+use crate::machine::memory::GuestMem;
+use crate::storage::chain::Ref;
 use crate::storage::durable::Staging;
 use crate::storage::progress::Progress;
-use crate::vcpu::runner::VcpuContext;
+use crate::tracking::dirty_log::GpaLog;
+use crate::tracking::engine::EngineKind;
+use kvm_ioctls::{VcpuFd, VmFd};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -43,13 +47,35 @@ pub struct Phases {
     pub rearm_ns: u64,
 }
 
-/// Writes a snapshot of the stopped VM to `out` (which must not exist). A diff holds
-/// the pages written since the previous snapshot of this VM. The dirty information is
-/// consumed only once the snapshot is on disk: a failed snapshot loses nothing.
-pub fn create(ctx: &mut VcpuContext, out: &Path, diff: bool, progress: &Progress) -> Result<Report, Error> {
+/// What a snapshot is made of: the stopped VM, and the state its devices and its
+/// tracker saved at the stop.
+pub struct Source<'a> {
+    pub mem: &'a GuestMem,
+    pub vm: &'a VmFd,
+    /// Mutable because KVM must complete a pending I/O exit before its state is read.
+    pub vcpu: &'a mut VcpuFd,
+    /// The guest-physical dirty log: harvested to choose a diff's pages, re-armed once
+    /// the snapshot is on disk (so the next diff is relative to this snapshot).
+    pub log: &'a mut GpaLog,
+    /// The engine the VM tracks with (a restore uses the same).
+    pub engine: EngineKind,
+    /// The tracker's own state, saved as section "tracker".
+    pub tracker_state: Vec<u8>,
+    /// The devices' state, saved as section "serial".
+    pub device_state: &'a [u8],
+    /// SHA-256 of the guest image (see [`super::sha256_hex`]).
+    pub image_sha256: &'a str,
+}
+
+/// Writes a snapshot of the stopped VM to `out` (which must not exist): a full one, or
+/// with `base` (the last snapshot this VM wrote or was restored from: the dirty log
+/// counts from there) a diff holding the pages written since. The dirty information is
+/// consumed only once the snapshot is on disk: a failed snapshot loses nothing. Returns
+/// what was written and the snapshot as the base of the next diff.
+pub fn create(src: Source, base: Option<&Last>, out: &Path, progress: &Progress) -> Result<(Report, Last), Error> {
     let t0 = std::time::Instant::now();
-    let base = if diff { Some(ctx.last_snapshot.clone().ok_or(Error::NoBase)?) } else { None };
-    let id = super::new_id();
+    let diff = base.is_some();
+    let id = crate::storage::chain::new_id();
     let stage = Staging::new(out, &id)?;
     let mut phases = Phases::default();
     let mut lap = std::time::Instant::now();
@@ -57,13 +83,13 @@ pub fn create(ctx: &mut VcpuContext, out: &Path, diff: bool, progress: &Progress
         *slot += lap.elapsed().as_nanos() as u64;
         lap = std::time::Instant::now();
     };
-    let mem_bytes = vm_memory::GuestMemoryBackend::last_addr(&ctx.mem).0 + 1;
-    let mut sections = state::capture(&ctx.vm, &mut ctx.vcpu)?;
-    sections.insert("tracker".into(), ctx.tracker.export_state());
-    sections.insert("serial".into(), ctx.device_state.clone());
+    let Source { mem, vm, vcpu, log, engine, tracker_state, device_state, image_sha256 } = src;
+    let mem_bytes = vm_memory::GuestMemoryBackend::last_addr(mem).0 + 1;
+    let mut sections = state::capture(vm, vcpu)?;
+    sections.insert("tracker".into(), tracker_state);
+    sections.insert("serial".into(), device_state.to_vec());
     mark(&mut phases.state_ns);
-    let log = &mut ctx.tracker.log;
-    log.harvest(&ctx.mem)?;
+    log.harvest(mem)?;
     let frames: Vec<u64> = (0..mem_bytes / PAGE).filter(|&pfn| !diff || log.in_snapshot(pfn)).collect();
     progress.start(frames.len() as u64 * PAGE);
     mark(&mut phases.select_ns);
@@ -88,10 +114,10 @@ pub fn create(ctx: &mut VcpuContext, out: &Path, diff: bool, progress: &Progress
         while i + n < frames.len() && n < RUN_PAGES && frames[i + n] == first + n as u64 {
             n += 1;
         }
-        let written = crate::machine::memory::with_stopped_guest_bytes(&ctx.mem, first * PAGE, n * PAGE as usize, |run| {
+        let written = crate::machine::memory::with_stopped_guest_bytes(mem, first * PAGE, n * PAGE as usize, |run| {
             write_run(run, first, diff, &f, &mut seq, &mut hasher, &mem_path)
         })
-        .map_err(|e| Error::Io { path: mem_path.clone(), source: std::io::Error::other(e.to_string()) })??;
+        .map_err(|e| super::io(&mem_path)(std::io::Error::other(e.to_string())))??;
         pages += written;
         progress.advance(n as u64 * PAGE);
         i += n;
@@ -115,10 +141,10 @@ pub fn create(ctx: &mut VcpuContext, out: &Path, diff: bool, progress: &Progress
         version: VERSION,
         id: id.clone(),
         kind,
-        base: base.as_ref().map(|b| BaseRef { path: b.path.display().to_string(), id: b.id.clone() }),
+        base: base.map(|b| Ref { path: b.path.display().to_string(), id: b.id.clone() }),
         mem_bytes,
-        engine: ctx.tracker.engine(),
-        image_sha256: ctx.image_sha256.clone(),
+        engine,
+        image_sha256: image_sha256.to_string(),
         pages,
         checksum: crate::storage::checksum::NAME.into(),
         files,
@@ -129,13 +155,12 @@ pub fn create(ctx: &mut VcpuContext, out: &Path, diff: bool, progress: &Progress
     mark(&mut phases.sync_ns);
 
     // Only now is the dirty information consumed.
-    ctx.tracker.log.snapshot_start()?;
+    log.snapshot_start()?;
     mark(&mut phases.rearm_ns);
-    let abs = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
-    ctx.last_snapshot = Some(Last { path: abs, id: id.clone() });
+    let last = Last::at(out, &id);
     let bytes = std::fs::metadata(out.join("memory.bin")).map(|m| m.len()).unwrap_or(0);
     let disk_bytes = crate::storage::durable::disk_usage(out);
-    Ok(Report { id, kind, pages, bytes, disk_bytes, pause_ns: t0.elapsed().as_nanos() as u64, phases })
+    Ok((Report { id, kind, pages, bytes, disk_bytes, pause_ns: t0.elapsed().as_nanos() as u64, phases }, last))
 }
 
 /// Hashes and writes one run of consecutive frames starting at `first`; returns the

@@ -4,7 +4,7 @@
 //! state and engine state, BASE's kind and base, memory = BASE overlaid with DIR's
 //! pages. It lists the ids folded into it (`merged`), so later diffs built on DIR still
 //! find their base: following a link to DIR, whose own base now carries DIR's id, the
-//! chain takes the merged snapshot instead (see [`super::resolve_chain`]). Merging again
+//! chain takes the merged snapshot instead (see [`super::resolve_chain`] and `Manifest`'s `follow`). Merging again
 //! (`merge D2 --into BASE`) rolls the base forward. DIR itself is left alone.
 
 use super::{invalid, read_checked, read_diff_pages, read_full_memory, read_manifest, Error, Kind, Manifest, PAGE};
@@ -49,7 +49,7 @@ pub fn merge(dir: &Path, into: &Path, progress: &Progress) -> Result<Merged, Err
     }
     let (top_pfns, top_data) = read_diff_pages(dir, &top)?;
     let state = read_checked(dir, &top, "state.bin", super::STATE_LIMIT)?;
-    let id = super::new_id();
+    let id = crate::storage::chain::new_id();
     let stage = Staging::replacing(into, &id)?;
     let mem_path = stage.file("memory.bin");
     let f = std::fs::File::create(&mem_path).map_err(crate::storage::durable::io(&mem_path))?;

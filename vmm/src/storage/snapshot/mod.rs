@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! DIR/manifest.json   format, version, id, kind (full|diff), base {path, id}, guest size,
-//!                     engine, guest image sha256, page count, sha256 of every file,
+//!                     engine, guest image SHA-256, page count, BLAKE3 of every file,
 //!                     ids merged into it
 //! DIR/state.bin       vCPU and VM state: tagged sections of KVM's own structs
 //! DIR/memory.bin      full: guest RAM as one sparse file (zero pages are holes)
@@ -16,24 +16,26 @@
 //!
 //! Writing is transactional (see [`crate::storage::durable`]); reading checks format, version,
 //! sizes and every checksum, and every base's id, before a byte is used. Every file is
-//! untrusted: only regular files are read, manifests and state up to [`MANIFEST_LIMIT`]
-//! and [`STATE_LIMIT`], memory files only at the size the manifest and guest imply.
+//! untrusted: only regular files are read, manifests up to
+//! [`MANIFEST_LIMIT`](crate::storage::chain::MANIFEST_LIMIT) and state up to
+//! [`STATE_LIMIT`], memory files only at the size the manifest and guest imply. Reading
+//! manifests and following bases is [`crate::storage::chain`]'s, shared with dumps.
 
 mod create;
 mod merge;
 mod state;
 
-pub use create::{create, Phases, Report};
+pub use create::{create, Phases, Report, Source};
 pub use merge::{merge, Merged};
 pub use state::{apply, Sections};
 
-use crate::tracking::engine::EngineKind;
 use crate::machine::memory::GuestMem;
+use crate::storage::chain::{self, check_sum, Header, Linked, Ref, Refusal, Step};
+use crate::tracking::engine::EngineKind;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::io::Read;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -41,18 +43,14 @@ pub const FORMAT: &str = "softdirty-vmm-snapshot";
 /// 2: BLAKE3 checksums (1 had SHA-256).
 pub const VERSION: u32 = 2;
 const PAGE: u64 = 4096;
-/// Largest `manifest.json` read (1 MiB; a manifest is a few hundred bytes plus 20 per
-/// merged id).
-pub const MANIFEST_LIMIT: u64 = 1 << 20;
 /// Largest `state.bin` read (4 MiB; a 3 GiB guest's is about 400 KiB).
 pub const STATE_LIMIT: u64 = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("snapshot {path} is invalid: {why}")]
-    Invalid { path: PathBuf, why: String },
+    /// A file that cannot be read, or a snapshot that is invalid.
+    #[error(transparent)]
+    Chain(#[from] chain::Error),
     #[error("no base snapshot: create a full snapshot of this VM first")]
     NoBase,
     #[error("cannot merge {dir} into {into}: {why}")]
@@ -66,7 +64,7 @@ pub enum Error {
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_path_buf(), source }
+    move |source| chain::io(path)(source).into()
 }
 
 fn kvm<T>(op: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, Error> {
@@ -74,7 +72,7 @@ fn kvm<T>(op: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, Error>
 }
 
 fn invalid(path: &Path, why: impl Into<String>) -> Error {
-    Error::Invalid { path: path.to_path_buf(), why: why.into() }
+    chain::invalid::<Manifest>(path, why).into()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,20 +83,15 @@ pub enum Kind {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BaseRef {
-    pub path: String,
-    pub id: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: String,
     pub version: u32,
     pub id: String,
     pub kind: Kind,
-    pub base: Option<BaseRef>,
+    pub base: Option<Ref>,
     pub mem_bytes: u64,
     pub engine: EngineKind,
+    /// SHA-256 of the guest image ([`sha256_hex`]), in hex.
     pub image_sha256: String,
     pub pages: u64,
     /// How `files` are checksummed: [`crate::storage::checksum::NAME`].
@@ -110,42 +103,71 @@ pub struct Manifest {
     pub merged: Vec<String>,
 }
 
-/// The last snapshot written by this VM (the base of the next diff).
+impl Linked for Manifest {
+    const WHAT: &'static str = "snapshot";
+    const PREVIOUS: &'static str = "base";
+    const FORMAT: &'static str = FORMAT;
+    const VERSION: u32 = VERSION;
+
+    fn header(&self) -> Header<'_> {
+        let Manifest { format, version, id, checksum, files, base, .. } = self;
+        Header { format, version: *version, id, checksum, files, previous: base.as_ref() }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.mem_bytes == 0 || !self.mem_bytes.is_multiple_of(PAGE) || self.mem_bytes > guest_abi::MAX_MEM {
+            return Err(format!("guest size {} is not valid", self.mem_bytes));
+        }
+        if (self.kind == Kind::Diff) != self.base.is_some() {
+            return Err("a diff needs a base and a full snapshot has none".into());
+        }
+        Ok(())
+    }
+
+    /// A base holds if it has the id the link names; if instead it carries the id of
+    /// the snapshot the link starts from, that snapshot was merged into it, which then
+    /// takes its place.
+    fn follow(chain: &[(PathBuf, Manifest)], link: &Ref, base: &Manifest) -> Result<Step, Refusal> {
+        let top = &chain.last().expect("non-empty").1;
+        if base.mem_bytes != top.mem_bytes || base.image_sha256 != top.image_sha256 {
+            return Err(Refusal::Invalid("guest size or image differs from the snapshot built on it".into()));
+        }
+        if base.id == link.id {
+            Ok(Step::Follows)
+        } else if base.id == top.id && base.merged.contains(&link.id) {
+            Ok(Step::Replaces)
+        } else {
+            Err(Refusal::Invalid(format!("is snapshot {}, but {} expects base {}", base.id, top.id, link.id)))
+        }
+    }
+}
+
+/// The last snapshot written or restored by this VM (the base of the next diff).
 #[derive(Debug, Clone)]
 pub struct Last {
     pub path: PathBuf,
     pub id: String,
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+impl Last {
+    /// Snapshot `id` at `dir`, by its absolute path where there is one (a later diff
+    /// names it as its base from wherever it is written).
+    pub fn at(dir: &Path, id: &str) -> Last {
+        Last { path: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()), id: id.to_string() }
+    }
 }
 
+/// The SHA-256 of `data` (a guest image) as 64 lowercase hex digits: what manifests
+/// record as `image_sha256`. File checksums are BLAKE3 instead
+/// ([`crate::storage::checksum`]).
 pub fn sha256_hex(data: &[u8]) -> String {
-    hex(&Sha256::digest(data))
-}
-
-/// A fresh random-enough id for a snapshot or dump (16 hex digits).
-pub fn new_id() -> String {
-    let mut seed = [0u8; 16];
-    // getrandom(2) cannot fail for 16 bytes once the pool is initialized; fall back to
-    // time and pid if it does.
-    // SAFETY: writes at most 16 bytes into `seed`.
-    let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
-    let extra = if n == 16 { String::new() } else { format!("{:?}{}", std::time::SystemTime::now(), std::process::id()) };
-    let mut h = Sha256::new();
-    h.update(seed);
-    h.update(extra.as_bytes());
-    hex(&h.finalize())[..16].to_string()
+    chain::hex(&Sha256::digest(data))
 }
 
 /// Reads `name` (a regular file of at most `limit` bytes) from snapshot `dir`,
 /// checking it against the manifest's checksum.
 fn read_checked(dir: &Path, m: &Manifest, name: &str, limit: u64) -> Result<Vec<u8>, Error> {
-    let path = dir.join(name);
-    let data = crate::storage::durable::read_limited(&path, limit).map_err(io(&path))?;
-    check_sum(dir, m, name, &crate::storage::checksum::of(&data))?;
-    Ok(data)
+    Ok(chain::read_checked(dir, m, name, limit)?)
 }
 
 /// Reads `name`, which the manifest says is `want` bytes, checking its size before
@@ -164,28 +186,9 @@ fn read_sized(dir: &Path, m: &Manifest, name: &str, want: u64) -> Result<Vec<u8>
     Ok(data)
 }
 
-fn check_sum(dir: &Path, m: &Manifest, name: &str, have: &str) -> Result<(), Error> {
-    crate::storage::checksum::check(&m.files, name, have).map_err(|why| invalid(dir, why))
-}
-
+/// Reads and checks snapshot `dir`'s manifest (see [`chain::read_manifest`]).
 pub fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
-    if crate::storage::durable::is_staging(dir) {
-        return Err(invalid(dir, "its name marks the staging directory of a snapshot that was never committed (the VMM stopped before renaming it into place)"));
-    }
-    let path = dir.join("manifest.json");
-    let raw = crate::storage::durable::read_limited(&path, MANIFEST_LIMIT).map_err(io(&path))?;
-    let m: Manifest = serde_json::from_slice(&raw).map_err(|e| invalid(dir, format!("manifest.json: {e}")))?;
-    if m.format != FORMAT || m.version != VERSION {
-        return Err(invalid(dir, format!("format {} version {} is not {FORMAT} {VERSION}", m.format, m.version)));
-    }
-    crate::storage::checksum::check_kind(&m.checksum).map_err(|why| invalid(dir, why))?;
-    if m.mem_bytes == 0 || !m.mem_bytes.is_multiple_of(PAGE) || m.mem_bytes > guest_abi::MAX_MEM {
-        return Err(invalid(dir, format!("guest size {} is not valid", m.mem_bytes)));
-    }
-    if (m.kind == Kind::Diff) != m.base.is_some() {
-        return Err(invalid(dir, "a diff needs a base and a full snapshot has none"));
-    }
-    Ok(m)
+    Ok(chain::read_manifest(dir)?)
 }
 
 /// A diff's pages, checked: (frame numbers, their contents back to back).
@@ -251,7 +254,7 @@ fn read_full_memory(dir: &Path, m: &Manifest, mut sink: impl FnMut(u64, &[u8]) -
     if off != m.mem_bytes {
         return Err(invalid(dir, "memory.bin changed size while being read"));
     }
-    check_sum(dir, m, "memory.bin", &hasher.hex())
+    Ok(check_sum(dir, m, "memory.bin", &hasher.hex())?)
 }
 
 /// A snapshot read back and checked.
@@ -262,54 +265,10 @@ pub struct Loaded {
     pub chain: Vec<Manifest>,
 }
 
-/// Directories already visited while following a chain, by (device, inode): whatever
-/// path names them, a second visit is a loop.
-#[derive(Default)]
-pub(crate) struct Visited(HashSet<(u64, u64)>);
-
-impl Visited {
-    /// Records `dir`; false if it was visited before.
-    pub(crate) fn first_visit(&mut self, dir: &Path) -> std::io::Result<bool> {
-        let md = std::fs::metadata(dir)?;
-        Ok(self.0.insert((md.dev(), md.ino())))
-    }
-}
-
-/// Follows `dir`'s bases back to a full snapshot. A link `{path, id}` holds if the
-/// snapshot at `path` has that id; if instead it carries the id of the snapshot the
-/// link starts from, that snapshot was merged into it, which then takes its place.
-/// A directory or an id met twice is a loop (each step visits a new directory, so
-/// the walk ends).
+/// Follows `dir`'s bases back to a full snapshot, checking every link (see
+/// [`chain::resolve`] and [`Manifest`]'s `follow`): the chain oldest first.
 pub fn resolve_chain(dir: &Path) -> Result<Vec<(PathBuf, Manifest)>, Error> {
-    let mut visited = Visited::default();
-    let mut chain = vec![(dir.to_path_buf(), read_manifest(dir)?)];
-    visited.first_visit(dir).map_err(io(dir))?;
-    while let Some(base) = chain.last().expect("non-empty").1.base.clone() {
-        let bdir = PathBuf::from(&base.path);
-        let bm = read_manifest(&bdir)?;
-        let (top_dir, top) = chain.last().expect("non-empty");
-        if !visited.first_visit(&bdir).map_err(io(&bdir))? {
-            return Err(invalid(top_dir, format!("its base {} is already in the chain of {} (a loop)", bdir.display(), dir.display())));
-        }
-        if bm.mem_bytes != top.mem_bytes || bm.image_sha256 != top.image_sha256 {
-            return Err(invalid(&bdir, "guest size or image differs from the snapshot built on it"));
-        }
-        if bm.id == base.id {
-            chain.push((bdir, bm));
-        } else if bm.id == top.id && bm.merged.contains(&base.id) {
-            // `top` was folded into its base: the merged snapshot replaces it.
-            chain.pop();
-            chain.push((bdir, bm));
-        } else {
-            return Err(invalid(&bdir, format!("is snapshot {}, but {} expects base {}", bm.id, top.id, base.id)));
-        }
-        let (new_dir, new) = chain.last().expect("non-empty");
-        if chain[..chain.len() - 1].iter().any(|(_, m)| m.id == new.id) {
-            return Err(invalid(new_dir, format!("snapshot {} is already in the chain of {} (a loop)", new.id, dir.display())));
-        }
-    }
-    chain.reverse();
-    Ok(chain)
+    Ok(chain::resolve(dir)?)
 }
 
 /// Follows a snapshot's chain back to its full base, checking every link and
@@ -364,7 +323,7 @@ mod tests {
             version: VERSION,
             id: id.into(),
             kind: if base.is_some() { Kind::Diff } else { Kind::Full },
-            base: base.map(|(p, id)| BaseRef { path: p.display().to_string(), id: id.into() }),
+            base: base.map(|(p, id)| Ref { path: p.display().to_string(), id: id.into() }),
             mem_bytes: 1 << 20,
             engine: EngineKind::Pte,
             image_sha256: "i".into(),

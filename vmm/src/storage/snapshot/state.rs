@@ -1,12 +1,11 @@
 //! The vCPU's and the VM's own state: KVM's structs, saved byte for byte as named
 //! sections (`[u32 name length][name][u64 length][bytes]`...), and put back into a new VM.
 
-use super::{kvm, Error};
-use kvm_bindings::{kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_msr_entry, kvm_regs,
-    kvm_sregs, kvm_vcpu_events, Msrs};
+use super::{invalid, kvm, Error};
+use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_msr_entry, Msrs};
 use kvm_ioctls::{VcpuFd, VmFd};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::Path;
 
 /// MSRs saved besides what the sregs carry: APIC base, TSC, kernel GS base.
 const MSRS: [u32; 3] = [0x1b, 0x10, 0xc000_0102];
@@ -87,29 +86,32 @@ pub fn capture(vm: &VmFd, vcpu: &mut VcpuFd) -> Result<Sections, Error> {
     Ok(s)
 }
 
+fn malformed(name: &str) -> Error {
+    invalid(Path::new(""), format!("state section '{name}' is malformed"))
+}
+
+/// Section `name` as the KVM struct it holds.
+fn section<T: Copy + Default>(s: &Sections, name: &str) -> Result<T, Error> {
+    s.get(name).and_then(|raw| from_pod(raw)).ok_or_else(|| malformed(name))
+}
+
 /// Puts captured state into a fresh VM and vCPU.
 pub fn apply(vm: &VmFd, vcpu: &VcpuFd, s: &Sections) -> Result<(), Error> {
-    let bad = |what: &str| Error::Invalid { path: PathBuf::new(), why: format!("state section '{what}' is malformed") };
-    let get = |name: &str| s.get(name).ok_or_else(|| bad(name));
     for (name, chip) in [("pic0", 0u32), ("pic1", 1), ("ioapic", 2)] {
-        let c: kvm_irqchip = from_pod(get(name)?).ok_or_else(|| bad(name))?;
+        let c: kvm_irqchip = section(s, name)?;
         if c.chip_id != chip {
-            return Err(bad(name));
+            return Err(malformed(name));
         }
         kvm("SET_IRQCHIP", vm.set_irqchip(&c))?;
     }
-    let clock: kvm_clock_data = from_pod(get("clock")?).ok_or_else(|| bad("clock"))?;
-    let clock = kvm_clock_data { clock: clock.clock, ..Default::default() };
-    kvm("SET_CLOCK", vm.set_clock(&clock))?;
-    let sregs: kvm_sregs = from_pod(get("sregs")?).ok_or_else(|| bad("sregs"))?;
-    kvm("SET_SREGS", vcpu.set_sregs(&sregs))?;
-    let regs: kvm_regs = from_pod(get("regs")?).ok_or_else(|| bad("regs"))?;
-    kvm("SET_REGS", vcpu.set_regs(&regs))?;
-    let fpu: kvm_fpu = from_pod(get("fpu")?).ok_or_else(|| bad("fpu"))?;
-    kvm("SET_FPU", vcpu.set_fpu(&fpu))?;
-    let raw = get("msrs")?;
+    let clock: kvm_clock_data = section(s, "clock")?;
+    kvm("SET_CLOCK", vm.set_clock(&kvm_clock_data { clock: clock.clock, ..Default::default() }))?;
+    kvm("SET_SREGS", vcpu.set_sregs(&section(s, "sregs")?))?;
+    kvm("SET_REGS", vcpu.set_regs(&section(s, "regs")?))?;
+    kvm("SET_FPU", vcpu.set_fpu(&section(s, "fpu")?))?;
+    let raw = s.get("msrs").ok_or_else(|| malformed("msrs"))?;
     if raw.len() % 16 != 0 {
-        return Err(bad("msrs"));
+        return Err(malformed("msrs"));
     }
     let entries: Vec<kvm_msr_entry> = raw
         .chunks_exact(16)
@@ -119,20 +121,18 @@ pub fn apply(vm: &VmFd, vcpu: &VcpuFd, s: &Sections) -> Result<(), Error> {
             ..Default::default()
         })
         .collect();
-    let msrs = Msrs::from_entries(&entries).map_err(|_| bad("msrs"))?;
+    let msrs = Msrs::from_entries(&entries).map_err(|_| malformed("msrs"))?;
     kvm("SET_MSRS", vcpu.set_msrs(&msrs))?;
-    let lapic: kvm_lapic_state = from_pod(get("lapic")?).ok_or_else(|| bad("lapic"))?;
-    kvm("SET_LAPIC", vcpu.set_lapic(&lapic))?;
-    let events: kvm_vcpu_events = from_pod(get("events")?).ok_or_else(|| bad("events"))?;
-    kvm("SET_VCPU_EVENTS", vcpu.set_vcpu_events(&events))?;
-    let dr: kvm_debugregs = from_pod(get("debugregs")?).ok_or_else(|| bad("debugregs"))?;
-    kvm("SET_DEBUGREGS", vcpu.set_debug_regs(&dr))?;
+    kvm("SET_LAPIC", vcpu.set_lapic(&section(s, "lapic")?))?;
+    kvm("SET_VCPU_EVENTS", vcpu.set_vcpu_events(&section(s, "events")?))?;
+    kvm("SET_DEBUGREGS", vcpu.set_debug_regs(&section(s, "debugregs")?))?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kvm_bindings::kvm_regs;
 
     #[test]
     fn sections_round_trip_and_reject_garbage() {

@@ -13,4 +13,7 @@ if ! command -v objdump >/dev/null; then
   apt-get update -qq && apt-get install -y -qq binutils >/dev/null
 fi
 
+# No folder of the library may use one above it (docs/architecture.md).
+./scripts/check-layers.sh
+
 cargo test --workspace --locked "$@"

@@ -18,6 +18,7 @@
 pub mod api;
 pub mod exit_code;
 pub mod guest_os;
+pub mod input;
 pub mod machine;
 pub mod run;
 pub mod storage;

@@ -27,7 +27,7 @@ pub fn validate(origin: &str, script: &[u8]) -> Result<workload::Summary, Error>
 /// Reads and validates a workload file: a regular file of at most
 /// [`workload::MAX_SCRIPT_LEN`] (256 KiB) bytes.
 pub fn load(path: &Path) -> Result<Vec<u8>, Error> {
-    let bytes = crate::storage::durable::read_limited(path, workload::MAX_SCRIPT_LEN as u64)
+    let bytes = crate::input::read_limited(path, workload::MAX_SCRIPT_LEN as u64)
         .map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
     validate(&path.display().to_string(), &bytes)?;
     Ok(bytes)

@@ -93,7 +93,7 @@ impl Error {
 pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
     let (image_bytes, what) = match &opts.image {
         Some(path) => (
-            crate::storage::durable::read_limited(path, MAX_IMAGE_BYTES).map_err(|source| Error::ReadImage { path: path.clone(), source })?,
+            crate::input::read_limited(path, MAX_IMAGE_BYTES).map_err(|source| Error::ReadImage { path: path.clone(), source })?,
             path.display().to_string(),
         ),
         None => (image::EMBEDDED_KERNEL.to_vec(), "the embedded guest kernel".to_string()),

@@ -105,7 +105,7 @@ pub fn read_manifest<M: Linked>(dir: &Path) -> Result<M, Error> {
         return Err(invalid::<M>(dir, format!("its name marks the staging directory of a {} that was never committed (the VMM stopped before renaming it into place)", M::WHAT)));
     }
     let path = dir.join("manifest.json");
-    let raw = crate::storage::durable::read_limited(&path, MANIFEST_LIMIT).map_err(io(&path))?;
+    let raw = crate::input::read_limited(&path, MANIFEST_LIMIT).map_err(io(&path))?;
     let m: M = serde_json::from_slice(&raw).map_err(|e| invalid::<M>(dir, format!("manifest.json: {e}")))?;
     let h = m.header();
     if h.format != M::FORMAT || h.version != M::VERSION {
@@ -125,7 +125,7 @@ pub fn check_sum<M: Linked>(dir: &Path, m: &M, name: &str, have: &str) -> Result
 /// against the checksum its manifest `m` lists.
 pub fn read_checked<M: Linked>(dir: &Path, m: &M, name: &str, limit: u64) -> Result<Vec<u8>, Error> {
     let path = dir.join(name);
-    let data = crate::storage::durable::read_limited(&path, limit).map_err(io(&path))?;
+    let data = crate::input::read_limited(&path, limit).map_err(io(&path))?;
     check_sum(dir, m, name, &crate::storage::checksum::of(&data))?;
     Ok(data)
 }

@@ -174,11 +174,11 @@ fn read_checked(dir: &Path, m: &Manifest, name: &str, limit: u64) -> Result<Vec<
 /// reading it and its checksum after.
 fn read_sized(dir: &Path, m: &Manifest, name: &str, want: u64) -> Result<Vec<u8>, Error> {
     let path = dir.join(name);
-    let (f, len) = crate::storage::durable::open_regular(&path).map_err(io(&path))?;
+    let (f, len) = crate::input::open_regular(&path).map_err(io(&path))?;
     if len != want {
         return Err(invalid(dir, format!("{name} is {len} bytes, but pages = {} needs {want}", m.pages)));
     }
-    let data = crate::storage::durable::read_at_most(f, want).map_err(io(&path))?;
+    let data = crate::input::read_at_most(f, want).map_err(io(&path))?;
     if data.len() as u64 != want {
         return Err(invalid(dir, format!("{name} changed size while being read")));
     }
@@ -221,7 +221,7 @@ fn read_diff_pages(dir: &Path, m: &Manifest) -> Result<(Vec<u64>, Vec<u8>), Erro
 /// each chunk with its offset.
 fn read_full_memory(dir: &Path, m: &Manifest, mut sink: impl FnMut(u64, &[u8]) -> Result<(), Error>) -> Result<(), Error> {
     let path = dir.join("memory.bin");
-    let (f, len) = crate::storage::durable::open_regular(&path).map_err(io(&path))?;
+    let (f, len) = crate::input::open_regular(&path).map_err(io(&path))?;
     // Never more than the guest's size, even if the file grows meanwhile.
     let mut f = f.take(m.mem_bytes.saturating_add(1));
     if len != m.mem_bytes {

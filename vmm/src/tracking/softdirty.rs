@@ -93,6 +93,17 @@ pub struct Stats {
     pub trap_table_reads: u64,
 }
 
+/// What a snapshot keeps of the tracker (its `tracker` section, as JSON).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TrackerState {
+    /// Each cleared pid's mappings at its last soft-dirty clear.
+    pub cleared: std::collections::BTreeMap<u32, Vec<Mapping>>,
+    /// The dirty log's accumulated bits, one per frame.
+    pub accumulated: Vec<u64>,
+    /// The #PF handler the trap was on, if it was.
+    pub trap: Option<u64>,
+}
+
 /// Pages written in a dirty-rate window: the whole VM's, then (pid, name, pages) per
 /// live process.
 pub type WindowReport = (u64, Vec<(u32, String, u64)>);
@@ -408,24 +419,29 @@ impl Tracker {
 
     /// The engine's own state, for a snapshot: per-pid clears, the accumulated log, the
     /// trap address.
+    pub fn save_state(&self) -> TrackerState {
+        TrackerState {
+            cleared: self.cleared.iter().map(|(&pid, m)| (pid, m.clone())).collect(),
+            accumulated: self.log.accumulated().to_vec(),
+            trap: self.trap.as_ref().and_then(|t| t.handler),
+        }
+    }
+
+    /// [`Self::save_state`] as the bytes of a snapshot's `tracker` section (JSON).
     pub fn export_state(&self) -> Vec<u8> {
-        serde_json::to_vec(&serde_json::json!({
-            "cleared": self.cleared.iter().map(|(pid, m)| (pid.to_string(), m.clone())).collect::<std::collections::BTreeMap<_, _>>(),
-            "accumulated": self.log.accumulated(),
-            "trap": self.trap.as_ref().and_then(|t| t.handler),
-        }))
-        .expect("tracker state serializes")
+        serde_json::to_vec(&self.save_state()).expect("tracker state serializes")
     }
 
     /// Restores [`Self::export_state`] into a fresh tracker and re-arms the trap.
     pub fn import_state(&mut self, raw: &[u8], mem: &GuestMem, vcpu: &VcpuFd) -> Result<(), String> {
-        #[derive(serde::Deserialize)]
-        struct State {
-            cleared: std::collections::BTreeMap<u32, Vec<Mapping>>,
-            accumulated: Vec<u64>,
-            trap: Option<u64>,
-        }
-        let st: State = serde_json::from_slice(raw).map_err(|e| format!("tracker state: {e}"))?;
+        let st: TrackerState = serde_json::from_slice(raw).map_err(|e| format!("tracker state: {e}"))?;
+        self.restore_state(st)?;
+        self.arm_if_wanted(mem, vcpu).map_err(|e| e.to_string())
+    }
+
+    /// Takes a saved state; the trap, if it was on, goes on again at the next
+    /// [`Self::arm_if_wanted`].
+    pub fn restore_state(&mut self, st: TrackerState) -> Result<(), String> {
         if !self.log.set_accumulated(st.accumulated) {
             return Err("tracker state: log size does not match the guest".into());
         }
@@ -433,7 +449,6 @@ impl Tracker {
         if let (Some(_), Some(trap)) = (st.trap, &mut self.trap) {
             trap.handler = None;
             trap.wanted = true;
-            self.arm_if_wanted(mem, vcpu).map_err(|e| e.to_string())?;
         }
         Ok(())
     }

@@ -368,3 +368,20 @@ fn the_vmm_own_writes_count_for_guest_physical_engines() {
     g.ram.vmm_wrote(F / 4096 + 2); // e.g. the zeroing port
     assert_eq!(sd(&mut t, &g, 1, A, 4), "0010");
 }
+
+#[test]
+fn the_saved_state_restores_what_pagemap_says() {
+    let (mut g, p) = one_process();
+    let mut t = g.tracker(EngineKind::Pte);
+    clear(&mut t, &g, 1);
+    assert!(g.write(&mut t, p, A));
+    g.source.write(F / 4096 + 1, 1);
+    let before = t.pagemap(&g.ram, 1, Some((A, 5))).unwrap();
+    let raw = t.export_state();
+    let json: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    assert!(json["cleared"]["1"].is_array(), "pids are JSON object keys, as before: {json}");
+    let mut fresh = g.tracker(EngineKind::Pte);
+    fresh.restore_state(serde_json::from_slice(&raw).unwrap()).unwrap();
+    assert_eq!(fresh.pagemap(&g.ram, 1, Some((A, 5))).unwrap(), before);
+    assert!(fresh.restore_state(TrackerState { accumulated: vec![0; 3], ..t.save_state() }).is_err(), "wrong RAM size");
+}

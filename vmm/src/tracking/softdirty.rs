@@ -19,7 +19,7 @@ use crate::guest_os::{self, Mapping, Process, Snapshot, TableLocation};
 use crate::machine::memory::{GuestMem, Phys};
 use crate::tracking::pf_trap;
 use kvm_ioctls::{VcpuFd, VmFd};
-use mmu::{softdirty, GuestPhysAddr, GuestVirtAddr, Leaf, PageSize, PagemapEntry, PagingMode, PhysMemory, PteFlags,
+use mmu::{softdirty, Cr3, GuestPhysAddr, GuestVirtAddr, Leaf, PageSize, PagemapEntry, PagingMode, PhysMemory, PteFlags,
     TableBudget, Translation, Walker};
 use std::collections::HashMap;
 
@@ -181,7 +181,7 @@ impl Tracker {
     fn walk(&self, mem: &GuestMem, p: &Process, start: u64, pages: u64, budget: &mut TableBudget,
         mut visit: impl FnMut(&Leaf)) -> Result<(), Error> {
         self.walker
-            .walk_range_within(&Phys(mem), GuestPhysAddr(p.cr3), GuestVirtAddr(start), pages, budget, &mut |item| {
+            .walk_range_within(&Phys(mem), p.cr3.table(), GuestVirtAddr(start), pages, budget, &mut |item| {
                 if let Ok(leaf) = item {
                     visit(&leaf);
                 }
@@ -451,8 +451,8 @@ impl Tracker {
         Ok(TrapOutcome::Passed)
     }
 
-    fn leaf_at(&self, mem: &GuestMem, cr3: u64, va: u64) -> Option<Leaf> {
-        match self.walker.translate(&Phys(mem), GuestPhysAddr(cr3 & !0xfff), GuestVirtAddr(va)) {
+    fn leaf_at(&self, mem: &GuestMem, cr3: Cr3, va: u64) -> Option<Leaf> {
+        match self.walker.translate(&Phys(mem), cr3.table(), GuestVirtAddr(va)) {
             Ok(Translation::Mapped { leaf, .. }) => Some(leaf),
             _ => None,
         }
@@ -460,7 +460,7 @@ impl Tracker {
 
     /// The guest's own view: the mapping is writable and the page is not the shared
     /// zero frame (a write there is the guest's copy-on-write to handle).
-    fn guest_allows_write(&self, mem: &GuestMem, cr3: u64, va: u64, leaf: &Leaf) -> bool {
+    fn guest_allows_write(&self, mem: &GuestMem, cr3: Cr3, va: u64, leaf: &Leaf) -> bool {
         let Ok(snap) = self.snapshot(mem) else { return false };
         let Some(p) = snap.by_cr3(cr3) else { return false };
         let writable = p.mapping_at(va).is_some_and(|m| !m.read_only);

@@ -287,9 +287,6 @@ const _: () = {
     assert!(offset_of!(ProcessTable, huge_zero_frame) == 48);
     assert!(offset_of!(ProcessTable, procs) == 56);
     assert!(size_of::<ProcessTable>() == 56 + MAX_PROCS * size_of::<ProcSlot>());
-    // The header fields are u32: the limits must fit.
-    assert!(MAX_PROCS <= u32::MAX as usize && MAX_MAPPINGS <= u32::MAX as usize);
-    assert!(size_of::<ProcSlot>() <= u32::MAX as usize);
 
     // SyncRecord: the VMM reads `pid`, `label_len`, then the label, at fixed offsets.
     assert!(offset_of!(SyncRecord, pid) == 0);

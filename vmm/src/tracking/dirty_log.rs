@@ -10,7 +10,7 @@
 //!
 //! For the pte engine, the KVM bitmap is also the way to make KVM re-read guest PTEs the
 //! VMM edited: `KVM_CLEAR_DIRTY_LOG` on their frames drops KVM's cached writable
-//! translations (DESIGN §3).
+//! translations (docs/softdirty.md, `clear-refs 4`).
 
 use crate::tracking::dirty_ring::{self, DirtyRing};
 use crate::tracking::frame_set::FrameSet;

@@ -25,6 +25,7 @@ pub struct GuestVirtAddr(pub u64);
 /// assert_eq!(cr3.table(), GuestPhysAddr(0x12_3000));
 /// assert_eq!(cr3.pcid(), 5);
 /// assert!(cr3.same_tables(Cr3(0x12_3000)));
+/// assert_eq!((format!("{cr3:?}"), cr3.to_string()), ("Cr3(0x123005)".to_string(), "0x123005".to_string()));
 /// ```
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Cr3(pub u64);
@@ -74,38 +75,21 @@ impl GuestVirtAddr {
     }
 }
 
-impl fmt::Debug for GuestPhysAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "GuestPhysAddr({:#x})", self.0)
-    }
+/// `Debug` as `Name(0x…)` and `Display` as `0x…`, for the address newtypes.
+macro_rules! hex_fmt {
+    ($($t:ident),*) => {$(
+        impl fmt::Debug for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!(stringify!($t), "({:#x})"), self.0)
+            }
+        }
+
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{:#x}", self.0)
+            }
+        }
+    )*};
 }
 
-impl fmt::Debug for GuestVirtAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "GuestVirtAddr({:#x})", self.0)
-    }
-}
-
-impl fmt::Debug for Cr3 {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Cr3({:#x})", self.0)
-    }
-}
-
-impl fmt::Display for Cr3 {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:#x}", self.0)
-    }
-}
-
-impl fmt::Display for GuestPhysAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:#x}", self.0)
-    }
-}
-
-impl fmt::Display for GuestVirtAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:#x}", self.0)
-    }
-}
+hex_fmt!(GuestPhysAddr, GuestVirtAddr, Cr3);

@@ -49,7 +49,8 @@ pub const MAX_MEM: u64 = 3 << 30;
 
 /// 8250 UART (COM1): the guest console.
 pub const SERIAL_PORT: u16 = 0x3f8;
-/// `out` a 32-bit [`ExitStatus`]-style value here to end the run.
+/// `out` a 32-bit status here to end the run: the workload's exit status, or
+/// [`EXIT_KERNEL_PANIC`] and above for a kernel failure.
 pub const EXIT_PORT: u16 = 0xf4;
 /// `out` the 32-bit physical address of a [`SyncRecord`] here at a `sync`.
 pub const SYNC_PORT: u16 = 0xf5;

@@ -302,7 +302,8 @@ mod tests {
     fn hostile_tables_are_refused_with_the_culprit_named() {
         let slot0 = offset_of!(ProcessTable, procs);
         let map0 = slot0 + offset_of!(ProcSlot, mappings);
-        let cases: Vec<(Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+        type Corrupt = Box<dyn Fn(&mut Vec<u8>)>;
+        let cases: Vec<(Corrupt, &str)> = vec![
             (Box::new(|r| r[0] ^= 1), "bad magic"),
             (Box::new(|r| r[8] = 9), "unsupported version 9"),
             (Box::new(|r| r[12] = 200), "does not match"),

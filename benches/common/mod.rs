@@ -2,13 +2,15 @@
 #![allow(dead_code)]
 
 use serde_json::{json, Value};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use vmm::run::child::{Options, Stream, VmmChild};
 
+/// A benchmark guest; the VMM is killed and reaped if the benchmark fails half-way.
 pub struct Guest {
-    pub child: Child,
+    pub child: VmmChild,
     pub sock: PathBuf,
+    /// Holds the workload and the socket; dropped after `child`.
     _dir: tempfile::TempDir,
 }
 
@@ -19,20 +21,15 @@ impl Guest {
         let dir = tempfile::tempdir().unwrap();
         let wl = dir.path().join("bench.wl");
         std::fs::write(&wl, script).unwrap();
-        let sock = dir.path().join("api.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
-            .args(["run", "--workload", wl.to_str().unwrap(), "--api-sock", sock.to_str().unwrap(), "--mem",
-                &mem_mib.to_string(), "--timeout", "3000", "--engine", engine])
-            .stdout(if console { Stdio::piped() } else { Stdio::null() })
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn vmm");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "vmm did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Guest { child, sock, _dir: dir }
+        let opts = Options {
+            stdout: if console { Stream::Piped } else { Stream::Null },
+            stderr: Stream::Null,
+            start_timeout: Duration::from_secs(30),
+        };
+        let args = ["--workload", wl.to_str().unwrap(), "--mem", &mem_mib.to_string(), "--timeout", "3000", "--engine", engine];
+        let child = VmmChild::spawn_in(Path::new(env!("CARGO_BIN_EXE_vmm")), dir.path(), args, &opts)
+            .unwrap_or_else(|e| panic!("vmm did not start: {e}"));
+        Guest { sock: child.sock().to_path_buf(), child, _dir: dir }
     }
 
     pub fn call(&self, req: Value) -> Value {

@@ -49,7 +49,8 @@ pub const MAX_MEM: u64 = 3 << 30;
 
 /// 8250 UART (COM1): the guest console.
 pub const SERIAL_PORT: u16 = 0x3f8;
-/// `out` a 32-bit [`ExitStatus`]-style value here to end the run.
+/// `out` a 32-bit status here to end the run: the workload's exit status, or
+/// [`EXIT_KERNEL_PANIC`] and above for a kernel failure.
 pub const EXIT_PORT: u16 = 0xf4;
 /// `out` the 32-bit physical address of a [`SyncRecord`] here at a `sync`.
 pub const SYNC_PORT: u16 = 0xf5;
@@ -58,6 +59,43 @@ pub const ZERO_PORT: u16 = 0xf6;
 
 /// Exit-port values at or above this are not a workload status but a kernel failure.
 pub const EXIT_KERNEL_PANIC: u32 = 0x1_0000;
+
+/// Page-table entry bits the guest kernel leaves to the hypervisor.
+///
+/// Bits 52..=58 of every entry at every level are ignored by the CPU. The guest kernel
+/// never sets them and keeps them whenever it rewrites an entry, so the VMM can keep its
+/// own per-page state there (soft-dirty tracking, done from outside).
+pub mod pte {
+    /// Every bit reserved for the hypervisor (52..=58).
+    pub const HV_BITS: u64 = 0x7f << 52;
+    /// The page was written since the last soft-dirty clear (Linux's soft-dirty bit).
+    pub const HV_SOFT_DIRTY: u64 = 1 << 52;
+    /// The hypervisor, not the guest, cleared the entry's writable bit.
+    pub const HV_WRITE_PROTECTED: u64 = 1 << 53;
+
+    const _: () = assert!(HV_SOFT_DIRTY & !HV_BITS == 0 && HV_WRITE_PROTECTED & !HV_BITS == 0);
+    const _: () = assert!(HV_SOFT_DIRTY != HV_WRITE_PROTECTED);
+}
+
+/// System calls of the guest's ring-3 runtime: `ud2` with the number in `rax` and
+/// arguments in `rdi`, `rsi`, `rdx`; the result (negative errno on failure) comes back
+/// in `rax`.
+pub mod syscall {
+    /// `exit(code)`: ends the calling process.
+    pub const EXIT: u64 = 0;
+    /// `write(ptr, len)`: one line on the console.
+    pub const WRITE: u64 = 1;
+    /// `map(addr, pages, flags)`, flags from [`mapping_flags`](crate::mapping_flags).
+    pub const MAP: u64 = 2;
+    /// `unmap(addr, pages)`.
+    pub const UNMAP: u64 = 3;
+    /// `protect(addr, pages, read_only)`.
+    pub const PROTECT: u64 = 4;
+    /// `sync(label_ptr, label_len)`: pauses the whole VM and reports the label.
+    pub const SYNC: u64 = 5;
+    /// `yield()`: lets the next process run.
+    pub const YIELD: u64 = 6;
+}
 
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"SDBOOT01");
 
@@ -75,6 +113,7 @@ pub struct BootInfo {
     pub free_phys: u64,
 }
 
+/// Longest `sync` label, in bytes (the script language's limit too).
 pub const SYNC_LABEL_MAX: usize = 32;
 
 /// What the kernel reports at a `sync` statement.
@@ -111,8 +150,12 @@ pub const PROCESS_TABLE_SYMBOL: &str = "PROCESS_TABLE";
 pub const PAGE_FAULT_ENTRY_SYMBOL: &str = "isr14";
 pub const PROCESS_TABLE_MAGIC: u64 = u64::from_le_bytes(*b"SDPTABLE");
 pub const PROCESS_TABLE_VERSION: u32 = 2;
+/// Slots in the process table: the most processes one script may start.
 pub const MAX_PROCS: usize = 16;
+/// Mappings one process may have.
 pub const MAX_MAPPINGS: usize = 64;
+/// Bytes of [`ProcSlot::name`]: a name of up to `PROC_NAME_LEN - 1` characters and
+/// a NUL (Linux's `comm` holds 15 characters).
 pub const PROC_NAME_LEN: usize = 16;
 
 /// Process states in [`ProcSlot::state`].
@@ -210,3 +253,51 @@ impl ProcessTable {
         procs: [ProcSlot::EMPTY; MAX_PROCS],
     };
 }
+
+// The VMM reads the process table byte-wise at `offset_of!` offsets and checks `slot_size`, so
+// either side changing the layout without the other fails loudly at boot; these pin the
+// layout at compile time so that a change is deliberate (and bumps
+// PROCESS_TABLE_VERSION).
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(size_of::<MappingRecord>() == 32);
+    assert!(offset_of!(MappingRecord, start) == 0);
+    assert!(offset_of!(MappingRecord, pages) == 8);
+    assert!(offset_of!(MappingRecord, flags) == 16);
+    assert!(offset_of!(MappingRecord, serial) == 24);
+
+    assert!(offset_of!(ProcSlot, pid) == 0);
+    assert!(offset_of!(ProcSlot, state) == 4);
+    assert!(offset_of!(ProcSlot, exit_code) == 8);
+    assert!(offset_of!(ProcSlot, nmappings) == 12);
+    assert!(offset_of!(ProcSlot, name) == 16);
+    assert!(offset_of!(ProcSlot, cr3) == 32);
+    assert!(offset_of!(ProcSlot, rss_pages) == 40);
+    assert!(offset_of!(ProcSlot, peak_rss_pages) == 48);
+    assert!(offset_of!(ProcSlot, mappings) == 56);
+    assert!(size_of::<ProcSlot>() == 56 + MAX_MAPPINGS * 32);
+
+    assert!(offset_of!(ProcessTable, magic) == 0);
+    assert!(offset_of!(ProcessTable, version) == 8);
+    assert!(offset_of!(ProcessTable, max_procs) == 12);
+    assert!(offset_of!(ProcessTable, max_mappings) == 16);
+    assert!(offset_of!(ProcessTable, slot_size) == 20);
+    assert!(offset_of!(ProcessTable, seq) == 24);
+    assert!(offset_of!(ProcessTable, nprocs) == 32);
+    assert!(offset_of!(ProcessTable, zero_frame) == 40);
+    assert!(offset_of!(ProcessTable, huge_zero_frame) == 48);
+    assert!(offset_of!(ProcessTable, procs) == 56);
+    assert!(size_of::<ProcessTable>() == 56 + MAX_PROCS * size_of::<ProcSlot>());
+
+    // SyncRecord: the VMM reads `pid`, `label_len`, then the label, at fixed offsets.
+    assert!(offset_of!(SyncRecord, pid) == 0);
+    assert!(offset_of!(SyncRecord, label_len) == 4);
+    assert!(offset_of!(SyncRecord, label) == 8);
+    assert!(size_of::<SyncRecord>() == 8 + SYNC_LABEL_MAX);
+    // ZeroRequest: a u64 count, then (pfn, pages) pairs of u64.
+    assert!(offset_of!(ZeroRequest, ranges) == 8);
+    assert!(size_of::<ZeroRange>() == 16);
+    assert!(size_of::<ZeroRequest>() == 8 + 16 * ZERO_REQUEST_MAX);
+    // BootInfo: five u64 in order.
+    assert!(offset_of!(BootInfo, free_phys) == 32 && size_of::<BootInfo>() == 40);
+};

@@ -61,8 +61,8 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
         let b = line.as_bytes();
         // SAFETY: the system-call gate; WRITE then EXIT, which does not return.
         unsafe {
-            core::arch::asm!("ud2", inlateout("rax") syscall::WRITE => _, in("rdi") b.as_ptr(), in("rsi") b.len(), in("rdx") 0);
-            core::arch::asm!("ud2", in("rax") syscall::EXIT, in("rdi") 101u64, in("rsi") 0, in("rdx") 0);
+            core::arch::asm!("ud2", inlateout("rax") guest_abi::syscall::WRITE => _, in("rdi") b.as_ptr(), in("rsi") b.len(), in("rdx") 0);
+            core::arch::asm!("ud2", in("rax") guest_abi::syscall::EXIT, in("rdi") 101u64, in("rsi") 0, in("rdx") 0);
         }
         loop {
             core::hint::spin_loop();

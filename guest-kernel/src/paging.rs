@@ -1,7 +1,7 @@
 //! Page-table editing through the direct map.
 //!
-//! Bits 52..=58 of every entry belong to the hypervisor: the kernel never sets them
-//! and keeps them whenever it rewrites an entry.
+//! Bits 52..=58 of every entry belong to the hypervisor ([`guest_abi::pte::HV_BITS`]):
+//! the kernel never sets them and keeps them whenever it rewrites an entry.
 
 use crate::frames::{self, phys_to_virt};
 
@@ -13,8 +13,7 @@ pub const PCD: u64 = 1 << 4;
 pub const PS: u64 = 1 << 7;
 pub const NX: u64 = 1 << 63;
 pub const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
-/// Bits reserved for the hypervisor (52..=58).
-pub const HV_BITS: u64 = 0x7f << 52;
+pub use guest_abi::pte::HV_BITS;
 
 /// Pointer to entry `index` of the table at physical `table`.
 pub fn entry(table: u64, index: u64) -> *mut u64 {

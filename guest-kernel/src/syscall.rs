@@ -1,20 +1,13 @@
-//! System calls from the ring-3 runtime: `ud2` with the number in `rax` and arguments in
-//! `rdi`, `rsi`, `rdx`; the result (negative errno on failure) comes back in `rax`.
+//! System calls from the ring-3 runtime (numbers and calling convention in
+//! [`guest_abi::syscall`]).
 
 use crate::console;
 use crate::entry::TrapFrame;
 use crate::global::Global;
 use crate::{arch, frames, mm, process};
 use guest_abi::mapping_flags::{HUGE, READ_ONLY, SHARED};
+use guest_abi::syscall::{EXIT, MAP, PROTECT, SYNC, UNMAP, WRITE, YIELD};
 use guest_abi::{SyncRecord, SCRIPT_VIRT, SYNC_LABEL_MAX, SYNC_PORT};
-
-pub const EXIT: u64 = 0;
-pub const WRITE: u64 = 1;
-pub const MAP: u64 = 2;
-pub const UNMAP: u64 = 3;
-pub const PROTECT: u64 = 4;
-pub const SYNC: u64 = 5;
-pub const YIELD: u64 = 6;
 
 const ENOSYS: i64 = 38;
 const EFAULT: i64 = 14;

@@ -4,7 +4,7 @@
 //! `ud2` system calls.
 
 use crate::console::Line;
-use crate::syscall as nr;
+use guest_abi::syscall as nr;
 use core::arch::asm;
 use guest_abi::mapping_flags::{HUGE, READ_ONLY, SHARED};
 use workload::{BlockCursor, Protection, Range, Statement, PAGE_SIZE};

@@ -30,7 +30,7 @@ mod pte;
 pub mod softdirty;
 mod walk;
 
-pub use addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
+pub use addr::{Cr3, GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
 pub use memory::{MemoryError, PhysMemory, SliceMemory};
 pub use pagemap::PagemapEntry;
 pub use pte::{PageTableEntry, PteFlags};

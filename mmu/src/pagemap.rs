@@ -1,4 +1,4 @@
-//! Linux `/proc/PID/pagemap` entries (Documentation/admin-guide/mm/pagemap.rst).
+//! Linux `/proc/PID/pagemap` entries (Linux's Documentation/admin-guide/mm/pagemap.rst).
 
 use core::fmt;
 

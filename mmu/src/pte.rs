@@ -5,8 +5,9 @@ use bitflags::bitflags;
 use core::fmt;
 
 bitflags! {
-    /// x86-64 page-table entry flags, plus the bits this project reserves for the
-    /// hypervisor (52..=58 are ignored by the CPU; the guest kernel never sets them).
+    /// x86-64 page-table entry flags, plus the bits the guest kernel leaves to the
+    /// hypervisor ([`guest_abi::pte`]: 52..=58 are ignored by the CPU; the guest kernel
+    /// never sets them).
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
     pub struct PteFlags: u64 {
         const PRESENT = 1;
@@ -20,16 +21,12 @@ bitflags! {
         const HUGE = 1 << 7;
         const GLOBAL = 1 << 8;
         /// Hypervisor: the page was written since the last soft-dirty clear.
-        const HV_SOFT_DIRTY = 1 << 52;
+        const HV_SOFT_DIRTY = guest_abi::pte::HV_SOFT_DIRTY;
         /// Hypervisor: the hypervisor (not the guest) cleared WRITABLE here.
-        const HV_WRITE_PROTECTED = 1 << 53;
+        const HV_WRITE_PROTECTED = guest_abi::pte::HV_WRITE_PROTECTED;
         const NO_EXECUTE = 1 << 63;
     }
 }
-
-/// Bits reserved for the hypervisor.
-#[allow(dead_code)]
-pub const HV_BITS: u64 = 0x7f << 52;
 
 /// Bits 12..=51: the physical address of the next table or the frame.
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;

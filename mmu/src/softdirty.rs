@@ -1,7 +1,7 @@
 //! Soft-dirty tracking on guest PTEs, done by the hypervisor.
 //!
-//! The hypervisor owns PTE bits 52..=58 (the guest kernel never sets them and keeps
-//! them when it rewrites an entry). It uses two:
+//! The hypervisor owns PTE bits 52..=58 ([`guest_abi::pte::HV_BITS`]: the guest kernel
+//! never sets them and keeps them when it rewrites an entry). It uses two:
 //!
 //! - [`PteFlags::HV_SOFT_DIRTY`]: written since the last clear (Linux's soft-dirty bit).
 //! - [`PteFlags::HV_WRITE_PROTECTED`]: the hypervisor, not the guest, cleared WRITABLE.

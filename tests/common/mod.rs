@@ -2,8 +2,9 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+use vmm::run::child::{self, Options, VmmChild};
 
 pub fn vmm_bin() -> &'static str {
     env!("CARGO_BIN_EXE_vmm")
@@ -68,10 +69,13 @@ pub fn run_script(text: &str, extra: &[&str]) -> Run {
     vmm(&args)
 }
 
-/// A VMM running in the background with a control socket.
+/// A VMM running in the background with a control socket (the library's
+/// [`VmmChild`]: killed and reaped when dropped, so a test that fails half-way never
+/// leaves a VMM paused at a sync forever).
 pub struct Live {
-    pub child: Child,
+    pub child: VmmChild,
     pub sock: PathBuf,
+    /// Holds the workload and the socket; dropped after `child`.
     pub dir: tempfile::TempDir,
 }
 
@@ -98,26 +102,13 @@ impl Live {
     /// `vmm run --api-sock DIR/api.sock ARGS...`
     fn spawn(dir: tempfile::TempDir, run_args: &[String]) -> Result<Live, Run> {
         require_kvm();
-        let sock = dir.path().join("api.sock");
-        let mut args = vec!["run", "--api-sock", sock.to_str().unwrap()];
-        args.extend(run_args.iter().map(String::as_str));
-        let child = Command::new(vmm_bin())
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn vmm");
-        let mut child = child;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !sock.exists() {
-            if child.try_wait().expect("try_wait").is_some() {
-                return Err(Run::from(child.wait_with_output().expect("collect output")));
-            }
-            assert!(Instant::now() < deadline, "the VMM did not create its control socket");
-            std::thread::sleep(Duration::from_millis(10));
+        let opts = Options { start_timeout: Duration::from_secs(20), ..Options::default() };
+        match VmmChild::spawn_in(Path::new(vmm_bin()), dir.path(), run_args, &opts) {
+            Ok(child) => Ok(Live { sock: child.sock().to_path_buf(), child, dir }),
+            Err(child::Error::Exited { status, stdout, stderr }) => Err(Run { code: status.code().unwrap_or(-1), stdout, stderr }),
+            Err(child::Error::NoSocket { .. }) => panic!("the VMM did not create its control socket"),
+            Err(e) => panic!("spawn vmm: {e}"),
         }
-        Ok(Live { child, sock, dir })
     }
 
     pub fn sock(&self) -> &str {
@@ -144,33 +135,8 @@ impl Live {
     }
 
     /// Waits for the VMM to end and returns what it printed.
-    pub fn finish(mut self) -> Run {
-        use std::io::Read;
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        let (stdout, stderr) = (self.child.stdout.take(), self.child.stderr.take());
-        let reader = std::thread::spawn(move || {
-            let mut err = Vec::new();
-            if let Some(mut e) = stderr {
-                let _ = e.read_to_end(&mut err);
-            }
-            err
-        });
-        if let Some(mut o) = stdout {
-            let _ = o.read_to_end(&mut out);
-        }
-        err.extend(reader.join().unwrap_or_default());
-        let status = self.child.wait().expect("wait for vmm");
-        Run { code: status.code().unwrap_or(-1), stdout: String::from_utf8_lossy(&out).into_owned(), stderr: String::from_utf8_lossy(&err).into_owned() }
-    }
-}
-
-impl Drop for Live {
-    /// A test that fails half-way must not leave a VMM paused at a sync forever.
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+    pub fn finish(self) -> Run {
+        Run::from(self.child.wait_with_output().expect("wait for vmm"))
     }
 }
 
@@ -256,14 +222,7 @@ impl Live {
     }
 
     fn exits_soon(&mut self) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if self.child.try_wait().expect("try_wait").is_some() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        false
+        self.child.wait_for(Duration::from_secs(10)).expect("try_wait").is_some()
     }
 
     pub fn clear_refs(&self, pid: u32, value: u32) {
@@ -328,12 +287,6 @@ impl Rng {
 impl Live {
     /// The VMM's peak resident memory so far, in MiB (`VmHWM`).
     pub fn peak_rss_mib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("VMM status");
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM in /proc/PID/status");
-        kb / 1024
+        self.child.peak_rss_kib().expect("VmHWM in the VMM's /proc/PID/status") / 1024
     }
 }

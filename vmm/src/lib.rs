@@ -11,7 +11,7 @@
 //! | [`storage`] | snapshots, per-process dumps, durable writes, checksums, progress |
 //! | [`vcpu`] | the vCPU loop and the state it shares with other threads |
 //! | [`api`] | the control-socket protocol, its server and its client |
-//! | [`run`] | `vmm run` assembled from all of the above; the summary; `vmm scenario` |
+//! | [`run`](mod@run) | `vmm run` assembled from all of the above; the summary; `vmm scenario` and the `vmm run` child it drives |
 //!
 //! Entry points: [`run::run`] with [`RunOptions`], [`api`]'s client for talking to a
 //! running VMM, and the storage readers for snapshots and dumps on disk.

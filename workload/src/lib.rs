@@ -62,14 +62,15 @@ pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
 pub const USER_TOP: u64 = 0x0000_8000_0000_0000;
 /// Lowest mappable address, as Linux's default `mmap_min_addr`.
 pub const MIN_ADDR: u64 = 0x10000;
-/// Longest process name (Linux's `comm` holds 15 characters).
-pub const MAX_NAME_LEN: usize = 15;
-/// Longest `sync` label.
-pub const MAX_LABEL_LEN: usize = 32;
+/// Longest process name: the guest's process-table name field less its NUL (15, as
+/// Linux's `comm`).
+pub const MAX_NAME_LEN: usize = guest_abi::PROC_NAME_LEN - 1;
+/// Longest `sync` label: what the guest's sync record holds.
+pub const MAX_LABEL_LEN: usize = guest_abi::SYNC_LABEL_MAX;
 /// Deepest `loop` nesting.
 pub const MAX_LOOP_DEPTH: usize = 8;
-/// Most processes in one script (the guest kernel's process-table size).
-pub const MAX_PROCS: usize = 16;
+/// Most processes in one script: the guest kernel's process-table size.
+pub const MAX_PROCS: usize = guest_abi::MAX_PROCS;
 /// Largest script the guest accepts.
 pub const MAX_SCRIPT_LEN: usize = 256 * 1024;
 

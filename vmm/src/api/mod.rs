@@ -568,7 +568,7 @@ fn handle_json(req: Request, control: &Control<VcpuContext>, emit: &mut dyn FnMu
             let snap = t.snapshot(mem).map_err(|e| e.to_string())?;
             let procs: Vec<Value> = snap.processes.iter().map(|p| json!({
                 "pid": p.pid, "name": p.name, "state": p.state.name(), "exit_code": p.exit_code,
-                "cr3": p.cr3, "rss_pages": p.rss_pages, "peak_rss_pages": p.peak_rss_pages,
+                "cr3": p.cr3.0, "rss_pages": p.rss_pages, "peak_rss_pages": p.peak_rss_pages,
                 "mappings": p.mappings.iter().map(|m| json!({
                     "start": m.start, "pages": m.pages, "read_only": m.read_only, "huge": m.huge, "shared": m.shared,
                     "serial": m.serial,

@@ -9,6 +9,7 @@ use guest_abi::{
     mapping_flags, state, MappingRecord, ProcSlot, ProcessTable, KERNEL_VIRT_BASE, MAX_MAPPINGS, MAX_PROCS,
     PROCESS_TABLE_MAGIC, PROCESS_TABLE_VERSION, PROC_NAME_LEN,
 };
+use mmu::Cr3;
 use std::mem::{offset_of, size_of};
 
 const USER_TOP: u64 = workload::USER_TOP;
@@ -72,7 +73,8 @@ pub struct Process {
     pub name: String,
     pub state: ProcState,
     pub exit_code: u32,
-    pub cr3: u64,
+    /// The process's address space (the guest stores its PML4's address, no PCID).
+    pub cr3: Cr3,
     pub rss_pages: u64,
     pub peak_rss_pages: u64,
     pub mappings: Vec<Mapping>,
@@ -102,9 +104,9 @@ impl Snapshot {
         self.processes.iter().find(|p| p.pid == pid)
     }
 
-    pub fn by_cr3(&self, cr3: u64) -> Option<&Process> {
-        let cr3 = cr3 & 0x000f_ffff_ffff_f000;
-        self.processes.iter().find(|p| p.is_live() && p.cr3 == cr3)
+    /// The live process whose page tables `cr3` points at (PCID or cache bits aside).
+    pub fn by_cr3(&self, cr3: Cr3) -> Option<&Process> {
+        self.processes.iter().find(|p| p.is_live() && p.cr3.same_tables(cr3))
     }
 }
 
@@ -244,7 +246,7 @@ pub fn parse(raw: &[u8], mem_size: u64) -> Result<Snapshot, Error> {
             name: String::from_utf8_lossy(&name_raw[..name_len]).into_owned(),
             state,
             exit_code: u32_at(s, offset_of!(ProcSlot, exit_code)),
-            cr3,
+            cr3: Cr3(cr3),
             rss_pages: u64_at(s, offset_of!(ProcSlot, rss_pages)),
             peak_rss_pages: u64_at(s, offset_of!(ProcSlot, peak_rss_pages)),
             mappings,
@@ -289,17 +291,19 @@ mod tests {
         let s = parse(&table(), 1 << 30).unwrap();
         assert_eq!(s.processes.len(), 2);
         let p = s.by_pid(1).unwrap();
-        assert_eq!((p.name.as_str(), p.cr3, p.state), ("writer", 0x8000, ProcState::Runnable));
+        assert_eq!((p.name.as_str(), p.cr3, p.state), ("writer", Cr3(0x8000), ProcState::Runnable));
         assert_eq!(p.mappings, vec![Mapping { start: 0x400000, pages: 4, read_only: true, huge: false, shared: false, serial: 7 }]);
         assert_eq!(s.by_pid(2).unwrap().state, ProcState::Killed);
-        assert!(s.by_cr3(0x9000).is_none(), "dead processes have no address space");
+        assert!(s.by_cr3(Cr3(0x9000)).is_none(), "dead processes have no address space");
+        assert_eq!(s.by_cr3(Cr3(0x8000 | 0x18)).map(|p| p.pid), Some(1), "cache bits do not change the address space");
     }
 
     #[test]
     fn hostile_tables_are_refused_with_the_culprit_named() {
         let slot0 = offset_of!(ProcessTable, procs);
         let map0 = slot0 + offset_of!(ProcSlot, mappings);
-        let cases: Vec<(Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+        type Corrupt = Box<dyn Fn(&mut Vec<u8>)>;
+        let cases: Vec<(Corrupt, &str)> = vec![
             (Box::new(|r| r[0] ^= 1), "bad magic"),
             (Box::new(|r| r[8] = 9), "unsupported version 9"),
             (Box::new(|r| r[12] = 200), "does not match"),

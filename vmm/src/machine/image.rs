@@ -7,7 +7,7 @@ use linux_loader::loader::{elf::Elf, KernelLoader};
 use object::{Object, ObjectSymbol};
 use std::io::Cursor;
 
-/// The project's guest kernel, built by build.rs.
+/// The project's guest kernel, built by vmm/build.rs.
 pub static EMBEDDED_KERNEL: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest-kernel.elf"));
 
 #[derive(Debug, thiserror::Error)]

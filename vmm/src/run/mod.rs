@@ -1,5 +1,6 @@
 //! `vmm run`: everything from options to a finished guest, in one place.
 
+pub mod child;
 pub mod scenario;
 pub mod summary;
 

@@ -3,12 +3,12 @@
 //! API at each `sync`, printing the same normalized lines as the Linux executor
 //! (`sd-linux`), so that the two can be compared line by line.
 
+use super::child::{Options, ScratchDir, Stream, VmmChild};
 use crate::api;
 use crate::tracking::engine::EngineKind;
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use workload::scenario::{self, Action};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,13 +27,8 @@ pub enum Error {
 pub fn run(vmm: &Path, path: &Path, engine: EngineKind) -> Result<Vec<String>, Error> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.into(), source })?;
     let sc = scenario::parse(&text).map_err(|source| Error::Parse { path: path.into(), source })?;
-    let dir = std::env::temp_dir().join(format!("sdvmm-scenario-{}-{:x}", std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())));
-    let start_err = |detail: String| Error::Start { path: path.into(), detail };
-    std::fs::create_dir_all(&dir).map_err(|e| start_err(e.to_string()))?;
-    let result = run_in(vmm, path, &sc, &dir, engine);
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    let dir = ScratchDir::new("scenario").map_err(|e| Error::Start { path: path.into(), detail: e.to_string() })?;
+    run_in(vmm, path, &sc, dir.path(), engine)
 }
 
 fn run_in(vmm: &Path, path: &Path, sc: &scenario::Scenario, dir: &Path, engine: EngineKind) -> Result<Vec<String>, Error> {
@@ -41,30 +36,11 @@ fn run_in(vmm: &Path, path: &Path, sc: &scenario::Scenario, dir: &Path, engine: 
     let api_err = |detail: String| Error::Api { path: path.into(), detail };
     let wl = dir.join("workload.wl");
     std::fs::write(&wl, &sc.workload).map_err(|e| start_err(e.to_string()))?;
-    let sock = dir.join("api.sock");
-    let mut child = Command::new(vmm)
-        .args(["run", "--workload"]).arg(&wl).arg("--api-sock").arg(&sock)
-        .args(["--engine", engine.name(), "--timeout", "120"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| start_err(e.to_string()))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !sock.exists() {
-        if let Ok(Some(status)) = child.try_wait() {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut e, &mut err);
-            }
-            return Err(start_err(format!("vmm exited ({status}): {}", err.trim())));
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            return Err(start_err("no control socket after 30 s".into()));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let opts = Options { stdout: Stream::Null, stderr: Stream::Piped, start_timeout: Duration::from_secs(30) };
+    let run_args = ["--workload".as_ref(), wl.as_os_str(), "--engine".as_ref(), engine.name().as_ref(),
+        "--timeout".as_ref(), "120".as_ref()];
+    let mut child = VmmChild::spawn_in(vmm, dir, run_args, &opts).map_err(|e| start_err(e.to_string()))?;
+    let sock = child.sock().to_path_buf();
     let mut out = Vec::new();
     let mut arrivals = std::collections::HashMap::<String, u32>::new();
     loop {

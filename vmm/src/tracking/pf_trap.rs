@@ -8,7 +8,7 @@ use crate::machine::memory::{GuestMem, Phys};
 use kvm_bindings::{kvm_guest_debug, kvm_regs, kvm_sregs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
     KVM_GUESTDBG_USE_HW_BP};
 use kvm_ioctls::{SyncReg, VcpuFd};
-use mmu::{GuestPhysAddr, GuestVirtAddr, PhysMemory, Translation, Walker};
+use mmu::{Cr3, GuestPhysAddr, GuestVirtAddr, PhysMemory, Translation, Walker};
 
 /// RFLAGS.RF: would suppress the breakpoint for one instruction, but the instruction
 /// emulator that runs guest ring 0 here ignores it; see [`step_over_handler_entry`].
@@ -34,7 +34,7 @@ fn kvm<T>(op: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, Error>
 pub fn read_virt(mem: &GuestMem, walker: &Walker, cr3: u64, va: u64, what: &'static str) -> Result<u64, Error> {
     let phys = Phys(mem);
     let err = || Error::Unmapped { what, va };
-    match walker.translate(&phys, GuestPhysAddr(cr3 & !0xfff), GuestVirtAddr(va)).map_err(|_| err())? {
+    match walker.translate(&phys, Cr3(cr3).table(), GuestVirtAddr(va)).map_err(|_| err())? {
         Translation::Mapped { frame, offset, .. } if offset % 8 == 0 => {
             phys.read_u64(GuestPhysAddr(frame.0 + offset)).map_err(|_| err())
         }
@@ -69,7 +69,7 @@ pub fn arm(vcpu: &VcpuFd, handler: u64) -> Result<(), Error> {
 pub struct Fault {
     pub error: u64,
     pub addr: u64,
-    pub cr3: u64,
+    pub cr3: Cr3,
     pub rip: u64,
     pub cs: u64,
     pub rflags: u64,
@@ -108,7 +108,7 @@ pub fn stopped(vcpu: &VcpuFd, mem: &GuestMem, walker: &Walker, sync_regs: bool) 
     for (i, slot) in w.iter_mut().enumerate() {
         *slot = read_virt(mem, walker, sregs.cr3, regs.rsp + 8 * i as u64, "exception frame")?;
     }
-    let fault = Fault { error: w[0], addr: sregs.cr2, cr3: sregs.cr3, rip: w[1], cs: w[2], rflags: w[3], rsp: w[4], ss: w[5] };
+    let fault = Fault { error: w[0], addr: sregs.cr2, cr3: Cr3(sregs.cr3), rip: w[1], cs: w[2], rflags: w[3], rsp: w[4], ss: w[5] };
     Ok(Stopped { regs, sregs, fault })
 }
 

@@ -22,7 +22,7 @@ use crate::machine::memory::GuestMem;
 use crate::tracking::engine::EngineKind;
 use guest_abi::ProcessTable;
 use kvm_ioctls::VcpuFd;
-use mmu::{softdirty, GuestPhysAddr, GuestVirtAddr, Leaf, PagingMode, PteFlags, TableBudget, Translation, Walker};
+use mmu::{softdirty, Cr3, GuestPhysAddr, GuestVirtAddr, Leaf, PagingMode, PteFlags, TableBudget, Translation, Walker};
 use std::collections::HashMap;
 use std::mem::{offset_of, size_of};
 
@@ -222,7 +222,7 @@ impl Tracker {
     fn walk(&self, ram: &impl Ram, p: &Process, start: u64, pages: u64, budget: &mut TableBudget,
         mut visit: impl FnMut(&Leaf)) -> Result<(), Error> {
         self.walker
-            .walk_range_within(&AsPhys(ram), GuestPhysAddr(p.cr3), GuestVirtAddr(start), pages, budget, &mut |item| {
+            .walk_range_within(&AsPhys(ram), p.cr3.table(), GuestVirtAddr(start), pages, budget, &mut |item| {
                 if let Ok(leaf) = item {
                     visit(&leaf);
                 }
@@ -516,7 +516,7 @@ impl Tracker {
     /// must not see the fault. Otherwise the guest handles it (false); if it was a write
     /// to a page the VMM protected, it is recorded anyway, since the guest may let it
     /// happen (copy-on-write).
-    pub fn on_fault(&mut self, ram: &impl Ram, cr3: u64, addr: u64, user_write_protection: bool) -> Result<bool, Error> {
+    pub fn on_fault(&mut self, ram: &impl Ram, cr3: Cr3, addr: u64, user_write_protection: bool) -> Result<bool, Error> {
         if !user_write_protection || addr >= USER_TOP {
             return Ok(false);
         }
@@ -532,8 +532,8 @@ impl Tracker {
         Ok(false)
     }
 
-    fn leaf_at(&self, ram: &impl Ram, cr3: u64, va: u64) -> Option<Leaf> {
-        match self.walker.translate(&AsPhys(ram), GuestPhysAddr(cr3 & !0xfff), GuestVirtAddr(va)) {
+    fn leaf_at(&self, ram: &impl Ram, cr3: Cr3, va: u64) -> Option<Leaf> {
+        match self.walker.translate(&AsPhys(ram), cr3.table(), GuestVirtAddr(va)) {
             Ok(Translation::Mapped { leaf, .. }) => Some(leaf),
             _ => None,
         }
@@ -541,7 +541,7 @@ impl Tracker {
 
     /// The guest's own view: the mapping is writable and the page is not the shared
     /// zero frame (a write there is the guest's copy-on-write to handle).
-    fn guest_allows_write(&mut self, ram: &impl Ram, cr3: u64, va: u64, leaf: &Leaf) -> bool {
+    fn guest_allows_write(&mut self, ram: &impl Ram, cr3: Cr3, va: u64, leaf: &Leaf) -> bool {
         let Ok(snap) = self.cached_snapshot(ram) else { return false };
         let Some(p) = snap.by_cr3(cr3) else { return false };
         let writable = p.mapping_at(va).is_some_and(|m| !m.read_only);

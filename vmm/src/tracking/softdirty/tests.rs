@@ -20,7 +20,7 @@ fn clear_refs_values_follow_linux() {
 use crate::tracking::ram::testing::{Manual, TestRam};
 use guest_abi::{mapping_flags, state, MappingRecord, ProcSlot, MAX_MAPPINGS, MAX_PROCS, PROCESS_TABLE_MAGIC,
     PROCESS_TABLE_VERSION};
-use mmu::PageTableEntry;
+use mmu::{Cr3, PageTableEntry};
 
 const RAM: u64 = 8 << 20;
 const TABLE: u64 = 0x10000;
@@ -137,7 +137,7 @@ impl Guest {
         let mut e = self.pte(p, va);
         if !e.contains(PteFlags::WRITABLE) {
             let cr3 = self.procs[p].cr3;
-            if !tracker.on_fault(&self.ram, cr3, va, true).unwrap() {
+            if !tracker.on_fault(&self.ram, Cr3(cr3), va, true).unwrap() {
                 return false;
             }
             e = self.pte(p, va);
@@ -288,7 +288,7 @@ fn a_huge_zero_page_is_never_written_and_a_written_huge_page_is_dirty_in_all_its
         let a = g.entry_addr(g.procs[p].cr3, h + (2 << 20), 2);
         let e = PageTableEntry(g.ram.get(a));
         if engine.traps_ptes() {
-            assert!(t.on_fault(&g.ram, g.procs[p].cr3, h + (2 << 20) + 0x3000, true).unwrap());
+            assert!(t.on_fault(&g.ram, Cr3(g.procs[p].cr3), h + (2 << 20) + 0x3000, true).unwrap());
         }
         g.ram.guest_write_u64(a, g.ram.get(a) | (PteFlags::DIRTY | PteFlags::WRITABLE).bits());
         g.source.write(0x60_0000 / 4096 + 3, 1);
@@ -341,8 +341,8 @@ fn the_trap_never_grants_a_write_the_guest_forbids_and_rereads_the_table_only_wh
     let e = g.pte(p, A + 2 * 4096);
     assert!(!e.contains(PteFlags::WRITABLE) && softdirty::is_soft_dirty(e), "recorded as written, W not given back");
     // Faults that are not the VMM's: kernel addresses, non-protection faults.
-    assert!(!t.on_fault(&g.ram, g.procs[p].cr3, 0xffff_8000_0000_0000, true).unwrap());
-    assert!(!t.on_fault(&g.ram, g.procs[p].cr3, A + 3 * 4096, false).unwrap());
+    assert!(!t.on_fault(&g.ram, Cr3(g.procs[p].cr3), 0xffff_8000_0000_0000, true).unwrap());
+    assert!(!t.on_fault(&g.ram, Cr3(g.procs[p].cr3), A + 3 * 4096, false).unwrap());
 }
 
 #[test]

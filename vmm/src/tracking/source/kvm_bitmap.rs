@@ -1,8 +1,8 @@
 //! KVM's dirty bitmap with manual protection (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`):
 //! `KVM_GET_DIRTY_LOG` reads the bits, `KVM_CLEAR_DIRTY_LOG` write-protects the frames
 //! again. The clear is also how the pte engine makes KVM re-read guest PTEs the VMM
-//! edited: it drops KVM's cached writable translations of those frames (DESIGN §3 in the
-//! team's host notes; docs/engines.md).
+//! edited: it drops KVM's cached writable translations of those frames (measured on this
+//! host; docs/softdirty.md, `clear-refs 4`).
 
 use super::{Cause, DirtySource, Harvested};
 use crate::tracking::frame_set::FrameSet;

@@ -1,0 +1,303 @@
+//! A `vmm run` child process with a control socket, driven from outside: what
+//! `vmm scenario`, the integration tests and the benchmarks use to boot a guest and talk
+//! to it through [`crate::api`].
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use vmm::run::child::{Options, ScratchDir, VmmChild};
+//! let dir = ScratchDir::new("example").unwrap();
+//! std::fs::write(dir.path().join("w.wl"), "proc p\nsync here\n").unwrap();
+//! let wl = dir.path().join("w.wl");
+//! let mut vmm = VmmChild::spawn_in(Path::new("vmm"), dir.path(), [
+//!     "--workload".as_ref(), wl.as_os_str()], &Options::default()).unwrap();
+//! let pause = vmm::api::call(vmm.sock(), &serde_json::json!({"cmd": "wait"})).unwrap();
+//! # let _ = pause;
+//! vmm::api::call(vmm.sock(), &serde_json::json!({"cmd": "resume"})).unwrap();
+//! assert!(vmm.wait().unwrap().success());
+//! ```
+//!
+//! Limits: the child's stdin is always closed; piped output is not read while the child
+//! starts, so a child that prints more than a pipe holds (64 KiB) before its socket is
+//! up stalls until the start timeout. Dropping a [`VmmChild`] kills and reaps the child
+//! if it still runs, so a caller that fails half-way never leaves a VM paused at a
+//! `sync`.
+
+use std::ffi::OsStr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// How often a waiting caller looks at the child and its socket.
+const POLL: Duration = Duration::from_millis(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot create a scratch directory in {dir}: {source}")]
+    Scratch { dir: PathBuf, source: std::io::Error },
+    #[error("cannot start {vmm}: {source}")]
+    Spawn { vmm: PathBuf, source: std::io::Error },
+    /// It exited before serving; its output, where piped.
+    #[error("vmm exited ({status}): {}", stderr.trim())]
+    Exited { status: ExitStatus, stdout: String, stderr: String },
+    #[error("no control socket after {} s", after.as_secs())]
+    NoSocket { after: Duration },
+    #[error("cannot wait for vmm (pid {pid}): {source}")]
+    Wait { pid: u32, source: std::io::Error },
+}
+
+/// Where a child's stdout or stderr goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// To a pipe the caller reads ([`VmmChild::wait_with_output`], [`Error::Exited`]).
+    Piped,
+    /// Discarded.
+    Null,
+}
+
+impl Stream {
+    fn stdio(self) -> Stdio {
+        match self {
+            Stream::Piped => Stdio::piped(),
+            Stream::Null => Stdio::null(),
+        }
+    }
+}
+
+/// How to start the child.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The guest console.
+    pub stdout: Stream,
+    /// The VMM's diagnostics.
+    pub stderr: Stream,
+    /// How long the child may take to answer on its socket; then it is killed.
+    pub start_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { stdout: Stream::Piped, stderr: Stream::Piped, start_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// A running `vmm run ... --api-sock DIR/api.sock`, killed and reaped when dropped.
+#[derive(Debug)]
+pub struct VmmChild {
+    /// `None` only after [`VmmChild::wait_with_output`] took it (by value).
+    child: Option<Child>,
+    sock: PathBuf,
+}
+
+impl VmmChild {
+    /// Starts `vmm run --api-sock DIR/api.sock RUN_ARGS...` and returns once the socket
+    /// accepts a connection. A child that exits first is reported with what it printed
+    /// ([`Error::Exited`], output of piped streams only); one that neither serves nor
+    /// exits within [`Options::start_timeout`] is killed ([`Error::NoSocket`]).
+    pub fn spawn_in<I, S>(vmm: &Path, dir: &Path, run_args: I, opts: &Options) -> Result<VmmChild, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let sock = dir.join("api.sock");
+        let child = Command::new(vmm)
+            .arg("run")
+            .arg("--api-sock")
+            .arg(&sock)
+            .args(run_args)
+            .stdin(Stdio::null())
+            .stdout(opts.stdout.stdio())
+            .stderr(opts.stderr.stdio())
+            .spawn()
+            .map_err(|source| Error::Spawn { vmm: vmm.to_path_buf(), source })?;
+        let mut this = VmmChild { child: Some(child), sock };
+        this.await_socket(opts.start_timeout)?;
+        Ok(this)
+    }
+
+    fn await_socket(&mut self, limit: Duration) -> Result<(), Error> {
+        let deadline = Instant::now() + limit;
+        // The server renames its socket into place only once it listens, so a
+        // connection either succeeds or the path is not there yet.
+        while UnixStream::connect(&self.sock).is_err() {
+            let pid = self.id();
+            if let Some(status) = self.try_wait().map_err(|source| Error::Wait { pid, source })? {
+                let out = self.take().wait_with_output().map_err(|source| Error::Wait { pid, source })?;
+                return Err(Error::Exited {
+                    status,
+                    stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                    stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+                });
+            }
+            if Instant::now() >= deadline {
+                self.kill_and_reap();
+                return Err(Error::NoSocket { after: limit });
+            }
+            std::thread::sleep(POLL);
+        }
+        Ok(())
+    }
+
+    fn proc(&mut self) -> &mut Child {
+        self.child.as_mut().expect("the child is taken only by wait_with_output, which consumes self")
+    }
+
+    fn take(&mut self) -> Child {
+        self.child.take().expect("the child is taken only once")
+    }
+
+    /// The control socket.
+    pub fn sock(&self) -> &Path {
+        &self.sock
+    }
+
+    /// The child's process id.
+    pub fn id(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Its exit status, if it has exited (reaping it).
+    pub fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        self.proc().try_wait()
+    }
+
+    /// Waits for it to exit, however long that takes.
+    pub fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        self.proc().wait()
+    }
+
+    /// Waits at most `limit` for it to exit; `None` if it still runs.
+    pub fn wait_for(&mut self, limit: Duration) -> std::io::Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Sends SIGKILL (without reaping; [`VmmChild::wait`] or drop reaps).
+    pub fn kill(&mut self) -> std::io::Result<()> {
+        self.proc().kill()
+    }
+
+    /// Waits for it to exit and collects its piped output (read concurrently, so a
+    /// chatty child cannot stall on a full pipe).
+    pub fn wait_with_output(mut self) -> std::io::Result<Output> {
+        self.take().wait_with_output()
+    }
+
+    /// Takes its stdout pipe (`None` if not piped or already taken).
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.proc().stdout.take()
+    }
+
+    /// Takes its stderr pipe (`None` if not piped or already taken).
+    pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.proc().stderr.take()
+    }
+
+    /// Its peak resident memory so far (`VmHWM`), in KiB.
+    pub fn peak_rss_kib(&self) -> std::io::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.id()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "no VmHWM line in /proc/PID/status"))
+    }
+
+    fn kill_and_reap(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            if child.try_wait().ok().flatten().is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+impl Drop for VmmChild {
+    fn drop(&mut self) {
+        self.kill_and_reap();
+    }
+}
+
+/// A fresh directory under the system's temp dir, removed with its contents when
+/// dropped. The name holds the caller's prefix, our pid and a counter, so concurrent
+/// users in one process or across processes do not collide.
+#[derive(Debug)]
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    pub fn new(prefix: &str) -> Result<ScratchDir, Error> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("sdvmm-{prefix}-{}-{nanos:x}-{n}", std::process::id()));
+        std::fs::create_dir(&path).map_err(|source| Error::Scratch { dir: std::env::temp_dir(), source })?;
+        Ok(ScratchDir(path))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A stand-in for the `vmm` binary: a shell script that ignores its arguments.
+    fn fake_vmm(dir: &Path, body: &str) -> PathBuf {
+        let path = dir.join("fake-vmm");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_child_that_exits_before_serving_is_reported_with_its_output() {
+        let dir = ScratchDir::new("child-test").unwrap();
+        let vmm = fake_vmm(dir.path(), "echo out; echo oops >&2; exit 3");
+        match VmmChild::spawn_in(&vmm, dir.path(), ["--workload", "x"], &Options::default()) {
+            Err(e @ Error::Exited { .. }) => {
+                assert_eq!(e.to_string(), "vmm exited (exit status: 3): oops");
+                let Error::Exited { status, stdout, stderr } = e else { unreachable!() };
+                assert_eq!((status.code(), stdout.as_str(), stderr.as_str()), (Some(3), "out\n", "oops\n"));
+            }
+            other => panic!("expected Exited, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_child_that_never_serves_is_killed_at_the_start_timeout() {
+        let dir = ScratchDir::new("child-test").unwrap();
+        let vmm = fake_vmm(dir.path(), "exec sleep 60");
+        let opts = Options { start_timeout: Duration::from_millis(200), ..Options::default() };
+        let err = VmmChild::spawn_in(&vmm, dir.path(), [""; 0], &opts).unwrap_err();
+        assert!(matches!(err, Error::NoSocket { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn scratch_dirs_are_distinct_and_removed() {
+        let (a, b) = (ScratchDir::new("t").unwrap(), ScratchDir::new("t").unwrap());
+        assert_ne!(a.path(), b.path());
+        let p = a.path().to_path_buf();
+        std::fs::write(p.join("f"), b"x").unwrap();
+        drop(a);
+        assert!(!p.exists());
+    }
+}

@@ -150,7 +150,7 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
     };
     kick::install().map_err(Error::Signal)?;
     let control = Arc::new(Control::<VcpuContext>::default());
-    let _socket_file = match &opts.api_sock {
+    let socket_file = match &opts.api_sock {
         Some(path) => Some(api::Server::bind(path)?.spawn(control.clone())?),
         None => None,
     };
@@ -193,6 +193,8 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
     });
     done.store(true, Ordering::SeqCst);
     let _ = watchdog.join();
-    api::drain(Duration::from_millis(500));
+    if let Some(socket_file) = &socket_file {
+        socket_file.drain(Duration::from_millis(500));
+    }
     Ok(result?)
 }

@@ -6,7 +6,6 @@
 use super::child::{Options, ScratchDir, Stream, VmmChild};
 use crate::api;
 use crate::tracking::engine::EngineKind;
-use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use workload::scenario::{self, Action};
@@ -44,9 +43,9 @@ fn run_in(vmm: &Path, path: &Path, sc: &scenario::Scenario, dir: &Path, engine: 
     let mut out = Vec::new();
     let mut arrivals = std::collections::HashMap::<String, u32>::new();
     loop {
-        let (pid, label) = match api::call(&sock, &json!({"cmd": "wait", "timeout_ms": 120_000})) {
-            Ok(v) => (v["pid"].as_u64().unwrap_or(0) as u32, v["label"].as_str().unwrap_or("").to_string()),
-            Err(api::ClientError::Refused(msg)) if msg.contains("has finished") => break,
+        let (pid, label) = match api::call::<api::Paused>(&sock, &api::Request::Wait { label: None, timeout_ms: Some(120_000) }) {
+            Ok(p) => (p.pid, p.label),
+            Err(e) if e.kind() == Some(api::ErrorKind::Finished) => break,
             // Gone already (socket removed, connection reset): finished too, if it exited.
             Err(e) => match child.try_wait() {
                 Ok(Some(_)) => break,
@@ -65,22 +64,21 @@ fn run_in(vmm: &Path, path: &Path, sc: &scenario::Scenario, dir: &Path, engine: 
         for step in sc.steps_at(&label) {
             match step.action {
                 Action::Clear { pid: p, value } => {
-                    if api::call(&sock, &json!({"cmd": "clear-refs", "pid": p, "value": value})).is_err() {
+                    if api::call::<api::RefsCleared>(&sock, &api::Request::ClearRefs { pid: p, value: Some(value) }).is_err() {
                         out.push(format!("{label}#{n} pid {p} clear {value} refused (EINVAL)"));
                     }
                 }
                 Action::Read { pid: p, addr, pages } => {
-                    let v = api::call(&sock, &json!({"cmd": "pagemap", "pid": p, "start": addr, "pages": pages}))
+                    let req = api::Request::Pagemap { pid: p, start: Some(addr), pages: Some(pages), summary: None, format: None };
+                    let v: api::PagemapPages = api::call(&sock, &req)
                         .map_err(|e| api_err(format!("pagemap at {label} (pid {pid}): {e}")))?;
-                    for pg in v["pages"].as_array().into_iter().flatten() {
-                        let b = |k: &str| pg[k].as_bool().unwrap_or(false);
-                        out.push(scenario::read_line(&label, *n, p, pg["addr"].as_u64().unwrap_or(0), b("present"),
-                            b("soft_dirty"), b("exclusive")));
+                    for pg in v.pages {
+                        out.push(scenario::read_line(&label, *n, p, pg.addr, pg.present, pg.soft_dirty, pg.exclusive));
                     }
                 }
             }
         }
-        if let Err(e) = api::call(&sock, &json!({"cmd": "resume"})) {
+        if let Err(e) = api::call::<api::Resumed>(&sock, &api::Request::Resume {}) {
             return Err(api_err(format!("resume at {label}: {e}")));
         }
     }

@@ -2,9 +2,8 @@
 
 use crate::{client_code, fail};
 use clap::{Args, Subcommand};
-use serde_json::json;
 use std::path::{Path, PathBuf};
-use vmm::api;
+use vmm::api::{self, Request};
 use vmm::ExitCode;
 use vmm::storage::progress::{Bar, Progress};
 
@@ -80,9 +79,11 @@ fn with_bar<R: Send + 'static>(label: &str, work: impl FnOnce(&Progress) -> R + 
 }
 
 /// A request whose answer may be preceded by progress lines, with a bar on a terminal.
-fn call_with_bar(label: &str, api_sock: &Path, mut req: serde_json::Value) -> Result<serde_json::Value, api::ClientError> {
+/// `req` gets the bar's `progress` flag.
+fn call_with_bar<R: serde::de::DeserializeOwned>(label: &str, api_sock: &Path, req: impl FnOnce(bool) -> Request)
+    -> Result<R, api::ClientError> {
     let mut bar = Bar::new(label);
-    req["progress"] = json!(bar.enabled());
+    let req = req(bar.enabled());
     let answer = api::call_with_progress(api_sock, &req, |done, total| bar.draw(done, total));
     bar.finish();
     answer
@@ -92,12 +93,12 @@ pub fn snapshot(c: SnapshotCommand) -> ExitCode {
     match c {
         SnapshotCommand::Create { api_sock, out, diff } => {
             let out = absolute(out);
-            let req = json!({"cmd": "snapshot-create", "out": out.display().to_string(), "diff": diff});
-            match call_with_bar("snapshot", &api_sock, req) {
+            let req = |progress| Request::SnapshotCreate { out: out.display().to_string(), diff: Some(diff), progress: Some(progress) };
+            match call_with_bar::<api::SnapshotCreated>("snapshot", &api_sock, req) {
                 Ok(v) => {
-                    println!("{} snapshot {} -> {}: {} pages, {} bytes, VM paused {:.1} ms", v["kind"].as_str().unwrap_or("?"),
-                        v["id"].as_str().unwrap_or("?"), out.display(), v["pages"], v["bytes"],
-                        v["pause_ns"].as_f64().unwrap_or(0.0) / 1e6);
+                    let kind = if v.kind == vmm::storage::snapshot::Kind::Full { "full" } else { "diff" };
+                    println!("{kind} snapshot {} -> {}: {} pages, {} bytes, VM paused {:.1} ms", v.id, out.display(), v.pages,
+                        v.bytes, v.pause_ns as f64 / 1e6);
                     ExitCode::Success
                 }
                 Err(e) => fail(client_code(&e), e),
@@ -150,16 +151,13 @@ pub fn dump(d: DumpArgs) -> ExitCode {
                 return fail(ExitCode::BadInput, "--api-sock, --pid and --out are required");
             };
             let out = absolute(out);
-            let mut req = json!({"cmd": "dump", "pid": pid, "out": out.display().to_string()});
-            if let Some(prev) = d.prev {
-                req["prev"] = json!(absolute(prev).display().to_string());
-            }
-            match call_with_bar("dump", &api_sock, req) {
+            let prev = d.prev.map(|p| absolute(p).display().to_string());
+            let req = |progress| Request::Dump { pid, out: out.display().to_string(), prev, progress: Some(progress) };
+            match call_with_bar::<api::DumpCreated>("dump", &api_sock, req) {
                 Ok(v) => {
-                    let c = &v["counts"];
+                    let c = &v.counts;
                     println!("dump {} of pid {pid} -> {}: {} data, {} zero, {} unchanged, {} absent pages; {} bytes, VM paused {:.1} ms",
-                        v["id"].as_str().unwrap_or("?"), out.display(), c["data"], c["zero"], c["parent"], c["absent"], v["bytes"],
-                        v["pause_ns"].as_f64().unwrap_or(0.0) / 1e6);
+                        v.id, out.display(), c.data, c.zero, c.parent, c.absent, v.bytes, v.pause_ns as f64 / 1e6);
                     ExitCode::Success
                 }
                 Err(e) => fail(client_code(&e), e),

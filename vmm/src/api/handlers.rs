@@ -1,0 +1,333 @@
+//! What each request does: the jobs run on the vCPU thread, and their results (or
+//! refusals) as the typed answers of [`protocol`](super::protocol).
+
+use super::pagemap::PagemapAnswer;
+use super::protocol::{
+    Answer, DirtyRate, DumpCreated, ErrorKind, Failure, Info, MappingInfo, PagemapFormat, Paused, PhaseReply,
+    ProcessInfo, ProcessRate, Processes, Progress as ProgressBody, ProgressLine, RefsCleared, Request, Resumed,
+    SnapshotCreated, Status,
+};
+use crate::machine::memory::GuestMem;
+use crate::storage::progress::Progress;
+use crate::storage::{chain, dump, snapshot};
+use crate::tracking::softdirty::{self, ClearRefs, Tracker};
+use crate::vcpu::control::{Control, Phase};
+use crate::vcpu::runner::VcpuContext;
+use kvm_ioctls::VcpuFd;
+use serde::Serialize;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What a request is answered with.
+pub enum Reply {
+    /// One JSON line (without its newline).
+    Line(String),
+    /// A pagemap, streamed in the format asked for.
+    Pagemap(PagemapAnswer, PagemapFormat),
+}
+
+impl Reply {
+    /// `{"ok":true, ...}` with the fields of `body`, or the failure.
+    fn answer<T: Serialize>(result: Result<T, Failure>) -> Reply {
+        match result {
+            Ok(body) => Reply::Line(line(&Answer::new(body))),
+            Err(f) => Reply::Line(line(&f)),
+        }
+    }
+
+    pub fn failure(kind: ErrorKind, error: impl Into<String>) -> Reply {
+        Reply::Line(line(&Failure::new(kind, error)))
+    }
+}
+
+/// One answer line. It goes through a `serde_json::Value` so that its keys come out
+/// sorted, byte for byte as they always have (the streamed pagemap lines keep their own
+/// order).
+pub fn line(v: &impl Serialize) -> String {
+    match serde_json::to_value(v) {
+        Ok(v) => v.to_string(),
+        // Our answers have string keys and plain values; this does not happen.
+        Err(e) => line(&Failure::new(ErrorKind::Internal, format!("cannot encode the answer: {e}"))),
+    }
+}
+
+/// Control's jobs fail only when the run is over.
+fn finished(msg: String) -> Failure {
+    Failure::new(ErrorKind::Finished, msg)
+}
+
+/// What a refusal of the tracker means to a client.
+fn tracker_failure(e: softdirty::Error) -> Failure {
+    let kind = match e {
+        softdirty::Error::UnknownPid(_) => ErrorKind::UnknownPid,
+        softdirty::Error::NotLive { .. } => ErrorKind::NotLive,
+        softdirty::Error::BadValue(_) | softdirty::Error::BadRange(_) => ErrorKind::BadRequest,
+        _ => ErrorKind::Internal,
+    };
+    Failure::new(kind, e.to_string())
+}
+
+fn snapshot_failure(e: snapshot::Error) -> Failure {
+    let kind = match e {
+        snapshot::Error::Chain(chain::Error::Io { .. }) | snapshot::Error::Durable(_) => ErrorKind::Io,
+        snapshot::Error::NoBase | snapshot::Error::Chain(chain::Error::Invalid { .. }) => ErrorKind::BadRequest,
+        _ => ErrorKind::Internal,
+    };
+    Failure::new(kind, e.to_string())
+}
+
+fn dump_failure(e: dump::Error) -> Failure {
+    match e {
+        dump::Error::SoftDirty(e) => tracker_failure(e),
+        dump::Error::Chain(chain::Error::Io { .. }) | dump::Error::Durable(_) => Failure::new(ErrorKind::Io, e.to_string()),
+        dump::Error::BadPrev { .. } | dump::Error::Chain(chain::Error::Invalid { .. }) => {
+            Failure::new(ErrorKind::BadRequest, e.to_string())
+        }
+        _ => Failure::new(ErrorKind::Internal, e.to_string()),
+    }
+}
+
+/// Answers one request. Long requests may `emit` progress lines before the answer.
+pub fn handle(req: Request, control: &Control<VcpuContext>, emit: &mut dyn FnMut(&ProgressLine)) -> Reply {
+    match req {
+        Request::Status {} => Reply::answer(Ok::<_, Failure>(status(control))),
+        Request::Resume {} => Reply::answer(resume(control)),
+        Request::Wait { label, timeout_ms } => Reply::answer(wait(control, label, timeout_ms)),
+        Request::Ps {} => Reply::answer(ps(control)),
+        Request::ClearRefs { pid, value } => Reply::answer(clear_refs(control, pid, value)),
+        Request::Pagemap { pid, start, pages, summary, format } => match pagemap(control, pid, start, pages) {
+            Ok(answer) if summary == Some(true) => Reply::answer(Ok::<_, Failure>(answer.summary())),
+            Ok(answer) => Reply::Pagemap(answer, format.unwrap_or(PagemapFormat::Array)),
+            Err(f) => Reply::answer(Err::<(), _>(f)),
+        },
+        Request::Info {} => Reply::answer(info(control)),
+        Request::DirtyRate { seconds } => Reply::answer(dirty_rate(control, seconds)),
+        Request::SnapshotCreate { out, diff, progress } => Reply::answer(
+            call_reporting(control, progress == Some(true), emit, move |ctx, p| {
+                ctx.snapshot(Path::new(&out), diff.unwrap_or(false), p).map(SnapshotCreated::from).map_err(snapshot_failure)
+            })
+            .and_then(|r| r),
+        ),
+        Request::Dump { pid, out, prev, progress } => Reply::answer(
+            call_reporting(control, progress == Some(true), emit, move |ctx, p| {
+                ctx.dump(pid, Path::new(&out), prev.as_deref().map(Path::new), p)
+                    .map(DumpCreated::from)
+                    .map_err(dump_failure)
+            })
+            .and_then(|r| r),
+        ),
+    }
+}
+
+fn status(control: &Control<VcpuContext>) -> Status {
+    let phase = match control.phase() {
+        Phase::Running => PhaseReply::Running,
+        Phase::Paused(p) => PhaseReply::Paused { pid: p.pid, label: p.label },
+        Phase::Finished(outcome) => PhaseReply::Finished { outcome },
+    };
+    Status { phase, syncs: control.syncs(), running_ns: control.running_time().as_nanos() as u64 }
+}
+
+fn resume(control: &Control<VcpuContext>) -> Result<Resumed, Failure> {
+    control.resume().map(|()| Resumed {}).map_err(|msg| {
+        // Finished is final: if the VM is finished now, that is why resuming failed.
+        let kind = if matches!(control.phase(), Phase::Finished(_)) { ErrorKind::Finished } else { ErrorKind::NotPaused };
+        Failure::new(kind, msg)
+    })
+}
+
+fn wait(control: &Control<VcpuContext>, label: Option<String>, timeout_ms: Option<u64>) -> Result<Paused, Failure> {
+    let timeout = Duration::from_millis(timeout_ms.unwrap_or(60_000).min(24 * 3600 * 1000));
+    match control.wait_for_pause(label.as_deref(), timeout) {
+        Ok(p) => Ok(Paused { pid: p.pid, label: p.label, running_ns: control.running_time().as_nanos() as u64 }),
+        Err(msg) => {
+            let kind = if matches!(control.phase(), Phase::Finished(_)) { ErrorKind::Finished } else { ErrorKind::Timeout };
+            Err(Failure::new(kind, msg))
+        }
+    }
+}
+
+/// Runs `job` on the vCPU thread with the tracker and the stopped guest.
+fn with_tracker<R: Send + 'static>(
+    control: &Control<VcpuContext>,
+    job: impl FnOnce(&mut Tracker, &GuestMem, &VcpuFd) -> Result<R, Failure> + Send + 'static,
+) -> Result<R, Failure> {
+    control
+        .call(move |ctx: &mut VcpuContext| {
+            let VcpuContext { tracker, mem, vcpu, .. } = ctx;
+            job(tracker, mem, vcpu)
+        })
+        .map_err(finished)?
+}
+
+fn ps(control: &Control<VcpuContext>) -> Result<Processes, Failure> {
+    with_tracker(control, |t, mem, _| {
+        let snap = t.snapshot(mem).map_err(tracker_failure)?;
+        let processes = snap
+            .processes
+            .iter()
+            .map(|p| ProcessInfo {
+                pid: p.pid,
+                name: p.name.clone(),
+                state: p.state.name().to_string(),
+                exit_code: p.exit_code,
+                cr3: p.cr3.0,
+                rss_pages: p.rss_pages,
+                peak_rss_pages: p.peak_rss_pages,
+                mappings: p
+                    .mappings
+                    .iter()
+                    .map(|m| MappingInfo {
+                        start: m.start,
+                        pages: m.pages,
+                        read_only: m.read_only,
+                        huge: m.huge,
+                        shared: m.shared,
+                        serial: m.serial,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Processes { processes })
+    })
+}
+
+fn clear_refs(control: &Control<VcpuContext>, pid: u32, value: Option<u64>) -> Result<RefsCleared, Failure> {
+    let value = ClearRefs::try_from(value.unwrap_or(4)).map_err(tracker_failure)?;
+    with_tracker(control, move |t, mem, vcpu| {
+        let t0 = std::time::Instant::now();
+        let changed = t.clear_refs(mem, vcpu, pid, value).map_err(tracker_failure)?;
+        let elapsed = t0.elapsed().as_nanos() as u64;
+        Ok(RefsCleared { pid, value: value as u64, entries_changed: changed, elapsed_ns: elapsed })
+    })
+}
+
+/// The pagemap range a request names (`None`: every mapping).
+fn pagemap_range(start: Option<u64>, pages: Option<u64>) -> Result<Option<(u64, u64)>, Failure> {
+    let range = match (start, pages) {
+        (None, None) => None,
+        (Some(s), Some(n)) => Some((s, n)),
+        (Some(s), None) => Some((s, 1)),
+        (None, Some(_)) => return Err(Failure::new(ErrorKind::BadRequest, "pages given without start")),
+    };
+    if let Some((s, n)) = range {
+        softdirty::check_range(s, n).map_err(tracker_failure)?;
+    }
+    Ok(range)
+}
+
+fn pagemap(control: &Control<VcpuContext>, pid: u32, start: Option<u64>, pages: Option<u64>) -> Result<PagemapAnswer, Failure> {
+    let range = pagemap_range(start, pages)?;
+    with_tracker(control, move |t, mem, _| {
+        let t0 = std::time::Instant::now();
+        let pages = t.pagemap(mem, pid, range).map_err(tracker_failure)?;
+        // Compact before leaving the vCPU thread: the connection may hold it a while.
+        Ok(PagemapAnswer::new(pid, &pages, t0.elapsed().as_nanos() as u64))
+    })
+}
+
+fn info(control: &Control<VcpuContext>) -> Result<Info, Failure> {
+    control
+        .call(move |ctx: &mut VcpuContext| Info {
+            engine: ctx.tracker.engine().name().to_string(),
+            tsc_khz: ctx.vcpu.get_tsc_khz().ok(),
+            mechanism: ctx.tracker.log.mechanism().to_string(),
+            mem_bytes: vm_memory::GuestMemoryBackend::last_addr(&ctx.mem).0 + 1,
+            exits: counters(&ctx.exits),
+            tracker: counters(&ctx.tracker.stats),
+            log: counters(&ctx.tracker.log.stats),
+        })
+        .map_err(finished)
+}
+
+/// A group of counters as the JSON object it serializes to.
+fn counters(c: &impl Serialize) -> serde_json::Value {
+    serde_json::to_value(c).unwrap_or(serde_json::Value::Null)
+}
+
+fn dirty_rate(control: &Control<VcpuContext>, seconds: Option<f64>) -> Result<DirtyRate, Failure> {
+    let seconds = seconds.unwrap_or(1.0);
+    if !(seconds.is_finite() && seconds > 0.0 && seconds <= 3600.0) {
+        return Err(Failure::new(ErrorKind::BadRequest, format!("seconds {seconds}: must be between 0 and 3600")));
+    }
+    let run0 = control.running_time();
+    with_tracker(control, |t, mem, _| t.window_start(mem).map_err(tracker_failure))?;
+    let t0 = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    let (total, per) = with_tracker(control, |t, mem, _| t.window_report(mem).map_err(tracker_failure))?;
+    let wall = t0.elapsed().as_secs_f64();
+    let ran = (control.running_time() - run0).as_secs_f64();
+    Ok(DirtyRate {
+        seconds: wall,
+        running_seconds: ran,
+        vm_pages: total,
+        vm_pages_per_second: total as f64 / wall,
+        processes: per
+            .into_iter()
+            .map(|(pid, name, n)| ProcessRate { pid, name, pages: n, pages_per_second: n as f64 / wall })
+            .collect(),
+    })
+}
+
+/// Runs a long job on the vCPU thread; with `report`, emits its progress as
+/// [`ProgressLine`]s every 200 ms meanwhile.
+fn call_reporting<R: Send + 'static>(
+    control: &Control<VcpuContext>,
+    report: bool,
+    emit: &mut dyn FnMut(&ProgressLine),
+    job: impl FnOnce(&mut VcpuContext, &Progress) -> R + Send + 'static,
+) -> Result<R, Failure> {
+    let progress = Arc::new(Progress::default());
+    let theirs = progress.clone();
+    // The first report goes out at once, so that even a short job shows its bar.
+    let mut last: Option<std::time::Instant> = None;
+    control
+        .call_ticking(move |ctx| job(ctx, &theirs), || {
+            if report && last.is_none_or(|t| t.elapsed() >= Duration::from_millis(200)) {
+                last = Some(std::time::Instant::now());
+                let (done, total) = progress.get();
+                emit(&ProgressLine { progress: ProgressBody { done, total } });
+            }
+        })
+        .map_err(finished)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(reply: Reply) -> Failure {
+        match reply {
+            Reply::Line(l) => serde_json::from_str(&l).unwrap(),
+            Reply::Pagemap(..) => panic!("a pagemap"),
+        }
+    }
+
+    #[test]
+    fn refusals_say_why_in_a_kind() {
+        let control = Control::<VcpuContext>::default();
+        let f = failure(handle(Request::Resume {}, &control, &mut |_| {}));
+        assert_eq!((f.kind, f.error.as_str()), (ErrorKind::NotPaused, "the VM is running, not paused at a sync"));
+        let f = failure(handle(Request::DirtyRate { seconds: Some(-1.0) }, &control, &mut |_| {}));
+        assert_eq!(f.kind, ErrorKind::BadRequest);
+        let req = Request::Pagemap { pid: 1, start: None, pages: Some(1), summary: None, format: None };
+        assert_eq!(failure(handle(req, &control, &mut |_| {})).kind, ErrorKind::BadRequest);
+        let f = failure(handle(Request::Wait { label: None, timeout_ms: Some(1) }, &control, &mut |_| {}));
+        assert_eq!(f.kind, ErrorKind::Timeout);
+        control.finish("the guest exited".into());
+        for req in [Request::Resume {}, Request::Ps {}, Request::Wait { label: None, timeout_ms: Some(1) }] {
+            let f = failure(handle(req, &control, &mut |_| {}));
+            assert_eq!(f.kind, ErrorKind::Finished, "{}", f.error);
+            assert!(f.error.contains("has finished"), "{}", f.error);
+        }
+    }
+
+    #[test]
+    fn status_lines_keep_sorted_keys() {
+        let control = Control::<VcpuContext>::default();
+        let Reply::Line(l) = handle(Request::Status {}, &control, &mut |_| {}) else { panic!("a pagemap") };
+        assert!(l.starts_with(r#"{"ok":true,"phase":"running","running_ns":"#), "{l}");
+        assert!(l.ends_with(r#","syncs":0}"#), "{l}");
+    }
+}

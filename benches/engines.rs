@@ -163,12 +163,8 @@ fn plot(rows: &[Value], path: &Path) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        println!("engines: bench");
+    if !common::bench_start("engines") {
         return;
-    }
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
-        panic!("/dev/kvm is needed for this benchmark");
     }
     let mut rows = Vec::new();
     for mib in SIZES {

@@ -142,12 +142,8 @@ fn run(mib: u64, out: &Path) -> Vec<Value> {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        println!("snapshots: bench");
+    if !common::bench_start("snapshots") {
         return;
-    }
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
-        panic!("/dev/kvm is needed for this benchmark");
     }
     // On the same file system as the repository (target/), not a tmpfs.
     let scratch = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-snapshots");

@@ -138,12 +138,8 @@ fn host(pages: u64) -> Figures {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        println!("softdirty: bench");
+    if !common::bench_start("softdirty") {
         return;
-    }
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
-        panic!("/dev/kvm is needed for this benchmark");
     }
     let mut rows = Vec::new();
     for mib in [1u64, 16, 256] {

@@ -230,32 +230,31 @@ fn run(engine: &str, seed: u64) {
 
 const SEEDS: u64 = 12;
 
+/// [`run`] for every seed.
+fn run_seeds(engine: &str) {
+    for seed in 0..SEEDS {
+        run(engine, seed);
+    }
+}
+
 #[test]
 fn pte_equals_the_model() {
-    for seed in 0..SEEDS {
-        run("pte", seed);
-    }
+    run_seeds("pte");
 }
 
 #[test]
 fn kvm_bitmap_never_misses_a_write() {
-    for seed in 0..SEEDS {
-        run("kvm-bitmap", seed);
-    }
+    run_seeds("kvm-bitmap");
 }
 
 #[test]
 fn kvm_ring_never_misses_a_write() {
-    for seed in 0..SEEDS {
-        run("kvm-ring", seed);
-    }
+    run_seeds("kvm-ring");
 }
 
 #[test]
 fn uffd_never_misses_a_write() {
-    for seed in 0..SEEDS {
-        run("uffd", seed);
-    }
+    run_seeds("uffd");
 }
 
 #[test]

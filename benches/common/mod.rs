@@ -46,3 +46,17 @@ impl Guest {
         self.call(json!({"cmd": "resume"}));
     }
 }
+
+/// What every benchmark's `main` does first: answers `--list` (cargo bench's probe) with
+/// `NAME: bench` and returns false, or checks that KVM is there (a loud failure, never a
+/// silent skip) and returns true.
+pub fn bench_start(name: &str) -> bool {
+    if std::env::args().any(|a| a == "--list") {
+        println!("{name}: bench");
+        return false;
+    }
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        panic!("/dev/kvm is needed for this benchmark");
+    }
+    true
+}

@@ -252,6 +252,26 @@ impl ProcessTable {
         huge_zero_frame: 0,
         procs: [ProcSlot::EMPTY; MAX_PROCS],
     };
+
+    /// An empty table with the header the kernel publishes (magic, version, limits):
+    /// what a reader accepts, with no processes yet.
+    pub const fn with_header() -> ProcessTable {
+        let mut t = ProcessTable::EMPTY;
+        t.magic = PROCESS_TABLE_MAGIC;
+        t.version = PROCESS_TABLE_VERSION;
+        t.max_procs = MAX_PROCS as u32;
+        t.max_mappings = MAX_MAPPINGS as u32;
+        t.slot_size = core::mem::size_of::<ProcSlot>() as u32;
+        t
+    }
+
+    /// The table's bytes, as a reader in guest memory sees them.
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: ProcessTable is repr(C) plain old data (integers and arrays of them,
+        // padding fields explicit), so all of its bytes are initialized; the slice lives
+        // as long as the borrow of `self`.
+        unsafe { core::slice::from_raw_parts((self as *const ProcessTable).cast::<u8>(), core::mem::size_of::<ProcessTable>()) }
+    }
 }
 
 // The VMM reads the process table byte-wise at `offset_of!` offsets and checks `slot_size`, so

@@ -140,18 +140,8 @@ impl Live {
     }
 }
 
-/// One page of `vmm pagemap --json`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Page {
-    pub addr: u64,
-    pub entry: u64,
-    pub present: bool,
-    pub pfn: Option<u64>,
-    pub soft_dirty: bool,
-    pub exclusive: bool,
-    pub huge: bool,
-    pub accessed: bool,
-}
+/// One page of `vmm pagemap --json`: the API's own type.
+pub use vmm::api::protocol::Page;
 
 impl Live {
     /// Handles every `sync` until the run ends: `at(label, pid)` runs while the VM is
@@ -250,17 +240,7 @@ impl Live {
 }
 
 pub fn parse_page(line: &str) -> Page {
-    let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
-    Page {
-        addr: v["addr"].as_u64().unwrap(),
-        entry: v["entry"].as_u64().unwrap(),
-        present: v["present"].as_bool().unwrap(),
-        pfn: v["pfn"].as_u64(),
-        soft_dirty: v["soft_dirty"].as_bool().unwrap(),
-        exclusive: v["exclusive"].as_bool().unwrap(),
-        huge: v["huge"].as_bool().unwrap(),
-        accessed: v["accessed"].as_bool().unwrap(),
-    }
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
 }
 
 /// `n` copies of `b`.

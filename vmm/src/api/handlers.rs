@@ -3,7 +3,7 @@
 
 use super::pagemap::PagemapAnswer;
 use super::protocol::{
-    Answer, DirtyRate, DumpCreated, ErrorKind, Failure, Info, MappingInfo, PagemapFormat, Paused, PhaseReply,
+    Answer, DirtyRate, DumpCreated, ErrorKind, Failure, Info, PagemapFormat, Paused, PhaseReply,
     ProcessInfo, ProcessRate, Processes, Progress as ProgressBody, ProgressLine, RefsCleared, Request, Resumed,
     SnapshotCreated, Status,
 };
@@ -175,18 +175,7 @@ fn ps(control: &Control<VcpuContext>) -> Result<Processes, Failure> {
                 cr3: p.cr3.0,
                 rss_pages: p.rss_pages,
                 peak_rss_pages: p.peak_rss_pages,
-                mappings: p
-                    .mappings
-                    .iter()
-                    .map(|m| MappingInfo {
-                        start: m.start,
-                        pages: m.pages,
-                        read_only: m.read_only,
-                        huge: m.huge,
-                        shared: m.shared,
-                        serial: m.serial,
-                    })
-                    .collect(),
+                mappings: p.mappings.clone(),
             })
             .collect();
         Ok(Processes { processes })

@@ -231,16 +231,8 @@ pub struct ProcessInfo {
     pub mappings: Vec<MappingInfo>,
 }
 
-/// One mapping of a guest process.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MappingInfo {
-    pub start: u64,
-    pub pages: u64,
-    pub read_only: bool,
-    pub huge: bool,
-    pub shared: bool,
-    pub serial: u64,
-}
+/// One mapping of a guest process, as the process table has it.
+pub use crate::guest_os::Mapping as MappingInfo;
 
 /// Answer to `clear-refs`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -260,12 +260,7 @@ mod tests {
     use super::*;
 
     fn table() -> Vec<u8> {
-        let mut t = ProcessTable::EMPTY;
-        t.magic = PROCESS_TABLE_MAGIC;
-        t.version = PROCESS_TABLE_VERSION;
-        t.max_procs = MAX_PROCS as u32;
-        t.max_mappings = MAX_MAPPINGS as u32;
-        t.slot_size = size_of::<ProcSlot>() as u32;
+        let mut t = ProcessTable::with_header();
         t.nprocs = 2;
         t.zero_frame = 0x5000;
         t.procs[0].pid = 1;
@@ -278,8 +273,7 @@ mod tests {
         t.procs[1].state = state::KILLED;
         t.procs[1].exit_code = 139;
         t.procs[1].cr3 = 0x9000;
-        // SAFETY: ProcessTable is plain old data (repr(C), integers only).
-        unsafe { std::slice::from_raw_parts(&t as *const _ as *const u8, size_of::<ProcessTable>()) }.to_vec()
+        t.as_bytes().to_vec()
     }
 
     fn set_u64(raw: &mut [u8], off: usize, v: u64) {

@@ -194,15 +194,22 @@ mod tests {
         assert!(Devices::restore(efd(), Box::new(std::io::sink()), &huge).is_err(), "a FIFO longer than the 8250's");
     }
 
+    /// A zero request claiming `count` ranges, holding `ranges` (pfn, pages).
+    fn zero_request(count: u64, ranges: &[(u64, u64)]) -> Vec<u8> {
+        let mut req = vec![0u8; 8 + 16 * ZERO_REQUEST_MAX];
+        req[..8].copy_from_slice(&count.to_le_bytes());
+        for (i, (pfn, pages)) in ranges.iter().enumerate() {
+            req[8 + 16 * i..16 + 16 * i].copy_from_slice(&pfn.to_le_bytes());
+            req[16 + 16 * i..24 + 16 * i].copy_from_slice(&pages.to_le_bytes());
+        }
+        req
+    }
+
     #[test]
     fn zero_request_zeroes_only_named_frames() {
         let m = mem();
         memory::write(&m, 0x5000, &[0xaa; 8192]).unwrap();
-        let mut req = vec![0u8; 8 + 16 * ZERO_REQUEST_MAX];
-        req[..8].copy_from_slice(&1u64.to_le_bytes());
-        req[8..16].copy_from_slice(&5u64.to_le_bytes());
-        req[16..24].copy_from_slice(&1u64.to_le_bytes());
-        memory::write(&m, 0x1000, &req).unwrap();
+        memory::write(&m, 0x1000, &zero_request(1, &[(5, 1)])).unwrap();
         assert_eq!(zero_frames(&m, 0x1000).unwrap(), vec![(5, 1)]);
         assert_eq!(memory::read(&m, 0x5000, 4096).unwrap(), vec![0; 4096]);
         assert_eq!(memory::read(&m, 0x6000, 4096).unwrap(), vec![0xaa; 4096]);
@@ -212,12 +219,7 @@ mod tests {
     fn hostile_zero_requests_are_refused_before_writing() {
         let m = mem();
         memory::write(&m, 0x5000, &[0xaa; 4096]).unwrap();
-        let mut req = vec![0u8; 8 + 16 * ZERO_REQUEST_MAX];
-        req[..8].copy_from_slice(&2u64.to_le_bytes());
-        req[8..16].copy_from_slice(&5u64.to_le_bytes());
-        req[16..24].copy_from_slice(&1u64.to_le_bytes());
-        req[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
-        req[32..40].copy_from_slice(&2u64.to_le_bytes());
+        let mut req = zero_request(2, &[(5, 1), (u64::MAX, 2)]);
         memory::write(&m, 0x1000, &req).unwrap();
         assert!(zero_frames(&m, 0x1000).is_err());
         assert_eq!(memory::read(&m, 0x5000, 4096).unwrap(), vec![0xaa; 4096], "nothing zeroed");

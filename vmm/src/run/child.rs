@@ -4,15 +4,16 @@
 //!
 //! ```no_run
 //! use std::path::Path;
+//! use vmm::api::{Paused, Request, Resumed};
 //! use vmm::run::child::{Options, ScratchDir, VmmChild};
 //! let dir = ScratchDir::new("example").unwrap();
 //! std::fs::write(dir.path().join("w.wl"), "proc p\nsync here\n").unwrap();
 //! let wl = dir.path().join("w.wl");
 //! let mut vmm = VmmChild::spawn_in(Path::new("vmm"), dir.path(), [
 //!     "--workload".as_ref(), wl.as_os_str()], &Options::default()).unwrap();
-//! let pause = vmm::api::call(vmm.sock(), &serde_json::json!({"cmd": "wait"})).unwrap();
-//! # let _ = pause;
-//! vmm::api::call(vmm.sock(), &serde_json::json!({"cmd": "resume"})).unwrap();
+//! let pause: Paused = vmm::api::call(vmm.sock(), &Request::Wait { label: None, timeout_ms: None }).unwrap();
+//! assert_eq!(pause.label, "here");
+//! let _: Resumed = vmm::api::call(vmm.sock(), &Request::Resume {}).unwrap();
 //! assert!(vmm.wait().unwrap().success());
 //! ```
 //!

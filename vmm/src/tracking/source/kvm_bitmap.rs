@@ -10,7 +10,6 @@ use kvm_bindings::{kvm_clear_dirty_log, kvm_dirty_log, kvm_enable_cap, KVM_CAP_M
     KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE};
 use kvm_ioctls::VmFd;
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
 use vmm_sys_util::{ioctl_iow_nr, ioctl_iowr_nr};
 
 const KVMIO: u32 = 0xAE;
@@ -54,14 +53,7 @@ pub struct KvmBitmap {
 
 impl KvmBitmap {
     pub fn new(vm: &VmFd, ram_pages: u64) -> Result<KvmBitmap, Error> {
-        // SAFETY: dup of a valid descriptor the caller keeps open; the result is checked.
-        let dup = unsafe { libc::dup(vm.as_raw_fd()) };
-        if dup < 0 {
-            return Err(Error::Dup(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `dup` is a fresh descriptor that nothing else owns.
-        let vm = unsafe { File::from_raw_fd(dup) };
-        Ok(KvmBitmap { vm, pages: ram_pages })
+        Ok(KvmBitmap { vm: super::own_vm_fd(vm).map_err(Error::Dup)?, pages: ram_pages })
     }
 
     fn clear(&self, mut bitmap: Vec<u64>) -> Result<u64, Error> {

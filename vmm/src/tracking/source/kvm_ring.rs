@@ -18,7 +18,7 @@ use crate::tracking::frame_set::FrameSet;
 use kvm_bindings::{kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_DIRTY_LOG_PAGE_OFFSET};
 use kvm_ioctls::{VcpuFd, VmFd};
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -175,13 +175,7 @@ impl DirtyRing {
             return Err(Error::Map(std::io::Error::last_os_error()));
         }
         let ring = Ring { entries: ptr.cast(), len, next: 0 };
-        // SAFETY: dup of a valid fd we keep open; the new fd is owned by the File.
-        let dup = unsafe { libc::dup(vm.as_raw_fd()) };
-        if dup < 0 {
-            return Err(Error::Map(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `dup` is a fresh descriptor we own.
-        let vm = unsafe { File::from_raw_fd(dup) };
+        let vm = super::own_vm_fd(vm).map_err(Error::Map)?;
         let shared = Arc::new(Shared {
             ring: Mutex::new(ring),
             pending: Mutex::new((Vec::new(), false)),

@@ -13,6 +13,18 @@ pub mod kvm_ring;
 pub mod uffd;
 
 use super::frame_set::FrameSet;
+use kvm_ioctls::VmFd;
+use std::fs::File;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+/// A descriptor of the VM of the source's own (a `dup`), so that a source needs no
+/// borrow of the VM for its ioctls.
+fn own_vm_fd(vm: &VmFd) -> std::io::Result<File> {
+    // SAFETY: `vm` is a live VM descriptor for the whole borrow; the borrowed fd is only
+    // duplicated, never closed.
+    let fd = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) };
+    Ok(File::from(fd.try_clone_to_owned()?))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -203,7 +203,7 @@ end
                 armed = b_cleared;
             }
             "a-wrote" if armed => {
-                let (a, b) = (live.pagemap(1, S, 1)[0].clone(), live.pagemap(2, S, 1)[0].clone());
+                let (a, b) = (live.pagemap(1, S, 1)[0], live.pagemap(2, S, 1)[0]);
                 assert_eq!(a.pfn, b.pfn, "one frame, two processes");
                 assert!(a.present && b.present && !a.exclusive && !b.exclusive, "{a:?} {b:?}");
                 assert!(a.soft_dirty, "the writer's page is soft-dirty");

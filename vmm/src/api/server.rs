@@ -11,7 +11,6 @@ use super::protocol::{ErrorKind, Request};
 use crate::vcpu::control::Control;
 use crate::vcpu::runner::VcpuContext;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -51,28 +50,11 @@ impl Server {
     /// Binds `path` (mode 0600). A leftover socket nobody listens on is replaced; any
     /// other existing file is an error.
     pub fn bind(path: &Path) -> Result<Server, Error> {
-        let io = |source| Error::Io { path: path.to_path_buf(), source };
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            if !meta.file_type().is_socket() {
-                return Err(Error::NotASocket { path: path.to_path_buf() });
-            }
-            match UnixStream::connect(path) {
-                Ok(_) => return Err(Error::InUse { path: path.to_path_buf() }),
-                Err(_) => std::fs::remove_file(path).map_err(io)?,
-            }
-        }
-        // Bind and listen inside a fresh private directory (mode 0700, unpredictable
-        // name, beside `path`), restrict the socket, then rename it into place: nobody
-        // else can reach it before it is 0600, and the path appears only once it accepts
-        // connections. (Binding the final path directly leaves a window between bind()
-        // and listen() in which clients that see the file get ECONNREFUSED — seen under
-        // load — and one in which its mode is the umask's.)
-        let private = PrivateDir::beside(path).map_err(io)?;
-        let tmp = private.0.join("api.sock");
-        let listener = UnixListener::bind(&tmp).map_err(io)?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-            .and_then(|()| std::fs::rename(&tmp, path))
-            .map_err(io)?;
+        let listener = crate::unix_socket::bind_private(path).map_err(|e| match e {
+            crate::unix_socket::Error::NotASocket { path } => Error::NotASocket { path },
+            crate::unix_socket::Error::InUse { path } => Error::InUse { path },
+            crate::unix_socket::Error::Io { path, source } => Error::Io { path, source },
+        })?;
         Ok(Server { path: path.to_path_buf(), listener })
     }
 
@@ -89,35 +71,6 @@ impl Server {
             .spawn(move || accept_loop(&listener, Arc::new(shared)))
             .map_err(io)?;
         Ok(SocketFile { path: self.path.clone(), in_flight })
-    }
-}
-
-/// A directory only we can enter, removed (with whatever is left in it) when dropped.
-struct PrivateDir(PathBuf);
-
-impl PrivateDir {
-    fn beside(path: &Path) -> std::io::Result<PrivateDir> {
-        use std::os::unix::ffi::OsStrExt;
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let mut template = parent.join(".vmm-sock-XXXXXX").as_os_str().as_bytes().to_vec();
-        template.push(0);
-        // SAFETY: `template` is a NUL-terminated buffer ending in XXXXXX that mkdtemp
-        // rewrites in place; it outlives the call.
-        let made = unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) };
-        if made.is_null() {
-            return Err(std::io::Error::last_os_error());
-        }
-        template.pop();
-        Ok(PrivateDir(PathBuf::from(std::ffi::OsStr::from_bytes(&template))))
-    }
-}
-
-impl Drop for PrivateDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -322,8 +275,8 @@ fn serve(shared: &Shared, state: &ConnState) {
         }
         let in_flight = InFlight::enter(&shared.in_flight);
         let reply = match serde_json::from_slice::<Request>(&line) {
-            Ok(req) => handlers::handle(req, &shared.control, &mut |progress| {
-                let _ = send(&mut writer, Reply::Line(handlers::line(progress)));
+            Ok(req) => handlers::handle(req, &shared.control, &mut |line| {
+                let _ = send(&mut writer, Reply::Line(line));
             }),
             Err(e) => Reply::failure(ErrorKind::BadRequest, format!("bad request: {e}")),
         };
@@ -351,6 +304,7 @@ fn send(w: &mut impl Write, reply: Reply) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn socket_refuses_to_replace_a_regular_file() {

@@ -46,6 +46,9 @@ pub struct GpaLog {
     window: Bits,
     /// Written since the last snapshot of the VM (all set until the first).
     snap: Bits,
+    /// A migration's own view: written since its last take. `None` when no migration
+    /// runs. Nothing else reads or clears it, and it clears nothing of the others.
+    migration: Option<Bits>,
     source: Box<dyn DirtySource>,
     pub stats: LogStats,
 }
@@ -62,6 +65,7 @@ impl GpaLog {
             accumulated: vec![fill; words],
             window: vec![0; words],
             snap: vec![u64::MAX; words],
+            migration: None,
             source,
             stats: LogStats::default(),
         }
@@ -86,6 +90,11 @@ impl GpaLog {
             *w |= b;
             *s |= b;
             n += u64::from(b.count_ones());
+        }
+        if let Some(m) = &mut self.migration {
+            for (m, &b) in m.iter_mut().zip(written.words()) {
+                *m |= b;
+            }
         }
         n
     }
@@ -184,6 +193,42 @@ impl GpaLog {
         Ok(())
     }
 
+    /// A migration starts: from now on its own view collects every write (the guest's,
+    /// through whichever source runs, and the VMM's), and every frame is re-armed so the
+    /// source reports the next write of each. The other views are untouched.
+    pub fn migration_begin(&mut self, ram: &impl Ram) -> Result<(), Error> {
+        self.harvest(ram)?;
+        self.stats.ioctls += self.source.rearm_all()?;
+        self.migration = Some(vec![0; self.accumulated.len()]);
+        Ok(())
+    }
+
+    /// The frames written since the migration's previous take (or its start), forgotten
+    /// by its view and re-armed *before* they are sent, so that a write during the send
+    /// shows in the next take. Call with the guest stopped.
+    pub fn migration_take(&mut self, ram: &impl Ram) -> Result<FrameSet, Error> {
+        self.harvest(ram)?;
+        let mut taken = FrameSet::new(self.pages);
+        if let Some(m) = &mut self.migration {
+            taken.insert_words(m);
+            m.iter_mut().for_each(|w| *w = 0);
+        }
+        self.stats.ioctls += self.source.rearm(&taken)?;
+        Ok(taken)
+    }
+
+    /// Frames the migration's view holds now (after a harvest), without taking them.
+    pub fn migration_pending(&mut self, ram: &impl Ram) -> Result<u64, Error> {
+        self.harvest(ram)?;
+        Ok(self.migration.as_ref().map_or(0, |m| m.iter().map(|w| u64::from(w.count_ones())).sum()))
+    }
+
+    /// The migration is over (done, failed or cancelled): its view goes away. Whatever
+    /// it held stays in the other views, which it never consumed.
+    pub fn migration_end(&mut self) {
+        self.migration = None;
+    }
+
     /// Starts a new dirty-rate window: everything written so far is harvested, then
     /// forgotten by the window (not by `accumulated`).
     pub fn window_start(&mut self, ram: &impl Ram) -> Result<(), Error> {
@@ -197,6 +242,27 @@ impl GpaLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_migration_sees_every_write_and_disturbs_no_other_view() {
+        let source = Manual::default();
+        let mut d = GpaLog::new(1 << 20, Box::new(source.clone()), false);
+        let ram = TestRam::new(1 << 20);
+        source.write(1, 1);
+        d.migration_begin(&ram).unwrap();
+        assert_eq!(source.rearmed_all(), 1, "every frame re-armed at the start");
+        source.write(5, 2);
+        ram.vmm_wrote(9);
+        assert_eq!(d.migration_pending(&ram).unwrap(), 3);
+        let taken = d.migration_take(&ram).unwrap();
+        assert_eq!(taken.runs().collect::<Vec<_>>(), vec![(5, 2), (9, 1)]);
+        assert_eq!(source.rearmed(), 3, "re-armed before being sent");
+        assert!(d.migration_take(&ram).unwrap().is_empty());
+        d.migration_end();
+        for pfn in [1, 5, 6, 9] {
+            assert!(d.is_dirty(pfn) && d.in_window(pfn) && d.in_snapshot(pfn), "pfn {pfn} still in every other view");
+        }
+    }
     use crate::tracking::ram::testing::{Manual, TestRam};
 
     #[test]

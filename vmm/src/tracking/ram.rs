@@ -210,6 +210,7 @@ pub mod testing {
         pending: Vec<(u64, u64)>,
         overflow: bool,
         rearmed: u64,
+        rearmed_all: u64,
     }
 
     /// A dirty source whose writes the test announces. Clones share their state.
@@ -230,6 +231,11 @@ pub mod testing {
         pub fn rearmed(&self) -> u64 {
             self.0.lock().unwrap().rearmed
         }
+
+        /// Times all of RAM was re-armed.
+        pub fn rearmed_all(&self) -> u64 {
+            self.0.lock().unwrap().rearmed_all
+        }
     }
 
     impl DirtySource for Manual {
@@ -247,6 +253,11 @@ pub mod testing {
 
         fn rearm(&mut self, frames: &FrameSet) -> Result<u64, source::Error> {
             self.0.lock().unwrap().rearmed += frames.len();
+            Ok(0)
+        }
+
+        fn rearm_all(&mut self) -> Result<u64, source::Error> {
+            self.0.lock().unwrap().rearmed_all += 1;
             Ok(0)
         }
     }

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Checks that no folder of the vmm library uses one above it. The layers, bottom first
 # (docs/architecture.md):
-#   machine < guest_os < tracking < storage < vcpu < api < run
+#   machine < guest_os < tracking < storage < vcpu < migration < api < run
 # A module may use its own folder and any folder below it; `exit_code` is a leaf every
 # layer may use. Prints each offending import and exits 1 if there is any.
 set -euo pipefail
 cd "$(dirname "$0")/../vmm/src"
-layers=(machine guest_os tracking storage vcpu api run)
+layers=(machine guest_os tracking storage vcpu migration api run)
 rank() { local i; for i in "${!layers[@]}"; do [ "${layers[$i]}" = "$1" ] && { echo "$i"; return; }; done; echo -1; }
 bad=0
 for dir in "${layers[@]}"; do

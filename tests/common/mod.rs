@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vmm::run::child::{self, Options, VmmChild};
 
 pub fn vmm_bin() -> &'static str {
@@ -268,5 +268,70 @@ impl Live {
     /// The VMM's peak resident memory so far, in MiB (`VmHWM`).
     pub fn peak_rss_mib(&self) -> u64 {
         self.child.peak_rss_kib().expect("VmHWM in the VMM's /proc/PID/status") / 1024
+    }
+}
+
+/// A `vmm run --incoming unix:DIR/in.sock --api-sock DIR/api.sock` waiting for a
+/// migration. Its control socket exists only once a migration arrived.
+pub struct Dest {
+    pub child: Option<std::process::Child>,
+    pub incoming: PathBuf,
+    pub sock: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Dest {
+    pub fn start(extra: &[&str]) -> Dest {
+        require_kvm();
+        let dir = tempdir();
+        let (incoming, sock) = (dir.path().join("in.sock"), dir.path().join("api.sock"));
+        let child = Command::new(vmm_bin())
+            .args(["run", "--incoming", &format!("unix:{}", incoming.display()), "--api-sock", sock.to_str().unwrap(), "--timeout", "120"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the destination vmm");
+        let mut d = Dest { child: Some(child), incoming, sock, dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !d.incoming.exists() {
+            if let Some(Ok(Some(_))) = d.child.as_mut().map(|c| c.try_wait()) {
+                panic!("the destination exited before listening: {:?}", d.finish());
+            }
+            assert!(Instant::now() < deadline, "the destination never listened on {}", d.incoming.display());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        d
+    }
+
+    pub fn addr(&self) -> String {
+        format!("unix:{}", self.incoming.display())
+    }
+
+    /// Runs a client subcommand against the destination's control socket.
+    pub fn client(&self, cmd: &str, args: &[&str]) -> Run {
+        let mut all = vec![cmd, "--api-sock", self.sock.to_str().unwrap()];
+        all.extend_from_slice(args);
+        vmm(&all)
+    }
+
+    pub fn finish(mut self) -> Run {
+        Run::from(self.child.take().expect("not finished yet").wait_with_output().expect("wait for the destination"))
+    }
+
+    /// Kills the destination (a failure in the middle of a migration).
+    pub fn kill(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.child = None;
+    }
+}
+
+impl Drop for Dest {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

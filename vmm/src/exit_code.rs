@@ -22,6 +22,8 @@ pub enum ExitCode {
     GuestCrashed,
     /// The guest did not finish within `--timeout`.
     Timeout,
+    /// The VM migrated to another VMM, which runs it now (`vmm run` on the source).
+    MigratedAway,
 }
 
 impl ExitCode {
@@ -36,6 +38,7 @@ impl ExitCode {
             ExitCode::IoError => 74,
             ExitCode::GuestCrashed => 71,
             ExitCode::Timeout => 124,
+            ExitCode::MigratedAway => 80,
         }
     }
 }

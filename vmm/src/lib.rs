@@ -20,9 +20,11 @@ pub mod exit_code;
 pub mod guest_os;
 pub mod input;
 pub mod machine;
+pub mod migration;
 pub mod run;
 pub mod storage;
 pub mod tracking;
+pub mod unix_socket;
 pub mod vcpu;
 
 pub use exit_code::ExitCode;

@@ -137,6 +137,20 @@ pub fn call_with_progress<R: DeserializeOwned>(
     }
 }
 
+/// [`call`], handing every line that comes before the answer (one without an `ok`
+/// field: progress, migration rounds) to `on_line`.
+pub fn call_with_updates<R: DeserializeOwned>(path: &Path, request: &impl Serialize, mut on_line: impl FnMut(Value)) -> Result<R, ClientError> {
+    let mut reader = send(path, request)?;
+    loop {
+        let v = read_line(path, &mut reader)?;
+        if v.get("ok").is_none() {
+            on_line(v);
+            continue;
+        }
+        return answer(path, v);
+    }
+}
+
 /// Client side of a streamed answer (a pagemap in `"lines"` or `"raw"` format): the
 /// header line, and the stream positioned at the body.
 pub fn call_streaming<R: DeserializeOwned>(path: &Path, request: &impl Serialize) -> Result<(R, BufReader<UnixStream>), ClientError> {

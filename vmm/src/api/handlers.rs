@@ -3,7 +3,7 @@
 
 use super::pagemap::PagemapAnswer;
 use super::protocol::{
-    Answer, DirtyRate, DumpCreated, ErrorKind, Failure, Info, PagemapFormat, Paused, PhaseReply,
+    Answer, DirtyRate, DumpCreated, ErrorKind, Failure, Info, MigrationCancelled, MigrationDone, RoundLine, PagemapFormat, Paused, PhaseReply,
     ProcessInfo, ProcessRate, Processes, Progress as ProgressBody, ProgressLine, RefsCleared, Request, Resumed,
     SnapshotCreated, Status,
 };
@@ -89,7 +89,7 @@ fn dump_failure(e: dump::Error) -> Failure {
 }
 
 /// Answers one request. Long requests may `emit` progress lines before the answer.
-pub fn handle(req: Request, control: &Control<VcpuContext>, emit: &mut dyn FnMut(&ProgressLine)) -> Reply {
+pub fn handle(req: Request, control: &Control<VcpuContext>, emit: &mut dyn FnMut(String)) -> Reply {
     match req {
         Request::Status {} => Reply::answer(Ok::<_, Failure>(status(control))),
         Request::Resume {} => Reply::answer(resume(control)),
@@ -117,7 +117,49 @@ pub fn handle(req: Request, control: &Control<VcpuContext>, emit: &mut dyn FnMut
             })
             .and_then(|r| r),
         ),
+        Request::Migrate { to, downtime_ms, bandwidth, timeout_ms, postcopy } => {
+            Reply::answer(migrate(control, &to, downtime_ms, bandwidth, timeout_ms, postcopy, emit))
+        }
+        Request::MigrateCancel {} => Reply::answer(Ok::<_, Failure>(MigrationCancelled { cancelled: control.cancel_migration() })),
     }
+}
+
+/// Default bound on a whole migration.
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default switch-over target, as QEMU's and Cloud Hypervisor's.
+const MIGRATE_DOWNTIME: Duration = Duration::from_millis(300);
+
+fn migrate(control: &Control<VcpuContext>, to: &str, downtime_ms: Option<u64>, bandwidth: Option<u64>, timeout_ms: Option<u64>,
+    postcopy: Option<bool>, emit: &mut dyn FnMut(String)) -> Result<MigrationDone, Failure> {
+    use crate::migration::{self, source, Error as M};
+    let bad = |m: String| Failure::new(ErrorKind::BadRequest, m);
+    let addr: migration::Addr = to.parse().map_err(|e: migration::addr::Error| bad(e.to_string()))?;
+    addr.unix_path().map_err(|e| bad(e.to_string()))?;
+    if postcopy == Some(true) {
+        return Err(bad("post-copy migration is not implemented in this build (docs/migration.md); migrate without --postcopy".into()));
+    }
+    if bandwidth == Some(0) {
+        return Err(bad("bandwidth 0 MiB/s would never finish".into()));
+    }
+    let cancel = control.begin_migration().ok_or_else(|| Failure::new(ErrorKind::Busy, "a migration is already running".to_string()))?;
+    let opts = source::Options {
+        downtime: downtime_ms.map_or(MIGRATE_DOWNTIME, Duration::from_millis),
+        bandwidth: bandwidth.map(|m| m.saturating_mul(1 << 20)),
+        timeout: timeout_ms.map_or(MIGRATE_TIMEOUT, Duration::from_millis),
+        cancel,
+    };
+    let result = source::migrate(control, &addr, &opts, &mut |round| emit(line(&RoundLine { round: *round })));
+    control.end_migration();
+    result.map_err(|e| {
+        let kind = match &e {
+            M::Addr(_) | M::Unsupported(_) => ErrorKind::BadRequest,
+            M::Cancelled | M::Timeout(_) => ErrorKind::Cancelled,
+            M::Finished(_) => ErrorKind::Finished,
+            M::Log(_) | M::Memory { .. } | M::State(_) => ErrorKind::Internal,
+            M::Connect { .. } | M::Stream(_) | M::NoCommit(_) | M::Refused(_) => ErrorKind::Migration,
+        };
+        Failure::new(kind, e.to_string())
+    })
 }
 
 fn status(control: &Control<VcpuContext>) -> Status {
@@ -264,7 +306,7 @@ fn dirty_rate(control: &Control<VcpuContext>, seconds: Option<f64>) -> Result<Di
 fn call_reporting<R: Send + 'static>(
     control: &Control<VcpuContext>,
     report: bool,
-    emit: &mut dyn FnMut(&ProgressLine),
+    emit: &mut dyn FnMut(String),
     job: impl FnOnce(&mut VcpuContext, &Progress) -> R + Send + 'static,
 ) -> Result<R, Failure> {
     let progress = Arc::new(Progress::default());
@@ -276,7 +318,7 @@ fn call_reporting<R: Send + 'static>(
             if report && last.is_none_or(|t| t.elapsed() >= Duration::from_millis(200)) {
                 last = Some(std::time::Instant::now());
                 let (done, total) = progress.get();
-                emit(&ProgressLine { progress: ProgressBody { done, total } });
+                emit(line(&ProgressLine { progress: ProgressBody { done, total } }));
             }
         })
         .map_err(finished)

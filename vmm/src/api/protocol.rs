@@ -86,6 +86,25 @@ pub enum Request {
         #[serde(skip_serializing_if = "Option::is_none")]
         progress: Option<bool>,
     },
+    /// Live-migrate the VM to `to` (`unix:PATH`; docs/migration.md). `{"round":{...}}`
+    /// lines report each pre-copy round; the answer is a [`MigrationDone`]. The source's
+    /// run then ends (exit status 80); on any failure the VM goes on here.
+    Migrate {
+        to: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        downtime_ms: Option<u64>,
+        /// Cap on the send rate, MiB/s.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        bandwidth: Option<u64>,
+        /// Bound on the whole migration (default 300 s).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        postcopy: Option<bool>,
+    },
+    /// Cancels the running migration (the VM goes on here); answered with
+    /// [`MigrationCancelled`].
+    MigrateCancel {},
 }
 
 /// How a pagemap answer is sent.
@@ -155,10 +174,29 @@ pub enum ErrorKind {
     Io,
     /// A failure inside the VMM or KVM.
     Internal,
+    /// The migration was cancelled (`migrate-cancel`) or did not finish in its time.
+    Cancelled,
+    /// The migration failed on the way (connection, destination); the VM goes on here.
+    Migration,
     /// A kind this client does not know (from a newer VMM), or none (an older one).
     #[default]
     #[serde(other)]
     Unknown,
+}
+
+/// `{"round":{...}}`: one pre-copy round of a migration. Has no `ok` field.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RoundLine {
+    pub round: crate::migration::source::Round,
+}
+
+/// A finished migration: the destination runs the VM now.
+pub type MigrationDone = crate::migration::source::Summary;
+
+/// `migrate-cancel`'s answer: whether a migration was running to be cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationCancelled {
+    pub cancelled: bool,
 }
 
 /// `{"progress":{"done":B,"total":B}}`: how far a long request (`"progress":true`) has

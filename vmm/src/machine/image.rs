@@ -8,6 +8,9 @@ use object::{Object, ObjectSymbol};
 use std::io::Cursor;
 
 /// The project's guest kernel, built by vmm/build.rs.
+/// Largest guest image read (64 MiB): it must fit in guest memory, debug info aside.
+pub const MAX_IMAGE_BYTES: u64 = 64 << 20;
+
 pub static EMBEDDED_KERNEL: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest-kernel.elf"));
 
 #[derive(Debug, thiserror::Error)]

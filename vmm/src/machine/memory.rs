@@ -9,6 +9,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 /// log them.
 pub type GuestMem = GuestMemoryMmap<AtomicBitmap>;
 
+/// Smallest guest: kernel, tables and a little room for processes.
+pub const MIN_MEM_BYTES: u64 = 16 << 20;
+
 /// Takes the bitmap of pages the VMM wrote since the last call (one bit per 4 KiB page
 /// from guest-physical 0), resetting it.
 pub fn take_vmm_writes(mem: &GuestMem) -> Vec<u64> {

@@ -25,11 +25,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Smallest guest: kernel, tables and a little room for processes.
-pub const MIN_MEM_MIB: u64 = 16;
+pub const MIN_MEM_MIB: u64 = memory::MIN_MEM_BYTES >> 20;
 /// Room the guest needs beyond kernel and script (frame stack, page tables, data).
 const MIN_FREE: u64 = 8 << 20;
-/// Largest guest image read (64 MiB): it must fit in guest memory, debug info aside.
-pub const MAX_IMAGE_BYTES: u64 = 64 << 20;
+pub use crate::machine::image::MAX_IMAGE_BYTES;
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -43,6 +42,9 @@ pub struct RunOptions {
     /// booting; `workload`, `mem` and `engine` then come from the snapshot (the command
     /// line refuses them with `--restore`).
     pub restore: Option<PathBuf>,
+    /// Wait (up to `timeout`) for one incoming migration on this address and run the VM
+    /// it brings: image, memory, engine and state all come from the source.
+    pub incoming: Option<crate::migration::Addr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +75,10 @@ pub enum Error {
     TrackerState(String),
     #[error("cannot restore the devices' state: {0}")]
     DeviceState(String),
+    #[error(transparent)]
+    Incoming(#[from] crate::migration::incoming::Error),
+    #[error("cannot tell the migration source to stop: {0}")]
+    Commit(std::io::Error),
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
 }
@@ -82,7 +88,7 @@ impl Error {
         match self {
             Error::BadMemSize(_) | Error::ReadImage { .. } | Error::TooLittleMemory { .. } | Error::Image(_)
             | Error::Script(_) | Error::Api(_) | Error::Snapshot(_) | Error::ImageMismatch { .. }
-            | Error::TrackerState(_) | Error::DeviceState(_) => ExitCode::BadInput,
+            | Error::TrackerState(_) | Error::DeviceState(_) | Error::Incoming(_) => ExitCode::BadInput,
             Error::Vm(vm::Error::Open(_)) | Error::Vm(vm::Error::EngineUnavailable { .. }) => ExitCode::Unavailable,
             Error::Runner(runner::Error::Device(_)) => ExitCode::GuestCrashed,
             _ => ExitCode::Internal,
@@ -92,17 +98,31 @@ impl Error {
 
 /// Boots the guest and runs it to the end. Bad input is reported before any guest runs.
 pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
-    let (image_bytes, what) = match &opts.image {
-        Some(path) => (
+    let incoming = match &opts.incoming {
+        Some(addr) => Some(crate::migration::incoming::receive(addr, opts.timeout)?),
+        None => None,
+    };
+    let (image_bytes, what) = match (&incoming, &opts.image) {
+        (Some(inc), _) => (inc.image.clone(), "the migrated guest's image".to_string()),
+        (None, Some(path)) => (
             crate::input::read_limited(path, MAX_IMAGE_BYTES).map_err(|source| Error::ReadImage { path: path.clone(), source })?,
             path.display().to_string(),
         ),
-        None => (image::EMBEDDED_KERNEL.to_vec(), "the embedded guest kernel".to_string()),
+        (None, None) => (image::EMBEDDED_KERNEL.to_vec(), "the embedded guest kernel".to_string()),
     };
     let image_sha256 = crate::storage::snapshot::sha256_hex(&image_bytes);
     // The kernel's entry point when booting; a restored vCPU carries its own registers.
-    let (mem, mem_size, engine, restored, entry) = match &opts.restore {
-        Some(dir) => {
+    // `restored`: the saved state sections, and the snapshot they came from (if any).
+    let (mut incoming, mut paused) = (incoming, None);
+    let (mem, mem_size, engine, restored, entry) = match (incoming.take(), &opts.restore) {
+        (Some(inc), _) => {
+            let (mem, engine, state) = (inc.mem.clone(), inc.hello.engine, inc.state.clone());
+            paused = inc.paused.clone();
+            let mem_size = inc.hello.mem_bytes;
+            incoming = Some(inc);
+            (mem, mem_size, engine, Some((state, None)), 0)
+        }
+        (None, Some(dir)) => {
             // Every link, size and checksum is checked before a VM exists: the manifests
             // first, then every file as it is loaded into the (still unused) memory.
             let chain = crate::storage::snapshot::resolve_chain(dir)?;
@@ -115,9 +135,10 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
             let loaded = crate::storage::snapshot::load(dir, Some(&mem))?;
             // What restoring wrote is not a guest write.
             memory::take_vmm_writes(&mem);
-            (mem, mem_size, loaded.manifest.engine, Some(loaded), 0)
+            let id = loaded.manifest.id.clone();
+            (mem, mem_size, loaded.manifest.engine, Some((loaded.state, Some((dir.clone(), id)))), 0)
         }
-        None => {
+        (None, None) => {
             let mem_size = opts.mem_mib.checked_mul(1 << 20).ok_or(Error::BadMemSize(opts.mem_mib))?;
             if opts.mem_mib < MIN_MEM_MIB || mem_size > MAX_MEM || mem_size % MEM_ALIGN != 0 {
                 return Err(Error::BadMemSize(opts.mem_mib));
@@ -144,7 +165,7 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
     let machine = Machine::new(&mem, entry, &setup)?;
     let source = setup.attach(&machine, &mem)?;
     let Machine { kvm: _kvm, vm, vcpu, serial_irq, sync_regs } = machine;
-    let devices = match restored.as_ref().and_then(|l| l.state.get("serial")) {
+    let devices = match restored.as_ref().and_then(|(state, _)| state.get("serial")) {
         Some(saved) => Devices::restore(serial_irq, Box::new(std::io::stdout()), saved).map_err(Error::DeviceState)?,
         None => Devices::new(serial_irq, Box::new(std::io::stdout())),
     };
@@ -173,19 +194,25 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
     let table = TableLocation::from_symbol(symbols.address_of(guest_abi::PROCESS_TABLE_SYMBOL)).ok();
     let log = GpaLog::new(mem_size, source, engine.initially_dirty());
     let mut tracker = Tracker::new(table, engine, log, sync_regs);
-    if let Some(loaded) = &restored {
-        crate::storage::snapshot::apply(&vm, &vcpu, &loaded.state)?;
-        if let Some(raw) = loaded.state.get("tracker") {
+    if let Some((state, _)) = &restored {
+        crate::storage::snapshot::apply(&vm, &vcpu, state)?;
+        if let Some(raw) = state.get("tracker") {
             tracker.import_state(raw, &mem, &vcpu).map_err(Error::TrackerState)?;
         }
         // Memory now equals the restored snapshot: the next diff is relative to it.
         tracker.log.snapshot_start().map_err(|e| Error::TrackerState(e.to_string()))?;
     }
     let mut history = crate::storage::History::new(image_sha256);
-    history.last_snapshot =
-        opts.restore.as_ref().zip(restored.as_ref()).map(|(dir, l)| crate::storage::snapshot::Last::at(dir, &l.manifest.id));
-    let ctx = VcpuContext { mem, vm, vcpu, symbols, tracker, exits: Default::default(), history, device_state: Vec::new() };
-    let mut runner = Runner { ctx, devices, control: control.clone(), pause_at_sync: opts.api_sock.is_some(), hook };
+    // A migrated VM's first snapshot is a full one: its chain stayed with the source.
+    history.last_snapshot = restored.as_ref().and_then(|(_, from)| from.as_ref()).map(|(dir, id)| crate::storage::snapshot::Last::at(dir, id));
+    let ctx = VcpuContext { mem, vm, vcpu, symbols, tracker, exits: Default::default(), history, device_state: Vec::new(),
+        image: Arc::new(image_bytes), paused_at: None, migrated_to: None };
+    if let Some(inc) = incoming {
+        // Everything is in place: from here on the guest runs on this side only.
+        inc.commit().map_err(Error::Commit)?;
+    }
+    let mut runner = Runner { ctx, devices, control: control.clone(), pause_at_sync: opts.api_sock.is_some(), hook,
+        start_paused: paused.filter(|_| opts.api_sock.is_some()) };
     let result = runner.run();
     control.finish(match &result {
         Ok(outcome) => outcome.describe(),

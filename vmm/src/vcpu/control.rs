@@ -7,7 +7,7 @@ use crate::machine::devices::SyncPoint;
 use crate::machine::kick::Kicker;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Where the VM is.
@@ -28,6 +28,9 @@ struct State<C> {
     jobs: VecDeque<Job<C>>,
     /// Number of syncs seen so far, so waiters can tell a new pause from an old one.
     syncs: u64,
+    /// A job ended the run while the VM was paused (it migrated away): the pause ends
+    /// without a resume.
+    released: bool,
 }
 
 struct Clock {
@@ -42,6 +45,8 @@ pub struct Control<C> {
     clock: Mutex<Clock>,
     timed_out: AtomicBool,
     vcpu: Mutex<Option<Kicker>>,
+    /// The running migration's cancel flag, if one runs.
+    migration: Mutex<Option<Arc<AtomicBool>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -53,11 +58,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl<C> Default for Control<C> {
     fn default() -> Self {
         Control {
-            state: Mutex::new(State { phase: Phase::Running, jobs: VecDeque::new(), syncs: 0 }),
+            state: Mutex::new(State { phase: Phase::Running, jobs: VecDeque::new(), syncs: 0, released: false }),
             changed: Condvar::new(),
             clock: Mutex::new(Clock { ran: Duration::ZERO, since: None }),
             timed_out: AtomicBool::new(false),
             vcpu: Mutex::new(None),
+            migration: Mutex::new(None),
         }
     }
 }
@@ -121,7 +127,7 @@ impl<C> Control<C> {
         self.changed.notify_all();
         loop {
             let mut s = lock(&self.state);
-            while s.jobs.is_empty() && matches!(s.phase, Phase::Paused(_)) && !self.timed_out() {
+            while s.jobs.is_empty() && matches!(s.phase, Phase::Paused(_)) && !s.released && !self.timed_out() {
                 s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
             }
             if let Some(job) = s.jobs.pop_front() {
@@ -132,6 +138,33 @@ impl<C> Control<C> {
             break;
         }
         self.start_clock();
+    }
+
+    /// Ends a pause without resuming the guest: the run is over here (the VM migrated
+    /// away). The vCPU thread leaves the pause and its run ends.
+    pub fn release_pause(&self) {
+        lock(&self.state).released = true;
+        self.changed.notify_all();
+    }
+
+    /// A migration starts: its cancel flag, or `None` if one is already running.
+    pub fn begin_migration(&self) -> Option<Arc<AtomicBool>> {
+        let mut m = lock(&self.migration);
+        if m.is_some() {
+            return None;
+        }
+        let flag = Arc::new(AtomicBool::new(false));
+        *m = Some(flag.clone());
+        Some(flag)
+    }
+
+    pub fn end_migration(&self) {
+        *lock(&self.migration) = None;
+    }
+
+    /// Asks the running migration to stop; false if none runs.
+    pub fn cancel_migration(&self) -> bool {
+        lock(&self.migration).as_ref().map(|f| f.store(true, Ordering::SeqCst)).is_some()
     }
 
     /// vCPU thread: a `sync` that does not pause still counts.

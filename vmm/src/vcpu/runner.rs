@@ -24,6 +24,8 @@ pub enum Outcome {
     Crashed(String),
     /// `--timeout` passed with the guest still running.
     TimedOut { rip: String },
+    /// The VM migrated to this destination, which runs it now.
+    MigratedAway(String),
 }
 
 impl Outcome {
@@ -33,6 +35,7 @@ impl Outcome {
             Outcome::KernelPanic => "guest kernel panicked".into(),
             Outcome::Crashed(why) => format!("guest crashed: {why}"),
             Outcome::TimedOut { rip } => format!("guest timed out at rip {rip}"),
+            Outcome::MigratedAway(to) => format!("migrated to {to}"),
         }
     }
 }
@@ -62,6 +65,12 @@ pub struct VcpuContext {
     pub history: History,
     /// The devices' state as of the guest's stop (snapshots save it).
     pub device_state: Vec<u8>,
+    /// The guest image the VM booted (a migration sends it).
+    pub image: Arc<Vec<u8>>,
+    /// The sync the VM is paused at, while it is.
+    pub paused_at: Option<SyncPoint>,
+    /// Set by a migration's last job once the destination committed: the run ends.
+    pub migrated_to: Option<String>,
 }
 
 impl VcpuContext {
@@ -118,6 +127,8 @@ pub struct Runner<H> {
     pub control: Arc<Control<VcpuContext>>,
     pub pause_at_sync: bool,
     pub hook: H,
+    /// Start paused at this sync (a VM that migrated in while paused there).
+    pub start_paused: Option<SyncPoint>,
 }
 
 impl<H: SyncHook> Runner<H> {
@@ -153,9 +164,25 @@ impl<H: SyncHook> Runner<H> {
         self.ctx.vcpu.get_sregs().is_ok_and(|s| s.cs.selector & 3 == 3)
     }
 
+    /// Pauses at `point` until resumed (running jobs meanwhile). `Some` if a job ended
+    /// the run meanwhile (the VM migrated away).
+    fn pause(&mut self, point: SyncPoint) -> Option<Outcome> {
+        self.ctx.device_state = self.devices.save();
+        self.ctx.paused_at = Some(point.clone());
+        self.control.pause_at(point, &mut self.ctx);
+        self.ctx.paused_at = None;
+        self.ctx.migrated_to.take().map(Outcome::MigratedAway)
+    }
+
     /// Runs the guest to its end.
     pub fn run(&mut self) -> Result<Outcome, Error> {
         self.control.vcpu_started(crate::machine::kick::Kicker::current());
+        if let Some(point) = self.start_paused.take() {
+            eprintln!("vmm: paused at sync {} (pid {}), as the VM was when it migrated", point.label, point.pid);
+            if let Some(done) = self.pause(point) {
+                return Ok(done);
+            }
+        }
         loop {
             if self.control.timed_out() {
                 return Ok(Outcome::TimedOut { rip: self.describe_rip() });
@@ -163,6 +190,9 @@ impl<H: SyncHook> Runner<H> {
             if self.control.has_jobs() && self.at_safe_point() {
                 self.ctx.device_state = self.devices.save();
                 self.control.run_jobs(&mut self.ctx);
+                if let Some(to) = self.ctx.migrated_to.take() {
+                    return Ok(Outcome::MigratedAway(to));
+                }
             }
             self.ctx.exits.total += 1;
             let event = match self.ctx.vcpu.run() {
@@ -221,8 +251,9 @@ impl<H: SyncHook> Runner<H> {
                     eprintln!("vmm: sync {} (pid {})", point.label, point.pid);
                     self.hook.at_sync(&mut self.ctx, &point);
                     if self.pause_at_sync {
-                        self.ctx.device_state = self.devices.save();
-                        self.control.pause_at(point, &mut self.ctx);
+                        if let Some(done) = self.pause(point) {
+                            return Ok(done);
+                        }
                     } else {
                         self.control.passed_sync();
                     }

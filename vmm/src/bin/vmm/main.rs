@@ -10,6 +10,7 @@ use vmm::run::{self, RunOptions};
 use vmm::Outcome;
 use vmm::run::summary::{Hook, SummaryHook};
 
+mod migrate;
 mod store;
 
 #[derive(Parser)]
@@ -50,6 +51,40 @@ enum Command {
         /// (given explicitly, even at their defaults, they are refused).
         #[arg(long, conflicts_with_all = ["workload", "summary", "mem", "engine"])]
         restore: Option<PathBuf>,
+        /// Wait (up to --timeout) for one incoming live migration on ADDR (unix:PATH) and
+        /// run the VM it brings; image, memory, engine and state come from the source.
+        #[arg(long, value_name = "ADDR", conflicts_with_all = ["image", "workload", "mem", "engine", "restore"])]
+        incoming: Option<vmm::migration::Addr>,
+    },
+    /// Live-migrate a running (or sync-paused) VM to a `vmm run --incoming ADDR`: one
+    /// progress line per pre-copy round, then a summary. The source's run then ends with
+    /// status 80; if the migration fails, the VM goes on here.
+    Migrate {
+        #[arg(long)]
+        api_sock: PathBuf,
+        /// Destination: unix:PATH (tcp:HOST:PORT needs TLS, not in this build).
+        #[arg(long, value_name = "ADDR")]
+        to: String,
+        /// Switch over once the last dirty set is expected to take at most this long.
+        #[arg(long, default_value_t = 300)]
+        downtime_ms: u64,
+        /// Cap on the send rate (MiB/s).
+        #[arg(long, value_name = "MIB_S")]
+        bandwidth: Option<u64>,
+        /// Bound on the whole migration; past it the migration is cancelled cleanly.
+        #[arg(long, default_value_t = 300.0)]
+        timeout: f64,
+        /// Post-copy (not in this build: refused).
+        #[arg(long)]
+        postcopy: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel the running migration of a VM; the VM goes on where it is.
+    MigrateCancel {
+        #[arg(long)]
+        api_sock: PathBuf,
     },
     /// Snapshots of a running VM.
     #[command(subcommand)]
@@ -252,6 +287,8 @@ pub(crate) fn client_code(e: &ClientError) -> ExitCode {
             | ErrorKind::Timeout
             | ErrorKind::Io
             | ErrorKind::Internal
+            | ErrorKind::Cancelled
+            | ErrorKind::Migration
             | ErrorKind::Unknown => ExitCode::Refused,
         },
     }
@@ -277,19 +314,23 @@ fn main_code() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run { image, workload, mem, api_sock, timeout, summary, engine, restore } => {
+        Command::Run { image, workload, mem, api_sock, timeout, summary, engine, restore, incoming } => {
             let timeout = match seconds_arg("--timeout", timeout) {
                 Ok(t) => t,
                 Err(code) => return code,
             };
             let hook =
-                if summary || (workload.is_none() && restore.is_none()) { Hook::Summary(SummaryHook) } else { Hook::None };
-            let opts = RunOptions { image, workload, mem_mib: mem, api_sock, timeout, engine, restore };
+                if summary || (workload.is_none() && restore.is_none() && incoming.is_none()) { Hook::Summary(SummaryHook) } else { Hook::None };
+            let opts = RunOptions { image, workload, mem_mib: mem, api_sock, timeout, engine, restore, incoming };
             match run::run(&opts, hook) {
                 Ok(Outcome::Exited(0)) => ExitCode::Success,
                 Ok(Outcome::Exited(c)) => {
                     eprintln!("vmm: guest exited with status {c}");
                     ExitCode::Guest(c)
+                }
+                Ok(Outcome::MigratedAway(to)) => {
+                    eprintln!("vmm: the VM migrated to {to}; it runs there now");
+                    ExitCode::MigratedAway
                 }
                 Ok(o @ Outcome::TimedOut { .. }) => fail(ExitCode::Timeout, format!("{} (--timeout {}s)", o.describe(), opts.timeout.as_secs_f64())),
                 Ok(o) => fail(ExitCode::GuestCrashed, o.describe()),
@@ -392,6 +433,18 @@ fn main_code() -> ExitCode {
             }
             code
         }
+        Command::Migrate { api_sock, to, downtime_ms, bandwidth, timeout, postcopy, json } => {
+            let timeout = match seconds_arg("--timeout", timeout) {
+                Ok(t) => t,
+                Err(code) => return code,
+            };
+            migrate::run(&api_sock, to, downtime_ms, bandwidth, timeout, postcopy, json)
+        }
+        Command::MigrateCancel { api_sock } => match api::call::<api::MigrationCancelled>(&api_sock, &Request::MigrateCancel {}) {
+            Ok(c) if c.cancelled => ExitCode::Success,
+            Ok(_) => fail(ExitCode::Refused, "no migration is running"),
+            Err(e) => fail(client_code(&e), e),
+        },
         Command::Resume { api_sock } => match api::call::<api::Resumed>(&api_sock, &Request::Resume {}) {
             Ok(_) => ExitCode::Success,
             Err(e) => fail(client_code(&e), e),

@@ -27,7 +27,7 @@ mod state;
 
 pub use create::{create, Phases, Report, Source};
 pub use merge::{merge, Merged};
-pub use state::{apply, Sections};
+pub use state::{apply, capture, Sections};
 
 use crate::machine::memory::GuestMem;
 use crate::storage::chain::{self, check_sum, Header, Linked, Ref, Refusal, Step};

@@ -1,0 +1,202 @@
+//! The destination side: accept one migration, check every record against what it
+//! claims, fill fresh guest memory, and hand the run everything it needs to go on where
+//! the source stopped. The stream is untrusted: nothing is written outside guest RAM,
+//! no allocation follows a size the stream claims beyond its bounds.
+
+use super::addr::Addr;
+use super::stream::{self, split_pfn, Hello, Kind, Reader, MAX_PAGES_PER_RECORD};
+use super::{decode_pause, decode_sections};
+use crate::machine::devices::SyncPoint;
+use crate::machine::image::MAX_IMAGE_BYTES;
+use crate::machine::memory::{self, GuestMem, MIN_MEM_BYTES};
+use crate::storage::snapshot::Sections;
+use crate::tracking::frame_set::FrameSet;
+use guest_abi::{MAX_MEM, MEM_ALIGN};
+use std::io::Write;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const PAGE: u64 = 4096;
+/// Silence from the source for this long ends the migration.
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Addr(#[from] super::addr::Error),
+    #[error(transparent)]
+    Socket(#[from] crate::unix_socket::Error),
+    #[error("no migration arrived on {addr} within {}s", .wait.as_secs_f64())]
+    NoSource { addr: String, wait: Duration },
+    #[error("accepting the migration on {addr} failed: {source}")]
+    Accept { addr: String, source: std::io::Error },
+    #[error("incoming migration: {0}")]
+    Stream(#[from] stream::Error),
+    #[error("incoming migration: {0}")]
+    Refused(String),
+    #[error(transparent)]
+    Memory(#[from] memory::Error),
+}
+
+fn refused<T>(why: impl Into<String>) -> Result<T, Error> {
+    Err(Error::Refused(why.into()))
+}
+
+/// A migration received in full, not yet committed.
+pub struct Incoming {
+    pub hello: Hello,
+    pub image: Vec<u8>,
+    pub mem: GuestMem,
+    /// vCPU, irqchip, devices (`serial`) and tracker (`tracker`) sections.
+    pub state: Sections,
+    /// The sync the VM was paused at on the source, if it was.
+    pub paused: Option<SyncPoint>,
+    conn: UnixStream,
+    _socket: SocketPath,
+}
+
+impl Incoming {
+    /// Tells the source that this side has everything and runs the guest from here on:
+    /// the source then stops for good.
+    pub fn commit(mut self) -> std::io::Result<()> {
+        self.conn.write_all(&[stream::COMMIT])?;
+        self.conn.flush()
+    }
+
+    /// Tells the source to go on (this side failed to build the VM).
+    pub fn abort(mut self, why: &str) {
+        let _ = self.conn.write_all(&[stream::ABORT]);
+        let _ = self.conn.write_all(why.as_bytes());
+    }
+}
+
+/// Removes the listening socket's file when the migration is over.
+struct SocketPath(PathBuf);
+
+impl Drop for SocketPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Waits up to `wait` for one migration on `addr` and receives it.
+pub fn receive(addr: &Addr, wait: Duration) -> Result<Incoming, Error> {
+    let path = addr.unix_path()?.to_path_buf();
+    let listener = crate::unix_socket::bind_private(&path)?;
+    let socket = SocketPath(path);
+    let conn = accept_within(&listener, addr, wait)?;
+    drop(listener);
+    let mut incoming = read_stream(conn)?;
+    incoming._socket = socket;
+    Ok(incoming)
+}
+
+fn accept_within(listener: &UnixListener, addr: &Addr, wait: Duration) -> Result<UnixStream, Error> {
+    let accept = |source| Error::Accept { addr: addr.to_string(), source };
+    listener.set_nonblocking(true).map_err(accept)?;
+    let deadline = Instant::now() + wait;
+    loop {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                conn.set_nonblocking(false).map_err(accept)?;
+                conn.set_read_timeout(Some(READ_TIMEOUT)).map_err(accept)?;
+                return Ok(conn);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err(Error::NoSource { addr: addr.to_string(), wait });
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(accept(e)),
+        }
+    }
+}
+
+/// Checks the first record: the machine it describes must be one this VMM can build.
+fn check_hello(h: &Hello) -> Result<(), Error> {
+    if h.mem_bytes < MIN_MEM_BYTES || h.mem_bytes > MAX_MEM || !h.mem_bytes.is_multiple_of(MEM_ALIGN) {
+        return refused(format!("guest memory of {} bytes is not a multiple of 2 MiB between {} and {} MiB",
+            h.mem_bytes, MIN_MEM_BYTES >> 20, MAX_MEM >> 20));
+    }
+    if h.image_len == 0 || h.image_len > MAX_IMAGE_BYTES {
+        return refused(format!("a guest image of {} bytes (the limit is {MAX_IMAGE_BYTES})", h.image_len));
+    }
+    if h.image_sha256.len() != 64 || !h.image_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return refused("the image digest is not 64 hex digits");
+    }
+    Ok(())
+}
+
+fn read_stream(conn: UnixStream) -> Result<Incoming, Error> {
+    let mut r = Reader::start(conn)?;
+    let (kind, payload) = r.next_record()?;
+    if kind != Kind::Hello {
+        return refused(format!("the stream starts with {kind:?}, not Hello"));
+    }
+    let hello: Hello = serde_json::from_slice(&payload).map_err(|e| Error::Refused(format!("Hello: {e}")))?;
+    check_hello(&hello)?;
+    let mut image = Vec::new();
+    while (image.len() as u64) < hello.image_len {
+        let (kind, payload) = r.next_record()?;
+        if kind != Kind::Image || image.len() as u64 + payload.len() as u64 > hello.image_len {
+            return refused(format!("{kind:?} record where {} more image bytes were due", hello.image_len - image.len() as u64));
+        }
+        image.extend(payload);
+    }
+    let digest = crate::storage::snapshot::sha256_hex(&image);
+    if digest != hello.image_sha256 {
+        return refused(format!("the image's SHA-256 is {digest}, the stream announced {}", hello.image_sha256));
+    }
+    let pages = hello.mem_bytes / PAGE;
+    let mem = memory::create(hello.mem_bytes)?;
+    // Frames written so far: a zero run for a frame nobody wrote costs nothing (fresh
+    // memory is zero), for one written before it is written again.
+    let mut written = FrameSet::new(pages);
+    let in_ram = |kind, pfn: u64, count: u64| -> Result<(), Error> {
+        if count == 0 || pfn.checked_add(count).is_none_or(|end| end > pages) {
+            return refused(format!("{kind:?} record for {count} frames from {pfn:#x}, outside the {pages} frames of guest RAM"));
+        }
+        Ok(())
+    };
+    let zero = vec![0u8; PAGE as usize];
+    let state = loop {
+        let (kind, payload) = r.next_record()?;
+        match kind {
+            Kind::Pages => {
+                let (pfn, data) = split_pfn(kind, &payload)?;
+                if !(data.len() as u64).is_multiple_of(PAGE) || data.len() as u64 > MAX_PAGES_PER_RECORD * PAGE {
+                    return refused(format!("Pages record with {} bytes of data", data.len()));
+                }
+                let count = data.len() as u64 / PAGE;
+                in_ram(kind, pfn, count)?;
+                memory::write(&mem, pfn * PAGE, data)?;
+                written.insert_range(pfn, count);
+            }
+            Kind::Zeros => {
+                let (pfn, rest) = split_pfn(kind, &payload)?;
+                let count = u64::from_le_bytes(rest.try_into().map_err(|_| Error::Refused("Zeros record of the wrong size".into()))?);
+                in_ram(kind, pfn, count)?;
+                for p in pfn..pfn + count {
+                    if written.contains(p) {
+                        memory::write(&mem, p * PAGE, &zero)?;
+                    }
+                }
+            }
+            Kind::Round => {}
+            Kind::State => break decode_sections(&payload).map_err(|e| Error::Refused(format!("State: {e}")))?,
+            other => return refused(format!("{other:?} record in the memory part of the stream")),
+        }
+    };
+    let (kind, _) = r.next_record()?;
+    if kind != Kind::Done {
+        return refused(format!("{kind:?} record after State, where Done was due"));
+    }
+    let paused = state.get("pause").map(|b| decode_pause(b)).transpose().map_err(Error::Refused)?;
+    // What the stream wrote is the guest's memory, not a write of this VMM.
+    memory::take_vmm_writes(&mem);
+    let conn = r.into_inner();
+    Ok(Incoming { hello, image, mem, state, paused, conn, _socket: SocketPath(PathBuf::new()) })
+}

@@ -1,0 +1,277 @@
+//! The source side of a live migration: pre-copy rounds while the guest runs, then a
+//! short stop for the last dirty set and the machine's state.
+//!
+//! The migration keeps its own view of dirtiness in the dirty log
+//! ([`GpaLog::migration_begin`](crate::tracking::dirty_log::GpaLog::migration_begin)):
+//! clear-refs, dirty rates and the snapshot chain's view are never consumed by it, so a
+//! migration that fails or is cancelled leaves the source exactly as it was. Frames are
+//! re-armed before they are sent, so a write during the send shows in the next round.
+
+use super::addr::Addr;
+use super::stream::{self, Hello, Kind, Writer, MAX_PAGES_PER_RECORD};
+use super::{encode_sections, Error};
+use crate::machine::memory::GuestMem;
+use crate::storage::snapshot;
+use crate::tracking::frame_set::FrameSet;
+use crate::vcpu::control::Control;
+use crate::vcpu::runner::VcpuContext;
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+const PAGE: u64 = 4096;
+/// How long the source waits for the destination's commit after the last record.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// A send that makes no progress for this long fails the migration.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the user asked for.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Switch over once the last dirty set is expected to take at most this long.
+    pub downtime: Duration,
+    /// Cap on the send rate, bytes per second.
+    pub bandwidth: Option<u64>,
+    /// The whole migration's bound; past it, the migration is cancelled cleanly.
+    pub timeout: Duration,
+    /// Set by `migrate-cancel`.
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// One pre-copy round, as progress reports it.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Round {
+    pub round: u32,
+    /// Pages sent with their contents this round (zero frames go as markers).
+    pub pages_sent: u64,
+    /// Pages written since the previous round's harvest (what the next round sends).
+    pub pages_dirtied: u64,
+    pub bandwidth_mib_s: f64,
+    pub expected_downtime_ms: f64,
+}
+
+/// The outcome of a finished migration.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Summary {
+    pub to: String,
+    pub total_ms: f64,
+    /// The guest was stopped this long (the last round, the state, the destination's
+    /// commit).
+    pub downtime_ms: f64,
+    pub rounds: u32,
+    pub bytes_sent: u64,
+    pub pages_sent: u64,
+    pub zero_pages: u64,
+    pub postcopy: bool,
+    pub throttled: bool,
+}
+
+/// Rate limiter and byte counter over the connection.
+struct Link {
+    w: Writer<UnixStream>,
+    started: Instant,
+    cap: Option<u64>,
+    /// Pages sent as data / as zero runs.
+    pages: u64,
+    zeros: u64,
+}
+
+impl Link {
+    fn pace(&self) {
+        if let Some(cap) = self.cap.filter(|&c| c > 0) {
+            let due = Duration::from_secs_f64(self.w.bytes as f64 / cap as f64);
+            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+
+    /// Sends `frames` (read now from `mem`); in round 0 (`skip_zero`), all-zero frames go
+    /// as zero runs. Returns the frames covered.
+    fn send_frames(&mut self, mem: &GuestMem, frames: impl Iterator<Item = (u64, u64)>, skip_zero: bool) -> Result<u64, Error> {
+        let mut sent = 0;
+        let mut buf = vec![0u8; (MAX_PAGES_PER_RECORD * PAGE) as usize];
+        for (first, count) in frames {
+            let mut pfn = first;
+            let end = first + count;
+            while pfn < end {
+                let n = (end - pfn).min(MAX_PAGES_PER_RECORD);
+                let bytes = &mut buf[..(n * PAGE) as usize];
+                mem.read_slice(bytes, GuestAddress(pfn * PAGE)).map_err(|_| Error::Memory { pfn })?;
+                if skip_zero {
+                    self.send_skipping_zeros(pfn, bytes)?;
+                } else {
+                    self.w.record(Kind::Pages, &[&pfn.to_le_bytes(), bytes])?;
+                    self.pages += n;
+                }
+                sent += n;
+                pfn += n;
+                self.pace();
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Splits a batch into runs of zero frames (markers) and data frames.
+    fn send_skipping_zeros(&mut self, first: u64, bytes: &[u8]) -> Result<(), Error> {
+        let pages: Vec<&[u8]> = bytes.chunks_exact(PAGE as usize).collect();
+        let mut i = 0;
+        while i < pages.len() {
+            let zero = pages[i].iter().all(|&b| b == 0);
+            let mut j = i + 1;
+            while j < pages.len() && pages[j].iter().all(|&b| b == 0) == zero {
+                j += 1;
+            }
+            let pfn = first + i as u64;
+            let count = (j - i) as u64;
+            if zero {
+                self.w.record(Kind::Zeros, &[&pfn.to_le_bytes(), &count.to_le_bytes()])?;
+                self.zeros += count;
+            } else {
+                self.w.record(Kind::Pages, &[&pfn.to_le_bytes(), &bytes[i * PAGE as usize..j * PAGE as usize]])?;
+                self.pages += count;
+            }
+            i = j;
+        }
+        Ok(())
+    }
+}
+
+/// Migrates the VM behind `control` to `to`. Returns once the destination committed
+/// (the source's run then ends with [`crate::vcpu::Outcome::MigratedAway`]); on any
+/// error the VM goes on as before.
+pub fn migrate(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progress: &mut dyn FnMut(&Round)) -> Result<Summary, Error> {
+    let path = to.unix_path()?.to_path_buf();
+    let conn = UnixStream::connect(&path).map_err(|source| Error::Connect { to: to.to_string(), source })?;
+    conn.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(stream::Error::from)?;
+    let (mem, hello, image) = control
+        .call(|ctx: &mut VcpuContext| -> Result<_, Error> {
+            ctx.tracker.log.migration_begin(&ctx.mem)?;
+            let hello = Hello {
+                mem_bytes: ctx.mem.last_addr().0 + 1,
+                engine: ctx.tracker.engine(),
+                image_sha256: ctx.history.image_sha256.clone(),
+                image_len: ctx.image.len() as u64,
+            };
+            Ok((ctx.mem.clone(), hello, ctx.image.clone()))
+        })
+        .map_err(Error::Finished)??;
+    let result = precopy(control, to, opts, progress, conn, &mem, &hello, &image);
+    if result.is_err() {
+        // The view goes away; what it held is still in every other view.
+        let _ = control.call(|ctx: &mut VcpuContext| ctx.tracker.log.migration_end());
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn precopy(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progress: &mut dyn FnMut(&Round), conn: UnixStream,
+    mem: &GuestMem, hello: &Hello, image: &[u8]) -> Result<Summary, Error> {
+    let t0 = Instant::now();
+    let mut link = Link { w: Writer::start(conn)?, started: Instant::now(), cap: opts.bandwidth, pages: 0, zeros: 0 };
+    let hello_json = serde_json::to_vec(hello).expect("hello serializes");
+    link.w.record(Kind::Hello, &[&hello_json])?;
+    for piece in image.chunks(stream::MAX_RECORD as usize) {
+        link.w.record(Kind::Image, &[piece])?;
+    }
+    let pages = hello.mem_bytes / PAGE;
+    let check = |link: &Link| -> Result<(), Error> {
+        if opts.cancel.load(Ordering::SeqCst) {
+            return Err(Error::Cancelled);
+        }
+        if t0.elapsed() > opts.timeout {
+            return Err(Error::Timeout(opts.timeout));
+        }
+        let _ = link;
+        Ok(())
+    };
+    // Round 0: everything, while the guest runs.
+    let mut round = 0u32;
+    let mut r0 = Instant::now();
+    let mut b0 = link.w.bytes;
+    link.send_frames(mem, std::iter::once((0, pages)), true)?;
+    let mut sent = link.pages;
+    loop {
+        link.w.record(Kind::Round, &[&round.to_le_bytes()])?;
+        let secs = r0.elapsed().as_secs_f64().max(1e-6);
+        let bandwidth = (link.w.bytes - b0) as f64 / secs;
+        let dirty = control
+            .call(|ctx: &mut VcpuContext| ctx.tracker.log.migration_pending(&ctx.mem))
+            .map_err(Error::Finished)??;
+        let expected = Duration::from_secs_f64(dirty as f64 * PAGE as f64 / bandwidth.max(1.0));
+        progress(&Round {
+            round,
+            pages_sent: sent,
+            pages_dirtied: dirty,
+            bandwidth_mib_s: bandwidth / (1 << 20) as f64,
+            expected_downtime_ms: expected.as_secs_f64() * 1e3,
+        });
+        if expected <= opts.downtime {
+            break;
+        }
+        check(&link)?;
+        round += 1;
+        r0 = Instant::now();
+        b0 = link.w.bytes;
+        let frames = control
+            .call(|ctx: &mut VcpuContext| ctx.tracker.log.migration_take(&ctx.mem))
+            .map_err(Error::Finished)??;
+        sent = link.send_frames(mem, frames.runs(), false)?;
+    }
+    check(&link)?;
+    // Switch-over, on the vCPU thread with the guest stopped: the last dirty set, the
+    // state, the destination's commit. Nothing on the source changes unless it commits.
+    let dest = to.to_string();
+    let (link, stopped) = control
+        .call(move |ctx: &mut VcpuContext| {
+            let t = Instant::now();
+            let r = switch_over(ctx, &mut link).map(|()| t.elapsed());
+            if r.is_ok() {
+                ctx.migrated_to = Some(dest);
+            }
+            (link, r)
+        })
+        .map_err(Error::Finished)?;
+    let downtime = stopped?;
+    control.release_pause();
+    Ok(Summary {
+        to: to.to_string(),
+        total_ms: t0.elapsed().as_secs_f64() * 1e3,
+        downtime_ms: downtime.as_secs_f64() * 1e3,
+        rounds: round + 2,
+        bytes_sent: link.w.bytes,
+        pages_sent: link.pages,
+        zero_pages: link.zeros,
+        postcopy: false,
+        throttled: false,
+    })
+}
+
+fn switch_over(ctx: &mut VcpuContext, link: &mut Link) -> Result<(), Error> {
+    let frames: FrameSet = ctx.tracker.log.migration_take(&ctx.mem)?;
+    link.cap = None;
+    link.send_frames(&ctx.mem, frames.runs(), false)?;
+    let mut sections = snapshot::capture(&ctx.vm, &mut ctx.vcpu).map_err(|e| Error::State(e.to_string()))?;
+    sections.insert("tracker".into(), ctx.tracker.export_state());
+    sections.insert("serial".into(), ctx.device_state.clone());
+    if let Some(p) = &ctx.paused_at {
+        sections.insert("pause".into(), super::encode_pause(p));
+    }
+    link.w.record(Kind::State, &[&encode_sections(&sections)])?;
+    link.w.record(Kind::Done, &[])?;
+    link.w.flush()?;
+    let conn = link.w.inner();
+    conn.set_read_timeout(Some(COMMIT_TIMEOUT)).map_err(stream::Error::from)?;
+    let mut answer = [0u8; 1];
+    conn.read_exact(&mut answer).map_err(|e| Error::NoCommit(e.to_string()))?;
+    if answer[0] != stream::COMMIT {
+        let mut why = String::new();
+        let _ = conn.take(4096).read_to_string(&mut why);
+        return Err(Error::Refused(why));
+    }
+    ctx.tracker.log.migration_end();
+    Ok(())
+}

@@ -30,15 +30,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client that reads none of its answer for this long is dropped (with its answer).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{path} exists and is not a socket; refusing to replace it")]
-    NotASocket { path: PathBuf },
-    #[error("another process is listening on {path}")]
-    InUse { path: PathBuf },
-    #[error("cannot use control socket {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-}
+/// Binding or serving the control socket failed.
+pub use crate::unix_socket::Error;
 
 /// Serves requests for one VM: [`Server::bind`], then [`Server::spawn`].
 pub struct Server {
@@ -50,11 +43,7 @@ impl Server {
     /// Binds `path` (mode 0600). A leftover socket nobody listens on is replaced; any
     /// other existing file is an error.
     pub fn bind(path: &Path) -> Result<Server, Error> {
-        let listener = crate::unix_socket::bind_private(path).map_err(|e| match e {
-            crate::unix_socket::Error::NotASocket { path } => Error::NotASocket { path },
-            crate::unix_socket::Error::InUse { path } => Error::InUse { path },
-            crate::unix_socket::Error::Io { path, source } => Error::Io { path, source },
-        })?;
+        let listener = crate::unix_socket::bind_private(path)?;
         Ok(Server { path: path.to_path_buf(), listener })
     }
 

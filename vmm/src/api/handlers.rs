@@ -168,7 +168,7 @@ fn status(control: &Control<VcpuContext>) -> Status {
         Phase::Paused(p) => PhaseReply::Paused { pid: p.pid, label: p.label },
         Phase::Finished(outcome) => PhaseReply::Finished { outcome },
     };
-    Status { phase, syncs: control.syncs(), running_ns: control.running_time().as_nanos() as u64 }
+    Status { phase, syncs: control.syncs(), running_ns: control.running_time().as_nanos() as u64, migrating: control.migrating() }
 }
 
 fn resume(control: &Control<VcpuContext>) -> Result<Resumed, Failure> {

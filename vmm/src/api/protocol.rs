@@ -223,6 +223,9 @@ pub struct Status {
     pub syncs: u64,
     /// Guest running time so far, pauses excluded.
     pub running_ns: u64,
+    /// A migration of this VM is under way (`migrate` until it ends); left out when not.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub migrating: bool,
 }
 
 /// Where the VM is, as `status` tells it.
@@ -508,13 +511,14 @@ mod tests {
             phase: PhaseReply::Paused { pid: 2, label: "start".into() },
             syncs: 1,
             running_ns: 9,
+            migrating: false,
         }))
         .unwrap();
         assert_eq!(v, json!({"ok": true, "phase": "paused", "pid": 2, "label": "start", "syncs": 1, "running_ns": 9}));
         let back: Answer<Status> = serde_json::from_value(v).unwrap();
         assert_eq!(back.body.phase, PhaseReply::Paused { pid: 2, label: "start".into() });
-        let running = serde_json::to_value(Answer::new(Status { phase: PhaseReply::Running, syncs: 0, running_ns: 0 })).unwrap();
-        assert_eq!(running, json!({"ok": true, "phase": "running", "syncs": 0, "running_ns": 0}));
+        let running = serde_json::to_value(Answer::new(Status { phase: PhaseReply::Running, syncs: 0, running_ns: 0, migrating: true })).unwrap();
+        assert_eq!(running, json!({"ok": true, "phase": "running", "syncs": 0, "running_ns": 0, "migrating": true}));
         assert_eq!(serde_json::to_value(Answer::new(Resumed {})).unwrap(), json!({"ok": true}));
     }
 

@@ -158,6 +158,10 @@ impl<C> Control<C> {
         Some(flag)
     }
 
+    pub fn migrating(&self) -> bool {
+        lock(&self.migration).is_some()
+    }
+
     pub fn end_migration(&self) {
         *lock(&self.migration) = None;
     }

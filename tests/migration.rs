@@ -149,17 +149,17 @@ fn failed_migrations_leave_the_source_running_as_before() {
     assert!(r.code != 0 && r.stderr.contains("TLS"), "{r:?}");
     let r = migrate(&src, &nowhere, &["--postcopy"]);
     assert!(r.code != 0 && r.stderr.contains("post-copy"), "{r:?}");
-    // A destination killed in the middle of round 0 (slowed down to 1 MiB/s).
-    let mut dest = Dest::start(&[]);
-    let sock = src.sock.clone();
-    let addr = dest.addr();
-    let mig = std::thread::spawn(move || vmm(&["migrate", "--api-sock", sock.to_str().unwrap(), "--to", &addr, "--bandwidth", "1"]));
-    // Round 0 carries megabytes of kernel, tables and data at 1 MiB/s: it is still on
-    // its way when the destination dies.
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    dest.kill();
-    let r = mig.join().unwrap();
+    // A connection dropped in the middle of round 0: the "destination" reads 256 KiB and
+    // hangs up.
+    let fake = FakeDest::start(Fake::HangUpAfter(256 << 10));
+    let r = migrate(&src, &fake.addr(), &[]);
     assert_ne!(r.code, 0, "the migration failed: {r:?}");
+    assert!(r.stderr.contains("migration connection failed"), "{r:?}");
+    // A destination process killed while it waits for the stream.
+    let mut dest = Dest::start(&[]);
+    dest.kill();
+    let r = migrate(&src, &dest.addr(), &[]);
+    assert_ne!(r.code, 0, "{r:?}");
     // The source goes on, and a later migration still works.
     src.resume();
     let dest = Dest::start(&[]);
@@ -174,11 +174,13 @@ fn failed_migrations_leave_the_source_running_as_before() {
 fn a_cancelled_migration_leaves_the_guest_running_here() {
     let src = Live::start(BUSY, &["--timeout", "120"]);
     src.wait("go");
-    let dest = Dest::start(&[]);
-    let (sock, addr) = (src.sock.clone(), dest.addr());
-    let mig = std::thread::spawn(move || vmm(&["migrate", "--api-sock", sock.to_str().unwrap(), "--to", &addr, "--bandwidth", "1"]));
-    // Cancel as soon as the migration is known to run (the cancel says whether it was).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    // A destination that reads 64 KiB and then nothing, without hanging up: the
+    // migration can only end by the cancel, whenever it comes.
+    let fake = FakeDest::start(Fake::StallAfter(64 << 10));
+    let (sock, addr) = (src.sock.clone(), fake.addr());
+    let mig = std::thread::spawn(move || vmm(&["migrate", "--api-sock", sock.to_str().unwrap(), "--to", &addr]));
+    // Cancel once the migration is known to run (the cancel says whether it was).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let c = src.client("migrate-cancel", &[]);
         if c.code == 0 {
@@ -192,8 +194,51 @@ fn a_cancelled_migration_leaves_the_guest_running_here() {
     src.resume();
     let s = src.finish();
     assert_eq!(s.code, 0, "the guest finished here, every check passing: {s:?}");
-    let d = dest.finish();
-    assert_ne!(d.code, 0, "the destination got no migration: {d:?}");
+}
+
+/// What a [`FakeDest`] does after reading so many bytes of the stream.
+#[derive(Clone, Copy)]
+enum Fake {
+    HangUpAfter(usize),
+    /// Reads nothing more, but keeps the connection open (until the test ends).
+    StallAfter(usize),
+}
+
+/// A listener in this test that plays a destination which never commits.
+struct FakeDest {
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl FakeDest {
+    fn start(mode: Fake) -> FakeDest {
+        let dir = tempdir();
+        let path = dir.path().join("fake.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let Ok((mut c, _)) = listener.accept() else { return };
+            let mut buf = vec![0u8; 64 << 10];
+            let (mut total, limit) = match mode {
+                Fake::HangUpAfter(n) | Fake::StallAfter(n) => (0, n),
+            };
+            while total < limit {
+                match std::io::Read::read(&mut c, &mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => total += n,
+                }
+            }
+            if let Fake::StallAfter(_) = mode {
+                // Hold the connection open, reading nothing, for longer than the test.
+                std::thread::sleep(std::time::Duration::from_secs(600));
+                drop(c);
+            }
+        });
+        FakeDest { path, _dir: dir }
+    }
+
+    fn addr(&self) -> String {
+        format!("unix:{}", self.path.display())
+    }
 }
 
 /// Sends `bytes` to a fresh destination and returns how it ended.

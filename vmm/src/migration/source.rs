@@ -27,6 +27,8 @@ const PAGE: u64 = 4096;
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// A send that makes no progress for this long fails the migration.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Writes wait at most this long before looking at the cancel flag again.
+const WRITE_SLICE: Duration = Duration::from_millis(50);
 
 /// What the user asked for.
 #[derive(Debug, Clone)]
@@ -69,11 +71,51 @@ pub struct Summary {
     pub throttled: bool,
 }
 
+/// The connection, written so that a cancel stops even a write the destination does not
+/// read: each write waits at most [`WRITE_SLICE`], then looks at the flag; a write that
+/// makes no progress for [`WRITE_TIMEOUT`] fails.
+struct Cancellable {
+    conn: UnixStream,
+    cancel: Arc<AtomicBool>,
+}
+
+impl std::io::Write for Cancellable {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let since = Instant::now();
+        loop {
+            match self.conn.write(buf) {
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    if self.cancel.load(Ordering::SeqCst) {
+                        return Err(std::io::Error::other(CANCELLED));
+                    }
+                    if since.elapsed() > WRITE_TIMEOUT {
+                        return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the destination read nothing for 30 s"));
+                    }
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.conn.flush()
+    }
+}
+
+/// The message of the I/O error a cancelled write ends with.
+const CANCELLED: &str = "cancelled";
+
 /// Rate limiter and byte counter over the connection.
 struct Link {
-    w: Writer<UnixStream>,
+    w: Writer<Cancellable>,
     started: Instant,
     cap: Option<u64>,
+    /// `migrate-cancel`'s flag: checked between batches, so that a long round stops
+    /// promptly, and while waiting for the destination's commit.
+    cancel: Arc<AtomicBool>,
+    /// The migration's deadline, checked between batches; `None` in the last round:
+    /// with the guest stopped, finishing is quicker than stopping.
+    deadline: Option<(Instant, Duration)>,
     /// Pages sent as data / as zero runs.
     pages: u64,
     zeros: u64,
@@ -110,6 +152,14 @@ impl Link {
                 sent += n;
                 pfn += n;
                 self.pace();
+                if self.cancel.load(Ordering::SeqCst) {
+                    return Err(Error::Cancelled);
+                }
+                if let Some((deadline, timeout)) = self.deadline {
+                    if Instant::now() > deadline {
+                        return Err(Error::Timeout(timeout));
+                    }
+                }
             }
         }
         Ok(sent)
@@ -146,7 +196,7 @@ impl Link {
 pub fn migrate(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progress: &mut dyn FnMut(&Round)) -> Result<Summary, Error> {
     let path = to.unix_path()?.to_path_buf();
     let conn = UnixStream::connect(&path).map_err(|source| Error::Connect { to: to.to_string(), source })?;
-    conn.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(stream::Error::from)?;
+    conn.set_write_timeout(Some(WRITE_SLICE)).map_err(stream::Error::from)?;
     let (mem, hello, image) = control
         .call(|ctx: &mut VcpuContext| -> Result<_, Error> {
             ctx.tracker.log.migration_begin(&ctx.mem)?;
@@ -159,7 +209,11 @@ pub fn migrate(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progre
             Ok((ctx.mem.clone(), hello, ctx.image.clone()))
         })
         .map_err(Error::Finished)??;
-    let result = precopy(control, to, opts, progress, conn, &mem, &hello, &image);
+    let result = match precopy(control, to, opts, progress, conn, &mem, &hello, &image) {
+        // Whatever a cancelled write or round ended with, it ended because of the cancel.
+        Err(_) if opts.cancel.load(Ordering::SeqCst) => Err(Error::Cancelled),
+        r => r,
+    };
     if result.is_err() {
         // The view goes away; what it held is still in every other view.
         let _ = control.call(|ctx: &mut VcpuContext| ctx.tracker.log.migration_end());
@@ -171,7 +225,15 @@ pub fn migrate(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progre
 fn precopy(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progress: &mut dyn FnMut(&Round), conn: UnixStream,
     mem: &GuestMem, hello: &Hello, image: &[u8]) -> Result<Summary, Error> {
     let t0 = Instant::now();
-    let mut link = Link { w: Writer::start(conn)?, started: Instant::now(), cap: opts.bandwidth, pages: 0, zeros: 0 };
+    let mut link = Link {
+        w: Writer::start(Cancellable { conn, cancel: opts.cancel.clone() })?,
+        started: Instant::now(),
+        cap: opts.bandwidth,
+        cancel: opts.cancel.clone(),
+        deadline: Some((t0 + opts.timeout, opts.timeout)),
+        pages: 0,
+        zeros: 0,
+    };
     let hello_json = serde_json::to_vec(hello).expect("hello serializes");
     link.w.record(Kind::Hello, &[&hello_json])?;
     for piece in image.chunks(stream::MAX_RECORD as usize) {
@@ -253,6 +315,7 @@ fn precopy(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progress: 
 fn switch_over(ctx: &mut VcpuContext, link: &mut Link) -> Result<(), Error> {
     let frames: FrameSet = ctx.tracker.log.migration_take(&ctx.mem)?;
     link.cap = None;
+    link.deadline = None;
     link.send_frames(&ctx.mem, frames.runs(), false)?;
     let mut sections = snapshot::capture(&ctx.vm, &mut ctx.vcpu).map_err(|e| Error::State(e.to_string()))?;
     sections.insert("tracker".into(), ctx.tracker.export_state());
@@ -263,7 +326,10 @@ fn switch_over(ctx: &mut VcpuContext, link: &mut Link) -> Result<(), Error> {
     link.w.record(Kind::State, &[&encode_sections(&sections)])?;
     link.w.record(Kind::Done, &[])?;
     link.w.flush()?;
-    let conn = link.w.inner();
+    // From DONE on the destination may commit at any moment: a cancel can no longer
+    // stop the migration (the guest would run on both sides), so only the commit or a
+    // failure ends this wait.
+    let conn = &mut link.w.inner().conn;
     conn.set_read_timeout(Some(COMMIT_TIMEOUT)).map_err(stream::Error::from)?;
     let mut answer = [0u8; 1];
     conn.read_exact(&mut answer).map_err(|e| Error::NoCommit(e.to_string()))?;

@@ -15,9 +15,9 @@ mod common;
 use common::Guest;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
+use vmm::run::child::{Options, Stream, VmmChild};
 
 const SIZES: [u64; 2] = [256, 1024];
 const HOT_MIB: [u64; 4] = [0, 1, 4, 16];
@@ -36,38 +36,21 @@ fn script(mem_mib: u64, hot: u64) -> String {
     s
 }
 
-/// A destination waiting on DIR/in.sock.
-fn destination(dir: &Path) -> (Child, PathBuf) {
-    let sock = dir.join("in.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args(["run", "--incoming", &format!("unix:{}", sock.display()), "--timeout", "3000"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn the destination");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "the destination never listened");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    (child, sock)
-}
-
 /// Migrates `g` to a fresh destination; returns the summary and round 0's bandwidth.
 fn migrate(g: &Guest) -> (Value, f64) {
     let dir = tempfile::tempdir().unwrap();
-    let (mut dest, sock) = destination(dir.path());
+    let opts = Options { stdout: Stream::Null, stderr: Stream::Null, ..Options::default() };
+    let dest = VmmChild::spawn_incoming(Path::new(env!("CARGO_BIN_EXE_vmm")), dir.path(), ["--timeout", "3000"], &opts)
+        .unwrap_or_else(|e| panic!("the destination did not listen: {e}"));
     let mut round0 = 0.0;
-    let req = json!({"cmd": "migrate", "to": format!("unix:{}", sock.display()), "timeout_ms": 600_000});
+    let req = json!({"cmd": "migrate", "to": dest.incoming_addr().expect("an incoming child"), "timeout_ms": 600_000});
     let summary: Value = vmm::api::call_with_updates(&g.sock, &req, |line| {
         if line["round"]["round"] == 0 {
             round0 = line["round"]["bandwidth_mib_s"].as_f64().unwrap_or(0.0);
         }
     })
     .unwrap_or_else(|e| panic!("migrate: {e}"));
-    let _ = dest.kill();
-    let _ = dest.wait();
+    drop(dest); // killed and reaped: it would run the writer forever
     (summary, round0)
 }
 

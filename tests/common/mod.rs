@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vmm::run::child::{self, Options, VmmChild};
 
 pub fn vmm_bin() -> &'static str {
@@ -272,9 +272,10 @@ impl Live {
 }
 
 /// A `vmm run --incoming unix:DIR/in.sock --api-sock DIR/api.sock` waiting for a
-/// migration. Its control socket exists only once a migration arrived.
+/// migration (the library's [`VmmChild::spawn_incoming`]). Its control socket exists
+/// only once a migration arrived.
 pub struct Dest {
-    pub child: Option<std::process::Child>,
+    pub child: Option<VmmChild>,
     pub incoming: PathBuf,
     pub sock: PathBuf,
     pub dir: tempfile::TempDir,
@@ -284,25 +285,12 @@ impl Dest {
     pub fn start(extra: &[&str]) -> Dest {
         require_kvm();
         let dir = tempdir();
-        let (incoming, sock) = (dir.path().join("in.sock"), dir.path().join("api.sock"));
-        let child = Command::new(vmm_bin())
-            .args(["run", "--incoming", &format!("unix:{}", incoming.display()), "--api-sock", sock.to_str().unwrap(), "--timeout", "120"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the destination vmm");
-        let mut d = Dest { child: Some(child), incoming, sock, dir };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !d.incoming.exists() {
-            if let Some(Ok(Some(_))) = d.child.as_mut().map(|c| c.try_wait()) {
-                panic!("the destination exited before listening: {:?}", d.finish());
-            }
-            assert!(Instant::now() < deadline, "the destination never listened on {}", d.incoming.display());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        d
+        let mut args = vec!["--timeout", "120"];
+        args.extend_from_slice(extra);
+        let child = VmmChild::spawn_incoming(Path::new(vmm_bin()), dir.path(), &args, &Options::default())
+            .unwrap_or_else(|e| panic!("the destination did not listen: {e}"));
+        let (incoming, sock) = (dir.path().join("in.sock"), child.sock().to_path_buf());
+        Dest { child: Some(child), incoming, sock, dir }
     }
 
     pub fn addr(&self) -> String {
@@ -320,18 +308,9 @@ impl Dest {
         Run::from(self.child.take().expect("not finished yet").wait_with_output().expect("wait for the destination"))
     }
 
-    /// Kills the destination (a failure in the middle of a migration).
+    /// Kills the destination (a failure in the middle of a migration); dropping the
+    /// library's child kills and reaps it.
     pub fn kill(&mut self) {
-        if let Some(c) = &mut self.child {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
         self.child = None;
-    }
-}
-
-impl Drop for Dest {
-    fn drop(&mut self) {
-        self.kill();
     }
 }

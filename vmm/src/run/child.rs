@@ -89,6 +89,8 @@ pub struct VmmChild {
     /// `None` only after [`VmmChild::wait_with_output`] took it (by value).
     child: Option<Child>,
     sock: PathBuf,
+    /// `--incoming`'s socket, for a child started with [`VmmChild::spawn_incoming`].
+    incoming: Option<PathBuf>,
 }
 
 impl VmmChild {
@@ -101,9 +103,38 @@ impl VmmChild {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        let mut this = VmmChild::spawn(vmm, dir, &[], run_args, opts)?;
+        let sock = this.sock.clone();
+        this.await_ready(opts.start_timeout, || UnixStream::connect(&sock).is_ok())?;
+        Ok(this)
+    }
+
+    /// `vmm run --incoming unix:DIR/in.sock --api-sock DIR/api.sock ARGS...`, returned
+    /// once it listens for the migration (its control socket appears only after one
+    /// arrived). Readiness is the socket file, not a probe connection: the destination
+    /// takes the first connection as the migration.
+    pub fn spawn_incoming<I, S>(vmm: &Path, dir: &Path, run_args: I, opts: &Options) -> Result<VmmChild, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let incoming = dir.join("in.sock");
+        let addr = format!("unix:{}", incoming.display());
+        let mut this = VmmChild::spawn(vmm, dir, &["--incoming".as_ref(), addr.as_ref()], run_args, opts)?;
+        this.incoming = Some(incoming.clone());
+        this.await_ready(opts.start_timeout, || incoming.exists())?;
+        Ok(this)
+    }
+
+    fn spawn<I, S>(vmm: &Path, dir: &Path, first: &[&OsStr], run_args: I, opts: &Options) -> Result<VmmChild, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let sock = dir.join("api.sock");
         let child = Command::new(vmm)
             .arg("run")
+            .args(first)
             .arg("--api-sock")
             .arg(&sock)
             .args(run_args)
@@ -112,16 +143,15 @@ impl VmmChild {
             .stderr(opts.stderr.stdio())
             .spawn()
             .map_err(|source| Error::Spawn { vmm: vmm.to_path_buf(), source })?;
-        let mut this = VmmChild { child: Some(child), sock };
-        this.await_socket(opts.start_timeout)?;
-        Ok(this)
+        Ok(VmmChild { child: Some(child), sock, incoming: None })
     }
 
-    fn await_socket(&mut self, limit: Duration) -> Result<(), Error> {
+    /// Waits until `ready`, or the child exits (its output is then the error), or
+    /// `limit` passes (the child is killed). Sockets are renamed into place only once
+    /// they listen, so a path that exists accepts.
+    fn await_ready(&mut self, limit: Duration, ready: impl Fn() -> bool) -> Result<(), Error> {
         let deadline = Instant::now() + limit;
-        // The server renames its socket into place only once it listens, so a
-        // connection either succeeds or the path is not there yet.
-        while UnixStream::connect(&self.sock).is_err() {
+        while !ready() {
             let pid = self.id();
             if let Some(status) = self.try_wait().map_err(|source| Error::Wait { pid, source })? {
                 let out = self.take().wait_with_output().map_err(|source| Error::Wait { pid, source })?;
@@ -151,6 +181,11 @@ impl VmmChild {
     /// The control socket.
     pub fn sock(&self) -> &Path {
         &self.sock
+    }
+
+    /// The `unix:PATH` a child from [`VmmChild::spawn_incoming`] waits on.
+    pub fn incoming_addr(&self) -> Option<String> {
+        self.incoming.as_ref().map(|p| format!("unix:{}", p.display()))
     }
 
     /// The child's process id.

@@ -87,9 +87,7 @@ pub fn receive(addr: &Addr, wait: Duration) -> Result<Incoming, Error> {
     let socket = SocketPath(path);
     let conn = accept_within(&listener, addr, wait)?;
     drop(listener);
-    let mut incoming = read_stream(conn)?;
-    incoming._socket = socket;
-    Ok(incoming)
+    read_stream(conn, socket)
 }
 
 fn accept_within(listener: &UnixListener, addr: &Addr, wait: Duration) -> Result<UnixStream, Error> {
@@ -130,7 +128,7 @@ fn check_hello(h: &Hello) -> Result<(), Error> {
     Ok(())
 }
 
-fn read_stream(conn: UnixStream) -> Result<Incoming, Error> {
+fn read_stream(conn: UnixStream, socket: SocketPath) -> Result<Incoming, Error> {
     let mut r = Reader::start(conn)?;
     let (kind, payload) = r.next_record()?;
     if kind != Kind::Hello {
@@ -198,5 +196,5 @@ fn read_stream(conn: UnixStream) -> Result<Incoming, Error> {
     // What the stream wrote is the guest's memory, not a write of this VMM.
     memory::take_vmm_writes(&mem);
     let conn = r.into_inner();
-    Ok(Incoming { hello, image, mem, state, paused, conn, _socket: SocketPath(PathBuf::new()) })
+    Ok(Incoming { hello, image, mem, state, paused, conn, _socket: socket })
 }

@@ -152,32 +152,39 @@ impl Link {
                 sent += n;
                 pfn += n;
                 self.pace();
-                if self.cancel.load(Ordering::SeqCst) {
-                    return Err(Error::Cancelled);
-                }
-                if let Some((deadline, timeout)) = self.deadline {
-                    if Instant::now() > deadline {
-                        return Err(Error::Timeout(timeout));
-                    }
-                }
+                self.check_stop()?;
             }
         }
         Ok(sent)
     }
 
+    /// A cancel, or the deadline passed (checked between batches and rounds).
+    fn check_stop(&self) -> Result<(), Error> {
+        if self.cancel.load(Ordering::SeqCst) {
+            return Err(Error::Cancelled);
+        }
+        match self.deadline {
+            Some((deadline, timeout)) if Instant::now() > deadline => Err(Error::Timeout(timeout)),
+            _ => Ok(()),
+        }
+    }
+
     /// Splits a batch into runs of zero frames (markers) and data frames.
     fn send_skipping_zeros(&mut self, first: u64, bytes: &[u8]) -> Result<(), Error> {
-        let pages: Vec<&[u8]> = bytes.chunks_exact(PAGE as usize).collect();
+        // Each page is looked at once, a word at a time.
+        let zero: Vec<bool> = bytes
+            .chunks_exact(PAGE as usize)
+            .map(|p| p.chunks_exact(8).all(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) == 0))
+            .collect();
         let mut i = 0;
-        while i < pages.len() {
-            let zero = pages[i].iter().all(|&b| b == 0);
+        while i < zero.len() {
             let mut j = i + 1;
-            while j < pages.len() && pages[j].iter().all(|&b| b == 0) == zero {
+            while j < zero.len() && zero[j] == zero[i] {
                 j += 1;
             }
             let pfn = first + i as u64;
             let count = (j - i) as u64;
-            if zero {
+            if zero[i] {
                 self.w.record(Kind::Zeros, &[&pfn.to_le_bytes(), &count.to_le_bytes()])?;
                 self.zeros += count;
             } else {
@@ -240,16 +247,6 @@ fn precopy(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progress: 
         link.w.record(Kind::Image, &[piece])?;
     }
     let pages = hello.mem_bytes / PAGE;
-    let check = |link: &Link| -> Result<(), Error> {
-        if opts.cancel.load(Ordering::SeqCst) {
-            return Err(Error::Cancelled);
-        }
-        if t0.elapsed() > opts.timeout {
-            return Err(Error::Timeout(opts.timeout));
-        }
-        let _ = link;
-        Ok(())
-    };
     // Round 0: everything, while the guest runs.
     let mut round = 0u32;
     let mut r0 = Instant::now();
@@ -274,7 +271,7 @@ fn precopy(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progress: 
         if expected <= opts.downtime {
             break;
         }
-        check(&link)?;
+        link.check_stop()?;
         round += 1;
         r0 = Instant::now();
         b0 = link.w.bytes;
@@ -283,7 +280,7 @@ fn precopy(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progress: 
             .map_err(Error::Finished)??;
         sent = link.send_frames(mem, frames.runs(), false)?;
     }
-    check(&link)?;
+    link.check_stop()?;
     // Switch-over, on the vCPU thread with the guest stopped: the last dirty set, the
     // state, the destination's commit. Nothing on the source changes unless it commits.
     let dest = to.to_string();

@@ -98,30 +98,28 @@ impl Error {
 
 /// Boots the guest and runs it to the end. Bad input is reported before any guest runs.
 pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
-    let incoming = match &opts.incoming {
+    let mut incoming = match &opts.incoming {
         Some(addr) => Some(crate::migration::incoming::receive(addr, opts.timeout)?),
         None => None,
     };
-    let (image_bytes, what) = match (&incoming, &opts.image) {
-        (Some(inc), _) => (inc.image.clone(), "the migrated guest's image".to_string()),
+    let (image_bytes, what) = match (&mut incoming, &opts.image) {
+        (Some(inc), _) => (std::mem::take(&mut inc.image), "the migrated guest's image".to_string()),
         (None, Some(path)) => (
             crate::input::read_limited(path, MAX_IMAGE_BYTES).map_err(|source| Error::ReadImage { path: path.clone(), source })?,
             path.display().to_string(),
         ),
         (None, None) => (image::EMBEDDED_KERNEL.to_vec(), "the embedded guest kernel".to_string()),
     };
-    let image_sha256 = crate::storage::snapshot::sha256_hex(&image_bytes);
+    // A migrated image was checked against this digest as it arrived.
+    let image_sha256 = match &incoming {
+        Some(inc) => inc.hello.image_sha256.clone(),
+        None => crate::storage::snapshot::sha256_hex(&image_bytes),
+    };
+    let paused = incoming.as_ref().and_then(|inc| inc.paused.clone());
     // The kernel's entry point when booting; a restored vCPU carries its own registers.
     // `restored`: the saved state sections, and the snapshot they came from (if any).
-    let (mut incoming, mut paused) = (incoming, None);
-    let (mem, mem_size, engine, restored, entry) = match (incoming.take(), &opts.restore) {
-        (Some(inc), _) => {
-            let (mem, engine, state) = (inc.mem.clone(), inc.hello.engine, inc.state.clone());
-            paused = inc.paused.clone();
-            let mem_size = inc.hello.mem_bytes;
-            incoming = Some(inc);
-            (mem, mem_size, engine, Some((state, None)), 0)
-        }
+    let (mem, mem_size, engine, restored, entry) = match (&incoming, &opts.restore) {
+        (Some(inc), _) => (inc.mem.clone(), inc.hello.mem_bytes, inc.hello.engine, Some((inc.state.clone(), None)), 0),
         (None, Some(dir)) => {
             // Every link, size and checksum is checked before a VM exists: the manifests
             // first, then every file as it is loaded into the (still unused) memory.

@@ -117,8 +117,8 @@ pub fn handle(req: Request, control: &Control<VcpuContext>, emit: &mut dyn FnMut
             })
             .and_then(|r| r),
         ),
-        Request::Migrate { to, downtime_ms, bandwidth, timeout_ms, postcopy } => {
-            Reply::answer(migrate(control, &to, downtime_ms, bandwidth, timeout_ms, postcopy, emit))
+        Request::Migrate { to, downtime_ms, bandwidth, timeout_ms, postcopy, throttle } => {
+            Reply::answer(migrate(control, &to, downtime_ms, bandwidth, timeout_ms, postcopy, throttle, emit))
         }
         Request::MigrateCancel {} => Reply::answer(Ok::<_, Failure>(MigrationCancelled { cancelled: control.cancel_migration() })),
     }
@@ -129,8 +129,9 @@ const MIGRATE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default switch-over target, as QEMU's and Cloud Hypervisor's.
 const MIGRATE_DOWNTIME: Duration = Duration::from_millis(300);
 
+#[allow(clippy::too_many_arguments)]
 fn migrate(control: &Control<VcpuContext>, to: &str, downtime_ms: Option<u64>, bandwidth: Option<u64>, timeout_ms: Option<u64>,
-    postcopy: Option<bool>, emit: &mut dyn FnMut(String)) -> Result<MigrationDone, Failure> {
+    postcopy: Option<bool>, throttle: Option<bool>, emit: &mut dyn FnMut(String)) -> Result<MigrationDone, Failure> {
     use crate::migration::{self, source, Error as M};
     let bad = |m: String| Failure::new(ErrorKind::BadRequest, m);
     let addr: migration::Addr = to.parse().map_err(|e: migration::addr::Error| bad(e.to_string()))?;
@@ -147,6 +148,7 @@ fn migrate(control: &Control<VcpuContext>, to: &str, downtime_ms: Option<u64>, b
         bandwidth: bandwidth.map(|m| m.saturating_mul(1 << 20)),
         timeout: timeout_ms.map_or(MIGRATE_TIMEOUT, Duration::from_millis),
         cancel,
+        throttle: throttle != Some(false),
     };
     let result = source::migrate(control, &addr, &opts, &mut |round| emit(line(&RoundLine { round: *round })));
     control.end_migration();

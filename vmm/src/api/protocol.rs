@@ -101,6 +101,9 @@ pub enum Request {
         timeout_ms: Option<u64>,
         #[serde(skip_serializing_if = "Option::is_none")]
         postcopy: Option<bool>,
+        /// `false`: never throttle the guest (default: throttle when it does not converge).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        throttle: Option<bool>,
     },
     /// Cancels the running migration (the VM goes on here); answered with
     /// [`MigrationCancelled`].

@@ -15,6 +15,7 @@ use crate::storage::snapshot;
 use crate::tracking::frame_set::FrameSet;
 use crate::vcpu::control::Control;
 use crate::vcpu::runner::VcpuContext;
+use crate::vcpu::throttle;
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +28,8 @@ const PAGE: u64 = 4096;
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// A send that makes no progress for this long fails the migration.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How far the send may fall behind `--bandwidth` before the lag is forgiven.
+const PACE_SLACK: Duration = Duration::from_millis(50);
 /// Writes wait at most this long before looking at the cancel flag again.
 const WRITE_SLICE: Duration = Duration::from_millis(50);
 
@@ -41,6 +44,8 @@ pub struct Options {
     pub timeout: Duration,
     /// Set by `migrate-cancel`.
     pub cancel: Arc<AtomicBool>,
+    /// Throttle a guest that dirties faster than the link carries (auto-converge).
+    pub throttle: bool,
 }
 
 /// One pre-copy round, as progress reports it.
@@ -53,6 +58,9 @@ pub struct Round {
     pub pages_dirtied: u64,
     pub bandwidth_mib_s: f64,
     pub expected_downtime_ms: f64,
+    /// Share of the time the vCPU is held out of the guest from this round on, in %.
+    #[serde(default)]
+    pub throttle_pct: f64,
 }
 
 /// The outcome of a finished migration.
@@ -69,6 +77,11 @@ pub struct Summary {
     pub zero_pages: u64,
     pub postcopy: bool,
     pub throttled: bool,
+    /// The largest throttle share used, in %, and the time the vCPU was held in all.
+    #[serde(default)]
+    pub max_throttle_pct: f64,
+    #[serde(default)]
+    pub throttled_ms: f64,
 }
 
 /// The connection, written so that a cancel stops even a write the destination does not
@@ -108,7 +121,8 @@ const CANCELLED: &str = "cancelled";
 /// Rate limiter and byte counter over the connection.
 struct Link {
     w: Writer<Cancellable>,
-    started: Instant,
+    /// The pacing's reference point: the rate since it (`w.bytes` then) is held to `cap`.
+    paced_from: (Instant, u64),
     cap: Option<u64>,
     /// `migrate-cancel`'s flag: checked between batches, so that a long round stops
     /// promptly, and while waiting for the destination's commit.
@@ -122,12 +136,18 @@ struct Link {
 }
 
 impl Link {
-    fn pace(&self) {
-        if let Some(cap) = self.cap.filter(|&c| c > 0) {
-            let due = Duration::from_secs_f64(self.w.bytes as f64 / cap as f64);
-            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
-                std::thread::sleep(wait);
-            }
+    /// Holds the send rate to `cap`. Time the link spent below the cap (zero checks, a
+    /// slow reader) is not made up for later with a burst over it: falling behind by
+    /// more than [`PACE_SLACK`] moves the reference point.
+    fn pace(&mut self) {
+        let Some(cap) = self.cap.filter(|&c| c > 0) else { return };
+        let (from, bytes) = self.paced_from;
+        let due = from + Duration::from_secs_f64((self.w.bytes - bytes) as f64 / cap as f64);
+        let now = Instant::now();
+        if let Some(wait) = due.checked_duration_since(now) {
+            std::thread::sleep(wait);
+        } else if now - due > PACE_SLACK {
+            self.paced_from = (now, self.w.bytes);
         }
     }
 
@@ -216,7 +236,34 @@ pub fn migrate(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progre
             Ok((ctx.mem.clone(), hello, ctx.image.clone()))
         })
         .map_err(Error::Finished)??;
-    let result = match precopy(control, to, opts, progress, conn, &mem, &hello, &image) {
+    let held_before = control.throttle.held();
+    let done = AtomicBool::new(false);
+    let result = std::thread::scope(|scope| {
+        // While a throttle is set, kick the vCPU out of the guest once per slice so that
+        // it holds even when the guest does not exit by itself.
+        scope.spawn(|| {
+            while !done.load(Ordering::SeqCst) {
+                match control.throttle.until_kick(Instant::now()) {
+                    Some(Duration::ZERO) => {
+                        control.kick();
+                        // A kick that found the vCPU outside the guest is lost: again
+                        // soon, unless the hold moved the slice on.
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                    Some(wait) => std::thread::sleep(wait.min(throttle::PERIOD)),
+                    None => std::thread::sleep(throttle::PERIOD),
+                }
+            }
+        });
+        let r = precopy(control, to, opts, progress, conn, &mem, &hello, &image);
+        done.store(true, Ordering::SeqCst);
+        control.throttle.set(0.0);
+        r
+    });
+    let result = match result.map(|mut s| {
+        s.throttled_ms = (control.throttle.held() - held_before).as_secs_f64() * 1e3;
+        s
+    }) {
         // Whatever a cancelled write or round ended with, it ended because of the cancel.
         Err(_) if opts.cancel.load(Ordering::SeqCst) => Err(Error::Cancelled),
         r => r,
@@ -234,7 +281,7 @@ fn precopy(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progress: 
     let t0 = Instant::now();
     let mut link = Link {
         w: Writer::start(Cancellable { conn, cancel: opts.cancel.clone() })?,
-        started: Instant::now(),
+        paced_from: (Instant::now(), 0),
         cap: opts.bandwidth,
         cancel: opts.cancel.clone(),
         deadline: Some((t0 + opts.timeout, opts.timeout)),
@@ -253,6 +300,7 @@ fn precopy(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progress: 
     let mut b0 = link.w.bytes;
     link.send_frames(mem, std::iter::once((0, pages)), true)?;
     let mut sent = link.pages;
+    let mut max_share = 0f64;
     loop {
         link.w.record(Kind::Round, &[&round.to_le_bytes()])?;
         let secs = r0.elapsed().as_secs_f64().max(1e-6);
@@ -261,12 +309,17 @@ fn precopy(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progress: 
             .call(|ctx: &mut VcpuContext| ctx.tracker.log.migration_pending(&ctx.mem))
             .map_err(Error::Finished)??;
         let expected = Duration::from_secs_f64(dirty as f64 * PAGE as f64 / bandwidth.max(1.0));
+        if expected > opts.downtime && opts.throttle {
+            control.throttle.set(throttle::next_share(control.throttle.share(), sent, dirty));
+            max_share = max_share.max(control.throttle.share());
+        }
         progress(&Round {
             round,
             pages_sent: sent,
             pages_dirtied: dirty,
             bandwidth_mib_s: bandwidth / (1 << 20) as f64,
             expected_downtime_ms: expected.as_secs_f64() * 1e3,
+            throttle_pct: control.throttle.share() * 100.0,
         });
         if expected <= opts.downtime {
             break;
@@ -305,7 +358,9 @@ fn precopy(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progress: 
         pages_sent: link.pages,
         zero_pages: link.zeros,
         postcopy: false,
-        throttled: false,
+        throttled: max_share > 0.0,
+        max_throttle_pct: max_share * 100.0,
+        throttled_ms: 0.0,
     })
 }
 

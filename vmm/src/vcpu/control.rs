@@ -47,6 +47,9 @@ pub struct Control<C> {
     vcpu: Mutex<Option<Kicker>>,
     /// The running migration's cancel flag, if one runs.
     migration: Mutex<Option<Arc<AtomicBool>>>,
+    /// Holds the vCPU out of the guest for a share of the time (a migration that does
+    /// not converge sets it).
+    pub throttle: super::throttle::Throttle,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -64,6 +67,7 @@ impl<C> Default for Control<C> {
             timed_out: AtomicBool::new(false),
             vcpu: Mutex::new(None),
             migration: Mutex::new(None),
+            throttle: Default::default(),
         }
     }
 }
@@ -110,7 +114,8 @@ impl<C> Control<C> {
         self.kick();
     }
 
-    fn kick(&self) {
+    /// Makes the vCPU leave `KVM_RUN` once (it looks at jobs and the throttle).
+    pub fn kick(&self) {
         if let Some(k) = *lock(&self.vcpu) {
             k.kick();
         }
@@ -163,6 +168,7 @@ impl<C> Control<C> {
     }
 
     pub fn end_migration(&self) {
+        self.throttle.set(0.0);
         *lock(&self.migration) = None;
     }
 

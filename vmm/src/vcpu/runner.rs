@@ -184,6 +184,7 @@ impl<H: SyncHook> Runner<H> {
             }
         }
         loop {
+            self.control.throttle.hold_if_due();
             if self.control.timed_out() {
                 return Ok(Outcome::TimedOut { rip: self.describe_rip() });
             }

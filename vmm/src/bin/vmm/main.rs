@@ -77,6 +77,10 @@ enum Command {
         /// Post-copy (not in this build: refused).
         #[arg(long)]
         postcopy: bool,
+        /// Never throttle the guest, even when it dirties memory faster than the link
+        /// carries (the migration then ends only by converging, the timeout or a cancel).
+        #[arg(long)]
+        no_throttle: bool,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
@@ -433,12 +437,12 @@ fn main_code() -> ExitCode {
             }
             code
         }
-        Command::Migrate { api_sock, to, downtime_ms, bandwidth, timeout, postcopy, json } => {
+        Command::Migrate { api_sock, to, downtime_ms, bandwidth, timeout, postcopy, no_throttle, json } => {
             let timeout = match seconds_arg("--timeout", timeout) {
                 Ok(t) => t,
                 Err(code) => return code,
             };
-            migrate::run(&api_sock, to, downtime_ms, bandwidth, timeout, postcopy, json)
+            migrate::run(&api_sock, to, downtime_ms, bandwidth, timeout, postcopy, !no_throttle, json)
         }
         Command::MigrateCancel { api_sock } => match api::call::<api::MigrationCancelled>(&api_sock, &Request::MigrateCancel {}) {
             Ok(c) if c.cancelled => ExitCode::Success,

@@ -6,21 +6,24 @@ use std::time::Duration;
 use vmm::api::{self, MigrationDone, Request, RoundLine};
 use vmm::ExitCode;
 
+#[allow(clippy::too_many_arguments)]
 pub fn run(api_sock: &Path, to: String, downtime_ms: u64, bandwidth: Option<u64>, timeout: Duration, postcopy: bool,
-    json: bool) -> ExitCode {
+    throttle: bool, json: bool) -> ExitCode {
     let req = Request::Migrate {
         to,
         downtime_ms: Some(downtime_ms),
         bandwidth,
         timeout_ms: Some(timeout.as_millis() as u64),
         postcopy: postcopy.then_some(true),
+        throttle: (!throttle).then_some(false),
     };
     let result = api::call_with_updates::<MigrationDone>(api_sock, &req, |line| {
         let Ok(RoundLine { round: r }) = serde_json::from_value::<RoundLine>(line.clone()) else { return };
         if json {
             println!("{line}");
         } else {
-            println!("round {}: {} pages sent, {} dirtied since, {:.1} MiB/s, expected downtime {:.1} ms",
+            let throttle = if r.throttle_pct > 0.0 { format!(", throttle {:.0}%", r.throttle_pct) } else { String::new() };
+            println!("round {}: {} pages sent, {} dirtied since, {:.1} MiB/s, expected downtime {:.1} ms{throttle}",
                 r.round, r.pages_sent, r.pages_dirtied, r.bandwidth_mib_s, r.expected_downtime_ms);
         }
     });
@@ -29,9 +32,14 @@ pub fn run(api_sock: &Path, to: String, downtime_ms: u64, bandwidth: Option<u64>
             if json {
                 println!("{}", serde_json::to_value(&s).expect("a summary serializes"));
             } else {
-                println!("migrated to {} in {:.1} ms: downtime {:.1} ms, {} rounds, {} bytes sent, {} pages sent, {} pages sent as zero, post-copy {}, throttled {}",
+                let throttled = if s.throttled {
+                    format!("yes (up to {:.0}%, the vCPU held out for {:.0} ms)", s.max_throttle_pct, s.throttled_ms)
+                } else {
+                    "no".into()
+                };
+                println!("migrated to {} in {:.1} ms: downtime {:.1} ms, {} rounds, {} bytes sent, {} pages sent, {} pages sent as zero, post-copy {}, throttled {throttled}",
                     s.to, s.total_ms, s.downtime_ms, s.rounds, s.bytes_sent, s.pages_sent, s.zero_pages,
-                    if s.postcopy { "yes" } else { "no" }, if s.throttled { "yes" } else { "no" });
+                    if s.postcopy { "yes" } else { "no" });
             }
             ExitCode::Success
         }

@@ -268,6 +268,42 @@ fn a_migration_that_cannot_converge_times_out_and_loses_nothing() {
     assert_eq!(restored.code, 0, "every page written during the failed migration is in the diff: {restored:?}");
 }
 
+#[test]
+fn a_live_snapshot_is_an_ordinary_full_one_that_restores_and_bases_diffs() {
+    let dir = tempdir();
+    let src = Live::start(&fast_writer(6), &["--mem", "64", "--timeout", "300"]);
+    src.wait("go");
+    src.resume();
+    // Taken while the writer rewrites its pages.
+    let live = dir.path().join("live");
+    let r = vmm(&["snapshot", "create", "--live", "--api-sock", src.sock(), "--out", live.to_str().unwrap(), "--json"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let lines: Vec<serde_json::Value> = r.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(lines[0]["round"]["round"] == 0, "a line per round: {r:?}");
+    let answer = lines.last().unwrap();
+    assert_eq!(answer["kind"], "full", "{r:?}");
+    assert!(answer["live"]["rounds"].as_u64().unwrap() >= 2 && answer["pause_ns"].as_u64().unwrap() > 0, "{r:?}");
+    // A second one into the same directory is refused, and the VM goes on.
+    let again = vmm(&["snapshot", "create", "--live", "--api-sock", src.sock(), "--out", live.to_str().unwrap()]);
+    assert!(again.code != 0 && again.stderr.contains("exists"), "{again:?}");
+    // The chain goes on from the live snapshot.
+    let w = src.client("wait", &["--label", "done", "--timeout", "240"]);
+    assert_eq!(w.code, 0, "{w:?}");
+    let diff = dir.path().join("diff");
+    let d = vmm(&["snapshot", "create", "--api-sock", src.sock(), "--out", diff.to_str().unwrap(), "--diff"]);
+    assert_eq!(d.code, 0, "{d:?}");
+    src.resume();
+    assert_eq!(src.finish().code, 0);
+    let v = vmm(&["snapshot", "verify", diff.to_str().unwrap()]);
+    assert!(v.code == 0 && v.stdout.contains("chain of 2 snapshot(s) verified"), "{v:?}");
+    // Restored from the moment of its pause, the writer finishes its loop, every check
+    // passing; so does the diff.
+    for snap in [&live, &diff] {
+        let restored = vmm(&["run", "--restore", snap.to_str().unwrap(), "--timeout", "240"]);
+        assert_eq!(restored.code, 0, "{}: {restored:?}", snap.display());
+    }
+}
+
 /// What a [`FakeDest`] does after reading so many bytes of the stream.
 #[derive(Clone, Copy)]
 enum Fake {

@@ -5,7 +5,7 @@ use super::pagemap::PagemapAnswer;
 use super::protocol::{
     Answer, DirtyRate, DumpCreated, ErrorKind, Failure, Info, MigrationCancelled, MigrationDone, RoundLine, PagemapFormat, Paused, PhaseReply,
     ProcessInfo, ProcessRate, Processes, Progress as ProgressBody, ProgressLine, RefsCleared, Request, Resumed,
-    SnapshotCreated, Status,
+    SnapshotCreated, Status, LiveSnapshotStats,
 };
 use crate::machine::memory::GuestMem;
 use crate::storage::progress::Progress;
@@ -72,6 +72,7 @@ fn snapshot_failure(e: snapshot::Error) -> Failure {
     let kind = match e {
         snapshot::Error::Chain(chain::Error::Io { .. }) | snapshot::Error::Durable(_) => ErrorKind::Io,
         snapshot::Error::NoBase | snapshot::Error::Chain(chain::Error::Invalid { .. }) => ErrorKind::BadRequest,
+        snapshot::Error::LiveCommitting => ErrorKind::Busy,
         _ => ErrorKind::Internal,
     };
     Failure::new(kind, e.to_string())
@@ -103,7 +104,10 @@ pub fn handle(req: Request, control: &Control<VcpuContext>, emit: &mut dyn FnMut
         },
         Request::Info {} => Reply::answer(info(control)),
         Request::DirtyRate { seconds } => Reply::answer(dirty_rate(control, seconds)),
-        Request::SnapshotCreate { out, diff, progress } => Reply::answer(
+        Request::SnapshotCreate { out, diff, live: Some(true), downtime_ms, timeout_ms, .. } => {
+            Reply::answer(live_snapshot(control, &out, diff, downtime_ms, timeout_ms, emit))
+        }
+        Request::SnapshotCreate { out, diff, progress, .. } => Reply::answer(
             call_reporting(control, progress == Some(true), emit, move |ctx, p| {
                 ctx.snapshot(Path::new(&out), diff.unwrap_or(false), p).map(SnapshotCreated::from).map_err(snapshot_failure)
             })
@@ -132,7 +136,7 @@ const MIGRATE_DOWNTIME: Duration = Duration::from_millis(300);
 #[allow(clippy::too_many_arguments)]
 fn migrate(control: &Control<VcpuContext>, to: &str, downtime_ms: Option<u64>, bandwidth: Option<u64>, timeout_ms: Option<u64>,
     postcopy: Option<bool>, throttle: Option<bool>, emit: &mut dyn FnMut(String)) -> Result<MigrationDone, Failure> {
-    use crate::migration::{self, source, Error as M};
+    use crate::migration::{self, source};
     let bad = |m: String| Failure::new(ErrorKind::BadRequest, m);
     let addr: migration::Addr = to.parse().map_err(|e: migration::addr::Error| bad(e.to_string()))?;
     addr.unix_path().map_err(|e| bad(e.to_string()))?;
@@ -152,16 +156,60 @@ fn migrate(control: &Control<VcpuContext>, to: &str, downtime_ms: Option<u64>, b
     };
     let result = source::migrate(control, &addr, &opts, &mut |round| emit(line(&RoundLine { round: *round })));
     control.end_migration();
-    result.map_err(|e| {
-        let kind = match &e {
-            M::Addr(_) | M::Unsupported(_) => ErrorKind::BadRequest,
-            M::Cancelled | M::Timeout(_) => ErrorKind::Cancelled,
-            M::Finished(_) => ErrorKind::Finished,
-            M::Log(_) | M::Memory { .. } | M::State(_) => ErrorKind::Internal,
-            M::Connect { .. } | M::Stream(_) | M::NoCommit(_) | M::Refused(_) => ErrorKind::Migration,
-        };
-        Failure::new(kind, e.to_string())
-    })
+    result.map_err(migration_failure)
+}
+
+fn migration_failure(e: crate::migration::Error) -> Failure {
+    use crate::migration::Error as M;
+    let kind = match &e {
+        M::Addr(_) | M::Unsupported(_) => ErrorKind::BadRequest,
+        M::Cancelled | M::Timeout(_) => ErrorKind::Cancelled,
+        M::Finished(_) => ErrorKind::Finished,
+        M::Log(_) | M::Memory { .. } | M::State(_) => ErrorKind::Internal,
+        M::Connect { .. } | M::Stream(_) | M::NoCommit(_) | M::Refused(_) => ErrorKind::Migration,
+        M::Snapshot(_) => return snapshot_failure(e_snapshot(e)),
+    };
+    Failure::new(kind, e.to_string())
+}
+
+fn e_snapshot(e: crate::migration::Error) -> snapshot::Error {
+    match e {
+        crate::migration::Error::Snapshot(s) => s,
+        _ => unreachable!("only called for snapshot errors"),
+    }
+}
+
+/// Default switch-over target of a live snapshot: the disk takes a small dirty set in a
+/// few milliseconds, so a short pause is cheap to wait for.
+const LIVE_SNAPSHOT_DOWNTIME: Duration = Duration::from_millis(20);
+
+/// `snapshot-create` with `live`: pre-copy into the snapshot, a pause only for the last
+/// dirty set. Progress comes as round lines, as a migration's.
+fn live_snapshot(control: &Control<VcpuContext>, out: &str, diff: Option<bool>, downtime_ms: Option<u64>, timeout_ms: Option<u64>,
+    emit: &mut dyn FnMut(String)) -> Result<SnapshotCreated, Failure> {
+    use crate::migration::live_snapshot;
+    if diff == Some(true) {
+        return Err(Failure::new(ErrorKind::BadRequest, "a live snapshot is a full one: --live and --diff do not go together".to_string()));
+    }
+    let cancel = control
+        .begin_migration()
+        .ok_or_else(|| Failure::new(ErrorKind::Busy, "a migration or live snapshot is already running".to_string()))?;
+    let opts = live_snapshot::Options {
+        downtime: downtime_ms.map_or(LIVE_SNAPSHOT_DOWNTIME, Duration::from_millis),
+        timeout: timeout_ms.map_or(MIGRATE_TIMEOUT, Duration::from_millis),
+        throttle: true,
+        cancel,
+    };
+    let result = live_snapshot::create(control, Path::new(out), &opts, &mut |round| emit(line(&RoundLine { round: *round })));
+    control.end_migration();
+    let c = result.map_err(migration_failure)?;
+    let mut answer = SnapshotCreated::from(c.report);
+    answer.live = Some(LiveSnapshotStats {
+        rounds: c.rounds,
+        total_ns: c.total.as_nanos() as u64,
+        throttled: c.max_throttle > 0.0,
+    });
+    Ok(answer)
 }
 
 fn status(control: &Control<VcpuContext>) -> Status {

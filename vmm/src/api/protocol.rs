@@ -74,6 +74,16 @@ pub enum Request {
         diff: Option<bool>,
         #[serde(skip_serializing_if = "Option::is_none")]
         progress: Option<bool>,
+        /// A full snapshot pre-copied while the guest runs, the guest paused only for
+        /// the last dirty set; `{"round":{...}}` lines report its rounds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        live: Option<bool>,
+        /// With `live`: the pause to aim at (default 20 ms) and the bound on the whole
+        /// snapshot (default 300 s).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        downtime_ms: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
     },
     /// Dump process `pid` into directory `out`: every present page, or with `prev` (its
     /// latest dump) only the pages soft-dirty since; then clear its soft-dirty bits.
@@ -405,6 +415,19 @@ pub struct SnapshotCreated {
     pub disk_bytes: u64,
     pub pause_ns: u64,
     pub phases: SnapshotPhases,
+    /// A live snapshot's pre-copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<LiveSnapshotStats>,
+}
+
+/// How a live snapshot's pre-copy went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveSnapshotStats {
+    /// Rounds, the paused one included.
+    pub rounds: u32,
+    /// From the request to the commit.
+    pub total_ns: u64,
+    pub throttled: bool,
 }
 
 /// Where a snapshot's pause went (ns).
@@ -434,6 +457,7 @@ impl From<snapshot::Report> for SnapshotCreated {
                 sync_ns: p.sync_ns,
                 rearm_ns: p.rearm_ns,
             },
+            live: None,
         }
     }
 }

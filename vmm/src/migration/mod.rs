@@ -9,6 +9,8 @@
 
 pub mod addr;
 pub mod incoming;
+pub mod live_snapshot;
+pub mod precopy;
 pub mod source;
 pub mod stream;
 
@@ -27,6 +29,8 @@ pub enum Error {
     Stream(#[from] stream::Error),
     #[error(transparent)]
     Log(#[from] crate::tracking::dirty_log::Error),
+    #[error(transparent)]
+    Snapshot(#[from] crate::storage::snapshot::Error),
     #[error("reading guest memory at frame {pfn:#x} failed")]
     Memory { pfn: u64 },
     #[error("saving the machine's state failed: {0}")]

@@ -1,27 +1,20 @@
-//! The source side of a live migration: pre-copy rounds while the guest runs, then a
-//! short stop for the last dirty set and the machine's state.
-//!
-//! The migration keeps its own view of dirtiness in the dirty log
-//! ([`GpaLog::migration_begin`](crate::tracking::dirty_log::GpaLog::migration_begin)):
-//! clear-refs, dirty rates and the snapshot chain's view are never consumed by it, so a
-//! migration that fails or is cancelled leaves the source exactly as it was. Frames are
-//! re-armed before they are sent, so a write during the send shows in the next round.
+//! The source side of a live migration: the stream as a pre-copy sink
+//! ([`super::precopy`]), paced, cancellable, and committed by the destination.
 
 use super::addr::Addr;
-use super::stream::{self, Hello, Kind, Writer, MAX_PAGES_PER_RECORD};
+use super::precopy::{self, Sink};
+use super::stream::{self, Hello, Kind, Writer};
 use super::{encode_sections, Error};
-use crate::machine::memory::GuestMem;
 use crate::storage::snapshot;
 use crate::tracking::frame_set::FrameSet;
 use crate::vcpu::control::Control;
 use crate::vcpu::runner::VcpuContext;
-use crate::vcpu::throttle;
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::GuestMemoryBackend;
 
 const PAGE: u64 = 4096;
 /// How long the source waits for the destination's commit after the last record.
@@ -48,20 +41,7 @@ pub struct Options {
     pub throttle: bool,
 }
 
-/// One pre-copy round, as progress reports it.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Round {
-    pub round: u32,
-    /// Pages sent with their contents this round (zero frames go as markers).
-    pub pages_sent: u64,
-    /// Pages written since the previous round's harvest (what the next round sends).
-    pub pages_dirtied: u64,
-    pub bandwidth_mib_s: f64,
-    pub expected_downtime_ms: f64,
-    /// Share of the time the vCPU is held out of the guest from this round on, in %.
-    #[serde(default)]
-    pub throttle_pct: f64,
-}
+pub use super::precopy::Round;
 
 /// The outcome of a finished migration.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -121,6 +101,8 @@ const CANCELLED: &str = "cancelled";
 /// Rate limiter and byte counter over the connection.
 struct Link {
     w: Writer<Cancellable>,
+    /// The destination, as the source's run reports it once the VM moved.
+    to: String,
     /// The pacing's reference point: the rate since it (`w.bytes` then) is held to `cap`.
     paced_from: (Instant, u64),
     cap: Option<u64>,
@@ -149,33 +131,6 @@ impl Link {
         } else if now - due > PACE_SLACK {
             self.paced_from = (now, self.w.bytes);
         }
-    }
-
-    /// Sends `frames` (read now from `mem`); in round 0 (`skip_zero`), all-zero frames go
-    /// as zero runs. Returns the frames covered.
-    fn send_frames(&mut self, mem: &GuestMem, frames: impl Iterator<Item = (u64, u64)>, skip_zero: bool) -> Result<u64, Error> {
-        let mut sent = 0;
-        let mut buf = vec![0u8; (MAX_PAGES_PER_RECORD * PAGE) as usize];
-        for (first, count) in frames {
-            let mut pfn = first;
-            let end = first + count;
-            while pfn < end {
-                let n = (end - pfn).min(MAX_PAGES_PER_RECORD);
-                let bytes = &mut buf[..(n * PAGE) as usize];
-                mem.read_slice(bytes, GuestAddress(pfn * PAGE)).map_err(|_| Error::Memory { pfn })?;
-                if skip_zero {
-                    self.send_skipping_zeros(pfn, bytes)?;
-                } else {
-                    self.w.record(Kind::Pages, &[&pfn.to_le_bytes(), bytes])?;
-                    self.pages += n;
-                }
-                sent += n;
-                pfn += n;
-                self.pace();
-                self.check_stop()?;
-            }
-        }
-        Ok(sent)
     }
 
     /// A cancel, or the deadline passed (checked between batches and rounds).
@@ -217,6 +172,68 @@ impl Link {
     }
 }
 
+impl Sink for Link {
+    fn frames(&mut self, pfn: u64, bytes: &[u8], first_round: bool) -> Result<(), Error> {
+        if first_round {
+            self.send_skipping_zeros(pfn, bytes)?;
+        } else {
+            self.w.record(Kind::Pages, &[&pfn.to_le_bytes(), bytes])?;
+            self.pages += bytes.len() as u64 / PAGE;
+        }
+        self.pace();
+        Ok(())
+    }
+
+    fn end_round(&mut self, round: u32) -> Result<(), Error> {
+        Ok(self.w.record(Kind::Round, &[&round.to_le_bytes()])?)
+    }
+
+    fn bytes(&self) -> u64 {
+        self.w.bytes
+    }
+
+    fn counts(&self) -> (u64, u64) {
+        (self.pages, self.zeros)
+    }
+
+    fn check_stop(&self) -> Result<(), Error> {
+        Link::check_stop(self)
+    }
+
+    /// The last dirty set, the state, DONE, and the destination's commit. Nothing on
+    /// the source changes unless it commits.
+    fn switch_over(&mut self, ctx: &mut VcpuContext, last: &FrameSet) -> Result<(), Error> {
+        // With the guest stopped, finishing is quicker than stopping: no cap, no
+        // deadline.
+        self.cap = None;
+        self.deadline = None;
+        precopy::copy_frames(self, &ctx.mem, last.runs(), false)?;
+        let mut sections = snapshot::capture(&ctx.vm, &mut ctx.vcpu).map_err(|e| Error::State(e.to_string()))?;
+        sections.insert("tracker".into(), ctx.tracker.export_state());
+        sections.insert("serial".into(), ctx.device_state.clone());
+        if let Some(p) = &ctx.paused_at {
+            sections.insert("pause".into(), super::encode_pause(p));
+        }
+        self.w.record(Kind::State, &[&encode_sections(&sections)])?;
+        self.w.record(Kind::Done, &[])?;
+        self.w.flush()?;
+        // From DONE on the destination may commit at any moment: a cancel can no longer
+        // stop the migration (the guest would run on both sides), so only the commit or
+        // a failure ends this wait.
+        let conn = &mut self.w.inner().conn;
+        conn.set_read_timeout(Some(COMMIT_TIMEOUT)).map_err(stream::Error::from)?;
+        let mut answer = [0u8; 1];
+        conn.read_exact(&mut answer).map_err(|e| Error::NoCommit(e.to_string()))?;
+        if answer[0] != stream::COMMIT {
+            let mut why = String::new();
+            let _ = conn.take(4096).read_to_string(&mut why);
+            return Err(Error::Refused(why));
+        }
+        ctx.migrated_to = Some(self.to.clone());
+        Ok(())
+    }
+}
+
 /// Migrates the VM behind `control` to `to`. Returns once the destination committed
 /// (the source's run then ends with [`crate::vcpu::Outcome::MigratedAway`]); on any
 /// error the VM goes on as before.
@@ -224,63 +241,21 @@ pub fn migrate(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progre
     let path = to.unix_path()?.to_path_buf();
     let conn = UnixStream::connect(&path).map_err(|source| Error::Connect { to: to.to_string(), source })?;
     conn.set_write_timeout(Some(WRITE_SLICE)).map_err(stream::Error::from)?;
-    let (mem, hello, image) = control
-        .call(|ctx: &mut VcpuContext| -> Result<_, Error> {
-            ctx.tracker.log.migration_begin(&ctx.mem)?;
+    let (hello, image) = control
+        .call(|ctx: &mut VcpuContext| {
             let hello = Hello {
                 mem_bytes: ctx.mem.last_addr().0 + 1,
                 engine: ctx.tracker.engine(),
                 image_sha256: ctx.history.image_sha256.clone(),
                 image_len: ctx.image.len() as u64,
             };
-            Ok((ctx.mem.clone(), hello, ctx.image.clone()))
+            (hello, ctx.image.clone())
         })
-        .map_err(Error::Finished)??;
-    let held_before = control.throttle.held();
-    let done = AtomicBool::new(false);
-    let result = std::thread::scope(|scope| {
-        // While a throttle is set, kick the vCPU out of the guest once per slice so that
-        // it holds even when the guest does not exit by itself.
-        scope.spawn(|| {
-            while !done.load(Ordering::SeqCst) {
-                match control.throttle.until_kick(Instant::now()) {
-                    Some(Duration::ZERO) => {
-                        control.kick();
-                        // A kick that found the vCPU outside the guest is lost: again
-                        // soon, unless the hold moved the slice on.
-                        std::thread::sleep(Duration::from_micros(200));
-                    }
-                    Some(wait) => std::thread::sleep(wait.min(throttle::PERIOD)),
-                    None => std::thread::sleep(throttle::PERIOD),
-                }
-            }
-        });
-        let r = precopy(control, to, opts, progress, conn, &mem, &hello, &image);
-        done.store(true, Ordering::SeqCst);
-        control.throttle.set(0.0);
-        r
-    });
-    let result = match result.map(|mut s| {
-        s.throttled_ms = (control.throttle.held() - held_before).as_secs_f64() * 1e3;
-        s
-    }) {
-        // Whatever a cancelled write or round ended with, it ended because of the cancel.
-        Err(_) if opts.cancel.load(Ordering::SeqCst) => Err(Error::Cancelled),
-        r => r,
-    };
-    if result.is_err() {
-        // The view goes away; what it held is still in every other view.
-        let _ = control.call(|ctx: &mut VcpuContext| ctx.tracker.log.migration_end());
-    }
-    result
-}
-
-#[allow(clippy::too_many_arguments)]
-fn precopy(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progress: &mut dyn FnMut(&Round), conn: UnixStream,
-    mem: &GuestMem, hello: &Hello, image: &[u8]) -> Result<Summary, Error> {
+        .map_err(Error::Finished)?;
     let t0 = Instant::now();
     let mut link = Link {
         w: Writer::start(Cancellable { conn, cancel: opts.cancel.clone() })?,
+        to: to.to_string(),
         paced_from: (Instant::now(), 0),
         cap: opts.bandwidth,
         cancel: opts.cancel.clone(),
@@ -288,108 +263,34 @@ fn precopy(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progress: 
         pages: 0,
         zeros: 0,
     };
-    let hello_json = serde_json::to_vec(hello).expect("hello serializes");
-    link.w.record(Kind::Hello, &[&hello_json])?;
-    for piece in image.chunks(stream::MAX_RECORD as usize) {
-        link.w.record(Kind::Image, &[piece])?;
-    }
-    let pages = hello.mem_bytes / PAGE;
-    // Round 0: everything, while the guest runs.
-    let mut round = 0u32;
-    let mut r0 = Instant::now();
-    let mut b0 = link.w.bytes;
-    link.send_frames(mem, std::iter::once((0, pages)), true)?;
-    let mut sent = link.pages;
-    let mut max_share = 0f64;
-    loop {
-        link.w.record(Kind::Round, &[&round.to_le_bytes()])?;
-        let secs = r0.elapsed().as_secs_f64().max(1e-6);
-        let bandwidth = (link.w.bytes - b0) as f64 / secs;
-        let dirty = control
-            .call(|ctx: &mut VcpuContext| ctx.tracker.log.migration_pending(&ctx.mem))
-            .map_err(Error::Finished)??;
-        let expected = Duration::from_secs_f64(dirty as f64 * PAGE as f64 / bandwidth.max(1.0));
-        if expected > opts.downtime && opts.throttle {
-            control.throttle.set(throttle::next_share(control.throttle.share(), sent, dirty));
-            max_share = max_share.max(control.throttle.share());
+    let start = (|| -> Result<(), Error> {
+        let hello_json = serde_json::to_vec(&hello).expect("hello serializes");
+        link.w.record(Kind::Hello, &[&hello_json])?;
+        for piece in image.chunks(stream::MAX_RECORD as usize) {
+            link.w.record(Kind::Image, &[piece])?;
         }
-        progress(&Round {
-            round,
-            pages_sent: sent,
-            pages_dirtied: dirty,
-            bandwidth_mib_s: bandwidth / (1 << 20) as f64,
-            expected_downtime_ms: expected.as_secs_f64() * 1e3,
-            throttle_pct: control.throttle.share() * 100.0,
-        });
-        if expected <= opts.downtime {
-            break;
-        }
-        link.check_stop()?;
-        round += 1;
-        r0 = Instant::now();
-        b0 = link.w.bytes;
-        let frames = control
-            .call(|ctx: &mut VcpuContext| ctx.tracker.log.migration_take(&ctx.mem))
-            .map_err(Error::Finished)??;
-        sent = link.send_frames(mem, frames.runs(), false)?;
+        Ok(())
+    })();
+    match start {
+        Err(_) if opts.cancel.load(Ordering::SeqCst) => return Err(Error::Cancelled),
+        Err(e) => return Err(e),
+        Ok(()) => {}
     }
-    link.check_stop()?;
-    // Switch-over, on the vCPU thread with the guest stopped: the last dirty set, the
-    // state, the destination's commit. Nothing on the source changes unless it commits.
-    let dest = to.to_string();
-    let (link, stopped) = control
-        .call(move |ctx: &mut VcpuContext| {
-            let t = Instant::now();
-            let r = switch_over(ctx, &mut link).map(|()| t.elapsed());
-            if r.is_ok() {
-                ctx.migrated_to = Some(dest);
-            }
-            (link, r)
-        })
-        .map_err(Error::Finished)?;
-    let downtime = stopped?;
+    let rounds = precopy::Rounds { downtime: opts.downtime, throttle: opts.throttle, cancel: opts.cancel.clone() };
+    let done = precopy::run(control, link, &rounds, progress)?;
     control.release_pause();
+    let link = done.sink;
     Ok(Summary {
         to: to.to_string(),
         total_ms: t0.elapsed().as_secs_f64() * 1e3,
-        downtime_ms: downtime.as_secs_f64() * 1e3,
-        rounds: round + 2,
+        downtime_ms: done.downtime.as_secs_f64() * 1e3,
+        rounds: done.rounds,
         bytes_sent: link.w.bytes,
         pages_sent: link.pages,
         zero_pages: link.zeros,
         postcopy: false,
-        throttled: max_share > 0.0,
-        max_throttle_pct: max_share * 100.0,
-        throttled_ms: 0.0,
+        throttled: done.max_throttle > 0.0,
+        max_throttle_pct: done.max_throttle * 100.0,
+        throttled_ms: done.throttled.as_secs_f64() * 1e3,
     })
-}
-
-fn switch_over(ctx: &mut VcpuContext, link: &mut Link) -> Result<(), Error> {
-    let frames: FrameSet = ctx.tracker.log.migration_take(&ctx.mem)?;
-    link.cap = None;
-    link.deadline = None;
-    link.send_frames(&ctx.mem, frames.runs(), false)?;
-    let mut sections = snapshot::capture(&ctx.vm, &mut ctx.vcpu).map_err(|e| Error::State(e.to_string()))?;
-    sections.insert("tracker".into(), ctx.tracker.export_state());
-    sections.insert("serial".into(), ctx.device_state.clone());
-    if let Some(p) = &ctx.paused_at {
-        sections.insert("pause".into(), super::encode_pause(p));
-    }
-    link.w.record(Kind::State, &[&encode_sections(&sections)])?;
-    link.w.record(Kind::Done, &[])?;
-    link.w.flush()?;
-    // From DONE on the destination may commit at any moment: a cancel can no longer
-    // stop the migration (the guest would run on both sides), so only the commit or a
-    // failure ends this wait.
-    let conn = &mut link.w.inner().conn;
-    conn.set_read_timeout(Some(COMMIT_TIMEOUT)).map_err(stream::Error::from)?;
-    let mut answer = [0u8; 1];
-    conn.read_exact(&mut answer).map_err(|e| Error::NoCommit(e.to_string()))?;
-    if answer[0] != stream::COMMIT {
-        let mut why = String::new();
-        let _ = conn.take(4096).read_to_string(&mut why);
-        return Err(Error::Refused(why));
-    }
-    ctx.tracker.log.migration_end();
-    Ok(())
 }

@@ -15,6 +15,9 @@ pub struct History {
     pub last_snapshot: Option<snapshot::Last>,
     /// Each pid's latest dump: the only valid `--prev` of its next one.
     pub dumps: HashMap<u32, dump::Last>,
+    /// A live snapshot stopped the guest and is being committed: until it is, no other
+    /// snapshot can know its base.
+    pub live_snapshot_committing: bool,
 }
 
 impl History {
@@ -26,6 +29,9 @@ impl History {
     /// The base a new snapshot is a diff against: none for a full one, the last
     /// snapshot for a diff ([`snapshot::Error::NoBase`] if there is none).
     pub fn snapshot_base(&self, diff: bool) -> Result<Option<&snapshot::Last>, snapshot::Error> {
+        if self.live_snapshot_committing {
+            return Err(snapshot::Error::LiveCommitting);
+        }
         if diff { self.last_snapshot.as_ref().map(Some).ok_or(snapshot::Error::NoBase) } else { Ok(None) }
     }
 }

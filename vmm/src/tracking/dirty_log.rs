@@ -159,6 +159,24 @@ impl GpaLog {
         Ok(())
     }
 
+    /// A snapshot's moment is now, but it is not on disk yet (a live snapshot): the next
+    /// diff starts from here, and the view as it was is returned, for
+    /// [`Self::snapshot_undo_restart`] should the snapshot fail. Call after a harvest.
+    pub fn snapshot_restart(&mut self) -> Result<FrameSet, Error> {
+        let mut was = FrameSet::new(self.pages);
+        was.insert_words(&self.snap);
+        self.snapshot_start()?;
+        Ok(was)
+    }
+
+    /// The snapshot that [`Self::snapshot_restart`] began failed: the view gets back
+    /// what it held then (what was written since joins it).
+    pub fn snapshot_undo_restart(&mut self, was: &FrameSet) {
+        for (w, old) in self.snap.iter_mut().zip(was.words()) {
+            *w |= old;
+        }
+    }
+
     /// The accumulated bits (for saving in a snapshot).
     pub fn accumulated(&self) -> &[u64] {
         &self.accumulated

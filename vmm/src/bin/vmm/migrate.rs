@@ -17,16 +17,7 @@ pub fn run(api_sock: &Path, to: String, downtime_ms: u64, bandwidth: Option<u64>
         postcopy: postcopy.then_some(true),
         throttle: (!throttle).then_some(false),
     };
-    let result = api::call_with_updates::<MigrationDone>(api_sock, &req, |line| {
-        let Ok(RoundLine { round: r }) = serde_json::from_value::<RoundLine>(line.clone()) else { return };
-        if json {
-            println!("{line}");
-        } else {
-            let throttle = if r.throttle_pct > 0.0 { format!(", throttle {:.0}%", r.throttle_pct) } else { String::new() };
-            println!("round {}: {} pages sent, {} dirtied since, {:.1} MiB/s, expected downtime {:.1} ms{throttle}",
-                r.round, r.pages_sent, r.pages_dirtied, r.bandwidth_mib_s, r.expected_downtime_ms);
-        }
-    });
+    let result = api::call_with_updates::<MigrationDone>(api_sock, &req, |line| print_round(&line, json));
     match result {
         Ok(s) => {
             if json {
@@ -44,5 +35,18 @@ pub fn run(api_sock: &Path, to: String, downtime_ms: u64, bandwidth: Option<u64>
             ExitCode::Success
         }
         Err(e) => fail(client_code(&e), e),
+    }
+}
+
+/// Prints a pre-copy round's progress line (a migration's or a live snapshot's), as JSON
+/// or as text; other lines are ignored.
+pub fn print_round(line: &serde_json::Value, json: bool) {
+    let Ok(RoundLine { round: r }) = serde_json::from_value::<RoundLine>(line.clone()) else { return };
+    if json {
+        println!("{line}");
+    } else {
+        let throttle = if r.throttle_pct > 0.0 { format!(", throttle {:.0}%", r.throttle_pct) } else { String::new() };
+        println!("round {}: {} pages sent, {} dirtied since, {:.1} MiB/s, expected downtime {:.1} ms{throttle}",
+            r.round, r.pages_sent, r.pages_dirtied, r.bandwidth_mib_s, r.expected_downtime_ms);
     }
 }

@@ -18,6 +18,19 @@ pub enum SnapshotCommand {
         out: PathBuf,
         #[arg(long)]
         diff: bool,
+        /// Write a full snapshot while the guest runs (pre-copy into DIR), pausing it
+        /// only for the last dirty set; prints one line per round.
+        #[arg(long, conflicts_with = "diff")]
+        live: bool,
+        /// With --live: the pause to aim at.
+        #[arg(long, default_value_t = 20, requires = "live")]
+        downtime_ms: u64,
+        /// With --live: bound on the whole snapshot; past it, it is abandoned cleanly.
+        #[arg(long, default_value_t = 300.0, requires = "live")]
+        timeout: f64,
+        /// With --live: each round and the result as one JSON object per line.
+        #[arg(long, requires = "live")]
+        json: bool,
     },
     /// Check a snapshot and its chain of bases: formats, sizes, bases, checksums.
     Verify { dir: PathBuf },
@@ -91,9 +104,45 @@ fn call_with_bar<R: serde::de::DeserializeOwned>(label: &str, api_sock: &Path, r
 
 pub fn snapshot(c: SnapshotCommand) -> ExitCode {
     match c {
-        SnapshotCommand::Create { api_sock, out, diff } => {
+        SnapshotCommand::Create { api_sock, out, live: true, downtime_ms, timeout, json, .. } => {
             let out = absolute(out);
-            let req = |progress| Request::SnapshotCreate { out: out.display().to_string(), diff: Some(diff), progress: Some(progress) };
+            let timeout = match crate::seconds_arg("--timeout", timeout) {
+                Ok(t) => t,
+                Err(code) => return code,
+            };
+            let req = Request::SnapshotCreate {
+                out: out.display().to_string(),
+                diff: None,
+                progress: None,
+                live: Some(true),
+                downtime_ms: Some(downtime_ms),
+                timeout_ms: Some(timeout.as_millis() as u64),
+            };
+            match api::call_with_updates::<api::SnapshotCreated>(&api_sock, &req, |line| crate::migrate::print_round(&line, json)) {
+                Ok(v) if json => {
+                    println!("{}", serde_json::to_value(&v).expect("an answer serializes"));
+                    ExitCode::Success
+                }
+                Ok(v) => {
+                    let live = v.live.as_ref().expect("a live snapshot's answer says how it went");
+                    println!("full snapshot {} -> {}: {} pages, {} bytes, VM paused {:.1} ms (live: {} rounds in {:.1} ms{})", v.id,
+                        out.display(), v.pages, v.bytes, v.pause_ns as f64 / 1e6, live.rounds, live.total_ns as f64 / 1e6,
+                        if live.throttled { ", throttled" } else { "" });
+                    ExitCode::Success
+                }
+                Err(e) => fail(client_code(&e), e),
+            }
+        }
+        SnapshotCommand::Create { api_sock, out, diff, .. } => {
+            let out = absolute(out);
+            let req = |progress| Request::SnapshotCreate {
+                out: out.display().to_string(),
+                diff: Some(diff),
+                progress: Some(progress),
+                live: None,
+                downtime_ms: None,
+                timeout_ms: None,
+            };
             match call_with_bar::<api::SnapshotCreated>("snapshot", &api_sock, req) {
                 Ok(v) => {
                     let kind = if v.kind == vmm::storage::snapshot::Kind::Full { "full" } else { "diff" };

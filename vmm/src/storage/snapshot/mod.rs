@@ -22,6 +22,7 @@
 //! manifests and following bases is [`crate::storage::chain`]'s, shared with dumps.
 
 mod create;
+pub mod live;
 mod merge;
 mod state;
 
@@ -53,6 +54,8 @@ pub enum Error {
     Chain(#[from] chain::Error),
     #[error("no base snapshot: create a full snapshot of this VM first")]
     NoBase,
+    #[error("a live snapshot of this VM is being committed; try again when it is done")]
+    LiveCommitting,
     #[error("cannot merge {dir} into {into}: {why}")]
     Merge { dir: PathBuf, into: PathBuf, why: String },
     #[error("KVM {op} failed: {source}")]

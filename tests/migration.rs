@@ -144,11 +144,9 @@ fn failed_migrations_leave_the_source_running_as_before() {
     let r = migrate(&src, &nowhere, &[]);
     assert_ne!(r.code, 0, "{r:?}");
     assert!(r.stderr.contains("cannot connect to the migration destination"), "{r:?}");
-    // TCP and post-copy are refused by name, not half done.
+    // TCP is refused by name, not half done.
     let r = migrate(&src, "tcp:127.0.0.1:9", &[]);
     assert!(r.code != 0 && r.stderr.contains("TLS"), "{r:?}");
-    let r = migrate(&src, &nowhere, &["--postcopy"]);
-    assert!(r.code != 0 && r.stderr.contains("post-copy"), "{r:?}");
     // A connection dropped in the middle of round 0: the "destination" reads 256 KiB and
     // hangs up.
     let fake = FakeDest::start(Fake::HangUpAfter(256 << 10));
@@ -204,15 +202,20 @@ fn a_cancelled_migration_leaves_the_guest_running_here() {
 /// writer dirties a few dozen pages a second, so throttled it must. At `done` the pages
 /// hold 0x33, which the last `check` verifies (after a restore, too).
 fn fast_writer(loops: u32) -> String {
-    let mut s = String::from("proc writer\nmap 0x400000 512\nfill 0x400000 512 0x11\nsync go\n");
+    writer_of(512, loops)
+}
+
+/// [`fast_writer`] over `pages` pages.
+fn writer_of(pages: u64, loops: u32) -> String {
+    let mut s = format!("proc writer\nmap 0x400000 {pages}\nfill 0x400000 {pages} 0x11\nsync go\n");
     s += &format!("loop {loops}\n");
     for byte in ["0x22", "0x33"] {
-        for i in 0..512u64 {
+        for i in 0..pages {
             s += &format!("fill {:#x} 1 {byte}\nyield\n", 0x400000 + i * 4096);
         }
-        s += &format!("check 0x400000 512 {byte}\n");
+        s += &format!("check 0x400000 {pages} {byte}\n");
     }
-    s += "end\nsync done\ncheck 0x400000 512 0x33\nexit 0\n";
+    s += &format!("end\nsync done\ncheck 0x400000 {pages} 0x33\nexit 0\n");
     s
 }
 
@@ -302,6 +305,71 @@ fn a_live_snapshot_is_an_ordinary_full_one_that_restores_and_bases_diffs() {
         let restored = vmm(&["run", "--restore", snap.to_str().unwrap(), "--timeout", "240"]);
         assert_eq!(restored.code, 0, "{}: {restored:?}", snap.display());
     }
+}
+
+#[test]
+fn post_copy_runs_the_guest_before_its_memory_arrived() {
+    let src = Live::start(&fast_writer(6), &["--mem", "64", "--timeout", "300"]);
+    src.wait("go");
+    src.resume();
+    let dest = Dest::start(&[]);
+    // At 1 MiB/s the 512 pages the writer rewrote during round 0 take 2 s to push,
+    // while the writer, running there at once, touches them within microseconds.
+    let r = migrate(&src, &dest.addr(), &["--postcopy", "--bandwidth", "1", "--json"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let summary: serde_json::Value = serde_json::from_str(r.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["postcopy"], true, "{r:?}");
+    assert!(summary["postcopy_pages"].as_u64().unwrap() > 0, "frames came after the switch-over: {r:?}");
+    assert!(summary["demand_faults"].as_u64().unwrap() > 0, "the guest ran before they all arrived: {r:?}");
+    assert_eq!(src.finish().code, 80);
+    let w = dest.client("wait", &["--label", "done", "--timeout", "240"]);
+    assert_eq!(w.code, 0, "{w:?}");
+    assert_eq!(dest.client("resume", &[]).code, 0);
+    let d = dest.finish();
+    assert_eq!(d.code, 0, "every check passed on frames fetched on demand: {d:?}");
+    assert!(d.stderr.contains("post-copy done:"), "{d:?}");
+}
+
+#[test]
+fn a_source_killed_during_post_copy_ends_the_destination_with_the_documented_error() {
+    let mut src = Live::start(&writer_of(1024, 20), &["--mem", "64", "--timeout", "300"]);
+    src.wait("go");
+    src.resume();
+    let dest = Dest::start(&[]);
+    let (sock, addr) = (src.sock.clone(), dest.addr());
+    let mig = std::thread::spawn(move || vmm(&["migrate", "--api-sock", sock.to_str().unwrap(), "--to", &addr, "--postcopy", "--bandwidth", "1"]));
+    // The destination's control socket appears once it committed and runs the guest;
+    // its 1,024 missing frames then take 4 s to push at 1 MiB/s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while dest.client("info", &[]).code != 0 {
+        assert!(std::time::Instant::now() < deadline, "the destination never ran");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let _ = src.child.kill();
+    let d = dest.finish();
+    assert_eq!(d.code, 81, "the documented status: {d:?}");
+    assert!(d.stderr.contains("the migration source failed during post-copy") && d.stderr.contains("the guest is lost"), "{d:?}");
+    let r = mig.join().unwrap();
+    assert_ne!(r.code, 0, "{r:?}");
+}
+
+#[test]
+fn post_copy_is_refused_under_the_uffd_engine() {
+    let src = Live::start(&fast_writer(1), &["--engine", "uffd"]);
+    src.wait("go");
+    let dest = Dest::start(&[]);
+    let r = migrate(&src, &dest.addr(), &["--postcopy"]);
+    assert!(r.code != 0 && r.stderr.contains("uffd engine"), "{r:?}");
+    // Nothing happened: a pre-copy migration still works.
+    let r = migrate(&src, &dest.addr(), &[]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(src.finish().code, 80);
+    // It arrives paused at `go`; then `done` pauses it once more.
+    assert_eq!(dest.client("resume", &[]).code, 0);
+    assert_eq!(dest.client("wait", &["--label", "done", "--timeout", "120"]).code, 0);
+    assert_eq!(dest.client("resume", &[]).code, 0);
+    let d = dest.finish();
+    assert_eq!(d.code, 0, "{d:?}");
 }
 
 /// What a [`FakeDest`] does after reading so many bytes of the stream.

@@ -24,6 +24,9 @@ pub enum ExitCode {
     Timeout,
     /// The VM migrated to another VMM, which runs it now (`vmm run` on the source).
     MigratedAway,
+    /// `vmm run --incoming` in post-copy: the source failed before every frame arrived,
+    /// and the guest is lost.
+    PostcopyFailed,
 }
 
 impl ExitCode {
@@ -39,6 +42,7 @@ impl ExitCode {
             ExitCode::GuestCrashed => 71,
             ExitCode::Timeout => 124,
             ExitCode::MigratedAway => 80,
+            ExitCode::PostcopyFailed => 81,
         }
     }
 }

@@ -140,8 +140,12 @@ fn migrate(control: &Control<VcpuContext>, to: &str, downtime_ms: Option<u64>, b
     let bad = |m: String| Failure::new(ErrorKind::BadRequest, m);
     let addr: migration::Addr = to.parse().map_err(|e: migration::addr::Error| bad(e.to_string()))?;
     addr.unix_path().map_err(|e| bad(e.to_string()))?;
-    if postcopy == Some(true) {
-        return Err(bad("post-copy migration is not implemented in this build (docs/migration.md); migrate without --postcopy".into()));
+    let postcopy = postcopy == Some(true);
+    if postcopy {
+        let engine = control.call(|ctx: &mut VcpuContext| ctx.tracker.engine()).map_err(finished)?;
+        if engine == crate::tracking::EngineKind::Uffd {
+            return Err(bad("post-copy needs userfaultfd's missing mode on the destination's guest RAM, which the uffd engine holds already; migrate this VM with pre-copy (docs/migration.md)".into()));
+        }
     }
     if bandwidth == Some(0) {
         return Err(bad("bandwidth 0 MiB/s would never finish".into()));
@@ -153,6 +157,7 @@ fn migrate(control: &Control<VcpuContext>, to: &str, downtime_ms: Option<u64>, b
         timeout: timeout_ms.map_or(MIGRATE_TIMEOUT, Duration::from_millis),
         cancel,
         throttle: throttle != Some(false),
+        postcopy,
     };
     let result = source::migrate(control, &addr, &opts, &mut |round| emit(line(&RoundLine { round: *round })));
     control.end_migration();
@@ -166,7 +171,7 @@ fn migration_failure(e: crate::migration::Error) -> Failure {
         M::Cancelled | M::Timeout(_) => ErrorKind::Cancelled,
         M::Finished(_) => ErrorKind::Finished,
         M::Log(_) | M::Memory { .. } | M::State(_) => ErrorKind::Internal,
-        M::Connect { .. } | M::Stream(_) | M::NoCommit(_) | M::Refused(_) => ErrorKind::Migration,
+        M::Connect { .. } | M::Stream(_) | M::NoCommit(_) | M::Refused(_) | M::PostcopyLost(_) => ErrorKind::Migration,
         M::Snapshot(_) => return snapshot_failure(e_snapshot(e)),
     };
     Failure::new(kind, e.to_string())

@@ -4,6 +4,7 @@
 //! no allocation follows a size the stream claims beyond its bounds.
 
 use super::addr::Addr;
+use super::postcopy::{self, Demand};
 use super::stream::{self, split_pfn, Hello, Kind, Reader, MAX_PAGES_PER_RECORD};
 use super::{decode_pause, decode_sections};
 use crate::machine::devices::SyncPoint;
@@ -15,6 +16,7 @@ use guest_abi::{MAX_MEM, MEM_ALIGN};
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const PAGE: u64 = 4096;
@@ -37,6 +39,8 @@ pub enum Error {
     Refused(String),
     #[error(transparent)]
     Memory(#[from] memory::Error),
+    #[error(transparent)]
+    Postcopy(#[from] super::postcopy::Error),
 }
 
 fn refused<T>(why: impl Into<String>) -> Result<T, Error> {
@@ -52,22 +56,39 @@ pub struct Incoming {
     pub state: Sections,
     /// The sync the VM was paused at on the source, if it was.
     pub paused: Option<SyncPoint>,
+    /// Post-copy: the frames that come after the switch-over.
+    pub missing: Option<FrameSet>,
     conn: UnixStream,
+    /// Writes to the source (the commit, and post-copy's requests from its thread).
+    out: Arc<Mutex<UnixStream>>,
     _socket: SocketPath,
 }
 
 impl Incoming {
+    /// Post-copy: drops the missing frames and starts serving faults on guest RAM by
+    /// fetching them from the source. Call before anything touches guest memory.
+    pub fn start_postcopy(&mut self) -> Result<Option<Demand>, Error> {
+        let Some(missing) = self.missing.take() else { return Ok(None) };
+        let reader = self.conn.try_clone().map_err(stream::Error::from)?;
+        // The source may say nothing for a long while (the guest touches nothing missing).
+        reader.set_read_timeout(None).map_err(stream::Error::from)?;
+        eprintln!("vmm: post-copy: {} frames follow from the source while the guest runs here", missing.len());
+        Ok(Some(Demand::start(&self.mem, missing, reader, self.out.clone())?))
+    }
+
     /// Tells the source that this side has everything and runs the guest from here on:
     /// the source then stops for good.
-    pub fn commit(mut self) -> std::io::Result<()> {
-        self.conn.write_all(&[stream::COMMIT])?;
-        self.conn.flush()
+    pub fn commit(self) -> std::io::Result<()> {
+        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        out.write_all(&[stream::COMMIT])?;
+        out.flush()
     }
 
     /// Tells the source to go on (this side failed to build the VM).
-    pub fn abort(mut self, why: &str) {
-        let _ = self.conn.write_all(&[stream::ABORT]);
-        let _ = self.conn.write_all(why.as_bytes());
+    pub fn abort(self, why: &str) {
+        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = out.write_all(&[stream::ABORT]);
+        let _ = out.write_all(why.as_bytes());
     }
 }
 
@@ -188,13 +209,22 @@ fn read_stream(conn: UnixStream, socket: SocketPath) -> Result<Incoming, Error> 
             other => return refused(format!("{other:?} record in the memory part of the stream")),
         }
     };
-    let (kind, _) = r.next_record()?;
-    if kind != Kind::Done {
-        return refused(format!("{kind:?} record after State, where Done was due"));
+    let mut missing: Option<FrameSet> = None;
+    loop {
+        let (kind, payload) = r.next_record()?;
+        match kind {
+            Kind::Done => break,
+            Kind::Missing => {
+                let set = missing.get_or_insert_with(|| FrameSet::new(pages));
+                postcopy::decode_missing(&payload, set, pages).map_err(Error::Refused)?;
+            }
+            _ => return refused(format!("{kind:?} record after State, where Done was due")),
+        }
     }
     let paused = state.get("pause").map(|b| decode_pause(b)).transpose().map_err(Error::Refused)?;
     // What the stream wrote is the guest's memory, not a write of this VMM.
     memory::take_vmm_writes(&mem);
     let conn = r.into_inner();
-    Ok(Incoming { hello, image, mem, state, paused, conn, _socket: socket })
+    let out = Arc::new(Mutex::new(conn.try_clone().map_err(stream::Error::from)?));
+    Ok(Incoming { hello, image, mem, state, paused, missing, conn, out, _socket: socket })
 }

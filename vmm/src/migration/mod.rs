@@ -3,13 +3,15 @@
 //! --incoming`. Built on the same pieces as snapshots: the dirty log (with a view of its
 //! own), the saved state sections, the tracker's state.
 //!
-//! Limits of this build: pre-copy over a Unix socket. TCP (which must be TLS with mutual
-//! authentication), post-copy, throttling and live snapshots are not there yet; asking
-//! for them is a clear error, never a silent fallback.
+//! Pre-copy ([`precopy`], into a stream or a live snapshot), throttled when it does
+//! not converge; post-copy ([`postcopy`]). Limits of this build: TCP (which must be TLS
+//! with mutual authentication) is refused by name; post-copy is not a fallback of
+//! pre-copy yet, and not under the uffd engine.
 
 pub mod addr;
 pub mod incoming;
 pub mod live_snapshot;
+pub mod postcopy;
 pub mod precopy;
 pub mod source;
 pub mod stream;
@@ -43,6 +45,8 @@ pub enum Error {
     Cancelled,
     #[error("the migration did not finish within {}s and was cancelled; the VM goes on here", .0.as_secs_f64())]
     Timeout(std::time::Duration),
+    #[error("post-copy failed after the switch-over: {0}; the guest ran on the destination with part of its memory here, and is lost")]
+    PostcopyLost(String),
     #[error("{0}")]
     Finished(String),
     #[error("{0}")]

@@ -71,6 +71,8 @@ pub struct Rounds {
     pub throttle: bool,
     /// A cancel: the pre-copy ends with [`Error::Cancelled`].
     pub cancel: Arc<AtomicBool>,
+    /// Switch over right after round 0, whatever is left (post-copy).
+    pub postcopy: bool,
 }
 
 /// A finished pre-copy.
@@ -186,7 +188,7 @@ fn rounds<S: Sink>(control: &Control<VcpuContext>, mut sink: S, opts: &Rounds, p
             expected_downtime_ms: expected.as_secs_f64() * 1e3,
             throttle_pct: control.throttle.share() * 100.0,
         });
-        if expected <= opts.downtime {
+        if expected <= opts.downtime || opts.postcopy {
             break;
         }
         sink.check_stop()?;

@@ -2,6 +2,7 @@
 //! ([`super::precopy`]), paced, cancellable, and committed by the destination.
 
 use super::addr::Addr;
+use super::postcopy;
 use super::precopy::{self, Sink};
 use super::stream::{self, Hello, Kind, Writer};
 use super::{encode_sections, Error};
@@ -14,7 +15,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vm_memory::GuestMemoryBackend;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 const PAGE: u64 = 4096;
 /// How long the source waits for the destination's commit after the last record.
@@ -39,6 +40,8 @@ pub struct Options {
     pub cancel: Arc<AtomicBool>,
     /// Throttle a guest that dirties faster than the link carries (auto-converge).
     pub throttle: bool,
+    /// Switch over right after round 0; the destination fetches the rest on demand.
+    pub postcopy: bool,
 }
 
 pub use super::precopy::Round;
@@ -62,6 +65,15 @@ pub struct Summary {
     pub max_throttle_pct: f64,
     #[serde(default)]
     pub throttled_ms: f64,
+    /// Post-copy: frames the destination waited for, and how long its faulting threads
+    /// (vCPU and VMM) waited for them in all.
+    #[serde(default)]
+    pub demand_faults: u64,
+    #[serde(default)]
+    pub postcopy_blocked_ms: f64,
+    /// Post-copy: frames sent after the switch-over (asked for, or pushed).
+    #[serde(default)]
+    pub postcopy_pages: u64,
 }
 
 /// The connection, written so that a cancel stops even a write the destination does not
@@ -115,6 +127,14 @@ struct Link {
     /// Pages sent as data / as zero runs.
     pages: u64,
     zeros: u64,
+    postcopy: bool,
+    /// When the switch-over stopped the guest, and (post-copy) how long until the
+    /// destination committed: the downtime, the serving after it not included.
+    stopped_at: Option<Instant>,
+    committed_after: Option<Duration>,
+    /// Post-copy: what the destination reported, or why it failed after the commit
+    /// (the guest is then lost).
+    postcopy_done: Option<Result<postcopy::SourceFigures, String>>,
 }
 
 impl Link {
@@ -203,11 +223,14 @@ impl Sink for Link {
     /// The last dirty set, the state, DONE, and the destination's commit. Nothing on
     /// the source changes unless it commits.
     fn switch_over(&mut self, ctx: &mut VcpuContext, last: &FrameSet) -> Result<(), Error> {
-        // With the guest stopped, finishing is quicker than stopping: no cap, no
-        // deadline.
-        self.cap = None;
+        self.stopped_at = Some(Instant::now());
+        // With the guest stopped, finishing is quicker than stopping: no deadline, and
+        // no cap (but in post-copy, where the guest runs there, the cap holds).
         self.deadline = None;
-        precopy::copy_frames(self, &ctx.mem, last.runs(), false)?;
+        if !self.postcopy {
+            self.cap = None;
+            precopy::copy_frames(self, &ctx.mem, last.runs(), false)?;
+        }
         let mut sections = snapshot::capture(&ctx.vm, &mut ctx.vcpu).map_err(|e| Error::State(e.to_string()))?;
         sections.insert("tracker".into(), ctx.tracker.export_state());
         sections.insert("serial".into(), ctx.device_state.clone());
@@ -215,6 +238,14 @@ impl Sink for Link {
             sections.insert("pause".into(), super::encode_pause(p));
         }
         self.w.record(Kind::State, &[&encode_sections(&sections)])?;
+        if self.postcopy {
+            for payload in postcopy::encode_missing(last) {
+                self.w.record(Kind::Missing, &[&payload])?;
+            }
+            self.w.record(Kind::Done, &[])?;
+            self.w.flush()?;
+            return self.serve_postcopy(ctx, last);
+        }
         self.w.record(Kind::Done, &[])?;
         self.w.flush()?;
         // From DONE on the destination may commit at any moment: a cancel can no longer
@@ -231,6 +262,116 @@ impl Sink for Link {
         }
         ctx.migrated_to = Some(self.to.clone());
         Ok(())
+    }
+}
+
+impl Link {
+    /// Post-copy, after DONE, on the vCPU thread (the guest here is stopped for good
+    /// once the destination commits): answers the destination's requests, and after its
+    /// commit pushes every missing frame, then END, and takes its figures. A failure
+    /// before the commit leaves the guest here; after it, the guest is lost, which
+    /// `postcopy_done` records (the source's run still ends: the guest ran there).
+    fn serve_postcopy(&mut self, ctx: &mut VcpuContext, missing: &FrameSet) -> Result<(), Error> {
+        use postcopy::Message;
+        let mut conn = self.w.inner().conn.try_clone().map_err(stream::Error::from)?;
+        conn.set_read_timeout(None).map_err(stream::Error::from)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || loop {
+            let m = postcopy::read_message(&mut conn);
+            let last = matches!(m, Err(_) | Ok(Message::Stats { .. }) | Ok(Message::Abort(_)));
+            if tx.send(m).is_err() || last {
+                break;
+            }
+        });
+        let mut sent = FrameSet::new(missing.ram_pages());
+        let mut figures = postcopy::SourceFigures::default();
+        let wait = |rx: &std::sync::mpsc::Receiver<std::io::Result<Message>>| match rx.recv_timeout(COMMIT_TIMEOUT) {
+            Ok(Ok(m)) => Ok(m),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(format!("nothing from the destination for {} s", COMMIT_TIMEOUT.as_secs())),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err("the connection to the destination ended".into()),
+        };
+        loop {
+            match wait(&rx).map_err(Error::NoCommit)? {
+                Message::Commit => break,
+                Message::Request(pfn) => figures.requested += self.send_around(ctx, missing, &mut sent, pfn)?,
+                Message::Abort(why) => return Err(Error::Refused(why)),
+                Message::Stats { .. } => return Err(Error::NoCommit("figures before the commit".into())),
+            }
+        }
+        // Committed: the guest is the destination's now.
+        self.committed_after = self.stopped_at.map(|t| t.elapsed());
+        let result = (|| -> Result<postcopy::SourceFigures, String> {
+            let runs: Vec<(u64, u64)> = missing.runs().collect();
+            for (first, count) in runs {
+                let mut pfn = first;
+                while pfn < first + count {
+                    while let Ok(m) = rx.try_recv() {
+                        match m.map_err(|e| e.to_string())? {
+                            Message::Request(p) => figures.requested += self.send_around(ctx, missing, &mut sent, p).map_err(|e| e.to_string())?,
+                            _ => return Err("an unexpected message during post-copy".into()),
+                        }
+                    }
+                    let n = (first + count - pfn).min(precopy::BATCH_PAGES);
+                    figures.pushed += self.send_unsent(ctx, &mut sent, pfn, n).map_err(|e| e.to_string())?;
+                    self.pace();
+                    pfn += n;
+                }
+            }
+            self.w.record(Kind::End, &[]).map_err(|e| e.to_string())?;
+            loop {
+                match wait(&rx)? {
+                    Message::Stats { demand_faults, blocked_ns } => {
+                        figures.demand_faults = demand_faults;
+                        figures.blocked = Duration::from_nanos(blocked_ns);
+                        return Ok(figures);
+                    }
+                    Message::Request(p) => {
+                        self.send_around(ctx, missing, &mut sent, p).map_err(|e| e.to_string())?;
+                    }
+                    _ => return Err("an unexpected message during post-copy".into()),
+                }
+            }
+        })();
+        self.postcopy_done = Some(result);
+        ctx.migrated_to = Some(self.to.clone());
+        Ok(())
+    }
+
+    /// Sends the missing frames not sent yet among `[pfn, pfn + n)`; returns how many.
+    fn send_unsent(&mut self, ctx: &VcpuContext, sent: &mut FrameSet, pfn: u64, n: u64) -> Result<u64, Error> {
+        let mut count = 0;
+        let mut p = pfn;
+        while p < pfn + n {
+            if sent.contains(p) {
+                p += 1;
+                continue;
+            }
+            let start = p;
+            while p < pfn + n && !sent.contains(p) {
+                sent.insert_range(p, 1);
+                p += 1;
+            }
+            let mut buf = vec![0u8; ((p - start) * PAGE) as usize];
+            ctx.mem.read_slice(&mut buf, GuestAddress(start * PAGE)).map_err(|_| Error::Memory { pfn: start })?;
+            self.w.record(Kind::Pages, &[&start.to_le_bytes(), &buf])?;
+            self.pages += p - start;
+            count += p - start;
+        }
+        Ok(count)
+    }
+
+    /// Answers a request for `pfn`: it and up to [`postcopy::AROUND`] missing frames
+    /// after it, unless they went already.
+    fn send_around(&mut self, ctx: &VcpuContext, missing: &FrameSet, sent: &mut FrameSet, pfn: u64) -> Result<u64, Error> {
+        if !missing.contains(pfn) || sent.contains(pfn) {
+            return Ok(0);
+        }
+        let mut n = 1;
+        while n < postcopy::AROUND && missing.contains(pfn + n) && !sent.contains(pfn + n) {
+            n += 1;
+        }
+        self.send_unsent(ctx, sent, pfn, n)
     }
 }
 
@@ -262,6 +403,10 @@ pub fn migrate(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progre
         deadline: Some((t0 + opts.timeout, opts.timeout)),
         pages: 0,
         zeros: 0,
+        postcopy: opts.postcopy,
+        stopped_at: None,
+        committed_after: None,
+        postcopy_done: None,
     };
     let start = (|| -> Result<(), Error> {
         let hello_json = serde_json::to_vec(&hello).expect("hello serializes");
@@ -276,21 +421,30 @@ pub fn migrate(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progre
         Err(e) => return Err(e),
         Ok(()) => {}
     }
-    let rounds = precopy::Rounds { downtime: opts.downtime, throttle: opts.throttle, cancel: opts.cancel.clone() };
+    let rounds =
+        precopy::Rounds { downtime: opts.downtime, throttle: opts.throttle && !opts.postcopy, cancel: opts.cancel.clone(), postcopy: opts.postcopy };
     let done = precopy::run(control, link, &rounds, progress)?;
     control.release_pause();
     let link = done.sink;
+    let pc = match link.postcopy_done.clone() {
+        Some(Err(why)) => return Err(Error::PostcopyLost(why)),
+        Some(Ok(f)) => f,
+        None => postcopy::SourceFigures::default(),
+    };
     Ok(Summary {
         to: to.to_string(),
         total_ms: t0.elapsed().as_secs_f64() * 1e3,
-        downtime_ms: done.downtime.as_secs_f64() * 1e3,
+        downtime_ms: link.committed_after.unwrap_or(done.downtime).as_secs_f64() * 1e3,
         rounds: done.rounds,
         bytes_sent: link.w.bytes,
         pages_sent: link.pages,
         zero_pages: link.zeros,
-        postcopy: false,
+        postcopy: opts.postcopy,
         throttled: done.max_throttle > 0.0,
         max_throttle_pct: done.max_throttle * 100.0,
         throttled_ms: done.throttled.as_secs_f64() * 1e3,
+        demand_faults: pc.demand_faults,
+        postcopy_blocked_ms: pc.blocked.as_secs_f64() * 1e3,
+        postcopy_pages: pc.requested + pc.pushed,
     })
 }

@@ -10,9 +10,13 @@
 //!   ZEROS  u64 first pfn | u64 count            (frames that are all zeros)
 //!   ROUND  u32 round number (the round before it is complete)
 //!   STATE  JSON: the saved sections (vCPU, irqchip, devices, tracker), the sync pause
-//!   DONE   empty: the source sent everything
+//!   MISSING post-copy only, between STATE and DONE: (u64 first pfn, u64 count) runs of
+//!          frames whose contents come after the switch-over
+//!   DONE   empty: the source sent everything (in post-copy: everything but MISSING)
 //! then the destination answers one byte: COMMIT (it has everything and will run the
-//! guest) or ABORT, followed by a reason.
+//! guest) or ABORT, followed by a reason. In post-copy it may ask for missing frames
+//! ('R' | u64 pfn) before and after COMMIT; the source sends PAGES for them and pushes
+//! the rest, then END; the destination ends with 'S' | u64 demand faults | u64 ns blocked.
 //! ```
 //!
 //! Integers are little-endian. The reader trusts nothing: a record longer than
@@ -42,6 +46,11 @@ pub enum Kind {
     Round = 5,
     State = 6,
     Done = 7,
+    /// Post-copy: `(u64 first pfn, u64 count)` runs of frames that will come after the
+    /// switch-over (between STATE and DONE).
+    Missing = 8,
+    /// Post-copy: every missing frame was sent.
+    End = 9,
 }
 
 impl Kind {
@@ -54,6 +63,8 @@ impl Kind {
             5 => Kind::Round,
             6 => Kind::State,
             7 => Kind::Done,
+            8 => Kind::Missing,
+            9 => Kind::End,
             _ => return None,
         })
     }
@@ -157,6 +168,15 @@ impl<R: Read> Reader<R> {
 
     pub fn into_inner(self) -> R {
         self.r
+    }
+
+    /// Goes on reading records from a stream whose header was read already.
+    pub fn resume(r: R) -> Reader<R> {
+        Reader { r }
+    }
+
+    pub fn get_ref(&self) -> &R {
+        &self.r
     }
 }
 

@@ -102,6 +102,11 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
         Some(addr) => Some(crate::migration::incoming::receive(addr, opts.timeout)?),
         None => None,
     };
+    // Post-copy: missing frames are fetched on touch from here on.
+    let demand = match &mut incoming {
+        Some(inc) => inc.start_postcopy()?,
+        None => None,
+    };
     let (image_bytes, what) = match (&mut incoming, &opts.image) {
         (Some(inc), _) => (std::mem::take(&mut inc.image), "the migrated guest's image".to_string()),
         (None, Some(path)) => (
@@ -212,6 +217,10 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
     let mut runner = Runner { ctx, devices, control: control.clone(), pause_at_sync: opts.api_sock.is_some(), hook,
         start_paused: paused.filter(|_| opts.api_sock.is_some()) };
     let result = runner.run();
+    if let Some(d) = demand {
+        // The source pushes what is left; the run ends once it is all here.
+        d.finish();
+    }
     control.finish(match &result {
         Ok(outcome) => outcome.describe(),
         Err(e) => e.to_string(),

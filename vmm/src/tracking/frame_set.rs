@@ -115,6 +115,13 @@ impl FrameSet {
         }
     }
 
+    /// Takes `pfn` out of the set (nothing if it is past the end of RAM).
+    pub fn remove(&mut self, pfn: u64) {
+        if pfn < self.pages {
+            self.bits[(pfn / 64) as usize] &= !(1 << (pfn % 64));
+        }
+    }
+
     pub fn contains(&self, pfn: u64) -> bool {
         pfn < self.pages && self.bits[(pfn / 64) as usize] & (1 << (pfn % 64)) != 0
     }

@@ -74,7 +74,9 @@ enum Command {
         /// Bound on the whole migration; past it the migration is cancelled cleanly.
         #[arg(long, default_value_t = 300.0)]
         timeout: f64,
-        /// Post-copy (not in this build: refused).
+        /// Post-copy: switch over after round 0; the destination runs at once and fetches
+        /// the frames dirtied since on demand while the rest is pushed. A failure of
+        /// either side after the switch-over loses the guest (docs/migration.md).
         #[arg(long)]
         postcopy: bool,
         /// Never throttle the guest, even when it dirties memory faster than the link

@@ -28,9 +28,14 @@ pub fn run(api_sock: &Path, to: String, downtime_ms: u64, bandwidth: Option<u64>
                 } else {
                     "no".into()
                 };
-                println!("migrated to {} in {:.1} ms: downtime {:.1} ms, {} rounds, {} bytes sent, {} pages sent, {} pages sent as zero, post-copy {}, throttled {throttled}",
-                    s.to, s.total_ms, s.downtime_ms, s.rounds, s.bytes_sent, s.pages_sent, s.zero_pages,
-                    if s.postcopy { "yes" } else { "no" });
+                let postcopy = if s.postcopy {
+                    format!("yes ({} demand faults, faulting threads blocked {:.1} ms, {} pages after the switch-over)", s.demand_faults,
+                        s.postcopy_blocked_ms, s.postcopy_pages)
+                } else {
+                    "no".into()
+                };
+                println!("migrated to {} in {:.1} ms: downtime {:.1} ms, {} rounds, {} bytes sent, {} pages sent, {} pages sent as zero, post-copy {postcopy}, throttled {throttled}",
+                    s.to, s.total_ms, s.downtime_ms, s.rounds, s.bytes_sent, s.pages_sent, s.zero_pages);
             }
             ExitCode::Success
         }

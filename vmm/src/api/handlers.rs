@@ -8,6 +8,7 @@ use super::protocol::{
     SnapshotCreated, Status,
 };
 use crate::machine::memory::GuestMem;
+use crate::migration::transport;
 use crate::storage::progress::Progress;
 use crate::storage::{chain, dump, snapshot};
 use crate::tracking::softdirty::{self, ClearRefs, Tracker};
@@ -15,7 +16,7 @@ use crate::vcpu::control::{Control, Phase};
 use crate::vcpu::runner::VcpuContext;
 use kvm_ioctls::VcpuFd;
 use serde::Serialize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -117,8 +118,9 @@ pub fn handle(req: Request, control: &Control<VcpuContext>, emit: &mut dyn FnMut
             })
             .and_then(|r| r),
         ),
-        Request::Migrate { to, downtime_ms, bandwidth, timeout_ms, postcopy } => {
-            Reply::answer(migrate(control, &to, downtime_ms, bandwidth, timeout_ms, postcopy, emit))
+        Request::Migrate { to, downtime_ms, bandwidth, timeout_ms, postcopy, tls_cert, tls_key, tls_ca, insecure_plaintext } => {
+            let tls = TlsFields { tls_cert, tls_key, tls_ca, insecure_plaintext };
+            Reply::answer(migrate(control, &to, downtime_ms, bandwidth, timeout_ms, postcopy, tls, emit))
         }
         Request::MigrateCancel {} => Reply::answer(Ok::<_, Failure>(MigrationCancelled { cancelled: control.cancel_migration() })),
     }
@@ -129,12 +131,39 @@ const MIGRATE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default switch-over target, as QEMU's and Cloud Hypervisor's.
 const MIGRATE_DOWNTIME: Duration = Duration::from_millis(300);
 
+/// A migrate request's TLS fields, as sent.
+struct TlsFields {
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+    tls_ca: Option<String>,
+    insecure_plaintext: Option<bool>,
+}
+
+impl TlsFields {
+    /// The transport's flags. Paths must be absolute: this VMM's working directory is
+    /// not the client's (`vmm migrate` makes them absolute).
+    fn flags(self) -> Result<transport::Flags, String> {
+        let path = |flag: &str, p: Option<String>| match p {
+            Some(p) if !Path::new(&p).is_absolute() => Err(format!("{flag} {p}: the path must be absolute")),
+            p => Ok(p.map(PathBuf::from)),
+        };
+        Ok(transport::Flags {
+            tls_cert: path("tls_cert", self.tls_cert)?,
+            tls_key: path("tls_key", self.tls_key)?,
+            tls_ca: path("tls_ca", self.tls_ca)?,
+            insecure_plaintext: self.insecure_plaintext == Some(true),
+        })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn migrate(control: &Control<VcpuContext>, to: &str, downtime_ms: Option<u64>, bandwidth: Option<u64>, timeout_ms: Option<u64>,
-    postcopy: Option<bool>, emit: &mut dyn FnMut(String)) -> Result<MigrationDone, Failure> {
+    postcopy: Option<bool>, tls: TlsFields, emit: &mut dyn FnMut(String)) -> Result<MigrationDone, Failure> {
     use crate::migration::{self, source, Error as M};
     let bad = |m: String| Failure::new(ErrorKind::BadRequest, m);
     let addr: migration::Addr = to.parse().map_err(|e: migration::addr::Error| bad(e.to_string()))?;
-    addr.unix_path().map_err(|e| bad(e.to_string()))?;
+    // The flags must fit the address and the files must be good before anything starts.
+    let security = transport::Security::new(&addr, &tls.flags().map_err(bad)?).map_err(|e| bad(e.to_string()))?;
     if postcopy == Some(true) {
         return Err(bad("post-copy migration is not implemented in this build (docs/migration.md); migrate without --postcopy".into()));
     }
@@ -147,6 +176,7 @@ fn migrate(control: &Control<VcpuContext>, to: &str, downtime_ms: Option<u64>, b
         bandwidth: bandwidth.map(|m| m.saturating_mul(1 << 20)),
         timeout: timeout_ms.map_or(MIGRATE_TIMEOUT, Duration::from_millis),
         cancel,
+        security,
     };
     let result = source::migrate(control, &addr, &opts, &mut |round| emit(line(&RoundLine { round: *round })));
     control.end_migration();
@@ -156,7 +186,8 @@ fn migrate(control: &Control<VcpuContext>, to: &str, downtime_ms: Option<u64>, b
             M::Cancelled | M::Timeout(_) => ErrorKind::Cancelled,
             M::Finished(_) => ErrorKind::Finished,
             M::Log(_) | M::Memory { .. } | M::State(_) => ErrorKind::Internal,
-            M::Connect { .. } | M::Stream(_) | M::NoCommit(_) | M::Refused(_) => ErrorKind::Migration,
+            M::Transport(t) if t.is_config() => ErrorKind::BadRequest,
+            M::Transport(_) | M::Stream(_) | M::NoCommit(_) | M::Refused(_) => ErrorKind::Migration,
         };
         Failure::new(kind, e.to_string())
     })

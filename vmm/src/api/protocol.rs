@@ -86,9 +86,11 @@ pub enum Request {
         #[serde(skip_serializing_if = "Option::is_none")]
         progress: Option<bool>,
     },
-    /// Live-migrate the VM to `to` (`unix:PATH`; docs/migration.md). `{"round":{...}}`
-    /// lines report each pre-copy round; the answer is a [`MigrationDone`]. The source's
-    /// run then ends (exit status 80); on any failure the VM goes on here.
+    /// Live-migrate the VM to `to` (`unix:PATH` or `tcp:HOST:PORT`; docs/migration.md).
+    /// `{"round":{...}}` lines report each pre-copy round; the answer is a
+    /// [`MigrationDone`]. The source's run then ends (exit status 80); on any failure the
+    /// VM goes on here. TCP needs `tls_cert`, `tls_key` and `tls_ca` (absolute paths of
+    /// PEM files the VMM reads) or `insecure_plaintext`.
     Migrate {
         to: String,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -101,6 +103,18 @@ pub enum Request {
         timeout_ms: Option<u64>,
         #[serde(skip_serializing_if = "Option::is_none")]
         postcopy: Option<bool>,
+        /// This side's certificate chain (PEM), for TCP with TLS.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tls_cert: Option<String>,
+        /// Its private key (PEM).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tls_key: Option<String>,
+        /// The CA bundle (PEM) the destination's certificate must chain to.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tls_ca: Option<String>,
+        /// TCP without TLS: the VM's memory travels unencrypted and unauthenticated.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        insecure_plaintext: Option<bool>,
     },
     /// Cancels the running migration (the VM goes on here); answered with
     /// [`MigrationCancelled`].
@@ -496,6 +510,8 @@ mod tests {
             Request::Pagemap { pid: 1, start: Some(0x400000), pages: None, summary: None, format: Some(PagemapFormat::Raw) },
             Request::DirtyRate { seconds: Some(0.5) },
             Request::Dump { pid: 2, out: "/d".into(), prev: None, progress: Some(false) },
+            Request::Migrate { to: "tcp:h:1".into(), downtime_ms: None, bandwidth: None, timeout_ms: None, postcopy: None,
+                tls_cert: Some("/c.pem".into()), tls_key: Some("/k.pem".into()), tls_ca: Some("/ca.pem".into()), insecure_plaintext: None },
         ];
         for r in reqs {
             let line = serde_json::to_string(&r).unwrap();
@@ -503,6 +519,10 @@ mod tests {
         }
         let v = serde_json::to_value(Request::ClearRefs { pid: 3, value: Some(4) }).unwrap();
         assert_eq!(v, json!({"cmd": "clear-refs", "pid": 3, "value": 4}));
+        // A migration without TLS fields reads as an older client's did.
+        let v = serde_json::to_value(Request::Migrate { to: "unix:/m".into(), downtime_ms: None, bandwidth: None, timeout_ms: None,
+            postcopy: None, tls_cert: None, tls_key: None, tls_ca: None, insecure_plaintext: None }).unwrap();
+        assert_eq!(v, json!({"cmd": "migrate", "to": "unix:/m"}));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use super::addr::Addr;
 use super::stream::{self, split_pfn, Hello, Kind, Reader, MAX_PAGES_PER_RECORD};
+use super::transport::{self, Conn, Flags, Listener, Security};
 use super::{decode_pause, decode_sections};
 use crate::machine::devices::SyncPoint;
 use crate::machine::image::MAX_IMAGE_BYTES;
@@ -13,9 +14,7 @@ use crate::storage::snapshot::Sections;
 use crate::tracking::frame_set::FrameSet;
 use guest_abi::{MAX_MEM, MEM_ALIGN};
 use std::io::Write;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const PAGE: u64 = 4096;
 /// Silence from the source for this long ends the migration.
@@ -24,13 +23,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Addr(#[from] super::addr::Error),
-    #[error(transparent)]
-    Socket(#[from] crate::unix_socket::Error),
-    #[error("no migration arrived on {addr} within {}s", .wait.as_secs_f64())]
-    NoSource { addr: String, wait: Duration },
-    #[error("accepting the migration on {addr} failed: {source}")]
-    Accept { addr: String, source: std::io::Error },
+    Transport(#[from] transport::Error),
     #[error("incoming migration: {0}")]
     Stream(#[from] stream::Error),
     #[error("incoming migration: {0}")]
@@ -52,8 +45,7 @@ pub struct Incoming {
     pub state: Sections,
     /// The sync the VM was paused at on the source, if it was.
     pub paused: Option<SyncPoint>,
-    conn: UnixStream,
-    _socket: SocketPath,
+    conn: Conn,
 }
 
 impl Incoming {
@@ -61,56 +53,33 @@ impl Incoming {
     /// the source then stops for good.
     pub fn commit(mut self) -> std::io::Result<()> {
         self.conn.write_all(&[stream::COMMIT])?;
-        self.conn.flush()
+        self.conn.flush()?;
+        self.conn.close();
+        Ok(())
     }
 
     /// Tells the source to go on (this side failed to build the VM).
     pub fn abort(mut self, why: &str) {
         let _ = self.conn.write_all(&[stream::ABORT]);
         let _ = self.conn.write_all(why.as_bytes());
+        let _ = self.conn.flush();
+        self.conn.close();
     }
 }
 
-/// Removes the listening socket's file when the migration is over.
-struct SocketPath(PathBuf);
-
-impl Drop for SocketPath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+/// Checks `flags` against `addr` (loading the TLS files) and listens there; the
+/// listener knows the port it bound.
+pub fn listen(addr: &Addr, flags: &Flags) -> Result<Listener, Error> {
+    let security = Security::new(addr, flags)?;
+    Ok(transport::listen(addr, &security)?)
 }
 
-/// Waits up to `wait` for one migration on `addr` and receives it.
-pub fn receive(addr: &Addr, wait: Duration) -> Result<Incoming, Error> {
-    let path = addr.unix_path()?.to_path_buf();
-    let listener = crate::unix_socket::bind_private(&path)?;
-    let socket = SocketPath(path);
-    let conn = accept_within(&listener, addr, wait)?;
-    drop(listener);
-    read_stream(conn, socket)
-}
-
-fn accept_within(listener: &UnixListener, addr: &Addr, wait: Duration) -> Result<UnixStream, Error> {
-    let accept = |source| Error::Accept { addr: addr.to_string(), source };
-    listener.set_nonblocking(true).map_err(accept)?;
-    let deadline = Instant::now() + wait;
-    loop {
-        match listener.accept() {
-            Ok((conn, _)) => {
-                conn.set_nonblocking(false).map_err(accept)?;
-                conn.set_read_timeout(Some(READ_TIMEOUT)).map_err(accept)?;
-                return Ok(conn);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    return Err(Error::NoSource { addr: addr.to_string(), wait });
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(accept(e)),
-        }
-    }
+/// Waits up to `wait` for one migration on `listener` and receives it.
+pub fn receive(listener: Listener, wait: Duration) -> Result<Incoming, Error> {
+    let conn = listener.accept_within(wait)?;
+    // A source that goes silent, or stops reading our answer, ends the migration.
+    conn.set_read_timeout(Some(READ_TIMEOUT)).and_then(|()| conn.set_write_timeout(Some(READ_TIMEOUT))).map_err(stream::Error::from)?;
+    read_stream(conn)
 }
 
 /// Checks the first record: the machine it describes must be one this VMM can build.
@@ -128,7 +97,7 @@ fn check_hello(h: &Hello) -> Result<(), Error> {
     Ok(())
 }
 
-fn read_stream(conn: UnixStream, socket: SocketPath) -> Result<Incoming, Error> {
+fn read_stream(conn: Conn) -> Result<Incoming, Error> {
     let mut r = Reader::start(conn)?;
     let (kind, payload) = r.next_record()?;
     if kind != Kind::Hello {
@@ -196,5 +165,5 @@ fn read_stream(conn: UnixStream, socket: SocketPath) -> Result<Incoming, Error> 
     // What the stream wrote is the guest's memory, not a write of this VMM.
     memory::take_vmm_writes(&mem);
     let conn = r.into_inner();
-    Ok(Incoming { hello, image, mem, state, paused, conn, _socket: socket })
+    Ok(Incoming { hello, image, mem, state, paused, conn })
 }

@@ -11,6 +11,7 @@ pub mod addr;
 pub mod incoming;
 pub mod source;
 pub mod stream;
+pub mod transport;
 
 pub use addr::Addr;
 
@@ -21,8 +22,8 @@ use crate::storage::snapshot::Sections;
 pub enum Error {
     #[error(transparent)]
     Addr(#[from] addr::Error),
-    #[error("cannot connect to the migration destination {to}: {source}")]
-    Connect { to: String, source: std::io::Error },
+    #[error(transparent)]
+    Transport(#[from] transport::Error),
     #[error(transparent)]
     Stream(#[from] stream::Error),
     #[error(transparent)]

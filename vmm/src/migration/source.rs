@@ -9,14 +9,14 @@
 
 use super::addr::Addr;
 use super::stream::{self, Hello, Kind, Writer, MAX_PAGES_PER_RECORD};
+use super::transport::{self, Conn, Security};
 use super::{encode_sections, Error};
 use crate::machine::memory::GuestMem;
 use crate::storage::snapshot;
 use crate::tracking::frame_set::FrameSet;
 use crate::vcpu::control::Control;
 use crate::vcpu::runner::VcpuContext;
-use std::io::Read;
-use std::os::unix::net::UnixStream;
+use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +29,10 @@ const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Writes wait at most this long before looking at the cancel flag again.
 const WRITE_SLICE: Duration = Duration::from_millis(50);
+/// Records are gathered up to this size before they go to the connection: a record's
+/// header, frame number and pages would otherwise be three writes, and under TLS three
+/// records on the wire.
+const BATCH: usize = 256 << 10;
 
 /// What the user asked for.
 #[derive(Debug, Clone)]
@@ -41,6 +45,8 @@ pub struct Options {
     pub timeout: Duration,
     /// Set by `migrate-cancel`.
     pub cancel: Arc<AtomicBool>,
+    /// How the connection is protected (checked against the address, files loaded).
+    pub security: Security,
 }
 
 /// One pre-copy round, as progress reports it.
@@ -73,18 +79,25 @@ pub struct Summary {
 
 /// The connection, written so that a cancel stops even a write the destination does not
 /// read: each write waits at most [`WRITE_SLICE`], then looks at the flag; a write that
-/// makes no progress for [`WRITE_TIMEOUT`] fails.
+/// makes no progress for [`WRITE_TIMEOUT`] fails. Retrying a write that timed out is
+/// sound because a [`Conn`] write that fails took nothing (under TLS, one that took its
+/// bytes succeeds, and their ciphertext goes out with the next write or flush).
+///
+/// Small writes are gathered up to [`BATCH`]; nothing is sent when it is dropped (a
+/// failed migration must not wait on a stalled destination once more).
 struct Cancellable {
-    conn: UnixStream,
+    conn: Conn,
     cancel: Arc<AtomicBool>,
+    pending: Vec<u8>,
 }
 
-impl std::io::Write for Cancellable {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+impl Cancellable {
+    /// Runs `op` until it is not a timeout, looking at the cancel flag in between.
+    fn retry<T>(&mut self, mut op: impl FnMut(&mut Conn) -> std::io::Result<T>) -> std::io::Result<T> {
         let since = Instant::now();
         loop {
-            match self.conn.write(buf) {
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            match op(&mut self.conn) {
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => {
                     if self.cancel.load(Ordering::SeqCst) {
                         return Err(std::io::Error::other(CANCELLED));
                     }
@@ -97,8 +110,38 @@ impl std::io::Write for Cancellable {
         }
     }
 
+    /// Sends what was gathered.
+    fn drain(&mut self) -> std::io::Result<()> {
+        let mut done = 0;
+        let pending = std::mem::take(&mut self.pending);
+        while done < pending.len() {
+            match self.retry(|c| c.write(&pending[done..])) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) => return Err(e),
+            }
+        }
+        self.pending = pending;
+        self.pending.clear();
+        Ok(())
+    }
+}
+
+impl std::io::Write for Cancellable {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.pending.len() + buf.len() > BATCH {
+            self.drain()?;
+        }
+        if buf.len() >= BATCH {
+            return self.retry(|c| c.write(buf));
+        }
+        self.pending.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
     fn flush(&mut self) -> std::io::Result<()> {
-        self.conn.flush()
+        self.drain()?;
+        self.retry(|c| c.flush())
     }
 }
 
@@ -201,8 +244,7 @@ impl Link {
 /// (the source's run then ends with [`crate::vcpu::Outcome::MigratedAway`]); on any
 /// error the VM goes on as before.
 pub fn migrate(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progress: &mut dyn FnMut(&Round)) -> Result<Summary, Error> {
-    let path = to.unix_path()?.to_path_buf();
-    let conn = UnixStream::connect(&path).map_err(|source| Error::Connect { to: to.to_string(), source })?;
+    let conn = transport::connect(to, &opts.security)?;
     conn.set_write_timeout(Some(WRITE_SLICE)).map_err(stream::Error::from)?;
     let (mem, hello, image) = control
         .call(|ctx: &mut VcpuContext| -> Result<_, Error> {
@@ -229,11 +271,11 @@ pub fn migrate(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progre
 }
 
 #[allow(clippy::too_many_arguments)]
-fn precopy(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progress: &mut dyn FnMut(&Round), conn: UnixStream,
+fn precopy(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progress: &mut dyn FnMut(&Round), conn: Conn,
     mem: &GuestMem, hello: &Hello, image: &[u8]) -> Result<Summary, Error> {
     let t0 = Instant::now();
     let mut link = Link {
-        w: Writer::start(Cancellable { conn, cancel: opts.cancel.clone() })?,
+        w: Writer::start(Cancellable { conn, cancel: opts.cancel.clone(), pending: Vec::with_capacity(BATCH) })?,
         started: Instant::now(),
         cap: opts.bandwidth,
         cancel: opts.cancel.clone(),

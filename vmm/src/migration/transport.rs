@@ -357,6 +357,9 @@ impl Read for Conn {
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         t.receive()?;
                     }
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        return Err(std::io::Error::new(e.kind(), "the peer closed the connection without ending TLS (no close_notify)"));
+                    }
                     r => return r,
                 }
             },

@@ -3,14 +3,18 @@
 //! running, and streams the destination must refuse.
 
 mod common;
+use common::pki::{Ca, TlsFiles};
 use common::*;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 
 /// A keeper writes its pages once and checks them over and over, a writer rewrites its
 /// pages with changing bytes and checks them: a page lost or stale after the move fails
-/// a `check` (exit 1). The first sync only says the guest is up; the rest runs freely.
-const BUSY: &str = "\
+/// a `check` (exit 1). The first sync only says the guest is up; the rest runs freely,
+/// up to `$end` in the keeper (nothing, or a last sync).
+macro_rules! busy {
+    ($end:literal) => {
+        concat!("\
 proc keeper
 map 0x400000 64
 fill 0x400000 64 0x5a
@@ -19,6 +23,7 @@ loop 10000
   check 0x400000 64 0x5a
   yield
 end
+", $end, "\
 exit 0
 
 proc writer
@@ -31,7 +36,15 @@ loop 5000
   yield
 end
 exit 0
-";
+")
+    };
+}
+
+const BUSY: &str = busy!("");
+/// BUSY whose keeper waits at `sync release` before it exits: however fast the guest
+/// runs, it is still there for every migration the test makes (a VM paused at the sync
+/// migrates as well as a running one), and finishes only when the test releases it.
+const BUSY_HELD: &str = busy!("sync release\n");
 
 fn migrate(src: &Live, to: &str, extra: &[&str]) -> Run {
     let mut args = vec!["--to", to];
@@ -39,20 +52,46 @@ fn migrate(src: &Live, to: &str, extra: &[&str]) -> Run {
     src.client("migrate", &args)
 }
 
+/// `migrate --to TO --tls-cert C --tls-key K --tls-ca A EXTRA...` of `files`, through `client`.
+fn migrate_tls(client: &dyn Fn(&[&str]) -> Run, to: &str, files: &TlsFiles, extra: &[&str]) -> Run {
+    let tls = files.args();
+    let mut args = vec!["--to", to];
+    args.extend(tls.iter().map(String::as_str));
+    args.extend_from_slice(extra);
+    client(&args)
+}
+
+/// Under `engine`, a running guest moves over a Unix socket, and from there on over TCP
+/// with mutual TLS; every check passes at the end.
 fn migrates_while_running_and_loses_nothing(engine: &str) {
-    let src = Live::start(BUSY, &["--engine", engine, "--mem", "64", "--timeout", "120"]);
+    let src = Live::start(BUSY_HELD, &["--engine", engine, "--mem", "64", "--timeout", "120"]);
     src.wait("go");
     src.resume();
-    let dest = Dest::start(&[]);
-    let r = migrate(&src, &dest.addr(), &[]);
+    let mid = Dest::start(&[]);
+    let r = migrate(&src, &mid.addr(), &[]);
     assert_eq!(r.code, 0, "migrate under {engine}: {r:?}");
     assert!(r.stdout.lines().any(|l| l.starts_with("round 0: ")), "a line per round: {r:?}");
     assert!(r.stdout.contains("migrated to unix:") && r.stdout.contains("downtime"), "a summary: {r:?}");
     let s = src.finish();
     assert_eq!(s.code, 80, "the source's run ends with the documented status: {s:?}");
-    assert!(s.stderr.contains(&format!("migrated to {}", dest.addr())), "and names the destination: {s:?}");
+    assert!(s.stderr.contains(&format!("migrated to {}", mid.addr())), "and names the destination: {s:?}");
+
+    // Both ends' certificates from one CA, each naming 127.0.0.1.
+    let dir = tempdir();
+    let ca = Ca::new("migration CA");
+    let (mid_files, dest_files) = (ca.issue(dir.path(), "mid", &["127.0.0.1"]), ca.issue(dir.path(), "dest", &["127.0.0.1"]));
+    let dest = Dest::start_tls(&dest_files);
+    let r = migrate_tls(&|a| mid.client("migrate", a), &dest.addr(), &mid_files, &[]);
+    assert_eq!(r.code, 0, "migrate over TLS under {engine}: {r:?}");
+    assert!(r.stdout.contains(&format!("migrated to {}", dest.addr())), "{r:?}");
+    let m = mid.finish();
+    assert_eq!(m.code, 80, "{m:?}");
+    assert!(m.stderr.contains(&format!("migrated to {}", dest.addr())), "{m:?}");
+    let w = dest.client("wait", &["--label", "release", "--timeout", "60"]);
+    assert_eq!(w.code, 0, "the guest reached its last sync on the TLS destination: {w:?}");
+    assert_eq!(dest.client("resume", &[]).code, 0);
     let d = dest.finish();
-    assert_eq!(d.code, 0, "every check passed on the destination under {engine}: {d:?}");
+    assert_eq!(d.code, 0, "every check passed after two moves under {engine}: {d:?}");
 }
 
 #[test]
@@ -144,7 +183,8 @@ fn failed_migrations_leave_the_source_running_as_before() {
     let r = migrate(&src, &nowhere, &[]);
     assert_ne!(r.code, 0, "{r:?}");
     assert!(r.stderr.contains("cannot connect to the migration destination"), "{r:?}");
-    // TCP and post-copy are refused by name, not half done.
+    // TCP without TLS (or the flag that says it is insecure) and post-copy are refused
+    // by name, not half done.
     let r = migrate(&src, "tcp:127.0.0.1:9", &[]);
     assert!(r.code != 0 && r.stderr.contains("TLS"), "{r:?}");
     let r = migrate(&src, &nowhere, &["--postcopy"]);
@@ -166,6 +206,69 @@ fn failed_migrations_leave_the_source_running_as_before() {
     let r = migrate(&src, &dest.addr(), &[]);
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(src.finish().code, 80);
+    let d = dest.finish();
+    assert_eq!(d.code, 0, "{d:?}");
+}
+
+#[test]
+fn refused_certificates_and_bad_tls_files_leave_the_source_running() {
+    let src = Live::start(BUSY, &["--timeout", "120"]);
+    src.wait("go");
+    let client = |args: &[&str]| src.client("migrate", args);
+    let dir = tempdir();
+    let (ours, theirs) = (Ca::new("ours"), Ca::new("theirs"));
+    let src_files = ours.issue(dir.path(), "src", &["127.0.0.1"]);
+
+    // A destination whose certificate another CA signed (it would trust the source).
+    let impostor = TlsFiles { ca: src_files.ca.clone(), ..theirs.issue(dir.path(), "impostor", &["127.0.0.1"]) };
+    let dest = Dest::start_tls(&impostor);
+    let r = migrate_tls(&client, &dest.addr(), &src_files, &[]);
+    assert!(r.code == 65 && r.stderr.contains(&format!("TLS handshake with {} failed: invalid peer certificate: UnknownIssuer", dest.addr())),
+        "the source names the certificate it refused: {r:?}");
+    let d = dest.finish();
+    assert!(d.code == 64 && d.stderr.contains("TLS handshake with tcp:127.0.0.1:") && d.stderr.contains("the source refused it"), "{d:?}");
+
+    // A source whose certificate another CA signed (it trusts the destination).
+    let dest_files = ours.issue(dir.path(), "dest", &["127.0.0.1"]);
+    let stranger = TlsFiles { ca: dest_files.ca.clone(), ..theirs.issue(dir.path(), "stranger", &["127.0.0.1"]) };
+    let dest = Dest::start_tls(&dest_files);
+    let r = migrate_tls(&client, &dest.addr(), &stranger, &[]);
+    assert!(r.code == 65 && r.stderr.contains("waiting for the destination to accept this side's certificate"), "{r:?}");
+    let d = dest.finish();
+    assert!(d.code == 64 && d.stderr.contains("failed: invalid peer certificate: UnknownIssuer"), "the destination refuses it by name: {d:?}");
+
+    // Files that are not what the flags say, named with the path the VMM read: the
+    // client made a relative path absolute.
+    let keyless = TlsFiles { key: src_files.cert.clone(), ..src_files.clone() };
+    let r = migrate_tls(&client, "tcp:127.0.0.1:9", &keyless, &[]);
+    assert!(r.code == 65 && r.stderr.contains(&format!("--tls-key {}: no private key in the file", src_files.cert.display())), "{r:?}");
+    let (key, ca) = (src_files.key.to_str().unwrap(), src_files.ca.to_str().unwrap());
+    let r = client(&["--to", "tcp:127.0.0.1:9", "--tls-cert", "no-such-cert.pem", "--tls-key", key, "--tls-ca", ca]);
+    let abs = std::env::current_dir().unwrap().join("no-such-cert.pem");
+    assert!(r.code == 65 && r.stderr.contains(&format!("--tls-cert {}: cannot read it", abs.display())), "{r:?}");
+    let r = migrate(&src, "unix:/nowhere.sock", &["--insecure-plaintext"]);
+    assert!(r.code == 65 && r.stderr.contains("--insecure-plaintext: only for tcp: addresses"), "{r:?}");
+
+    src.resume();
+    let s = src.finish();
+    assert_eq!(s.code, 0, "the guest finished here, every check passing: {s:?}");
+}
+
+#[test]
+fn plain_tcp_needs_insecure_plaintext_on_both_sides() {
+    let r = Dest::try_start_tcp(&[]).err().expect("a TCP destination without TLS or --insecure-plaintext does not start");
+    assert!(r.code == 64 && r.stderr.contains("missing: --tls-cert, --tls-key, --tls-ca") && r.stderr.contains("--insecure-plaintext"), "{r:?}");
+    let src = Live::start(BUSY_HELD, &["--timeout", "120"]);
+    src.wait("go");
+    let dest = Dest::start_tcp(&["--insecure-plaintext"]);
+    let r = migrate(&src, &dest.addr(), &[]);
+    assert!(r.code == 65 && r.stderr.contains("--insecure-plaintext"), "nothing starts without the flag: {r:?}");
+    src.resume();
+    let r = migrate(&src, &dest.addr(), &["--insecure-plaintext"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(src.finish().code, 80);
+    assert_eq!(dest.client("wait", &["--label", "release", "--timeout", "60"]).code, 0);
+    assert_eq!(dest.client("resume", &[]).code, 0);
     let d = dest.finish();
     assert_eq!(d.code, 0, "{d:?}");
 }
@@ -244,7 +347,7 @@ impl FakeDest {
 /// Sends `bytes` to a fresh destination and returns how it ended.
 fn feed(bytes: &[u8]) -> Run {
     let dest = Dest::start(&[]);
-    if let Ok(mut c) = UnixStream::connect(&dest.incoming) {
+    if let Ok(mut c) = UnixStream::connect(dest.incoming()) {
         let _ = c.write_all(bytes);
     }
     dest.finish()

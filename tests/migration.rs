@@ -1,6 +1,8 @@
 //! Live migration between two real VMMs under KVM (docs/migration.md): a running guest
-//! under every engine, a guest paused at a sync, failures that must leave the source
-//! running, and streams the destination must refuse.
+//! under every engine (over a Unix socket, then on over TCP with mutual TLS), a guest
+//! paused at a sync, failures that must leave the source running (refused certificates
+//! and TLS files among them), plain TCP only by explicit choice, and streams the
+//! destination must refuse.
 
 mod common;
 use common::pki::{Ca, TlsFiles};

@@ -172,7 +172,8 @@ pub enum ErrorKind {
     Finished,
     /// Malformed JSON, an unknown command or field, a line too long, or an argument out
     /// of range (a pagemap range, a clear_refs value, a dirty-rate window, a `prev` dump
-    /// that does not fit, a diff without a base).
+    /// that does not fit, a diff without a base), or a migration's address, TLS flags or
+    /// TLS files.
     BadRequest,
     /// No guest process has this pid.
     UnknownPid,
@@ -190,7 +191,8 @@ pub enum ErrorKind {
     Internal,
     /// The migration was cancelled (`migrate-cancel`) or did not finish in its time.
     Cancelled,
-    /// The migration failed on the way (connection, destination); the VM goes on here.
+    /// The migration failed on the way (connection, TLS handshake, destination); the VM
+    /// goes on here.
     Migration,
     /// A kind this client does not know (from a newer VMM), or none (an older one).
     #[default]

@@ -3,9 +3,14 @@
 //! --incoming`. Built on the same pieces as snapshots: the dirty log (with a view of its
 //! own), the saved state sections, the tracker's state.
 //!
-//! Limits of this build: pre-copy over a Unix socket. TCP (which must be TLS with mutual
-//! authentication), post-copy, throttling and live snapshots are not there yet; asking
-//! for them is a clear error, never a silent fallback.
+//! Connections ([`transport`]): a Unix socket, or TCP with mutual TLS 1.3 (rustls, ring;
+//! plain TCP only with `--insecure-plaintext`).
+//!
+//! Limits of this build: pre-copy only. Post-copy, throttling and live snapshots are not
+//! there yet; asking for them is a clear error, never a silent fallback. Over TLS: one
+//! CA bundle per side, any certificate it issued is accepted as a source, no
+//! revocation; the destination takes the first connection, so a peer that fails the
+//! handshake (or stays silent for [`transport::HANDSHAKE_TIMEOUT`]) ends it.
 
 pub mod addr;
 pub mod incoming;

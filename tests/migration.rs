@@ -239,6 +239,13 @@ fn refused_certificates_and_bad_tls_files_leave_the_source_running() {
     let d = dest.finish();
     assert!(d.code == 64 && d.stderr.contains("failed: invalid peer certificate: UnknownIssuer"), "the destination refuses it by name: {d:?}");
 
+    // One side TLS, the other plaintext: the destination says which, the source goes on.
+    let dest = Dest::start_tcp(&["--insecure-plaintext"]);
+    let r = migrate_tls(&client, &dest.addr(), &src_files, &[]);
+    assert_eq!(r.code, 65, "{r:?}");
+    let d = dest.finish();
+    assert!(d.code == 64 && d.stderr.contains("a TLS handshake arrived, not a migration stream"), "{d:?}");
+
     // Files that are not what the flags say, named with the path the VMM read: the
     // client made a relative path absolute.
     let keyless = TlsFiles { key: src_files.cert.clone(), ..src_files.clone() };

@@ -98,7 +98,13 @@ fn check_hello(h: &Hello) -> Result<(), Error> {
 }
 
 fn read_stream(conn: Conn) -> Result<Incoming, Error> {
-    let mut r = Reader::start(conn)?;
+    let mut r = match Reader::start(conn) {
+        // A TLS record header (handshake, version 3.x) where the magic was due.
+        Err(stream::Error::BadMagic(m)) if m[..2] == [0x16, 0x03] => {
+            return refused("a TLS handshake arrived, not a migration stream: the source uses TLS, this destination --insecure-plaintext");
+        }
+        r => r?,
+    };
     let (kind, payload) = r.next_record()?;
     if kind != Kind::Hello {
         return refused(format!("the stream starts with {kind:?}, not Hello"));

@@ -62,7 +62,7 @@ impl Flags {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{addr}: a TCP migration is encrypted and mutually authenticated with TLS: give --tls-cert, --tls-key and --tls-ca (missing: {missing}), or --insecure-plaintext to send the VM's memory and state unencrypted to whoever answers on that port")]
+    #[error("{addr}: a TCP migration is encrypted and mutually authenticated with TLS: give --tls-cert, --tls-key and --tls-ca (missing: {missing}), or --insecure-plaintext to move the VM's memory and state unencrypted and unauthenticated")]
     NoTls { addr: String, missing: String },
     #[error("{flags}: only for tcp: addresses; {addr} is a Unix socket that only this user can reach")]
     FlagsOnUnix { addr: String, flags: String },
@@ -449,12 +449,9 @@ pub fn connect(addr: &Addr, security: &Security) -> Result<Conn, Error> {
     }
 }
 
-/// The alert the peer sent, if that is what `e` is.
-fn alert(e: &std::io::Error) -> Option<rustls::AlertDescription> {
-    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
-        rustls::Error::AlertReceived(a) => Some(*a),
-        _ => None,
-    }
+/// The TLS error inside `e`, if that is what it is.
+fn tls_error(e: &std::io::Error) -> Option<&rustls::Error> {
+    e.get_ref()?.downcast_ref::<rustls::Error>()
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -479,9 +476,12 @@ fn secure(tcp: BufReader<TcpStream>, mut tls: rustls::Connection, peer: String, 
     let mut conn = Conn { io: Io::Tls(Box::new(Tls { tls, tcp })), peer: peer.clone() };
     conn.set_read_timeout(Some(limit)).and_then(|()| conn.set_write_timeout(Some(limit))).map_err(io_failed)?;
     let Io::Tls(t) = &mut conn.io else { unreachable!("made just above") };
-    t.handshake().map_err(|e| match (role, alert(&e)) {
+    t.handshake().map_err(|e| match (role, tls_error(&e)) {
         // The source looked at this side's certificate and said no.
-        (Role::Destination, Some(a)) => failed(format!("the source refused it: received fatal alert: {a:?}")),
+        (Role::Destination, Some(rustls::Error::AlertReceived(a))) => failed(format!("the source refused it: received fatal alert: {a:?}")),
+        (Role::Destination, Some(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType))) => {
+            failed("the source does not speak TLS (is it using --insecure-plaintext?)".into())
+        }
         _ => io_failed(e),
     })?;
     match role {
@@ -760,6 +760,17 @@ mod tests {
         assert!(e.contains("invalid peer certificate: certificate not valid for name \"127.0.0.1\""), "{e}");
         let e = connect(&tcp("tcp:no_such host:1"), &tls(&src)).err().expect("refused");
         assert!(e.is_config() && e.to_string().contains("neither a DNS name nor an IP address"), "{e}");
+    }
+
+    #[test]
+    fn a_plaintext_source_is_told_apart_from_a_bad_certificate() {
+        let d = tempfile::tempdir().unwrap();
+        let dest = Ca::new("ca").issue(d.path(), "dest", &["127.0.0.1"]);
+        let (addr, accepted) = destination(&tls(&dest));
+        let mut c = connect(&addr, &Security::Plaintext).unwrap();
+        c.write_all(b"SDVMMIG\0\x01\0\0\0").unwrap();
+        let e = accepted.join().unwrap().err().expect("no TLS, no migration").to_string();
+        assert!(e.ends_with("failed: the source does not speak TLS (is it using --insecure-plaintext?)"), "{e}");
     }
 
     #[test]

@@ -193,7 +193,7 @@ fn failed_migrations_leave_the_source_running_as_before() {
     assert!(r.code != 0 && r.stderr.contains("post-copy"), "{r:?}");
     // A connection dropped in the middle of round 0: the "destination" reads 256 KiB and
     // hangs up.
-    let fake = FakeDest::start(Fake::HangUpAfter(256 << 10));
+    let fake = FakeDest::start(Fake::HangUpAfter(256 << 10), None);
     let r = migrate(&src, &fake.addr(), &[]);
     assert_ne!(r.code, 0, "the migration failed: {r:?}");
     assert!(r.stderr.contains("migration connection failed"), "{r:?}");
@@ -282,16 +282,15 @@ fn plain_tcp_needs_insecure_plaintext_on_both_sides() {
     assert_eq!(d.code, 0, "{d:?}");
 }
 
-#[test]
-fn a_cancelled_migration_leaves_the_guest_running_here() {
-    let src = Live::start(BUSY, &["--timeout", "120"]);
-    src.wait("go");
-    // A destination that reads 64 KiB and then nothing, without hanging up: the
-    // migration can only end by the cancel, whenever it comes.
-    let fake = FakeDest::start(Fake::StallAfter(64 << 10));
-    let (sock, addr) = (src.sock.clone(), fake.addr());
-    let mig = std::thread::spawn(move || vmm(&["migrate", "--api-sock", sock.to_str().unwrap(), "--to", &addr]));
-    // Cancel once the migration is known to run (the cancel says whether it was).
+/// Starts `vmm migrate ARGS...` on `src` and cancels it once it is known to run (the
+/// cancel says whether it was); returns how the migration ended.
+fn migrate_and_cancel(src: &Live, args: Vec<String>) -> Run {
+    let sock = src.sock.to_str().unwrap().to_string();
+    let mig = std::thread::spawn(move || {
+        let mut all = vec!["migrate", "--api-sock", &sock];
+        all.extend(args.iter().map(String::as_str));
+        vmm(&all)
+    });
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let c = src.client("migrate-cancel", &[]);
@@ -301,8 +300,28 @@ fn a_cancelled_migration_leaves_the_guest_running_here() {
         assert!(std::time::Instant::now() < deadline, "the migration never started: {c:?}");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let r = mig.join().unwrap();
+    mig.join().unwrap()
+}
+
+#[test]
+fn a_cancelled_migration_leaves_the_guest_running_here() {
+    let src = Live::start(BUSY, &["--timeout", "120"]);
+    src.wait("go");
+    // A destination that reads 64 KiB and then nothing, without hanging up: the
+    // migration can only end by the cancel, whenever it comes.
+    let fake = FakeDest::start(Fake::StallAfter(64 << 10), None);
+    let r = migrate_and_cancel(&src, vec!["--to".into(), fake.addr()]);
     assert!(r.code != 0 && r.stderr.contains("cancelled"), "{r:?}");
+    // The same over TLS, where a write that timed out may already be encrypted: the
+    // cancel still stops it.
+    let dir = tempdir();
+    let ca = Ca::new("ca");
+    let (dest_files, src_files) = (ca.issue(dir.path(), "dest", &["127.0.0.1"]), ca.issue(dir.path(), "src", &["127.0.0.1"]));
+    let fake = FakeDest::start(Fake::StallAfter(64 << 10), Some(&dest_files));
+    let mut args = vec!["--to".to_string(), fake.addr()];
+    args.extend(src_files.args());
+    let r = migrate_and_cancel(&src, args);
+    assert!(r.code != 0 && r.stderr.contains("cancelled"), "over TLS: {r:?}");
     src.resume();
     let s = src.finish();
     assert_eq!(s.code, 0, "the guest finished here, every check passing: {s:?}");
@@ -316,19 +335,28 @@ enum Fake {
     StallAfter(usize),
 }
 
-/// A listener in this test that plays a destination which never commits.
+/// A listener in this test that plays a destination which never commits: on a Unix
+/// socket, or with `tls` on TCP with TLS (the library's own transport).
 struct FakeDest {
-    path: std::path::PathBuf,
+    addr: String,
     _dir: tempfile::TempDir,
 }
 
 impl FakeDest {
-    fn start(mode: Fake) -> FakeDest {
+    fn start(mode: Fake, tls: Option<&TlsFiles>) -> FakeDest {
+        use vmm::migration::transport::{self, Flags, Security};
         let dir = tempdir();
-        let path = dir.path().join("fake.sock");
-        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let (addr, flags) = match tls {
+            None => (format!("unix:{}", dir.path().join("fake.sock").display()), Flags::default()),
+            Some(f) => ("tcp:127.0.0.1:0".to_string(), Flags {
+                tls_cert: Some(f.cert.clone()), tls_key: Some(f.key.clone()), tls_ca: Some(f.ca.clone()), insecure_plaintext: false,
+            }),
+        };
+        let addr: vmm::migration::Addr = addr.parse().unwrap();
+        let listener = transport::listen(&addr, &Security::new(&addr, &flags).unwrap()).unwrap();
+        let addr = listener.addr().to_string();
         std::thread::spawn(move || {
-            let Ok((mut c, _)) = listener.accept() else { return };
+            let Ok(mut c) = listener.accept_within(std::time::Duration::from_secs(60)) else { return };
             let mut buf = vec![0u8; 64 << 10];
             let (mut total, limit) = match mode {
                 Fake::HangUpAfter(n) | Fake::StallAfter(n) => (0, n),
@@ -345,11 +373,11 @@ impl FakeDest {
                 drop(c);
             }
         });
-        FakeDest { path, _dir: dir }
+        FakeDest { addr, _dir: dir }
     }
 
     fn addr(&self) -> String {
-        format!("unix:{}", self.path.display())
+        self.addr.clone()
     }
 }
 

@@ -377,6 +377,13 @@ mod tests {
         assert_eq!(failure(handle(req, &control, &mut |_| {})).kind, ErrorKind::BadRequest);
         let f = failure(handle(Request::Wait { label: None, timeout_ms: Some(1) }, &control, &mut |_| {}));
         assert_eq!(f.kind, ErrorKind::Timeout);
+        // A migration's TLS fields are checked before anything starts.
+        let migrate = |cert: Option<&str>| Request::Migrate { to: "tcp:127.0.0.1:1".into(), downtime_ms: None, bandwidth: None,
+            timeout_ms: None, postcopy: None, tls_cert: cert.map(Into::into), tls_key: None, tls_ca: None, insecure_plaintext: None };
+        let f = failure(handle(migrate(Some("c.pem")), &control, &mut |_| {}));
+        assert_eq!((f.kind, f.error.as_str()), (ErrorKind::BadRequest, "tls_cert c.pem: the path must be absolute"));
+        let f = failure(handle(migrate(Some("/c.pem")), &control, &mut |_| {}));
+        assert!(f.kind == ErrorKind::BadRequest && f.error.contains("(missing: --tls-key, --tls-ca)"), "{}", f.error);
         control.finish("the guest exited".into());
         for req in [Request::Resume {}, Request::Ps {}, Request::Wait { label: None, timeout_ms: Some(1) }] {
             let f = failure(handle(req, &control, &mut |_| {}));

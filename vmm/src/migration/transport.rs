@@ -434,6 +434,8 @@ pub fn connect(addr: &Addr, security: &Security) -> Result<Conn, Error> {
                 }
             }
             let tcp = tcp.ok_or_else(|| connect(last.expect("resolve returns at least one address")))?;
+            // The source gathers its writes itself (and TLS makes whole records): Nagle
+            // would only delay the last records of a round and the switch-over.
             tcp.set_nodelay(true).map_err(connect)?;
             let tcp = BufReader::with_capacity(BUFFER, tcp);
             match (security, name) {
@@ -598,6 +600,7 @@ impl Listener {
                 Ok(Conn { io: Io::Unix(s), peer })
             }
             Io::Tcp(s) => {
+                // Its writes are the handshake, READY and COMMIT: each must go at once.
                 s.get_ref().set_nonblocking(false).and_then(|()| s.get_ref().set_nodelay(true)).map_err(accept)?;
                 match &self.security {
                     Security::Tls(cfg) => {

@@ -287,10 +287,16 @@ impl Tls {
 
     /// Drives the handshake to its end, bounded by the socket's timeouts.
     fn handshake(&mut self) -> std::io::Result<()> {
+        let closed = || std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the peer closed the connection");
         while self.tls.is_handshaking() {
             self.send_pending()?;
-            if self.tls.is_handshaking() && self.tls.wants_read() && !self.receive()? {
-                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the peer closed the connection"));
+            if !self.tls.is_handshaking() {
+                break;
+            }
+            // Nothing to send and nothing more to read (a close_notify mid-handshake):
+            // waiting would spin.
+            if !self.tls.wants_read() || !self.receive()? {
+                return Err(closed());
             }
         }
         // The client's last flight (its certificate and Finished).

@@ -1,16 +1,22 @@
 //! Live migration between two real VMMs under KVM (docs/migration.md): a running guest
-//! under every engine, a guest paused at a sync, failures that must leave the source
-//! running, and streams the destination must refuse.
+//! under every engine (over a Unix socket, then on over TCP with mutual TLS), a guest
+//! paused at a sync, failures that must leave the source running (refused certificates
+//! and TLS files among them), plain TCP only by explicit choice, and streams the
+//! destination must refuse.
 
 mod common;
+use common::pki::{Ca, TlsFiles};
 use common::*;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 
 /// A keeper writes its pages once and checks them over and over, a writer rewrites its
 /// pages with changing bytes and checks them: a page lost or stale after the move fails
-/// a `check` (exit 1). The first sync only says the guest is up; the rest runs freely.
-const BUSY: &str = "\
+/// a `check` (exit 1). The first sync only says the guest is up; the rest runs freely,
+/// up to `$end` in the keeper (nothing, or a last sync).
+macro_rules! busy {
+    ($end:literal) => {
+        concat!("\
 proc keeper
 map 0x400000 64
 fill 0x400000 64 0x5a
@@ -19,6 +25,7 @@ loop 10000
   check 0x400000 64 0x5a
   yield
 end
+", $end, "\
 exit 0
 
 proc writer
@@ -31,7 +38,15 @@ loop 5000
   yield
 end
 exit 0
-";
+")
+    };
+}
+
+const BUSY: &str = busy!("");
+/// BUSY whose keeper waits at `sync release` before it exits: however fast the guest
+/// runs, it is still there for every migration the test makes (a VM paused at the sync
+/// migrates as well as a running one), and finishes only when the test releases it.
+const BUSY_HELD: &str = busy!("sync release\n");
 
 fn migrate(src: &Live, to: &str, extra: &[&str]) -> Run {
     let mut args = vec!["--to", to];
@@ -39,20 +54,48 @@ fn migrate(src: &Live, to: &str, extra: &[&str]) -> Run {
     src.client("migrate", &args)
 }
 
+/// `migrate --to TO --tls-cert C --tls-key K --tls-ca A EXTRA...` of `files`, through `client`.
+fn migrate_tls(client: &dyn Fn(&[&str]) -> Run, to: &str, files: &TlsFiles, extra: &[&str]) -> Run {
+    let tls = files.args();
+    let mut args = vec!["--to", to];
+    args.extend(tls.iter().map(String::as_str));
+    args.extend_from_slice(extra);
+    client(&args)
+}
+
+/// Under `engine`, a running guest moves over a Unix socket, and from there on over TCP
+/// with mutual TLS; every check passes at the end.
 fn migrates_while_running_and_loses_nothing(engine: &str) {
-    let src = Live::start(BUSY, &["--engine", engine, "--mem", "64", "--timeout", "120"]);
+    let src = Live::start(BUSY_HELD, &["--engine", engine, "--mem", "64", "--timeout", "120"]);
     src.wait("go");
     src.resume();
-    let dest = Dest::start(&[]);
-    let r = migrate(&src, &dest.addr(), &[]);
+    let mid = Dest::start(&[]);
+    let r = migrate(&src, &mid.addr(), &[]);
     assert_eq!(r.code, 0, "migrate under {engine}: {r:?}");
     assert!(r.stdout.lines().any(|l| l.starts_with("round 0: ")), "a line per round: {r:?}");
     assert!(r.stdout.contains("migrated to unix:") && r.stdout.contains("downtime"), "a summary: {r:?}");
     let s = src.finish();
     assert_eq!(s.code, 80, "the source's run ends with the documented status: {s:?}");
-    assert!(s.stderr.contains(&format!("migrated to {}", dest.addr())), "and names the destination: {s:?}");
+    assert!(s.stderr.contains(&format!("migrated to {}", mid.addr())), "and names the destination: {s:?}");
+
+    // Both ends' certificates from one CA, each naming 127.0.0.1.
+    let dir = tempdir();
+    let ca = Ca::new("migration CA");
+    let (mid_files, dest_files) = (ca.issue(dir.path(), "mid", &["127.0.0.1"]), ca.issue(dir.path(), "dest", &["127.0.0.1"]));
+    let dest = Dest::start_tls(&dest_files);
+    let r = migrate_tls(&|a| mid.client("migrate", a), &dest.addr(), &mid_files, &[]);
+    assert_eq!(r.code, 0, "migrate over TLS under {engine}: {r:?}");
+    assert!(r.stdout.contains(&format!("migrated to {}", dest.addr())), "{r:?}");
+    let m = mid.finish();
+    assert_eq!(m.code, 80, "{m:?}");
+    assert!(m.stderr.contains(&format!("migrated to {}", dest.addr())), "{m:?}");
+    let w = dest.client("wait", &["--label", "release", "--timeout", "300"]);
+    if w.code != 0 {
+        panic!("the guest did not reach its last sync on the TLS destination under {engine}: {w:?}\ndestination: {:?}", dest.finish());
+    }
+    assert_eq!(dest.client("resume", &[]).code, 0);
     let d = dest.finish();
-    assert_eq!(d.code, 0, "every check passed on the destination under {engine}: {d:?}");
+    assert_eq!(d.code, 0, "every check passed after two moves under {engine}: {d:?}");
 }
 
 #[test]
@@ -144,12 +187,13 @@ fn failed_migrations_leave_the_source_running_as_before() {
     let r = migrate(&src, &nowhere, &[]);
     assert_ne!(r.code, 0, "{r:?}");
     assert!(r.stderr.contains("cannot connect to the migration destination"), "{r:?}");
-    // TCP is refused by name, not half done.
+    // TCP without TLS (or the flag that says it is insecure) is refused by name, not
+    // half done.
     let r = migrate(&src, "tcp:127.0.0.1:9", &[]);
     assert!(r.code != 0 && r.stderr.contains("TLS"), "{r:?}");
     // A connection dropped in the middle of round 0: the "destination" reads 256 KiB and
     // hangs up.
-    let fake = FakeDest::start(Fake::HangUpAfter(256 << 10));
+    let fake = FakeDest::start(Fake::HangUpAfter(256 << 10), None);
     let r = migrate(&src, &fake.addr(), &[]);
     assert_ne!(r.code, 0, "the migration failed: {r:?}");
     assert!(r.stderr.contains("migration connection failed"), "{r:?}");
@@ -169,15 +213,84 @@ fn failed_migrations_leave_the_source_running_as_before() {
 }
 
 #[test]
-fn a_cancelled_migration_leaves_the_guest_running_here() {
+fn refused_certificates_and_bad_tls_files_leave_the_source_running() {
     let src = Live::start(BUSY, &["--timeout", "120"]);
     src.wait("go");
-    // A destination that reads 64 KiB and then nothing, without hanging up: the
-    // migration can only end by the cancel, whenever it comes.
-    let fake = FakeDest::start(Fake::StallAfter(64 << 10));
-    let (sock, addr) = (src.sock.clone(), fake.addr());
-    let mig = std::thread::spawn(move || vmm(&["migrate", "--api-sock", sock.to_str().unwrap(), "--to", &addr]));
-    // Cancel once the migration is known to run (the cancel says whether it was).
+    let client = |args: &[&str]| src.client("migrate", args);
+    let dir = tempdir();
+    let (ours, theirs) = (Ca::new("ours"), Ca::new("theirs"));
+    let src_files = ours.issue(dir.path(), "src", &["127.0.0.1"]);
+
+    // A destination whose certificate another CA signed (it would trust the source).
+    let impostor = TlsFiles { ca: src_files.ca.clone(), ..theirs.issue(dir.path(), "impostor", &["127.0.0.1"]) };
+    let dest = Dest::start_tls(&impostor);
+    let r = migrate_tls(&client, &dest.addr(), &src_files, &[]);
+    assert!(r.code == 65 && r.stderr.contains(&format!("TLS handshake with {} failed: invalid peer certificate: UnknownIssuer", dest.addr())),
+        "the source names the certificate it refused: {r:?}");
+    let d = dest.finish();
+    assert!(d.code == 64 && d.stderr.contains("TLS handshake with tcp:127.0.0.1:") && d.stderr.contains("the source refused it"), "{d:?}");
+
+    // A source whose certificate another CA signed (it trusts the destination).
+    let dest_files = ours.issue(dir.path(), "dest", &["127.0.0.1"]);
+    let stranger = TlsFiles { ca: dest_files.ca.clone(), ..theirs.issue(dir.path(), "stranger", &["127.0.0.1"]) };
+    let dest = Dest::start_tls(&dest_files);
+    let r = migrate_tls(&client, &dest.addr(), &stranger, &[]);
+    assert!(r.code == 65 && r.stderr.contains("waiting for the destination to accept this side's certificate"), "{r:?}");
+    let d = dest.finish();
+    assert!(d.code == 64 && d.stderr.contains("failed: invalid peer certificate: UnknownIssuer"), "the destination refuses it by name: {d:?}");
+
+    // One side TLS, the other plaintext: the destination says which, the source goes on.
+    let dest = Dest::start_tcp(&["--insecure-plaintext"]);
+    let r = migrate_tls(&client, &dest.addr(), &src_files, &[]);
+    assert_eq!(r.code, 65, "{r:?}");
+    let d = dest.finish();
+    assert!(d.code == 64 && d.stderr.contains("a TLS handshake arrived, not a migration stream"), "{d:?}");
+
+    // Files that are not what the flags say, named with the path the VMM read: the
+    // client made a relative path absolute.
+    let keyless = TlsFiles { key: src_files.cert.clone(), ..src_files.clone() };
+    let r = migrate_tls(&client, "tcp:127.0.0.1:9", &keyless, &[]);
+    assert!(r.code == 65 && r.stderr.contains(&format!("--tls-key {}: no private key in the file", src_files.cert.display())), "{r:?}");
+    let (key, ca) = (src_files.key.to_str().unwrap(), src_files.ca.to_str().unwrap());
+    let r = client(&["--to", "tcp:127.0.0.1:9", "--tls-cert", "no-such-cert.pem", "--tls-key", key, "--tls-ca", ca]);
+    let abs = std::env::current_dir().unwrap().join("no-such-cert.pem");
+    assert!(r.code == 65 && r.stderr.contains(&format!("--tls-cert {}: cannot read it", abs.display())), "{r:?}");
+    let r = migrate(&src, "unix:/nowhere.sock", &["--insecure-plaintext"]);
+    assert!(r.code == 65 && r.stderr.contains("--insecure-plaintext: only for tcp: addresses"), "{r:?}");
+
+    src.resume();
+    let s = src.finish();
+    assert_eq!(s.code, 0, "the guest finished here, every check passing: {s:?}");
+}
+
+#[test]
+fn plain_tcp_needs_insecure_plaintext_on_both_sides() {
+    let r = Dest::try_start_tcp(&[]).err().expect("a TCP destination without TLS or --insecure-plaintext does not start");
+    assert!(r.code == 64 && r.stderr.contains("missing: --tls-cert, --tls-key, --tls-ca") && r.stderr.contains("--insecure-plaintext"), "{r:?}");
+    let src = Live::start(BUSY_HELD, &["--timeout", "120"]);
+    src.wait("go");
+    let dest = Dest::start_tcp(&["--insecure-plaintext"]);
+    let r = migrate(&src, &dest.addr(), &[]);
+    assert!(r.code == 65 && r.stderr.contains("--insecure-plaintext"), "nothing starts without the flag: {r:?}");
+    src.resume();
+    let r = migrate(&src, &dest.addr(), &["--insecure-plaintext"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(src.finish().code, 80);
+    assert_eq!(dest.client("wait", &["--label", "release", "--timeout", "300"]).code, 0);
+    assert_eq!(dest.client("resume", &[]).code, 0);
+    let d = dest.finish();
+    assert_eq!(d.code, 0, "{d:?}");
+}
+
+/// Starts `vmm migrate ARGS...` on `src` and cancels it once it is known to run (the
+/// cancel says whether it was); returns how the migration ended.
+fn migrate_and_cancel(src: &Live, args: Vec<String>) -> Run {
+    let sock = src.sock.to_str().unwrap().to_string();
+    let mig = std::thread::spawn(move || {
+        let mut all = vec!["migrate", "--api-sock", &sock];
+        all.extend(args.iter().map(String::as_str));
+        vmm(&all)
+    });
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let c = src.client("migrate-cancel", &[]);
@@ -187,8 +300,28 @@ fn a_cancelled_migration_leaves_the_guest_running_here() {
         assert!(std::time::Instant::now() < deadline, "the migration never started: {c:?}");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let r = mig.join().unwrap();
+    mig.join().unwrap()
+}
+
+#[test]
+fn a_cancelled_migration_leaves_the_guest_running_here() {
+    let src = Live::start(BUSY, &["--timeout", "120"]);
+    src.wait("go");
+    // A destination that reads 64 KiB and then nothing, without hanging up: the
+    // migration can only end by the cancel, whenever it comes.
+    let fake = FakeDest::start(Fake::StallAfter(64 << 10), None);
+    let r = migrate_and_cancel(&src, vec!["--to".into(), fake.addr()]);
     assert!(r.code != 0 && r.stderr.contains("cancelled"), "{r:?}");
+    // The same over TLS, where a write that timed out may already be encrypted: the
+    // cancel still stops it.
+    let dir = tempdir();
+    let ca = Ca::new("ca");
+    let (dest_files, src_files) = (ca.issue(dir.path(), "dest", &["127.0.0.1"]), ca.issue(dir.path(), "src", &["127.0.0.1"]));
+    let fake = FakeDest::start(Fake::StallAfter(64 << 10), Some(&dest_files));
+    let mut args = vec!["--to".to_string(), fake.addr()];
+    args.extend(src_files.args());
+    let r = migrate_and_cancel(&src, args);
+    assert!(r.code != 0 && r.stderr.contains("cancelled"), "over TLS: {r:?}");
     src.resume();
     let s = src.finish();
     assert_eq!(s.code, 0, "the guest finished here, every check passing: {s:?}");
@@ -380,19 +513,28 @@ enum Fake {
     StallAfter(usize),
 }
 
-/// A listener in this test that plays a destination which never commits.
+/// A listener in this test that plays a destination which never commits: on a Unix
+/// socket, or with `tls` on TCP with TLS (the library's own transport).
 struct FakeDest {
-    path: std::path::PathBuf,
+    addr: String,
     _dir: tempfile::TempDir,
 }
 
 impl FakeDest {
-    fn start(mode: Fake) -> FakeDest {
+    fn start(mode: Fake, tls: Option<&TlsFiles>) -> FakeDest {
+        use vmm::migration::transport::{self, Flags, Security};
         let dir = tempdir();
-        let path = dir.path().join("fake.sock");
-        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let (addr, flags) = match tls {
+            None => (format!("unix:{}", dir.path().join("fake.sock").display()), Flags::default()),
+            Some(f) => ("tcp:127.0.0.1:0".to_string(), Flags {
+                tls_cert: Some(f.cert.clone()), tls_key: Some(f.key.clone()), tls_ca: Some(f.ca.clone()), insecure_plaintext: false,
+            }),
+        };
+        let addr: vmm::migration::Addr = addr.parse().unwrap();
+        let listener = transport::listen(&addr, &Security::new(&addr, &flags).unwrap()).unwrap();
+        let addr = listener.addr().to_string();
         std::thread::spawn(move || {
-            let Ok((mut c, _)) = listener.accept() else { return };
+            let Ok(mut c) = listener.accept_within(std::time::Duration::from_secs(60)) else { return };
             let mut buf = vec![0u8; 64 << 10];
             let (mut total, limit) = match mode {
                 Fake::HangUpAfter(n) | Fake::StallAfter(n) => (0, n),
@@ -409,18 +551,18 @@ impl FakeDest {
                 drop(c);
             }
         });
-        FakeDest { path, _dir: dir }
+        FakeDest { addr, _dir: dir }
     }
 
     fn addr(&self) -> String {
-        format!("unix:{}", self.path.display())
+        self.addr.clone()
     }
 }
 
 /// Sends `bytes` to a fresh destination and returns how it ended.
 fn feed(bytes: &[u8]) -> Run {
     let dest = Dest::start(&[]);
-    if let Ok(mut c) = UnixStream::connect(&dest.incoming) {
+    if let Ok(mut c) = UnixStream::connect(dest.incoming()) {
         let _ = c.write_all(bytes);
     }
     dest.finish()

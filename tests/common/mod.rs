@@ -1,6 +1,8 @@
 //! Helpers for integration tests that run the real `vmm` binary against a real guest.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -271,30 +273,63 @@ impl Live {
     }
 }
 
-/// A `vmm run --incoming unix:DIR/in.sock --api-sock DIR/api.sock` waiting for a
-/// migration (the library's [`VmmChild::spawn_incoming`]). Its control socket exists
-/// only once a migration arrived.
+/// A `vmm run --incoming ADDR --api-sock DIR/api.sock` waiting for a migration (the
+/// library's [`VmmChild::spawn_incoming_on`]): on `unix:DIR/in.sock`, or on
+/// `tcp:127.0.0.1:0` with the port it bound. Its control socket exists only once a
+/// migration arrived.
 pub struct Dest {
     pub child: Option<VmmChild>,
-    pub incoming: PathBuf,
+    /// Where it waits (for TCP, with its port).
+    addr: String,
     pub sock: PathBuf,
     pub dir: tempfile::TempDir,
 }
 
 impl Dest {
+    /// On a Unix socket.
     pub fn start(extra: &[&str]) -> Dest {
-        require_kvm();
         let dir = tempdir();
+        let addr = format!("unix:{}", dir.path().join("in.sock").display());
+        Dest::try_start_on(dir, &addr, extra).unwrap_or_else(|r| panic!("the destination did not listen: {r:?}"))
+    }
+
+    /// On `tcp:127.0.0.1:0`; `extra` has the TLS flags (or `--insecure-plaintext`).
+    pub fn start_tcp(extra: &[&str]) -> Dest {
+        Dest::try_start_tcp(extra).unwrap_or_else(|r| panic!("the destination did not listen: {r:?}"))
+    }
+
+    /// Like `start_tcp`, but a destination that exits before listening is returned as `Err`.
+    pub fn try_start_tcp(extra: &[&str]) -> Result<Dest, Run> {
+        Dest::try_start_on(tempdir(), "tcp:127.0.0.1:0", extra)
+    }
+
+    /// With TLS: `files`' certificate, key and CA.
+    pub fn start_tls(files: &pki::TlsFiles) -> Dest {
+        let args = files.args();
+        Dest::start_tcp(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    fn try_start_on(dir: tempfile::TempDir, addr: &str, extra: &[&str]) -> Result<Dest, Run> {
+        require_kvm();
         let mut args = vec!["--timeout", "120"];
         args.extend_from_slice(extra);
-        let child = VmmChild::spawn_incoming(Path::new(vmm_bin()), dir.path(), &args, &Options::default())
-            .unwrap_or_else(|e| panic!("the destination did not listen: {e}"));
-        let (incoming, sock) = (dir.path().join("in.sock"), child.sock().to_path_buf());
-        Dest { child: Some(child), incoming, sock, dir }
+        match VmmChild::spawn_incoming_on(Path::new(vmm_bin()), dir.path(), addr, &args, &Options::default()) {
+            Ok(child) => {
+                let (addr, sock) = (child.incoming_addr().expect("an incoming child"), child.sock().to_path_buf());
+                Ok(Dest { child: Some(child), addr, sock, dir })
+            }
+            Err(child::Error::Exited { status, stdout, stderr }) => Err(Run { code: status.code().unwrap_or(-1), stdout, stderr }),
+            Err(e) => panic!("the destination did not listen: {e}"),
+        }
     }
 
     pub fn addr(&self) -> String {
-        format!("unix:{}", self.incoming.display())
+        self.addr.clone()
+    }
+
+    /// The Unix socket a destination from `start` waits on.
+    pub fn incoming(&self) -> PathBuf {
+        PathBuf::from(self.addr.strip_prefix("unix:").expect("a Unix destination"))
     }
 
     /// Runs a client subcommand against the destination's control socket.

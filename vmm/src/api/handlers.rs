@@ -8,6 +8,7 @@ use super::protocol::{
     SnapshotCreated, Status, LiveSnapshotStats,
 };
 use crate::machine::memory::GuestMem;
+use crate::migration::transport;
 use crate::storage::progress::Progress;
 use crate::storage::{chain, dump, snapshot};
 use crate::tracking::softdirty::{self, ClearRefs, Tracker};
@@ -15,7 +16,7 @@ use crate::vcpu::control::{Control, Phase};
 use crate::vcpu::runner::VcpuContext;
 use kvm_ioctls::VcpuFd;
 use serde::Serialize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -121,8 +122,9 @@ pub fn handle(req: Request, control: &Control<VcpuContext>, emit: &mut dyn FnMut
             })
             .and_then(|r| r),
         ),
-        Request::Migrate { to, downtime_ms, bandwidth, timeout_ms, postcopy, throttle } => {
-            Reply::answer(migrate(control, &to, downtime_ms, bandwidth, timeout_ms, postcopy, throttle, emit))
+        Request::Migrate { to, downtime_ms, bandwidth, timeout_ms, postcopy, throttle, tls_cert, tls_key, tls_ca, insecure_plaintext } => {
+            let tls = TlsFields { tls_cert, tls_key, tls_ca, insecure_plaintext };
+            Reply::answer(migrate(control, &to, downtime_ms, bandwidth, timeout_ms, postcopy, throttle, tls, emit))
         }
         Request::MigrateCancel {} => Reply::answer(Ok::<_, Failure>(MigrationCancelled { cancelled: control.cancel_migration() })),
     }
@@ -133,15 +135,44 @@ const MIGRATE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default switch-over target, as QEMU's and Cloud Hypervisor's.
 const MIGRATE_DOWNTIME: Duration = Duration::from_millis(300);
 
+/// A migrate request's TLS fields, as sent.
+struct TlsFields {
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+    tls_ca: Option<String>,
+    insecure_plaintext: Option<bool>,
+}
+
+impl TlsFields {
+    /// The transport's flags. Paths must be absolute: this VMM's working directory is
+    /// not the client's (`vmm migrate` makes them absolute).
+    fn flags(self) -> Result<transport::Flags, String> {
+        let path = |flag: &str, p: Option<String>| match p {
+            Some(p) if !Path::new(&p).is_absolute() => Err(format!("{flag} {p}: the path must be absolute")),
+            p => Ok(p.map(PathBuf::from)),
+        };
+        Ok(transport::Flags {
+            tls_cert: path("tls_cert", self.tls_cert)?,
+            tls_key: path("tls_key", self.tls_key)?,
+            tls_ca: path("tls_ca", self.tls_ca)?,
+            insecure_plaintext: self.insecure_plaintext == Some(true),
+        })
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn migrate(control: &Control<VcpuContext>, to: &str, downtime_ms: Option<u64>, bandwidth: Option<u64>, timeout_ms: Option<u64>,
-    postcopy: Option<bool>, throttle: Option<bool>, emit: &mut dyn FnMut(String)) -> Result<MigrationDone, Failure> {
+    postcopy: Option<bool>, throttle: Option<bool>, tls: TlsFields, emit: &mut dyn FnMut(String)) -> Result<MigrationDone, Failure> {
     use crate::migration::{self, source};
     let bad = |m: String| Failure::new(ErrorKind::BadRequest, m);
     let addr: migration::Addr = to.parse().map_err(|e: migration::addr::Error| bad(e.to_string()))?;
-    addr.unix_path().map_err(|e| bad(e.to_string()))?;
+    // The flags must fit the address and the files must be good before anything starts.
+    let security = transport::Security::new(&addr, &tls.flags().map_err(bad)?).map_err(|e| bad(e.to_string()))?;
     let postcopy = postcopy == Some(true);
     if postcopy {
+        if matches!(security, transport::Security::Tls(_)) {
+            return Err(bad(transport::Error::PostcopyOverTls.to_string()));
+        }
         let engine = control.call(|ctx: &mut VcpuContext| ctx.tracker.engine()).map_err(finished)?;
         if engine == crate::tracking::EngineKind::Uffd {
             return Err(bad("post-copy needs userfaultfd's missing mode on the destination's guest RAM, which the uffd engine holds already; migrate this VM with pre-copy (docs/migration.md)".into()));
@@ -158,6 +189,7 @@ fn migrate(control: &Control<VcpuContext>, to: &str, downtime_ms: Option<u64>, b
         cancel,
         throttle: throttle != Some(false),
         postcopy,
+        security,
     };
     let result = source::migrate(control, &addr, &opts, &mut |round| emit(line(&RoundLine { round: *round })));
     control.end_migration();
@@ -171,7 +203,8 @@ fn migration_failure(e: crate::migration::Error) -> Failure {
         M::Cancelled | M::Timeout(_) => ErrorKind::Cancelled,
         M::Finished(_) => ErrorKind::Finished,
         M::Log(_) | M::Memory { .. } | M::State(_) => ErrorKind::Internal,
-        M::Connect { .. } | M::Stream(_) | M::NoCommit(_) | M::Refused(_) | M::PostcopyLost(_) => ErrorKind::Migration,
+        M::Transport(t) if t.is_config() => ErrorKind::BadRequest,
+        M::Transport(_) | M::Stream(_) | M::NoCommit(_) | M::Refused(_) | M::PostcopyLost(_) => ErrorKind::Migration,
         M::Snapshot(_) => return snapshot_failure(e_snapshot(e)),
     };
     Failure::new(kind, e.to_string())
@@ -401,6 +434,13 @@ mod tests {
         assert_eq!(failure(handle(req, &control, &mut |_| {})).kind, ErrorKind::BadRequest);
         let f = failure(handle(Request::Wait { label: None, timeout_ms: Some(1) }, &control, &mut |_| {}));
         assert_eq!(f.kind, ErrorKind::Timeout);
+        // A migration's TLS fields are checked before anything starts.
+        let migrate = |cert: Option<&str>| Request::Migrate { to: "tcp:127.0.0.1:1".into(), downtime_ms: None, bandwidth: None, throttle: None,
+            timeout_ms: None, postcopy: None, tls_cert: cert.map(Into::into), tls_key: None, tls_ca: None, insecure_plaintext: None };
+        let f = failure(handle(migrate(Some("c.pem")), &control, &mut |_| {}));
+        assert_eq!((f.kind, f.error.as_str()), (ErrorKind::BadRequest, "tls_cert c.pem: the path must be absolute"));
+        let f = failure(handle(migrate(Some("/c.pem")), &control, &mut |_| {}));
+        assert!(f.kind == ErrorKind::BadRequest && f.error.contains("(missing: --tls-key, --tls-ca)"), "{}", f.error);
         control.finish("the guest exited".into());
         for req in [Request::Resume {}, Request::Ps {}, Request::Wait { label: None, timeout_ms: Some(1) }] {
             let f = failure(handle(req, &control, &mut |_| {}));

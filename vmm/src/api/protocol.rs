@@ -96,9 +96,11 @@ pub enum Request {
         #[serde(skip_serializing_if = "Option::is_none")]
         progress: Option<bool>,
     },
-    /// Live-migrate the VM to `to` (`unix:PATH`; docs/migration.md). `{"round":{...}}`
-    /// lines report each pre-copy round; the answer is a [`MigrationDone`]. The source's
-    /// run then ends (exit status 80); on any failure the VM goes on here.
+    /// Live-migrate the VM to `to` (`unix:PATH` or `tcp:HOST:PORT`; docs/migration.md).
+    /// `{"round":{...}}` lines report each pre-copy round; the answer is a
+    /// [`MigrationDone`]. The source's run then ends (exit status 80); on any failure the
+    /// VM goes on here. TCP needs `tls_cert`, `tls_key` and `tls_ca` (absolute paths of
+    /// PEM files the VMM reads) or `insecure_plaintext`.
     Migrate {
         to: String,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -114,6 +116,18 @@ pub enum Request {
         /// `false`: never throttle the guest (default: throttle when it does not converge).
         #[serde(skip_serializing_if = "Option::is_none")]
         throttle: Option<bool>,
+        /// This side's certificate chain (PEM), for TCP with TLS.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tls_cert: Option<String>,
+        /// Its private key (PEM).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tls_key: Option<String>,
+        /// The CA bundle (PEM) the destination's certificate must chain to.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tls_ca: Option<String>,
+        /// TCP without TLS: the VM's memory travels unencrypted and unauthenticated.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        insecure_plaintext: Option<bool>,
     },
     /// Cancels the running migration (the VM goes on here); answered with
     /// [`MigrationCancelled`].
@@ -171,7 +185,8 @@ pub enum ErrorKind {
     Finished,
     /// Malformed JSON, an unknown command or field, a line too long, or an argument out
     /// of range (a pagemap range, a clear_refs value, a dirty-rate window, a `prev` dump
-    /// that does not fit, a diff without a base).
+    /// that does not fit, a diff without a base), or a migration's address, TLS flags or
+    /// TLS files.
     BadRequest,
     /// No guest process has this pid.
     UnknownPid,
@@ -189,7 +204,8 @@ pub enum ErrorKind {
     Internal,
     /// The migration was cancelled (`migrate-cancel`) or did not finish in its time.
     Cancelled,
-    /// The migration failed on the way (connection, destination); the VM goes on here.
+    /// The migration failed on the way (connection, TLS handshake, destination); the VM
+    /// goes on here.
     Migration,
     /// A kind this client does not know (from a newer VMM), or none (an older one).
     #[default]
@@ -523,6 +539,8 @@ mod tests {
             Request::Pagemap { pid: 1, start: Some(0x400000), pages: None, summary: None, format: Some(PagemapFormat::Raw) },
             Request::DirtyRate { seconds: Some(0.5) },
             Request::Dump { pid: 2, out: "/d".into(), prev: None, progress: Some(false) },
+            Request::Migrate { to: "tcp:h:1".into(), downtime_ms: None, bandwidth: None, throttle: None, timeout_ms: None, postcopy: None,
+                tls_cert: Some("/c.pem".into()), tls_key: Some("/k.pem".into()), tls_ca: Some("/ca.pem".into()), insecure_plaintext: None },
         ];
         for r in reqs {
             let line = serde_json::to_string(&r).unwrap();
@@ -530,6 +548,10 @@ mod tests {
         }
         let v = serde_json::to_value(Request::ClearRefs { pid: 3, value: Some(4) }).unwrap();
         assert_eq!(v, json!({"cmd": "clear-refs", "pid": 3, "value": 4}));
+        // A migration without TLS fields reads as an older client's did.
+        let v = serde_json::to_value(Request::Migrate { to: "unix:/m".into(), downtime_ms: None, bandwidth: None, throttle: None, timeout_ms: None,
+            postcopy: None, tls_cert: None, tls_key: None, tls_ca: None, insecure_plaintext: None }).unwrap();
+        assert_eq!(v, json!({"cmd": "migrate", "to": "unix:/m"}));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use super::addr::Addr;
 use super::postcopy::{self, Demand};
 use super::stream::{self, split_pfn, Hello, Kind, Reader, MAX_PAGES_PER_RECORD};
+use super::transport::{self, Conn, Flags, Listener, Raw, Security};
 use super::{decode_pause, decode_sections};
 use crate::machine::devices::SyncPoint;
 use crate::machine::image::MAX_IMAGE_BYTES;
@@ -14,10 +15,8 @@ use crate::storage::snapshot::Sections;
 use crate::tracking::frame_set::FrameSet;
 use guest_abi::{MAX_MEM, MEM_ALIGN};
 use std::io::Write;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const PAGE: u64 = 4096;
 /// Silence from the source for this long ends the migration.
@@ -26,13 +25,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Addr(#[from] super::addr::Error),
-    #[error(transparent)]
-    Socket(#[from] crate::unix_socket::Error),
-    #[error("no migration arrived on {addr} within {}s", .wait.as_secs_f64())]
-    NoSource { addr: String, wait: Duration },
-    #[error("accepting the migration on {addr} failed: {source}")]
-    Accept { addr: String, source: std::io::Error },
+    Transport(#[from] transport::Error),
     #[error("incoming migration: {0}")]
     Stream(#[from] stream::Error),
     #[error("incoming migration: {0}")]
@@ -58,10 +51,9 @@ pub struct Incoming {
     pub paused: Option<SyncPoint>,
     /// Post-copy: the frames that come after the switch-over.
     pub missing: Option<FrameSet>,
-    conn: UnixStream,
-    /// Writes to the source (the commit, and post-copy's requests from its thread).
-    out: Arc<Mutex<UnixStream>>,
-    _socket: SocketPath,
+    conn: Conn,
+    /// Post-copy: writes to the source (the commit, and the fault thread's requests).
+    out: Option<Arc<Mutex<Raw>>>,
 }
 
 impl Incoming {
@@ -69,69 +61,56 @@ impl Incoming {
     /// fetching them from the source. Call before anything touches guest memory.
     pub fn start_postcopy(&mut self) -> Result<Option<Demand>, Error> {
         let Some(missing) = self.missing.take() else { return Ok(None) };
-        let reader = self.conn.try_clone().map_err(stream::Error::from)?;
+        let reader = self.conn.try_clone_raw()?;
         // The source may say nothing for a long while (the guest touches nothing missing).
         reader.set_read_timeout(None).map_err(stream::Error::from)?;
+        let out = Arc::new(Mutex::new(self.conn.try_clone_raw()?));
+        self.out = Some(out.clone());
         eprintln!("vmm: post-copy: {} frames follow from the source while the guest runs here", missing.len());
-        Ok(Some(Demand::start(&self.mem, missing, reader, self.out.clone())?))
+        Ok(Some(Demand::start(&self.mem, missing, reader, out)?))
     }
 
     /// Tells the source that this side has everything and runs the guest from here on:
     /// the source then stops for good.
-    pub fn commit(self) -> std::io::Result<()> {
-        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
-        out.write_all(&[stream::COMMIT])?;
-        out.flush()
+    pub fn commit(mut self) -> std::io::Result<()> {
+        if let Some(out) = &self.out {
+            // Post-copy: the connection stays open for the fault thread.
+            return out.lock().unwrap_or_else(|e| e.into_inner()).write_all(&[stream::COMMIT]);
+        }
+        self.conn.write_all(&[stream::COMMIT])?;
+        self.conn.flush()?;
+        self.conn.close();
+        Ok(())
     }
 
     /// Tells the source to go on (this side failed to build the VM).
-    pub fn abort(self, why: &str) {
-        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = out.write_all(&[stream::ABORT]);
-        let _ = out.write_all(why.as_bytes());
-    }
-}
-
-/// Removes the listening socket's file when the migration is over.
-struct SocketPath(PathBuf);
-
-impl Drop for SocketPath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Waits up to `wait` for one migration on `addr` and receives it.
-pub fn receive(addr: &Addr, wait: Duration) -> Result<Incoming, Error> {
-    let path = addr.unix_path()?.to_path_buf();
-    let listener = crate::unix_socket::bind_private(&path)?;
-    let socket = SocketPath(path);
-    let conn = accept_within(&listener, addr, wait)?;
-    drop(listener);
-    read_stream(conn, socket)
-}
-
-fn accept_within(listener: &UnixListener, addr: &Addr, wait: Duration) -> Result<UnixStream, Error> {
-    let accept = |source| Error::Accept { addr: addr.to_string(), source };
-    listener.set_nonblocking(true).map_err(accept)?;
-    let deadline = Instant::now() + wait;
-    loop {
-        match listener.accept() {
-            Ok((conn, _)) => {
-                conn.set_nonblocking(false).map_err(accept)?;
-                conn.set_read_timeout(Some(READ_TIMEOUT)).map_err(accept)?;
-                return Ok(conn);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    return Err(Error::NoSource { addr: addr.to_string(), wait });
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(accept(e)),
+    pub fn abort(mut self, why: &str) {
+        if let Some(out) = &self.out {
+            let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = out.write_all(&[stream::ABORT]);
+            let _ = out.write_all(why.as_bytes());
+            return;
         }
+        let _ = self.conn.write_all(&[stream::ABORT]);
+        let _ = self.conn.write_all(why.as_bytes());
+        let _ = self.conn.flush();
+        self.conn.close();
     }
+}
+
+/// Checks `flags` against `addr` (loading the TLS files) and listens there; the
+/// listener knows the port it bound.
+pub fn listen(addr: &Addr, flags: &Flags) -> Result<Listener, Error> {
+    let security = Security::new(addr, flags)?;
+    Ok(transport::listen(addr, &security)?)
+}
+
+/// Waits up to `wait` for one migration on `listener` and receives it.
+pub fn receive(listener: Listener, wait: Duration) -> Result<Incoming, Error> {
+    let conn = listener.accept_within(wait)?;
+    // A source that goes silent, or stops reading our answer, ends the migration.
+    conn.set_read_timeout(Some(READ_TIMEOUT)).and_then(|()| conn.set_write_timeout(Some(READ_TIMEOUT))).map_err(stream::Error::from)?;
+    read_stream(conn)
 }
 
 /// Checks the first record: the machine it describes must be one this VMM can build.
@@ -149,8 +128,14 @@ fn check_hello(h: &Hello) -> Result<(), Error> {
     Ok(())
 }
 
-fn read_stream(conn: UnixStream, socket: SocketPath) -> Result<Incoming, Error> {
-    let mut r = Reader::start(conn)?;
+fn read_stream(conn: Conn) -> Result<Incoming, Error> {
+    let mut r = match Reader::start(conn) {
+        // A TLS record header (handshake, version 3.x) where the magic was due.
+        Err(stream::Error::BadMagic(m)) if m[..2] == [0x16, 0x03] => {
+            return refused("a TLS handshake arrived, not a migration stream: the source uses TLS, this destination --insecure-plaintext");
+        }
+        r => r?,
+    };
     let (kind, payload) = r.next_record()?;
     if kind != Kind::Hello {
         return refused(format!("the stream starts with {kind:?}, not Hello"));
@@ -225,6 +210,5 @@ fn read_stream(conn: UnixStream, socket: SocketPath) -> Result<Incoming, Error> 
     // What the stream wrote is the guest's memory, not a write of this VMM.
     memory::take_vmm_writes(&mem);
     let conn = r.into_inner();
-    let out = Arc::new(Mutex::new(conn.try_clone().map_err(stream::Error::from)?));
-    Ok(Incoming { hello, image, mem, state, paused, missing, conn, out, _socket: socket })
+    Ok(Incoming { hello, image, mem, state, paused, missing, conn, out: None })
 }

@@ -4,9 +4,15 @@
 //! own), the saved state sections, the tracker's state.
 //!
 //! Pre-copy ([`precopy`], into a stream or a live snapshot), throttled when it does
-//! not converge; post-copy ([`postcopy`]). Limits of this build: TCP (which must be TLS
-//! with mutual authentication) is refused by name; post-copy is not a fallback of
-//! pre-copy yet, and not under the uffd engine.
+//! not converge; post-copy ([`postcopy`]). Connections ([`transport`]): a Unix socket,
+//! or TCP with mutual TLS 1.3 (rustls, ring; plain TCP only with
+//! `--insecure-plaintext`).
+//!
+//! Limits of this build: post-copy is not a fallback of pre-copy yet, not under the
+//! uffd engine and not over TLS. Over TLS: one CA bundle per side, any certificate it
+//! issued is accepted as a source, no revocation; the destination takes the first
+//! connection, so a peer that fails the handshake (or stays silent for
+//! [`transport::HANDSHAKE_TIMEOUT`]) ends it.
 
 pub mod addr;
 pub mod incoming;
@@ -15,6 +21,7 @@ pub mod postcopy;
 pub mod precopy;
 pub mod source;
 pub mod stream;
+pub mod transport;
 
 pub use addr::Addr;
 
@@ -25,8 +32,8 @@ use crate::storage::snapshot::Sections;
 pub enum Error {
     #[error(transparent)]
     Addr(#[from] addr::Error),
-    #[error("cannot connect to the migration destination {to}: {source}")]
-    Connect { to: String, source: std::io::Error },
+    #[error(transparent)]
+    Transport(#[from] transport::Error),
     #[error(transparent)]
     Stream(#[from] stream::Error),
     #[error(transparent)]

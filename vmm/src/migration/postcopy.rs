@@ -17,12 +17,12 @@
 //! rather than leaving a vCPU blocked forever on a frame that will never come.
 
 use super::stream::{self, Kind, Reader};
+use super::transport::Raw;
 use crate::exit_code::ExitCode;
 use crate::machine::memory::GuestMem;
 use crate::tracking::frame_set::FrameSet;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -155,7 +155,7 @@ impl Demand {
     /// all of guest RAM with a userfaultfd, and starts serving faults: from here on
     /// anything touching a missing frame waits until it arrived on `conn` (read from
     /// here on only by this thread); requests go out through `out`.
-    pub fn start(mem: &GuestMem, missing: FrameSet, conn: UnixStream, out: Arc<Mutex<UnixStream>>) -> Result<Demand, Error> {
+    pub fn start(mem: &GuestMem, missing: FrameSet, conn: Raw, out: Arc<Mutex<Raw>>) -> Result<Demand, Error> {
         let region = mem.find_region(GuestAddress(0)).expect("RAM starts at 0");
         let base = mem.get_host_address(GuestAddress(0)).expect("RAM starts at 0") as u64;
         let len = region.len();
@@ -213,7 +213,7 @@ struct Server {
     /// Faults on missing frames: (pfn, since).
     waiting: Vec<(u64, Instant)>,
     figures: Arc<Figures>,
-    out: Arc<Mutex<UnixStream>>,
+    out: Arc<Mutex<Raw>>,
 }
 
 /// The guest cannot go on: say so and end the process (a vCPU blocked on a frame that
@@ -224,7 +224,7 @@ fn lost(why: &str) -> ! {
 }
 
 impl Server {
-    fn serve(&mut self, conn: UnixStream) {
+    fn serve(&mut self, conn: Raw) {
         let mut reader = Reader::resume(conn);
         let conn_fd = reader.get_ref().as_raw_fd();
         let mut ended = false;

@@ -5,13 +5,13 @@ use super::addr::Addr;
 use super::postcopy;
 use super::precopy::{self, Sink};
 use super::stream::{self, Hello, Kind, Writer};
+use super::transport::{self, Conn, Security};
 use super::{encode_sections, Error};
 use crate::storage::snapshot;
 use crate::tracking::frame_set::FrameSet;
 use crate::vcpu::control::Control;
 use crate::vcpu::runner::VcpuContext;
-use std::io::Read;
-use std::os::unix::net::UnixStream;
+use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +26,10 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const PACE_SLACK: Duration = Duration::from_millis(50);
 /// Writes wait at most this long before looking at the cancel flag again.
 const WRITE_SLICE: Duration = Duration::from_millis(50);
+/// Records are gathered up to this size before they go to the connection: a record's
+/// header, frame number and pages would otherwise be three writes, and under TLS three
+/// records on the wire.
+const BATCH: usize = 256 << 10;
 
 /// What the user asked for.
 #[derive(Debug, Clone)]
@@ -42,6 +46,8 @@ pub struct Options {
     pub throttle: bool,
     /// Switch over right after round 0; the destination fetches the rest on demand.
     pub postcopy: bool,
+    /// How the connection is protected (checked against the address, files loaded).
+    pub security: Security,
 }
 
 pub use super::precopy::Round;
@@ -78,18 +84,25 @@ pub struct Summary {
 
 /// The connection, written so that a cancel stops even a write the destination does not
 /// read: each write waits at most [`WRITE_SLICE`], then looks at the flag; a write that
-/// makes no progress for [`WRITE_TIMEOUT`] fails.
+/// makes no progress for [`WRITE_TIMEOUT`] fails. Retrying a write that timed out is
+/// sound because a [`Conn`] write that fails took nothing (under TLS, one that took its
+/// bytes succeeds, and their ciphertext goes out with the next write or flush).
+///
+/// Small writes are gathered up to [`BATCH`]; nothing is sent when it is dropped (a
+/// failed migration must not wait on a stalled destination once more).
 struct Cancellable {
-    conn: UnixStream,
+    conn: Conn,
     cancel: Arc<AtomicBool>,
+    pending: Vec<u8>,
 }
 
-impl std::io::Write for Cancellable {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+impl Cancellable {
+    /// Runs `op` until it is not a timeout, looking at the cancel flag in between.
+    fn retry<T>(&mut self, mut op: impl FnMut(&mut Conn) -> std::io::Result<T>) -> std::io::Result<T> {
         let since = Instant::now();
         loop {
-            match self.conn.write(buf) {
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            match op(&mut self.conn) {
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => {
                     if self.cancel.load(Ordering::SeqCst) {
                         return Err(std::io::Error::other(CANCELLED));
                     }
@@ -102,8 +115,38 @@ impl std::io::Write for Cancellable {
         }
     }
 
+    /// Sends what was gathered.
+    fn drain(&mut self) -> std::io::Result<()> {
+        let mut done = 0;
+        let pending = std::mem::take(&mut self.pending);
+        while done < pending.len() {
+            match self.retry(|c| c.write(&pending[done..])) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) => return Err(e),
+            }
+        }
+        self.pending = pending;
+        self.pending.clear();
+        Ok(())
+    }
+}
+
+impl std::io::Write for Cancellable {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.pending.len() + buf.len() > BATCH {
+            self.drain()?;
+        }
+        if buf.len() >= BATCH {
+            return self.retry(|c| c.write(buf));
+        }
+        self.pending.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
     fn flush(&mut self) -> std::io::Result<()> {
-        self.conn.flush()
+        self.drain()?;
+        self.retry(|c| c.flush())
     }
 }
 
@@ -273,7 +316,7 @@ impl Link {
     /// `postcopy_done` records (the source's run still ends: the guest ran there).
     fn serve_postcopy(&mut self, ctx: &mut VcpuContext, missing: &FrameSet) -> Result<(), Error> {
         use postcopy::Message;
-        let mut conn = self.w.inner().conn.try_clone().map_err(stream::Error::from)?;
+        let mut conn = self.w.inner().conn.try_clone_raw()?;
         conn.set_read_timeout(None).map_err(stream::Error::from)?;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || loop {
@@ -319,6 +362,7 @@ impl Link {
                 }
             }
             self.w.record(Kind::End, &[]).map_err(|e| e.to_string())?;
+            self.w.flush().map_err(|e| e.to_string())?;
             loop {
                 match wait(&rx)? {
                     Message::Stats { demand_faults, blocked_ns } => {
@@ -371,7 +415,10 @@ impl Link {
         while n < postcopy::AROUND && missing.contains(pfn + n) && !sent.contains(pfn + n) {
             n += 1;
         }
-        self.send_unsent(ctx, sent, pfn, n)
+        let n = self.send_unsent(ctx, sent, pfn, n)?;
+        // The faulting thread waits: no batching.
+        self.w.flush()?;
+        Ok(n)
     }
 }
 
@@ -379,8 +426,7 @@ impl Link {
 /// (the source's run then ends with [`crate::vcpu::Outcome::MigratedAway`]); on any
 /// error the VM goes on as before.
 pub fn migrate(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progress: &mut dyn FnMut(&Round)) -> Result<Summary, Error> {
-    let path = to.unix_path()?.to_path_buf();
-    let conn = UnixStream::connect(&path).map_err(|source| Error::Connect { to: to.to_string(), source })?;
+    let conn = transport::connect(to, &opts.security)?;
     conn.set_write_timeout(Some(WRITE_SLICE)).map_err(stream::Error::from)?;
     let (hello, image) = control
         .call(|ctx: &mut VcpuContext| {
@@ -395,7 +441,7 @@ pub fn migrate(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progre
         .map_err(Error::Finished)?;
     let t0 = Instant::now();
     let mut link = Link {
-        w: Writer::start(Cancellable { conn, cancel: opts.cancel.clone() })?,
+        w: Writer::start(Cancellable { conn, cancel: opts.cancel.clone(), pending: Vec::with_capacity(BATCH) })?,
         to: to.to_string(),
         paced_from: (Instant::now(), 0),
         cap: opts.bandwidth,

@@ -18,16 +18,20 @@
 //! ```
 //!
 //! Limits: the child's stdin is always closed; piped output is not read while the child
-//! starts, so a child that prints more than a pipe holds (64 KiB) before its socket is
+//! starts (except the stderr of a destination on TCP, read by a thread here to learn its
+//! port), so a child that prints more than a pipe holds (64 KiB) before its socket is
 //! up stalls until the start timeout. Dropping a [`VmmChild`] kills and reaps the child
 //! if it still runs, so a caller that fails half-way never leaves a VM paused at a
 //! `sync`.
 
 use std::ffi::OsStr;
+use std::io::BufRead;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How often a waiting caller looks at the child and its socket.
@@ -89,8 +93,53 @@ pub struct VmmChild {
     /// `None` only after [`VmmChild::wait_with_output`] took it (by value).
     child: Option<Child>,
     sock: PathBuf,
-    /// `--incoming`'s socket, for a child started with [`VmmChild::spawn_incoming`].
-    incoming: Option<PathBuf>,
+    /// `--incoming`'s address, for a child started with [`VmmChild::spawn_incoming`] or
+    /// [`VmmChild::spawn_incoming_on`] (for TCP, with the port it bound).
+    incoming: Option<String>,
+    /// The thread that reads the stderr of a destination on TCP.
+    stderr: Option<StderrReader>,
+}
+
+/// Reads a child's stderr to its end, keeping all of it, and picks out the address the
+/// destination announces ([`super::WAITING_FOR_MIGRATION`]).
+#[derive(Debug)]
+struct StderrReader {
+    announced: Arc<Mutex<Option<String>>>,
+    thread: JoinHandle<Vec<u8>>,
+}
+
+impl StderrReader {
+    fn start(stderr: std::process::ChildStderr) -> StderrReader {
+        let announced = Arc::new(Mutex::new(None));
+        let seen = announced.clone();
+        let thread = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let mut r = std::io::BufReader::new(stderr);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match r.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => return all,
+                    Ok(_) => {}
+                }
+                if let Some(addr) = line.strip_prefix(super::WAITING_FOR_MIGRATION.as_bytes()) {
+                    let addr = String::from_utf8_lossy(addr).trim().to_string();
+                    *seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
+                }
+                all.extend_from_slice(&line);
+            }
+        });
+        StderrReader { announced, thread }
+    }
+
+    fn announced(&self) -> Option<String> {
+        self.announced.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// All it read (the child has exited, so the pipe ends).
+    fn finish(self) -> Vec<u8> {
+        self.thread.join().unwrap_or_default()
+    }
 }
 
 impl VmmChild {
@@ -118,11 +167,35 @@ impl VmmChild {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let incoming = dir.join("in.sock");
-        let addr = format!("unix:{}", incoming.display());
-        let mut this = VmmChild::spawn(vmm, dir, &["--incoming".as_ref(), addr.as_ref()], run_args, opts)?;
-        this.incoming = Some(incoming.clone());
-        this.await_ready(opts.start_timeout, || incoming.exists())?;
+        let addr = format!("unix:{}", dir.join("in.sock").display());
+        VmmChild::spawn_incoming_on(vmm, dir, &addr, run_args, opts)
+    }
+
+    /// `vmm run --incoming ADDR --api-sock DIR/api.sock ARGS...` (ARGS carry the TLS or
+    /// plaintext flags of a `tcp:` ADDR), returned once it listens. A `tcp:HOST:0`
+    /// destination binds a port of its own choosing: [`VmmChild::incoming_addr`] has it,
+    /// as the child announced it on stderr. For TCP its stderr is therefore always
+    /// piped and read by a thread here, whatever [`Options::stderr`] says; it is in
+    /// [`VmmChild::wait_with_output`]'s output (and not in [`VmmChild::take_stderr`]).
+    pub fn spawn_incoming_on<I, S>(vmm: &Path, dir: &Path, addr: &str, run_args: I, opts: &Options) -> Result<VmmChild, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let args: [&OsStr; 2] = ["--incoming".as_ref(), addr.as_ref()];
+        if let Some(path) = addr.strip_prefix("unix:") {
+            let mut this = VmmChild::spawn(vmm, dir, &args, run_args, opts)?;
+            this.incoming = Some(addr.to_string());
+            let path = PathBuf::from(path);
+            this.await_ready(opts.start_timeout, || path.exists())?;
+            return Ok(this);
+        }
+        let mut this = VmmChild::spawn(vmm, dir, &args, run_args, &Options { stderr: Stream::Piped, ..opts.clone() })?;
+        let reader = StderrReader::start(this.proc().stderr.take().expect("stderr is piped"));
+        let announced = reader.announced.clone();
+        this.stderr = Some(reader);
+        this.await_ready(opts.start_timeout, || announced.lock().is_ok_and(|a| a.is_some()))?;
+        this.incoming = this.stderr.as_ref().and_then(StderrReader::announced);
         Ok(this)
     }
 
@@ -143,7 +216,7 @@ impl VmmChild {
             .stderr(opts.stderr.stdio())
             .spawn()
             .map_err(|source| Error::Spawn { vmm: vmm.to_path_buf(), source })?;
-        Ok(VmmChild { child: Some(child), sock, incoming: None })
+        Ok(VmmChild { child: Some(child), sock, incoming: None, stderr: None })
     }
 
     /// Waits until `ready`, or the child exits (its output is then the error), or
@@ -154,7 +227,7 @@ impl VmmChild {
         while !ready() {
             let pid = self.id();
             if let Some(status) = self.try_wait().map_err(|source| Error::Wait { pid, source })? {
-                let out = self.take().wait_with_output().map_err(|source| Error::Wait { pid, source })?;
+                let out = self.output().map_err(|source| Error::Wait { pid, source })?;
                 return Err(Error::Exited {
                     status,
                     stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -170,6 +243,16 @@ impl VmmChild {
         Ok(())
     }
 
+    /// Waits for the child and collects its piped output, stderr from the thread that
+    /// reads it where there is one.
+    fn output(&mut self) -> std::io::Result<Output> {
+        let mut out = self.take().wait_with_output()?;
+        if let Some(reader) = self.stderr.take() {
+            out.stderr = reader.finish();
+        }
+        Ok(out)
+    }
+
     fn proc(&mut self) -> &mut Child {
         self.child.as_mut().expect("the child is taken only by wait_with_output, which consumes self")
     }
@@ -183,9 +266,10 @@ impl VmmChild {
         &self.sock
     }
 
-    /// The `unix:PATH` a child from [`VmmChild::spawn_incoming`] waits on.
+    /// The address a child from [`VmmChild::spawn_incoming`] or
+    /// [`VmmChild::spawn_incoming_on`] waits on (for TCP, with the port it bound).
     pub fn incoming_addr(&self) -> Option<String> {
-        self.incoming.as_ref().map(|p| format!("unix:{}", p.display()))
+        self.incoming.clone()
     }
 
     /// The child's process id.
@@ -225,7 +309,7 @@ impl VmmChild {
     /// Waits for it to exit and collects its piped output (read concurrently, so a
     /// chatty child cannot stall on a full pipe).
     pub fn wait_with_output(mut self) -> std::io::Result<Output> {
-        self.take().wait_with_output()
+        self.output()
     }
 
     /// Takes its stdout pipe (`None` if not piped or already taken).
@@ -325,6 +409,23 @@ mod tests {
         let opts = Options { start_timeout: Duration::from_millis(200), ..Options::default() };
         let err = VmmChild::spawn_in(&vmm, dir.path(), [""; 0], &opts).unwrap_err();
         assert!(matches!(err, Error::NoSocket { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn a_tcp_destination_is_ready_once_it_announces_its_port() {
+        let dir = ScratchDir::new("child-test").unwrap();
+        let vmm = fake_vmm(dir.path(), "echo 'vmm: waiting for a migration on tcp:127.0.0.1:4444' >&2; sleep 0.2; echo later >&2");
+        let opts = Options { stderr: Stream::Null, ..Options::default() };
+        let child = VmmChild::spawn_incoming_on(&vmm, dir.path(), "tcp:127.0.0.1:0", [""; 0], &opts).unwrap();
+        assert_eq!(child.incoming_addr().as_deref(), Some("tcp:127.0.0.1:4444"), "the port it bound, not the one asked for");
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "vmm: waiting for a migration on tcp:127.0.0.1:4444\nlater\n", "all of stderr");
+
+        let vmm = fake_vmm(dir.path(), "echo 'vmm: error: missing: --tls-cert' >&2; exit 64");
+        match VmmChild::spawn_incoming_on(&vmm, dir.path(), "tcp:127.0.0.1:0", [""; 0], &opts) {
+            Err(Error::Exited { status, stderr, .. }) => assert_eq!((status.code(), stderr.as_str()), (Some(64), "vmm: error: missing: --tls-cert\n")),
+            other => panic!("expected Exited, got {other:?}"),
+        }
     }
 
     #[test]

@@ -24,6 +24,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// What a destination prints on stderr, followed by its address (with the port it
+/// bound), once it listens: how a caller of `--incoming tcp:HOST:0` learns the port.
+pub const WAITING_FOR_MIGRATION: &str = "vmm: waiting for a migration on ";
+
 /// Smallest guest: kernel, tables and a little room for processes.
 pub const MIN_MEM_MIB: u64 = memory::MIN_MEM_BYTES >> 20;
 /// Room the guest needs beyond kernel and script (frame stack, page tables, data).
@@ -45,6 +49,8 @@ pub struct RunOptions {
     /// Wait (up to `timeout`) for one incoming migration on this address and run the VM
     /// it brings: image, memory, engine and state all come from the source.
     pub incoming: Option<crate::migration::Addr>,
+    /// `--tls-cert`, `--tls-key`, `--tls-ca`, `--insecure-plaintext` for `incoming`.
+    pub incoming_security: crate::migration::transport::Flags,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +105,12 @@ impl Error {
 /// Boots the guest and runs it to the end. Bad input is reported before any guest runs.
 pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
     let mut incoming = match &opts.incoming {
-        Some(addr) => Some(crate::migration::incoming::receive(addr, opts.timeout)?),
+        Some(addr) => {
+            let listener = crate::migration::incoming::listen(addr, &opts.incoming_security)?;
+            // With the port bound: `tcp:HOST:0` says here which port it got.
+            eprintln!("{WAITING_FOR_MIGRATION}{}", listener.addr());
+            Some(crate::migration::incoming::receive(listener, opts.timeout)?)
+        }
         None => None,
     };
     // Post-copy: missing frames are fetched on touch from here on.

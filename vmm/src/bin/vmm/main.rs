@@ -51,10 +51,13 @@ enum Command {
         /// (given explicitly, even at their defaults, they are refused).
         #[arg(long, conflicts_with_all = ["workload", "summary", "mem", "engine"])]
         restore: Option<PathBuf>,
-        /// Wait (up to --timeout) for one incoming live migration on ADDR (unix:PATH) and
-        /// run the VM it brings; image, memory, engine and state come from the source.
+        /// Wait (up to --timeout) for one incoming live migration on ADDR (unix:PATH, or
+        /// tcp:HOST:PORT with TLS) and run the VM it brings; image, memory, engine and
+        /// state come from the source.
         #[arg(long, value_name = "ADDR", conflicts_with_all = ["image", "workload", "mem", "engine", "restore"])]
         incoming: Option<vmm::migration::Addr>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Live-migrate a running (or sync-paused) VM to a `vmm run --incoming ADDR`: one
     /// progress line per pre-copy round, then a summary. The source's run then ends with
@@ -62,9 +65,11 @@ enum Command {
     Migrate {
         #[arg(long)]
         api_sock: PathBuf,
-        /// Destination: unix:PATH (tcp:HOST:PORT needs TLS, not in this build).
+        /// Destination: unix:PATH, or tcp:HOST:PORT (TLS: --tls-cert, --tls-key, --tls-ca).
         #[arg(long, value_name = "ADDR")]
         to: String,
+        #[command(flatten)]
+        tls: TlsArgs,
         /// Switch over once the last dirty set is expected to take at most this long.
         #[arg(long, default_value_t = 300)]
         downtime_ms: u64,
@@ -182,6 +187,36 @@ enum Command {
         #[arg(long, default_value_t = 60.0)]
         timeout: f64,
     },
+}
+
+/// How a tcp: migration is protected (docs/migration.md): mutual TLS, or plaintext by
+/// explicit choice.
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// This side's certificate chain (PEM, leaf first), for a tcp: address.
+    #[arg(long, value_name = "PATH")]
+    tls_cert: Option<PathBuf>,
+    /// This side's private key (PEM).
+    #[arg(long, value_name = "PATH")]
+    tls_key: Option<PathBuf>,
+    /// CA bundle (PEM) that the other side's certificate must chain to.
+    #[arg(long, value_name = "PATH")]
+    tls_ca: Option<PathBuf>,
+    /// TCP without TLS: the VM's memory and state travel unencrypted, to and from anyone
+    /// who can reach the port. Only for a network you trust entirely.
+    #[arg(long)]
+    insecure_plaintext: bool,
+}
+
+impl TlsArgs {
+    fn flags(self) -> vmm::migration::transport::Flags {
+        vmm::migration::transport::Flags {
+            tls_cert: self.tls_cert,
+            tls_key: self.tls_key,
+            tls_ca: self.tls_ca,
+            insecure_plaintext: self.insecure_plaintext,
+        }
+    }
 }
 
 fn parse_hex(s: &str) -> Result<u64, String> {
@@ -320,14 +355,18 @@ fn main_code() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run { image, workload, mem, api_sock, timeout, summary, engine, restore, incoming } => {
+        Command::Run { image, workload, mem, api_sock, timeout, summary, engine, restore, incoming, tls } => {
             let timeout = match seconds_arg("--timeout", timeout) {
                 Ok(t) => t,
                 Err(code) => return code,
             };
+            let incoming_security = tls.flags();
+            if incoming.is_none() && incoming_security != Default::default() {
+                return fail(ExitCode::BadInput, "--tls-cert, --tls-key, --tls-ca and --insecure-plaintext go with --incoming");
+            }
             let hook =
                 if summary || (workload.is_none() && restore.is_none() && incoming.is_none()) { Hook::Summary(SummaryHook) } else { Hook::None };
-            let opts = RunOptions { image, workload, mem_mib: mem, api_sock, timeout, engine, restore, incoming };
+            let opts = RunOptions { image, workload, mem_mib: mem, api_sock, timeout, engine, restore, incoming, incoming_security };
             match run::run(&opts, hook) {
                 Ok(Outcome::Exited(0)) => ExitCode::Success,
                 Ok(Outcome::Exited(c)) => {
@@ -439,12 +478,12 @@ fn main_code() -> ExitCode {
             }
             code
         }
-        Command::Migrate { api_sock, to, downtime_ms, bandwidth, timeout, postcopy, no_throttle, json } => {
+        Command::Migrate { api_sock, to, tls, downtime_ms, bandwidth, timeout, postcopy, no_throttle, json } => {
             let timeout = match seconds_arg("--timeout", timeout) {
                 Ok(t) => t,
                 Err(code) => return code,
             };
-            migrate::run(&api_sock, to, downtime_ms, bandwidth, timeout, postcopy, !no_throttle, json)
+            migrate::run(&api_sock, to, tls.flags(), downtime_ms, bandwidth, timeout, postcopy, !no_throttle, json)
         }
         Command::MigrateCancel { api_sock } => match api::call::<api::MigrationCancelled>(&api_sock, &Request::MigrateCancel {}) {
             Ok(c) if c.cancelled => ExitCode::Success,

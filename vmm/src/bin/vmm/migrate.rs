@@ -1,14 +1,18 @@
 //! `vmm migrate`: asks a running VMM to migrate its VM and reports each round.
 
+use crate::store::absolute;
 use crate::{client_code, fail};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use vmm::api::{self, MigrationDone, Request, RoundLine};
+use vmm::migration::transport::Flags;
 use vmm::ExitCode;
 
 #[allow(clippy::too_many_arguments)]
-pub fn run(api_sock: &Path, to: String, downtime_ms: u64, bandwidth: Option<u64>, timeout: Duration, postcopy: bool,
-    throttle: bool, json: bool) -> ExitCode {
+pub fn run(api_sock: &Path, to: String, tls: Flags, downtime_ms: u64, bandwidth: Option<u64>, timeout: Duration,
+    postcopy: bool, throttle: bool, json: bool) -> ExitCode {
+    // The VMM reads the files: it needs paths that do not depend on this shell's directory.
+    let path = |p: Option<PathBuf>| p.map(|p| absolute(p).display().to_string());
     let req = Request::Migrate {
         to,
         downtime_ms: Some(downtime_ms),
@@ -16,6 +20,10 @@ pub fn run(api_sock: &Path, to: String, downtime_ms: u64, bandwidth: Option<u64>
         timeout_ms: Some(timeout.as_millis() as u64),
         postcopy: postcopy.then_some(true),
         throttle: (!throttle).then_some(false),
+        tls_cert: path(tls.tls_cert),
+        tls_key: path(tls.tls_key),
+        tls_ca: path(tls.tls_ca),
+        insecure_plaintext: tls.insecure_plaintext.then_some(true),
     };
     let result = api::call_with_updates::<MigrationDone>(api_sock, &req, |line| print_round(&line, json));
     match result {

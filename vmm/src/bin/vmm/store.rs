@@ -70,7 +70,8 @@ pub enum DumpCommand {
     Verify { dir: PathBuf },
 }
 
-fn absolute(p: PathBuf) -> PathBuf {
+/// `p` against this process's working directory, for a VMM that has another.
+pub(crate) fn absolute(p: PathBuf) -> PathBuf {
     if p.is_absolute() { p } else { std::env::current_dir().map(|d| d.join(&p)).unwrap_or(p) }
 }
 

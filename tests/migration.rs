@@ -487,6 +487,27 @@ fn a_source_killed_during_post_copy_ends_the_destination_with_the_documented_err
 }
 
 #[test]
+fn a_migration_that_cannot_converge_falls_back_to_post_copy_when_asked() {
+    let src = Live::start(&fast_writer(6), &["--mem", "64", "--timeout", "300"]);
+    src.wait("go");
+    src.resume();
+    let dest = Dest::start(&[]);
+    // Unthrottled behind 2 MiB/s it never converges (see fast_writer); at the timeout it
+    // goes post-copy instead of being cancelled.
+    let r = migrate(&src, &dest.addr(), &["--bandwidth", "2", "--no-throttle", "--timeout", "3", "--postcopy-fallback", "--json"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let summary: serde_json::Value = serde_json::from_str(r.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["postcopy"], true, "{r:?}");
+    assert!(summary["rounds"].as_u64().unwrap() >= 3, "pre-copy rounds ran first: {r:?}");
+    assert_eq!(src.finish().code, 80);
+    let w = dest.client("wait", &["--label", "done", "--timeout", "240"]);
+    assert_eq!(w.code, 0, "{w:?}");
+    assert_eq!(dest.client("resume", &[]).code, 0);
+    let d = dest.finish();
+    assert_eq!(d.code, 0, "{d:?}");
+}
+
+#[test]
 fn post_copy_is_refused_under_the_uffd_engine() {
     let src = Live::start(&fast_writer(1), &["--engine", "uffd"]);
     src.wait("go");

@@ -122,9 +122,10 @@ pub fn handle(req: Request, control: &Control<VcpuContext>, emit: &mut dyn FnMut
             })
             .and_then(|r| r),
         ),
-        Request::Migrate { to, downtime_ms, bandwidth, timeout_ms, postcopy, throttle, tls_cert, tls_key, tls_ca, insecure_plaintext } => {
+        Request::Migrate { to, downtime_ms, bandwidth, timeout_ms, postcopy, postcopy_fallback, throttle, tls_cert, tls_key, tls_ca, insecure_plaintext } => {
             let tls = TlsFields { tls_cert, tls_key, tls_ca, insecure_plaintext };
-            Reply::answer(migrate(control, &to, downtime_ms, bandwidth, timeout_ms, postcopy, throttle, tls, emit))
+            let mode = PostcopyMode { now: postcopy == Some(true), fallback: postcopy_fallback == Some(true) };
+            Reply::answer(migrate(control, &to, downtime_ms, bandwidth, timeout_ms, mode, throttle, tls, emit))
         }
         Request::MigrateCancel {} => Reply::answer(Ok::<_, Failure>(MigrationCancelled { cancelled: control.cancel_migration() })),
     }
@@ -160,16 +161,22 @@ impl TlsFields {
     }
 }
 
+/// Whether a migration goes post-copy: after round 0, or when the timeout passes.
+struct PostcopyMode {
+    now: bool,
+    fallback: bool,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn migrate(control: &Control<VcpuContext>, to: &str, downtime_ms: Option<u64>, bandwidth: Option<u64>, timeout_ms: Option<u64>,
-    postcopy: Option<bool>, throttle: Option<bool>, tls: TlsFields, emit: &mut dyn FnMut(String)) -> Result<MigrationDone, Failure> {
+    mode: PostcopyMode, throttle: Option<bool>, tls: TlsFields, emit: &mut dyn FnMut(String)) -> Result<MigrationDone, Failure> {
     use crate::migration::{self, source};
     let bad = |m: String| Failure::new(ErrorKind::BadRequest, m);
     let addr: migration::Addr = to.parse().map_err(|e: migration::addr::Error| bad(e.to_string()))?;
     // The flags must fit the address and the files must be good before anything starts.
     let security = transport::Security::new(&addr, &tls.flags().map_err(bad)?).map_err(|e| bad(e.to_string()))?;
-    let postcopy = postcopy == Some(true);
-    if postcopy {
+    let postcopy = mode.now;
+    if mode.now || mode.fallback {
         if matches!(security, transport::Security::Tls(_)) {
             return Err(bad(transport::Error::PostcopyOverTls.to_string()));
         }
@@ -189,6 +196,7 @@ fn migrate(control: &Control<VcpuContext>, to: &str, downtime_ms: Option<u64>, b
         cancel,
         throttle: throttle != Some(false),
         postcopy,
+        postcopy_fallback: mode.fallback,
         security,
     };
     let result = source::migrate(control, &addr, &opts, &mut |round| emit(line(&RoundLine { round: *round })));
@@ -435,7 +443,7 @@ mod tests {
         let f = failure(handle(Request::Wait { label: None, timeout_ms: Some(1) }, &control, &mut |_| {}));
         assert_eq!(f.kind, ErrorKind::Timeout);
         // A migration's TLS fields are checked before anything starts.
-        let migrate = |cert: Option<&str>| Request::Migrate { to: "tcp:127.0.0.1:1".into(), downtime_ms: None, bandwidth: None, throttle: None,
+        let migrate = |cert: Option<&str>| Request::Migrate { to: "tcp:127.0.0.1:1".into(), downtime_ms: None, bandwidth: None, throttle: None, postcopy_fallback: None,
             timeout_ms: None, postcopy: None, tls_cert: cert.map(Into::into), tls_key: None, tls_ca: None, insecure_plaintext: None };
         let f = failure(handle(migrate(Some("c.pem")), &control, &mut |_| {}));
         assert_eq!((f.kind, f.error.as_str()), (ErrorKind::BadRequest, "tls_cert c.pem: the path must be absolute"));

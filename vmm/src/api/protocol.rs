@@ -113,6 +113,9 @@ pub enum Request {
         timeout_ms: Option<u64>,
         #[serde(skip_serializing_if = "Option::is_none")]
         postcopy: Option<bool>,
+        /// Pre-copy; if it has not converged at `timeout_ms`, post-copy instead of a cancel.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        postcopy_fallback: Option<bool>,
         /// `false`: never throttle the guest (default: throttle when it does not converge).
         #[serde(skip_serializing_if = "Option::is_none")]
         throttle: Option<bool>,
@@ -539,7 +542,7 @@ mod tests {
             Request::Pagemap { pid: 1, start: Some(0x400000), pages: None, summary: None, format: Some(PagemapFormat::Raw) },
             Request::DirtyRate { seconds: Some(0.5) },
             Request::Dump { pid: 2, out: "/d".into(), prev: None, progress: Some(false) },
-            Request::Migrate { to: "tcp:h:1".into(), downtime_ms: None, bandwidth: None, throttle: None, timeout_ms: None, postcopy: None,
+            Request::Migrate { to: "tcp:h:1".into(), downtime_ms: None, bandwidth: None, throttle: None, postcopy_fallback: None, timeout_ms: None, postcopy: None,
                 tls_cert: Some("/c.pem".into()), tls_key: Some("/k.pem".into()), tls_ca: Some("/ca.pem".into()), insecure_plaintext: None },
         ];
         for r in reqs {
@@ -549,7 +552,7 @@ mod tests {
         let v = serde_json::to_value(Request::ClearRefs { pid: 3, value: Some(4) }).unwrap();
         assert_eq!(v, json!({"cmd": "clear-refs", "pid": 3, "value": 4}));
         // A migration without TLS fields reads as an older client's did.
-        let v = serde_json::to_value(Request::Migrate { to: "unix:/m".into(), downtime_ms: None, bandwidth: None, throttle: None, timeout_ms: None,
+        let v = serde_json::to_value(Request::Migrate { to: "unix:/m".into(), downtime_ms: None, bandwidth: None, throttle: None, postcopy_fallback: None, timeout_ms: None,
             postcopy: None, tls_cert: None, tls_key: None, tls_ca: None, insecure_plaintext: None }).unwrap();
         assert_eq!(v, json!({"cmd": "migrate", "to": "unix:/m"}));
     }

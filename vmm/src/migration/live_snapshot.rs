@@ -150,7 +150,7 @@ pub fn create(control: &Control<VcpuContext>, out: &Path, opts: &Options, progre
         chain_view: None,
         phases: Phases::default(),
     };
-    let rounds = precopy::Rounds { downtime: opts.downtime, throttle: opts.throttle, cancel: opts.cancel.clone(), postcopy: false };
+    let rounds = precopy::Rounds { downtime: opts.downtime, throttle: opts.throttle, cancel: opts.cancel.clone(), postcopy: false, postcopy_after: None };
     let done = precopy::run(control, sink, &rounds, progress)?;
     // The guest runs again; the snapshot is finished behind it.
     let ImageSink { image, stop, chain_view, mut phases, .. } = done.sink;

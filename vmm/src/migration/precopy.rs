@@ -57,6 +57,11 @@ pub trait Sink: Send + 'static {
     fn counts(&self) -> (u64, u64);
     /// Between batches: an error ends the pre-copy (a cancel, a deadline).
     fn check_stop(&self) -> Result<(), Error>;
+    /// Pre-copy did not converge in time: go on in post-copy from the switch-over, if
+    /// this sink can (the default: it cannot).
+    fn begin_postcopy(&mut self) -> bool {
+        false
+    }
     /// vCPU thread, guest stopped: the last dirty set (`frames`), the state, and
     /// whatever makes the copy final. The rounds' view ends after it either way.
     fn switch_over(&mut self, ctx: &mut VcpuContext, last: &FrameSet) -> Result<(), Error>;
@@ -73,6 +78,9 @@ pub struct Rounds {
     pub cancel: Arc<AtomicBool>,
     /// Switch over right after round 0, whatever is left (post-copy).
     pub postcopy: bool,
+    /// Not converged after this long: switch over in post-copy, if the sink can
+    /// ([`Sink::begin_postcopy`]); looked at between rounds.
+    pub postcopy_after: Option<Duration>,
 }
 
 /// A finished pre-copy.
@@ -189,6 +197,9 @@ fn rounds<S: Sink>(control: &Control<VcpuContext>, mut sink: S, opts: &Rounds, p
             throttle_pct: control.throttle.share() * 100.0,
         });
         if expected <= opts.downtime || opts.postcopy {
+            break;
+        }
+        if opts.postcopy_after.is_some_and(|t| t0.elapsed() >= t) && sink.begin_postcopy() {
             break;
         }
         sink.check_stop()?;

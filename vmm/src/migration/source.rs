@@ -46,6 +46,9 @@ pub struct Options {
     pub throttle: bool,
     /// Switch over right after round 0; the destination fetches the rest on demand.
     pub postcopy: bool,
+    /// Pre-copy, but if it has not converged when `timeout` passes, switch over in
+    /// post-copy instead of cancelling.
+    pub postcopy_fallback: bool,
     /// How the connection is protected (checked against the address, files loaded).
     pub security: Security,
 }
@@ -263,6 +266,11 @@ impl Sink for Link {
         Link::check_stop(self)
     }
 
+    fn begin_postcopy(&mut self) -> bool {
+        self.postcopy = true;
+        true
+    }
+
     /// The last dirty set, the state, DONE, and the destination's commit. Nothing on
     /// the source changes unless it commits.
     fn switch_over(&mut self, ctx: &mut VcpuContext, last: &FrameSet) -> Result<(), Error> {
@@ -446,7 +454,8 @@ pub fn migrate(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progre
         paced_from: (Instant::now(), 0),
         cap: opts.bandwidth,
         cancel: opts.cancel.clone(),
-        deadline: Some((t0 + opts.timeout, opts.timeout)),
+        // With the fallback, the timeout switches to post-copy between rounds instead.
+        deadline: (!opts.postcopy_fallback).then_some((t0 + opts.timeout, opts.timeout)),
         pages: 0,
         zeros: 0,
         postcopy: opts.postcopy,
@@ -467,8 +476,13 @@ pub fn migrate(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progre
         Err(e) => return Err(e),
         Ok(()) => {}
     }
-    let rounds =
-        precopy::Rounds { downtime: opts.downtime, throttle: opts.throttle && !opts.postcopy, cancel: opts.cancel.clone(), postcopy: opts.postcopy };
+    let rounds = precopy::Rounds {
+        downtime: opts.downtime,
+        throttle: opts.throttle && !opts.postcopy,
+        cancel: opts.cancel.clone(),
+        postcopy: opts.postcopy,
+        postcopy_after: opts.postcopy_fallback.then_some(opts.timeout),
+    };
     let done = precopy::run(control, link, &rounds, progress)?;
     control.release_pause();
     let link = done.sink;
@@ -485,7 +499,7 @@ pub fn migrate(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progre
         bytes_sent: link.w.bytes,
         pages_sent: link.pages,
         zero_pages: link.zeros,
-        postcopy: opts.postcopy,
+        postcopy: link.postcopy,
         throttled: done.max_throttle > 0.0,
         max_throttle_pct: done.max_throttle * 100.0,
         throttled_ms: done.throttled.as_secs_f64() * 1e3,

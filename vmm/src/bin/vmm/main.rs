@@ -84,6 +84,10 @@ enum Command {
         /// either side after the switch-over loses the guest (docs/migration.md).
         #[arg(long)]
         postcopy: bool,
+        /// Pre-copy; if it has not converged when --timeout passes, switch to post-copy
+        /// instead of cancelling (at the end of the round that runs then).
+        #[arg(long, conflicts_with = "postcopy")]
+        postcopy_fallback: bool,
         /// Never throttle the guest, even when it dirties memory faster than the link
         /// carries (the migration then ends only by converging, the timeout or a cancel).
         #[arg(long)]
@@ -478,12 +482,13 @@ fn main_code() -> ExitCode {
             }
             code
         }
-        Command::Migrate { api_sock, to, tls, downtime_ms, bandwidth, timeout, postcopy, no_throttle, json } => {
+        Command::Migrate { api_sock, to, tls, downtime_ms, bandwidth, timeout, postcopy, postcopy_fallback, no_throttle, json } => {
             let timeout = match seconds_arg("--timeout", timeout) {
                 Ok(t) => t,
                 Err(code) => return code,
             };
-            migrate::run(&api_sock, to, tls.flags(), downtime_ms, bandwidth, timeout, postcopy, !no_throttle, json)
+            let switch = migrate::Switch { postcopy, postcopy_fallback, throttle: !no_throttle };
+            migrate::run(&api_sock, to, tls.flags(), downtime_ms, bandwidth, timeout, switch, json)
         }
         Command::MigrateCancel { api_sock } => match api::call::<api::MigrationCancelled>(&api_sock, &Request::MigrateCancel {}) {
             Ok(c) if c.cancelled => ExitCode::Success,

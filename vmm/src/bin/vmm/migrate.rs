@@ -8,9 +8,16 @@ use vmm::api::{self, MigrationDone, Request, RoundLine};
 use vmm::migration::transport::Flags;
 use vmm::ExitCode;
 
+/// How the migration switches over.
+pub struct Switch {
+    pub postcopy: bool,
+    pub postcopy_fallback: bool,
+    pub throttle: bool,
+}
+
 #[allow(clippy::too_many_arguments)]
-pub fn run(api_sock: &Path, to: String, tls: Flags, downtime_ms: u64, bandwidth: Option<u64>, timeout: Duration,
-    postcopy: bool, throttle: bool, json: bool) -> ExitCode {
+pub fn run(api_sock: &Path, to: String, tls: Flags, downtime_ms: u64, bandwidth: Option<u64>, timeout: Duration, switch: Switch,
+    json: bool) -> ExitCode {
     // The VMM reads the files: it needs paths that do not depend on this shell's directory.
     let path = |p: Option<PathBuf>| p.map(|p| absolute(p).display().to_string());
     let req = Request::Migrate {
@@ -18,8 +25,9 @@ pub fn run(api_sock: &Path, to: String, tls: Flags, downtime_ms: u64, bandwidth:
         downtime_ms: Some(downtime_ms),
         bandwidth,
         timeout_ms: Some(timeout.as_millis() as u64),
-        postcopy: postcopy.then_some(true),
-        throttle: (!throttle).then_some(false),
+        postcopy: switch.postcopy.then_some(true),
+        postcopy_fallback: switch.postcopy_fallback.then_some(true),
+        throttle: (!switch.throttle).then_some(false),
         tls_cert: path(tls.tls_cert),
         tls_key: path(tls.tls_key),
         tls_ca: path(tls.tls_ca),

@@ -353,6 +353,46 @@ fn writer_of(pages: u64, loops: u32) -> String {
 }
 
 #[test]
+fn a_destination_killed_in_a_later_round_leaves_the_source_running() {
+    let dir = tempdir();
+    let src = Live::start(&fast_writer(20), &["--mem", "64", "--timeout", "300"]);
+    src.wait("go");
+    let full = dir.path().join("full");
+    assert_eq!(vmm(&["snapshot", "create", "--api-sock", src.sock(), "--out", full.to_str().unwrap()]).code, 0);
+    src.resume();
+    // Unthrottled behind 2 MiB/s it never converges: rounds go on until the kill.
+    let mut dest = Dest::start(&[]);
+    let mut mig = std::process::Command::new(vmm_bin())
+        .args(["migrate", "--api-sock", src.sock(), "--to", &dest.addr(), "--bandwidth", "2", "--no-throttle", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(mig.stdout.take().unwrap()));
+    // Round 1's line comes once round 1 was sent: the kill lands in round 2.
+    loop {
+        let line = lines.next().expect("the migration ended before round 1").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["round"]["round"] == 1 {
+            break;
+        }
+    }
+    dest.kill();
+    let out = mig.wait_with_output().unwrap();
+    assert_ne!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("migration connection failed"), "{out:?}");
+    // The source goes on; a diff taken at the end has every page written meanwhile.
+    let w = src.client("wait", &["--label", "done", "--timeout", "240"]);
+    assert_eq!(w.code, 0, "{w:?}");
+    let diff = dir.path().join("diff");
+    assert_eq!(vmm(&["snapshot", "create", "--api-sock", src.sock(), "--out", diff.to_str().unwrap(), "--diff"]).code, 0);
+    src.resume();
+    assert_eq!(src.finish().code, 0, "the source's guest finished, every check passing");
+    let restored = vmm(&["run", "--restore", diff.to_str().unwrap(), "--timeout", "60"]);
+    assert_eq!(restored.code, 0, "{restored:?}");
+}
+
+#[test]
 fn a_writer_faster_than_the_link_is_throttled_until_it_converges() {
     let src = Live::start(&fast_writer(20), &["--mem", "64", "--timeout", "300"]);
     src.wait("go");

@@ -62,6 +62,34 @@ pub fn write(mem: &GuestMem, addr: u64, bytes: &[u8]) -> Result<(), Error> {
     mem.write_slice(bytes, GuestAddress(addr)).map_err(|_| Error::OutOfRange { addr, len: bytes.len() })
 }
 
+/// Runs `f` on guest memory `[addr, addr + len)` in place, to write it without a copy
+/// (filling fresh memory from a stream). Only while no vCPU runs and no other VMM
+/// thread touches guest memory: before the guest first runs, or on the vCPU thread
+/// between `KVM_RUN`s.
+pub fn with_stopped_guest_bytes_mut<R>(mem: &GuestMem, addr: u64, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> Result<R, Error> {
+    let slice = mem.get_slice(GuestAddress(addr), len).map_err(|_| Error::OutOfRange { addr, len })?;
+    let guard = slice.ptr_guard_mut();
+    // SAFETY: get_slice checked that the range lies inside one mapping, which lives as
+    // long as `mem`. By this function's contract nothing else reads or writes guest
+    // memory while `f` holds the only reference to these bytes.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), len) };
+    Ok(f(bytes))
+}
+
+/// Backs `[addr, addr + len)` of guest RAM with memory now, in one call
+/// (`MADV_POPULATE_WRITE`), before it is written in bulk: first touches one page at a
+/// time cost a user page fault each, which under nested virtualization here is a trip
+/// through the host. Best effort: a kernel without it (or a range outside RAM) leaves
+/// the pages to be faulted in by the write, as before.
+pub fn populate(mem: &GuestMem, addr: u64, len: usize) {
+    let Ok(slice) = mem.get_slice(GuestAddress(addr), len) else { return };
+    let host = slice.ptr_guard_mut().as_ptr();
+    // SAFETY: get_slice checked that the range lies inside one region of guest RAM, a
+    // private anonymous mapping that lives as long as `mem`; populating it changes no
+    // byte (new pages read as zero, present ones are left alone).
+    unsafe { libc::madvise(host.cast(), len, libc::MADV_POPULATE_WRITE) };
+}
+
 /// Guest memory as the page-table library sees it.
 pub struct Phys<'a>(pub &'a GuestMem);
 

@@ -167,18 +167,30 @@ fn read_stream(conn: Conn) -> Result<Incoming, Error> {
     };
     let zero = vec![0u8; PAGE as usize];
     let state = loop {
-        let (kind, payload) = r.next_record()?;
-        match kind {
-            Kind::Pages => {
-                let (pfn, data) = split_pfn(kind, &payload)?;
-                if !(data.len() as u64).is_multiple_of(PAGE) || data.len() as u64 > MAX_PAGES_PER_RECORD * PAGE {
-                    return refused(format!("Pages record with {} bytes of data", data.len()));
-                }
-                let count = data.len() as u64 / PAGE;
-                in_ram(kind, pfn, count)?;
-                memory::write(&mem, pfn * PAGE, data)?;
-                written.insert_range(pfn, count);
+        let (kind, len) = r.next_header()?;
+        if kind == Kind::Pages {
+            // Read straight into guest memory (no vCPU runs yet), after the checks.
+            if len < 8 {
+                return refused(format!("Pages record of {len} bytes, fewer than the 8 of a frame number"));
             }
+            let mut first = [0u8; 8];
+            r.payload(&mut first)?;
+            let pfn = u64::from_le_bytes(first);
+            let bytes = u64::from(len) - 8;
+            if !bytes.is_multiple_of(PAGE) || bytes > MAX_PAGES_PER_RECORD * PAGE {
+                return refused(format!("Pages record with {bytes} bytes of data"));
+            }
+            let count = bytes / PAGE;
+            in_ram(kind, pfn, count)?;
+            memory::populate(&mem, pfn * PAGE, bytes as usize);
+            memory::with_stopped_guest_bytes_mut(&mem, pfn * PAGE, bytes as usize, |dst| r.payload(dst))??;
+            written.insert_range(pfn, count);
+            continue;
+        }
+        let mut payload = vec![0u8; len as usize];
+        r.payload(&mut payload)?;
+        match kind {
+            Kind::Pages => unreachable!("read above"),
             Kind::Zeros => {
                 let (pfn, rest) = split_pfn(kind, &payload)?;
                 let count = u64::from_le_bytes(rest.try_into().map_err(|_| Error::Refused("Zeros record of the wrong size".into()))?);

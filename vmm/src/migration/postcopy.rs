@@ -37,6 +37,9 @@ pub const STATS: u8 = b'S';
 /// Frames sent around a requested one, if they are missing too (guests touch
 /// neighbours).
 pub const AROUND: u64 = 16;
+/// A fault that waits this long with nothing arriving from the source ends the guest:
+/// a source that is alive but sends nothing would otherwise hold a vCPU forever.
+pub const STALL_LIMIT: Duration = Duration::from_secs(60);
 
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
@@ -228,7 +231,12 @@ impl Server {
         let mut reader = Reader::resume(conn);
         let conn_fd = reader.get_ref().as_raw_fd();
         let mut ended = false;
+        let mut heard = Instant::now();
         while !ended || !self.missing.is_empty() {
+            let oldest = self.waiting.iter().map(|&(_, since)| since).min();
+            if oldest.is_some_and(|t| t.elapsed() > STALL_LIMIT) && heard.elapsed() > STALL_LIMIT {
+                lost(&format!("a frame was waited for {} s with nothing arriving", STALL_LIMIT.as_secs()));
+            }
             let mut fds = [
                 libc::pollfd { fd: self.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: conn_fd, events: libc::POLLIN, revents: 0 },
@@ -242,6 +250,7 @@ impl Server {
                 self.faults();
             }
             if fds[1].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                heard = Instant::now();
                 match reader.next_record() {
                     Ok((Kind::Pages, payload)) => self.arrived(&payload),
                     Ok((Kind::End, _)) => ended = true,

@@ -154,6 +154,15 @@ impl<R: Read> Reader<R> {
 
     /// The next record's type and payload.
     pub fn next_record(&mut self) -> Result<(Kind, Vec<u8>), Error> {
+        let (kind, len) = self.next_header()?;
+        let mut payload = vec![0u8; len as usize];
+        self.payload(&mut payload)?;
+        Ok((kind, payload))
+    }
+
+    /// The next record's type and length (at most [`MAX_RECORD`]); its payload is read
+    /// next, with [`Self::payload`], all of it.
+    pub fn next_header(&mut self) -> Result<(Kind, u32), Error> {
         let mut head = [0u8; 5];
         self.r.read_exact(&mut head)?;
         let kind = Kind::from_u8(head[0]).ok_or(Error::UnknownRecord(head[0]))?;
@@ -161,9 +170,12 @@ impl<R: Read> Reader<R> {
         if len > MAX_RECORD {
             return Err(Error::TooLong { kind, len });
         }
-        let mut payload = vec![0u8; len as usize];
-        self.r.read_exact(&mut payload)?;
-        Ok((kind, payload))
+        Ok((kind, len))
+    }
+
+    /// The next `buf.len()` bytes of the current record's payload.
+    pub fn payload(&mut self, buf: &mut [u8]) -> Result<(), Error> {
+        Ok(self.r.read_exact(buf)?)
     }
 
     pub fn into_inner(self) -> R {

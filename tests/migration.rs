@@ -482,7 +482,9 @@ fn a_live_snapshot_is_an_ordinary_full_one_that_restores_and_bases_diffs() {
 
 #[test]
 fn post_copy_runs_the_guest_before_its_memory_arrived() {
-    let src = Live::start(&fast_writer(6), &["--mem", "64", "--timeout", "300"]);
+    // 30 loops take ~18 s here, round 0 at 1 MiB/s ~2 s: the writer is still writing
+    // (not paused at `done`) when the guest moves, with an 8x margin.
+    let src = Live::start(&fast_writer(30), &["--mem", "64", "--timeout", "300"]);
     src.wait("go");
     src.resume();
     let dest = Dest::start(&[]);
@@ -528,7 +530,9 @@ fn a_source_killed_during_post_copy_ends_the_destination_with_the_documented_err
 
 #[test]
 fn a_migration_that_cannot_converge_falls_back_to_post_copy_when_asked() {
-    let src = Live::start(&fast_writer(6), &["--mem", "64", "--timeout", "300"]);
+    // 20 loops take ~12 s here: still writing when the 3 s timeout passes (4x margin);
+    // a writer paused at `done` would dirty nothing and converge.
+    let src = Live::start(&fast_writer(20), &["--mem", "64", "--timeout", "300"]);
     src.wait("go");
     src.resume();
     let dest = Dest::start(&[]);

@@ -21,8 +21,9 @@ use super::transport::Raw;
 use crate::exit_code::ExitCode;
 use crate::machine::memory::GuestMem;
 use crate::tracking::frame_set::FrameSet;
+use crate::tracking::source::uffd::{self, UffdioRange, UFFDIO_REGISTER_MODE_MISSING};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,29 +44,6 @@ pub const STALL_LIMIT: Duration = Duration::from_secs(60);
 
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
 struct UffdioCopy {
     dst: u64,
     src: u64,
@@ -82,11 +60,7 @@ struct UffdioZeropage {
     zeropage: i64,
 }
 
-const UFFD_API: u64 = 0xaa;
-const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-ioctl_iowr_nr!(UFFDIO_API, 0xaa, 0x3f, UffdioApi);
-ioctl_iowr_nr!(UFFDIO_REGISTER, 0xaa, 0x00, UffdioRegister);
 ioctl_ior_nr!(UFFDIO_UNREGISTER, 0xaa, 0x01, UffdioRange);
 ioctl_ior_nr!(UFFDIO_WAKE, 0xaa, 0x02, UffdioRange);
 ioctl_iowr_nr!(UFFDIO_COPY, 0xaa, 0x03, UffdioCopy);
@@ -96,6 +70,8 @@ ioctl_iowr_nr!(UFFDIO_ZEROPAGE, 0xaa, 0x04, UffdioZeropage);
 pub enum Error {
     #[error("post-copy needs userfaultfd on guest RAM: {what} failed: {source}")]
     Uffd { what: &'static str, source: std::io::Error },
+    #[error("post-copy needs userfaultfd's missing mode on guest RAM: {0}")]
+    Register(#[from] uffd::Error),
 }
 
 fn os(what: &'static str) -> Error {
@@ -171,24 +147,9 @@ impl Demand {
                 return Err(os("madvise(MADV_DONTNEED) of the missing frames"));
             }
         }
-        // SAFETY: userfaultfd takes flags and returns a new descriptor (or -1).
-        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-        if fd < 0 {
-            return Err(os("userfaultfd"));
-        }
-        // SAFETY: a fresh descriptor nobody else owns.
-        let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let mut api = UffdioApi { api: UFFD_API, features: 0, ioctls: 0 };
-        // SAFETY: UFFDIO_API reads and writes a UffdioApi we own.
-        if unsafe { ioctl_with_mut_ref(&uffd, UFFDIO_API(), &mut api) } < 0 {
-            return Err(os("UFFDIO_API"));
-        }
-        let mut reg = UffdioRegister { range: UffdioRange { start: base, len }, mode: UFFDIO_REGISTER_MODE_MISSING, ioctls: 0 };
-        // SAFETY: UFFDIO_REGISTER reads and writes a UffdioRegister we own; the range is
-        // guest RAM's mapping, which outlives the descriptor (the thread ends first).
-        if unsafe { ioctl_with_mut_ref(&uffd, UFFDIO_REGISTER(), &mut reg) } < 0 {
-            return Err(os("UFFDIO_REGISTER (missing mode)"));
-        }
+        // The range is guest RAM's mapping, which outlives the descriptor (the thread
+        // that holds it ends first).
+        let uffd = uffd::open_registered(base, len, 0, UFFDIO_REGISTER_MODE_MISSING)?;
         let figures = Arc::new(Figures::default());
         let mut server = Server { uffd, base, len, pages: len / PAGE, missing, waiting: Vec::new(), figures: figures.clone(), out };
         let thread = std::thread::Builder::new()

@@ -1,6 +1,6 @@
 //! Writing a snapshot of the stopped VM.
 
-use super::{state, Error, Kind, Last, Manifest, FORMAT, PAGE, VERSION};
+use super::{state, Error, Kind, Last, Manifest, PAGE};
 use crate::machine::memory::GuestMem;
 use crate::storage::chain::Ref;
 use crate::storage::durable::Staging;
@@ -136,20 +136,8 @@ pub fn create(src: Source, base: Option<&Last>, out: &Path, progress: &Progress)
         stage.write("pages.bin", &bytes)?;
     }
     let kind = if diff { Kind::Diff } else { Kind::Full };
-    let manifest = Manifest {
-        format: FORMAT.into(),
-        version: VERSION,
-        id: id.clone(),
-        kind,
-        base: base.map(|b| Ref { path: b.path.display().to_string(), id: b.id.clone() }),
-        mem_bytes,
-        engine,
-        image_sha256: image_sha256.to_string(),
-        pages,
-        checksum: crate::storage::checksum::NAME.into(),
-        files,
-        merged: Vec::new(),
-    };
+    let base = base.map(|b| Ref { path: b.path.display().to_string(), id: b.id.clone() });
+    let manifest = Manifest::new(id.clone(), kind, base, mem_bytes, engine, image_sha256.to_string(), pages, files);
     stage.write("manifest.json", &serde_json::to_vec_pretty(&manifest).expect("manifest serializes"))?;
     stage.commit()?;
     mark(&mut phases.sync_ns);

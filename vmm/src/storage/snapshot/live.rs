@@ -7,7 +7,7 @@
 //! The image is hashed (and its pages counted) by reading it back once the guest runs
 //! again, so neither costs pause time.
 
-use super::{state, Error, Kind, Last, Manifest, Sections, FORMAT, PAGE, VERSION};
+use super::{state, Error, Kind, Last, Manifest, Sections, PAGE};
 use crate::storage::durable::{self, Staging};
 use crate::tracking::engine::EngineKind;
 use std::collections::BTreeMap;
@@ -63,20 +63,7 @@ impl LiveFull {
         let state_bin = state::encode(&stop.sections);
         files.insert("state.bin".to_string(), crate::storage::checksum::of(&state_bin));
         stage.write("state.bin", &state_bin)?;
-        let manifest = Manifest {
-            format: FORMAT.into(),
-            version: VERSION,
-            id: id.clone(),
-            kind: Kind::Full,
-            base: None,
-            mem_bytes,
-            engine: stop.engine,
-            image_sha256: stop.image_sha256,
-            pages,
-            checksum: crate::storage::checksum::NAME.into(),
-            files,
-            merged: Vec::new(),
-        };
+        let manifest = Manifest::new(id.clone(), Kind::Full, None, mem_bytes, stop.engine, stop.image_sha256, pages, files);
         stage.write("manifest.json", &serde_json::to_vec_pretty(&manifest).expect("manifest serializes"))?;
         stage.commit()?;
         Ok((pages, Last::at(&out, &id)))

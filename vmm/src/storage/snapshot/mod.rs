@@ -106,6 +106,29 @@ pub struct Manifest {
     pub merged: Vec<String>,
 }
 
+impl Manifest {
+    /// A new snapshot's manifest, in this build's format and version, checksummed with
+    /// this build's checksum, merged from nothing.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(id: String, kind: Kind, base: Option<Ref>, mem_bytes: u64, engine: EngineKind, image_sha256: String, pages: u64,
+        files: BTreeMap<String, String>) -> Manifest {
+        Manifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            id,
+            kind,
+            base,
+            mem_bytes,
+            engine,
+            image_sha256,
+            pages,
+            checksum: crate::storage::checksum::NAME.into(),
+            files,
+            merged: Vec::new(),
+        }
+    }
+}
+
 impl Linked for Manifest {
     const WHAT: &'static str = "snapshot";
     const PREVIOUS: &'static str = "base";

@@ -21,11 +21,12 @@ struct UffdioApi {
     ioctls: u64,
 }
 
+/// `struct uffdio_range` (also used by post-copy's ioctls).
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
+pub struct UffdioRange {
+    pub start: u64,
+    pub len: u64,
 }
 
 #[repr(C)]
@@ -100,6 +101,37 @@ fn last(op: &'static str) -> Error {
     Error::Uffd { op, source: std::io::Error::last_os_error() }
 }
 
+/// `UFFDIO_REGISTER_MODE_MISSING`: faults on pages not populated yet are reported.
+pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+
+/// A new userfaultfd (non-blocking, close-on-exec), its API handshake done with
+/// `features` (all of which the kernel must offer), and `[start, start+len)` (a mapping
+/// of the caller's, page-aligned) registered in `mode`.
+pub fn open_registered(start: u64, len: u64, features: u64, mode: u64) -> Result<OwnedFd, Error> {
+    // SAFETY: plain system call with no pointers.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if fd < 0 {
+        return Err(last("open"));
+    }
+    // SAFETY: `fd` is a fresh descriptor we own.
+    let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut api = UffdioApi { api: UFFD_API, features, ioctls: 0 };
+    // SAFETY: UFFDIO_API reads and writes a UffdioApi we own.
+    if unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&uffd, UFFDIO_API(), &mut api) } < 0 {
+        return Err(Error::Unsupported(features));
+    }
+    if api.features & features != features {
+        return Err(Error::Unsupported(features & !api.features));
+    }
+    let mut reg = UffdioRegister { range: UffdioRange { start, len }, mode, ioctls: 0 };
+    // SAFETY: UFFDIO_REGISTER reads and writes a UffdioRegister we own; the range is
+    // the caller's mapping.
+    if unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&uffd, UFFDIO_REGISTER(), &mut reg) } < 0 {
+        return Err(last("register"));
+    }
+    Ok(uffd)
+}
+
 /// Asynchronous write-protect tracking over one host range.
 pub struct AsyncWp {
     uffd: OwnedFd,
@@ -116,28 +148,7 @@ impl AsyncWp {
     /// Pages start write-protected only once [`Self::protect`] or a scan with
     /// re-protection has run.
     pub fn register(start: u64, len: u64) -> Result<AsyncWp, Error> {
-        // SAFETY: plain system call with no pointers.
-        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-        if fd < 0 {
-            return Err(last("open"));
-        }
-        // SAFETY: `fd` is a fresh descriptor we own.
-        let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let want = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;
-        let mut api = UffdioApi { api: UFFD_API, features: want, ioctls: 0 };
-        // SAFETY: UFFDIO_API reads and writes a UffdioApi we own.
-        if unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&uffd, UFFDIO_API(), &mut api) } < 0 {
-            return Err(Error::Unsupported(want));
-        }
-        if api.features & want != want {
-            return Err(Error::Unsupported(want & !api.features));
-        }
-        let mut reg = UffdioRegister { range: UffdioRange { start, len }, mode: UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
-        // SAFETY: UFFDIO_REGISTER reads and writes a UffdioRegister we own; the range is
-        // the caller's mapping.
-        if unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&uffd, UFFDIO_REGISTER(), &mut reg) } < 0 {
-            return Err(last("register"));
-        }
+        let uffd = open_registered(start, len, UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED, UFFDIO_REGISTER_MODE_WP)?;
         let pagemap = File::open("/proc/self/pagemap").map_err(Error::Scan)?;
         Ok(AsyncWp { uffd, pagemap, start, len, regions: vec![PageRegion::default(); 1024], ioctls: 2 })
     }

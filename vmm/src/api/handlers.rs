@@ -206,23 +206,17 @@ fn migrate(control: &Control<VcpuContext>, to: &str, downtime_ms: Option<u64>, b
 
 fn migration_failure(e: crate::migration::Error) -> Failure {
     use crate::migration::Error as M;
-    let kind = match &e {
+    let kind = match e {
+        // A live snapshot's own failures are told as any snapshot's.
+        M::Snapshot(s) => return snapshot_failure(s),
         M::Addr(_) | M::Unsupported(_) => ErrorKind::BadRequest,
         M::Cancelled | M::Timeout(_) => ErrorKind::Cancelled,
         M::Finished(_) => ErrorKind::Finished,
         M::Log(_) | M::Memory { .. } | M::State(_) => ErrorKind::Internal,
-        M::Transport(t) if t.is_config() => ErrorKind::BadRequest,
+        M::Transport(ref t) if t.is_config() => ErrorKind::BadRequest,
         M::Transport(_) | M::Stream(_) | M::NoCommit(_) | M::Refused(_) | M::PostcopyLost(_) => ErrorKind::Migration,
-        M::Snapshot(_) => return snapshot_failure(e_snapshot(e)),
     };
     Failure::new(kind, e.to_string())
-}
-
-fn e_snapshot(e: crate::migration::Error) -> snapshot::Error {
-    match e {
-        crate::migration::Error::Snapshot(s) => s,
-        _ => unreachable!("only called for snapshot errors"),
-    }
 }
 
 /// Default switch-over target of a live snapshot: the disk takes a small dirty set in a

@@ -90,6 +90,27 @@ pub fn populate(mem: &GuestMem, addr: u64, len: usize) {
     unsafe { libc::madvise(host.cast(), len, libc::MADV_POPULATE_WRITE) };
 }
 
+/// Splits `bytes` (whole 4 KiB pages) into runs of all-zero and of other pages:
+/// `(first page index, page count, all zero)`, in order. Each page is looked at once, a
+/// word at a time.
+pub fn zero_runs(bytes: &[u8]) -> Vec<(usize, usize, bool)> {
+    let zero: Vec<bool> = bytes
+        .chunks_exact(4096)
+        .map(|p| p.chunks_exact(8).all(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) == 0))
+        .collect();
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < zero.len() {
+        let mut j = i + 1;
+        while j < zero.len() && zero[j] == zero[i] {
+            j += 1;
+        }
+        runs.push((i, j - i, zero[i]));
+        i = j;
+    }
+    runs
+}
+
 /// Guest memory as the page-table library sees it.
 pub struct Phys<'a>(pub &'a GuestMem);
 
@@ -118,5 +139,17 @@ impl PhysMemory for Phys<'_> {
             *slot = u64::from_le_bytes(chunk.try_into().expect("8-byte chunks"));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn zero_runs_split_pages_in_order() {
+        let mut b = vec![0u8; 5 * 4096];
+        b[4096 + 4095] = 1;
+        b[2 * 4096] = 7;
+        assert_eq!(super::zero_runs(&b), vec![(0, 1, true), (1, 2, false), (3, 2, true)]);
+        assert!(super::zero_runs(&[]).is_empty());
     }
 }

@@ -5,7 +5,7 @@
 
 use super::addr::Addr;
 use super::postcopy::{self, Demand};
-use super::stream::{self, split_pfn, Hello, Kind, Reader, MAX_PAGES_PER_RECORD};
+use super::stream::{self, split_pfn, Hello, Kind, Reader};
 use super::transport::{self, Conn, Flags, Listener, Raw, Security};
 use super::{decode_pause, decode_sections};
 use crate::machine::devices::SyncPoint;
@@ -72,29 +72,25 @@ impl Incoming {
 
     /// Tells the source that this side has everything and runs the guest from here on:
     /// the source then stops for good.
-    pub fn commit(mut self) -> std::io::Result<()> {
-        if let Some(out) = &self.out {
-            // Post-copy: the connection stays open for the fault thread.
-            return out.lock().unwrap_or_else(|e| e.into_inner()).write_all(&[stream::COMMIT]);
-        }
-        self.conn.write_all(&[stream::COMMIT])?;
-        self.conn.flush()?;
-        self.conn.close();
-        Ok(())
+    pub fn commit(self) -> std::io::Result<()> {
+        self.answer(&[&[stream::COMMIT]])
     }
 
     /// Tells the source to go on (this side failed to build the VM).
-    pub fn abort(mut self, why: &str) {
+    pub fn abort(self, why: &str) {
+        let _ = self.answer(&[&[stream::ABORT], why.as_bytes()]);
+    }
+
+    /// The last words of the stream's receiver. In post-copy the connection stays open
+    /// for the fault thread; otherwise it is closed cleanly after them.
+    fn answer(mut self, parts: &[&[u8]]) -> std::io::Result<()> {
         if let Some(out) = &self.out {
             let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = out.write_all(&[stream::ABORT]);
-            let _ = out.write_all(why.as_bytes());
-            return;
+            return parts.iter().try_for_each(|p| out.write_all(p));
         }
-        let _ = self.conn.write_all(&[stream::ABORT]);
-        let _ = self.conn.write_all(why.as_bytes());
-        let _ = self.conn.flush();
+        let sent = parts.iter().try_for_each(|p| self.conn.write_all(p)).and_then(|()| self.conn.flush());
         self.conn.close();
+        sent
     }
 }
 
@@ -159,12 +155,7 @@ fn read_stream(conn: Conn) -> Result<Incoming, Error> {
     // Frames written so far: a zero run for a frame nobody wrote costs nothing (fresh
     // memory is zero), for one written before it is written again.
     let mut written = FrameSet::new(pages);
-    let in_ram = |kind, pfn: u64, count: u64| -> Result<(), Error> {
-        if count == 0 || pfn.checked_add(count).is_none_or(|end| end > pages) {
-            return refused(format!("{kind:?} record for {count} frames from {pfn:#x}, outside the {pages} frames of guest RAM"));
-        }
-        Ok(())
-    };
+    let in_ram = |kind, pfn: u64, count: u64| stream::frames_in_ram(kind, pfn, count, pages).map_err(Error::Refused);
     let zero = vec![0u8; PAGE as usize];
     let state = loop {
         let (kind, len) = r.next_header()?;
@@ -177,11 +168,7 @@ fn read_stream(conn: Conn) -> Result<Incoming, Error> {
             r.payload(&mut first)?;
             let pfn = u64::from_le_bytes(first);
             let bytes = u64::from(len) - 8;
-            if !bytes.is_multiple_of(PAGE) || bytes > MAX_PAGES_PER_RECORD * PAGE {
-                return refused(format!("Pages record with {bytes} bytes of data"));
-            }
-            let count = bytes / PAGE;
-            in_ram(kind, pfn, count)?;
+            let count = stream::pages_in_ram(pfn, bytes, pages).map_err(Error::Refused)?;
             memory::populate(&mem, pfn * PAGE, bytes as usize);
             memory::with_stopped_guest_bytes_mut(&mem, pfn * PAGE, bytes as usize, |dst| r.payload(dst))??;
             written.insert_range(pfn, count);

@@ -11,12 +11,12 @@
 use super::precopy::{self, Round, Sink};
 use super::Error;
 use crate::storage::snapshot::live::{LiveFull, Stop};
-use crate::storage::snapshot::{self, Kind, Phases, Report};
+use crate::storage::snapshot::{Kind, Phases, Report};
 use crate::tracking::frame_set::FrameSet;
 use crate::vcpu::control::Control;
 use crate::vcpu::runner::VcpuContext;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vm_memory::GuestMemoryBackend;
@@ -47,8 +47,7 @@ pub struct Created {
 /// The image as a pre-copy sink.
 struct ImageSink {
     image: LiveFull,
-    cancel: Arc<AtomicBool>,
-    deadline: (Instant, Duration),
+    limits: precopy::Limits,
     pages: u64,
     zeros: u64,
     bytes: u64,
@@ -68,21 +67,13 @@ impl Sink for ImageSink {
         }
         // Round 0: zero frames stay holes; the rest go in runs.
         let page = PAGE as usize;
-        let zero = |k: usize| bytes[k * page..(k + 1) * page].chunks_exact(8).all(|w| w == [0; 8]);
-        let n = bytes.len() / page;
-        let mut k = 0;
-        while k < n {
-            let start = k;
-            let z = zero(k);
-            while k < n && zero(k) == z {
-                k += 1;
-            }
-            if z {
-                self.zeros += (k - start) as u64;
+        for (i, count, zero) in crate::machine::memory::zero_runs(bytes) {
+            if zero {
+                self.zeros += count as u64;
             } else {
-                self.image.write(pfn + start as u64, &bytes[start * page..k * page])?;
-                self.pages += (k - start) as u64;
-                self.bytes += ((k - start) * page) as u64;
+                self.image.write(pfn + i as u64, &bytes[i * page..(i + count) * page])?;
+                self.pages += count as u64;
+                self.bytes += (count * page) as u64;
             }
         }
         Ok(())
@@ -101,13 +92,7 @@ impl Sink for ImageSink {
     }
 
     fn check_stop(&self) -> Result<(), Error> {
-        if self.cancel.load(Ordering::SeqCst) {
-            return Err(Error::Cancelled);
-        }
-        if Instant::now() > self.deadline.0 {
-            return Err(Error::Timeout(self.deadline.1));
-        }
-        Ok(())
+        self.limits.check()
     }
 
     fn switch_over(&mut self, ctx: &mut VcpuContext, last: &FrameSet) -> Result<(), Error> {
@@ -117,12 +102,10 @@ impl Sink for ImageSink {
             lap = Instant::now();
         };
         // The guest is stopped: the deadline no longer applies.
-        self.deadline.0 = Instant::now() + Duration::from_secs(24 * 3600);
+        self.limits.lift_deadline();
         precopy::copy_frames(self, &ctx.mem, last.runs(), false)?;
         mark(&mut self.phases.memory_ns);
-        let mut sections = snapshot::capture(&ctx.vm, &mut ctx.vcpu).map_err(|e| Error::State(e.to_string()))?;
-        sections.insert("tracker".into(), ctx.tracker.export_state());
-        sections.insert("serial".into(), ctx.device_state.clone());
+        let sections = ctx.machine_state().map_err(|e| Error::State(e.to_string()))?;
         self.stop = Some(Stop { sections, engine: ctx.tracker.engine(), image_sha256: ctx.history.image_sha256.clone() });
         mark(&mut self.phases.state_ns);
         // The next diff counts from here.
@@ -141,8 +124,7 @@ pub fn create(control: &Control<VcpuContext>, out: &Path, opts: &Options, progre
     let t0 = Instant::now();
     let sink = ImageSink {
         image: LiveFull::start(out, mem_bytes)?,
-        cancel: opts.cancel.clone(),
-        deadline: (t0 + opts.timeout, opts.timeout),
+        limits: precopy::Limits::new(opts.cancel.clone(), t0, Some(opts.timeout)),
         pages: 0,
         zeros: 0,
         bytes: 0,

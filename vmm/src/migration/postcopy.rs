@@ -102,9 +102,7 @@ pub fn decode_missing(payload: &[u8], set: &mut FrameSet, pages: u64) -> Result<
     for run in payload.chunks_exact(16) {
         let first = u64::from_le_bytes(run[..8].try_into().expect("8 bytes"));
         let count = u64::from_le_bytes(run[8..].try_into().expect("8 bytes"));
-        if count == 0 || first.checked_add(count).is_none_or(|end| end > pages) {
-            return Err(format!("MISSING run of {count} frames from {first:#x}, outside the {pages} frames of guest RAM"));
-        }
+        stream::frames_in_ram(Kind::Missing, first, count, pages)?;
         set.insert_range(first, count);
     }
     Ok(())
@@ -287,8 +285,8 @@ impl Server {
     /// A PAGES record during post-copy: places each frame still missing.
     fn arrived(&mut self, payload: &[u8]) {
         let Ok((pfn, data)) = stream::split_pfn(Kind::Pages, payload) else { lost("a malformed PAGES record") };
-        if !(data.len() as u64).is_multiple_of(PAGE) || pfn.checked_add(data.len() as u64 / PAGE).is_none_or(|e| e > self.pages) {
-            lost("a PAGES record outside guest RAM");
+        if let Err(why) = stream::pages_in_ram(pfn, data.len() as u64, self.pages) {
+            lost(&why);
         }
         for (i, page) in data.chunks_exact(PAGE as usize).enumerate() {
             let p = pfn + i as u64;

@@ -67,6 +67,34 @@ pub trait Sink: Send + 'static {
     fn switch_over(&mut self, ctx: &mut VcpuContext, last: &FrameSet) -> Result<(), Error>;
 }
 
+/// What ends a pre-copy early, checked by its sink between batches: a cancel, or the
+/// deadline (lifted once the guest is stopped: finishing is then quicker than stopping).
+pub struct Limits {
+    cancel: Arc<AtomicBool>,
+    deadline: Option<(Instant, Duration)>,
+}
+
+impl Limits {
+    /// `timeout` from `start`, if any.
+    pub fn new(cancel: Arc<AtomicBool>, start: Instant, timeout: Option<Duration>) -> Limits {
+        Limits { cancel, deadline: timeout.map(|t| (start + t, t)) }
+    }
+
+    pub fn check(&self) -> Result<(), Error> {
+        if self.cancel.load(Ordering::SeqCst) {
+            return Err(Error::Cancelled);
+        }
+        match self.deadline {
+            Some((deadline, timeout)) if Instant::now() > deadline => Err(Error::Timeout(timeout)),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn lift_deadline(&mut self) {
+        self.deadline = None;
+    }
+}
+
 /// What the rounds aim at.
 #[derive(Debug, Clone)]
 pub struct Rounds {

@@ -7,7 +7,6 @@ use super::precopy::{self, Sink};
 use super::stream::{self, Hello, Kind, Writer};
 use super::transport::{self, Conn, Security};
 use super::{encode_sections, Error};
-use crate::storage::snapshot;
 use crate::tracking::frame_set::FrameSet;
 use crate::vcpu::control::Control;
 use crate::vcpu::runner::VcpuContext;
@@ -164,12 +163,9 @@ struct Link {
     /// The pacing's reference point: the rate since it (`w.bytes` then) is held to `cap`.
     paced_from: (Instant, u64),
     cap: Option<u64>,
-    /// `migrate-cancel`'s flag: checked between batches, so that a long round stops
-    /// promptly, and while waiting for the destination's commit.
-    cancel: Arc<AtomicBool>,
-    /// The migration's deadline, checked between batches; `None` in the last round:
-    /// with the guest stopped, finishing is quicker than stopping.
-    deadline: Option<(Instant, Duration)>,
+    /// `migrate-cancel` and the migration's deadline, checked between batches so that a
+    /// long round stops promptly; the deadline is lifted in the last round.
+    limits: precopy::Limits,
     /// Pages sent as data / as zero runs.
     pages: u64,
     zeros: u64,
@@ -199,40 +195,18 @@ impl Link {
         }
     }
 
-    /// A cancel, or the deadline passed (checked between batches and rounds).
-    fn check_stop(&self) -> Result<(), Error> {
-        if self.cancel.load(Ordering::SeqCst) {
-            return Err(Error::Cancelled);
-        }
-        match self.deadline {
-            Some((deadline, timeout)) if Instant::now() > deadline => Err(Error::Timeout(timeout)),
-            _ => Ok(()),
-        }
-    }
-
     /// Splits a batch into runs of zero frames (markers) and data frames.
     fn send_skipping_zeros(&mut self, first: u64, bytes: &[u8]) -> Result<(), Error> {
-        // Each page is looked at once, a word at a time.
-        let zero: Vec<bool> = bytes
-            .chunks_exact(PAGE as usize)
-            .map(|p| p.chunks_exact(8).all(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) == 0))
-            .collect();
-        let mut i = 0;
-        while i < zero.len() {
-            let mut j = i + 1;
-            while j < zero.len() && zero[j] == zero[i] {
-                j += 1;
-            }
+        for (i, count, zero) in crate::machine::memory::zero_runs(bytes) {
             let pfn = first + i as u64;
-            let count = (j - i) as u64;
-            if zero[i] {
-                self.w.record(Kind::Zeros, &[&pfn.to_le_bytes(), &count.to_le_bytes()])?;
-                self.zeros += count;
+            let n = count as u64;
+            if zero {
+                self.w.record(Kind::Zeros, &[&pfn.to_le_bytes(), &n.to_le_bytes()])?;
+                self.zeros += n;
             } else {
-                self.w.record(Kind::Pages, &[&pfn.to_le_bytes(), &bytes[i * PAGE as usize..j * PAGE as usize]])?;
-                self.pages += count;
+                self.w.record(Kind::Pages, &[&pfn.to_le_bytes(), &bytes[i * PAGE as usize..(i + count) * PAGE as usize]])?;
+                self.pages += n;
             }
-            i = j;
         }
         Ok(())
     }
@@ -263,7 +237,7 @@ impl Sink for Link {
     }
 
     fn check_stop(&self) -> Result<(), Error> {
-        Link::check_stop(self)
+        self.limits.check()
     }
 
     fn begin_postcopy(&mut self) -> bool {
@@ -277,14 +251,12 @@ impl Sink for Link {
         self.stopped_at = Some(Instant::now());
         // With the guest stopped, finishing is quicker than stopping: no deadline, and
         // no cap (but in post-copy, where the guest runs there, the cap holds).
-        self.deadline = None;
+        self.limits.lift_deadline();
         if !self.postcopy {
             self.cap = None;
             precopy::copy_frames(self, &ctx.mem, last.runs(), false)?;
         }
-        let mut sections = snapshot::capture(&ctx.vm, &mut ctx.vcpu).map_err(|e| Error::State(e.to_string()))?;
-        sections.insert("tracker".into(), ctx.tracker.export_state());
-        sections.insert("serial".into(), ctx.device_state.clone());
+        let mut sections = ctx.machine_state().map_err(|e| Error::State(e.to_string()))?;
         if let Some(p) = &ctx.paused_at {
             sections.insert("pause".into(), super::encode_pause(p));
         }
@@ -453,9 +425,8 @@ pub fn migrate(control: &Control<VcpuContext>, to: &Addr, opts: &Options, progre
         to: to.to_string(),
         paced_from: (Instant::now(), 0),
         cap: opts.bandwidth,
-        cancel: opts.cancel.clone(),
         // With the fallback, the timeout switches to post-copy between rounds instead.
-        deadline: (!opts.postcopy_fallback).then_some((t0 + opts.timeout, opts.timeout)),
+        limits: precopy::Limits::new(opts.cancel.clone(), t0, (!opts.postcopy_fallback).then_some(opts.timeout)),
         pages: 0,
         zeros: 0,
         postcopy: opts.postcopy,

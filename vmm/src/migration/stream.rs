@@ -25,6 +25,7 @@
 
 use std::io::{Read, Write};
 
+const PAGE: u64 = 4096;
 pub const MAGIC: [u8; 8] = *b"SDVMMIG\0";
 /// This build writes and reads version 1.
 pub const VERSION: u32 = 1;
@@ -190,6 +191,26 @@ impl<R: Read> Reader<R> {
     pub fn get_ref(&self) -> &R {
         &self.r
     }
+}
+
+/// Checks that a `kind` record's `count` frames from `pfn` lie inside guest RAM of
+/// `ram_pages` frames (and that there is at least one).
+pub fn frames_in_ram(kind: Kind, pfn: u64, count: u64, ram_pages: u64) -> Result<(), String> {
+    if count == 0 || pfn.checked_add(count).is_none_or(|end| end > ram_pages) {
+        return Err(format!("{kind:?} record for {count} frames from {pfn:#x}, outside the {ram_pages} frames of guest RAM"));
+    }
+    Ok(())
+}
+
+/// Checks a PAGES record's data (`bytes` long, from frame `pfn`): whole pages, at most
+/// [`MAX_PAGES_PER_RECORD`], inside guest RAM. Returns the page count.
+pub fn pages_in_ram(pfn: u64, bytes: u64, ram_pages: u64) -> Result<u64, String> {
+    if !bytes.is_multiple_of(PAGE) || bytes > MAX_PAGES_PER_RECORD * PAGE {
+        return Err(format!("Pages record with {bytes} bytes of data"));
+    }
+    let count = bytes / PAGE;
+    frames_in_ram(Kind::Pages, pfn, count, ram_pages)?;
+    Ok(count)
 }
 
 /// `first pfn, then the rest` of a PAGES or ZEROS payload.

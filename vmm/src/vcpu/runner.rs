@@ -74,6 +74,16 @@ pub struct VcpuContext {
 }
 
 impl VcpuContext {
+    /// The stopped machine's state as the sections a snapshot or a migration carries:
+    /// vCPU and VM ([`snapshot::capture`]), the tracker's (`tracker`) and the devices'
+    /// (`serial`, as saved at the stop).
+    pub fn machine_state(&mut self) -> Result<snapshot::Sections, snapshot::Error> {
+        let mut sections = snapshot::capture(&self.vm, &mut self.vcpu)?;
+        sections.insert("tracker".into(), self.tracker.export_state());
+        sections.insert("serial".into(), self.device_state.clone());
+        Ok(sections)
+    }
+
     /// Writes a snapshot of the stopped guest to `out` (see [`snapshot::create`]): a
     /// diff since the last snapshot with `diff`, else a full one. It becomes the base
     /// of the next diff.

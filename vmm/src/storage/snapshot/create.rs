@@ -163,27 +163,20 @@ fn write_run(
     hasher: &mut crate::storage::checksum::Hasher,
     path: &Path,
 ) -> Result<u64, Error> {
-    static ZERO: [u8; PAGE as usize] = [0; PAGE as usize];
     hasher.update(run);
     let n = run.len() / PAGE as usize;
     if diff {
         seq.write_all(run).map_err(crate::storage::durable::io(path))?;
         return Ok(n as u64);
     }
-    let is_zero = |k: usize| run[k * PAGE as usize..(k + 1) * PAGE as usize] == ZERO;
-    let (mut k, mut pages) = (0, 0);
-    while k < n {
-        if is_zero(k) {
-            k += 1;
+    let mut pages = 0;
+    for (start, count, zero) in crate::machine::memory::zero_runs(run) {
+        if zero {
             continue;
         }
-        let start = k;
-        while k < n && !is_zero(k) {
-            k += 1;
-        }
-        f.write_all_at(&run[start * PAGE as usize..k * PAGE as usize], (first + start as u64) * PAGE)
+        f.write_all_at(&run[start * PAGE as usize..(start + count) * PAGE as usize], (first + start as u64) * PAGE)
             .map_err(crate::storage::durable::io(path))?;
-        pages += (k - start) as u64;
+        pages += count as u64;
     }
     Ok(pages)
 }

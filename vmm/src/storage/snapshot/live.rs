@@ -80,7 +80,7 @@ fn hash_image(file: &File, path: &Path, mem_bytes: u64) -> Result<(String, u64),
         let n = (mem_bytes - done).min(buf.len() as u64) as usize;
         file.read_exact_at(&mut buf[..n], done).map_err(durable::io(path))?;
         hasher.update(&buf[..n]);
-        pages += buf[..n].chunks_exact(PAGE as usize).filter(|p| p.iter().any(|&b| b != 0)).count() as u64;
+        pages += crate::machine::memory::zero_runs(&buf[..n]).iter().filter(|r| !r.2).map(|r| r.1 as u64).sum::<u64>();
         done += n as u64;
     }
     Ok((hasher.hex(), pages))

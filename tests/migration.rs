@@ -352,6 +352,31 @@ fn writer_of(pages: u64, loops: u32) -> String {
     s
 }
 
+/// Waits for [`writer_of`]'s `done` on the source, takes a diff snapshot there into
+/// `dir/diff`, and lets the guest finish (every check passing). Returns the diff.
+fn diff_at_done_then_finish(src: Live, dir: &std::path::Path) -> std::path::PathBuf {
+    let w = src.client("wait", &["--label", "done", "--timeout", "240"]);
+    assert_eq!(w.code, 0, "{w:?}");
+    let diff = dir.join("diff");
+    let d = vmm(&["snapshot", "create", "--api-sock", src.sock(), "--out", diff.to_str().unwrap(), "--diff"]);
+    assert_eq!(d.code, 0, "{d:?}");
+    src.resume();
+    let s = src.finish();
+    assert_eq!(s.code, 0, "the source's guest finished, every check passing: {s:?}");
+    diff
+}
+
+/// Handles [`writer_of`]'s `done` on a destination, and returns its finished run, which
+/// must have exited 0 (`what` says why that matters).
+fn finish_past_done(dest: Dest, what: &str) -> Run {
+    let w = dest.client("wait", &["--label", "done", "--timeout", "240"]);
+    assert_eq!(w.code, 0, "{w:?}");
+    assert_eq!(dest.client("resume", &[]).code, 0);
+    let d = dest.finish();
+    assert_eq!(d.code, 0, "{what}: {d:?}");
+    d
+}
+
 #[test]
 fn a_destination_killed_in_a_later_round_leaves_the_source_running() {
     let dir = tempdir();
@@ -382,12 +407,7 @@ fn a_destination_killed_in_a_later_round_leaves_the_source_running() {
     assert_ne!(out.status.code(), Some(0), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("migration connection failed"), "{out:?}");
     // The source goes on; a diff taken at the end has every page written meanwhile.
-    let w = src.client("wait", &["--label", "done", "--timeout", "240"]);
-    assert_eq!(w.code, 0, "{w:?}");
-    let diff = dir.path().join("diff");
-    assert_eq!(vmm(&["snapshot", "create", "--api-sock", src.sock(), "--out", diff.to_str().unwrap(), "--diff"]).code, 0);
-    src.resume();
-    assert_eq!(src.finish().code, 0, "the source's guest finished, every check passing");
+    let diff = diff_at_done_then_finish(src, dir.path());
     let restored = vmm(&["run", "--restore", diff.to_str().unwrap(), "--timeout", "60"]);
     assert_eq!(restored.code, 0, "{restored:?}");
 }
@@ -407,11 +427,7 @@ fn a_writer_faster_than_the_link_is_throttled_until_it_converges() {
     assert!(lines.iter().any(|l| l["round"]["throttle_pct"].as_f64().is_some_and(|p| p > 0.0)), "progress says so: {r:?}");
     assert_eq!(src.finish().code, 80);
     // Handle `done` on the destination; the writer's last check then passes there.
-    let w = dest.client("wait", &["--label", "done", "--timeout", "240"]);
-    assert_eq!(w.code, 0, "{w:?}");
-    assert_eq!(dest.client("resume", &[]).code, 0);
-    let d = dest.finish();
-    assert_eq!(d.code, 0, "every check passed after the throttled move: {d:?}");
+    finish_past_done(dest, "every check passed after the throttled move");
 }
 
 #[test]
@@ -431,13 +447,7 @@ fn a_migration_that_cannot_converge_times_out_and_loses_nothing() {
     let d = dest.finish();
     assert_ne!(d.code, 0, "the destination got a stream that stopped short: {d:?}");
     // The source goes on; what it wrote during the attempt is in a diff taken after it.
-    let w = src.client("wait", &["--label", "done", "--timeout", "240"]);
-    assert_eq!(w.code, 0, "{w:?}");
-    let diff = dir.path().join("diff");
-    let s = vmm(&["snapshot", "create", "--api-sock", src.sock(), "--out", diff.to_str().unwrap(), "--diff"]);
-    assert_eq!(s.code, 0, "{s:?}");
-    src.resume();
-    assert_eq!(src.finish().code, 0, "the source's guest finished, every check passing");
+    let diff = diff_at_done_then_finish(src, dir.path());
     let v = vmm(&["snapshot", "verify", diff.to_str().unwrap()]);
     assert_eq!(v.code, 0, "{v:?}");
     let restored = vmm(&["run", "--restore", diff.to_str().unwrap(), "--timeout", "60"]);
@@ -463,13 +473,7 @@ fn a_live_snapshot_is_an_ordinary_full_one_that_restores_and_bases_diffs() {
     let again = vmm(&["snapshot", "create", "--live", "--api-sock", src.sock(), "--out", live.to_str().unwrap()]);
     assert!(again.code != 0 && again.stderr.contains("exists"), "{again:?}");
     // The chain goes on from the live snapshot.
-    let w = src.client("wait", &["--label", "done", "--timeout", "240"]);
-    assert_eq!(w.code, 0, "{w:?}");
-    let diff = dir.path().join("diff");
-    let d = vmm(&["snapshot", "create", "--api-sock", src.sock(), "--out", diff.to_str().unwrap(), "--diff"]);
-    assert_eq!(d.code, 0, "{d:?}");
-    src.resume();
-    assert_eq!(src.finish().code, 0);
+    let diff = diff_at_done_then_finish(src, dir.path());
     let v = vmm(&["snapshot", "verify", diff.to_str().unwrap()]);
     assert!(v.code == 0 && v.stdout.contains("chain of 2 snapshot(s) verified"), "{v:?}");
     // Restored from the moment of its pause, the writer finishes its loop, every check
@@ -497,11 +501,7 @@ fn post_copy_runs_the_guest_before_its_memory_arrived() {
     assert!(summary["postcopy_pages"].as_u64().unwrap() > 0, "frames came after the switch-over: {r:?}");
     assert!(summary["demand_faults"].as_u64().unwrap() > 0, "the guest ran before they all arrived: {r:?}");
     assert_eq!(src.finish().code, 80);
-    let w = dest.client("wait", &["--label", "done", "--timeout", "240"]);
-    assert_eq!(w.code, 0, "{w:?}");
-    assert_eq!(dest.client("resume", &[]).code, 0);
-    let d = dest.finish();
-    assert_eq!(d.code, 0, "every check passed on frames fetched on demand: {d:?}");
+    let d = finish_past_done(dest, "every check passed on frames fetched on demand");
     assert!(d.stderr.contains("post-copy done:"), "{d:?}");
 }
 
@@ -544,11 +544,7 @@ fn a_migration_that_cannot_converge_falls_back_to_post_copy_when_asked() {
     assert_eq!(summary["postcopy"], true, "{r:?}");
     assert!(summary["rounds"].as_u64().unwrap() >= 3, "pre-copy rounds ran first: {r:?}");
     assert_eq!(src.finish().code, 80);
-    let w = dest.client("wait", &["--label", "done", "--timeout", "240"]);
-    assert_eq!(w.code, 0, "{w:?}");
-    assert_eq!(dest.client("resume", &[]).code, 0);
-    let d = dest.finish();
-    assert_eq!(d.code, 0, "{d:?}");
+    finish_past_done(dest, "every check passed after the fallback");
 }
 
 #[test]

@@ -177,9 +177,6 @@ fn migrate(control: &Control<VcpuContext>, to: &str, downtime_ms: Option<u64>, b
     let security = transport::Security::new(&addr, &tls.flags().map_err(bad)?).map_err(|e| bad(e.to_string()))?;
     let postcopy = mode.now;
     if mode.now || mode.fallback {
-        if matches!(security, transport::Security::Tls(_)) {
-            return Err(bad(transport::Error::PostcopyOverTls.to_string()));
-        }
         let engine = control.call(|ctx: &mut VcpuContext| ctx.tracker.engine()).map_err(finished)?;
         if engine == crate::tracking::EngineKind::Uffd {
             return Err(bad("post-copy needs userfaultfd's missing mode on the destination's guest RAM, which the uffd engine holds already; migrate this VM with pre-copy (docs/migration.md)".into()));

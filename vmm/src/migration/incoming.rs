@@ -4,9 +4,9 @@
 //! no allocation follows a size the stream claims beyond its bounds.
 
 use super::addr::Addr;
-use super::postcopy::{self, Demand};
+use super::postcopy::{self, Demand, Mailbox};
 use super::stream::{self, split_pfn, Hello, Kind, Reader};
-use super::transport::{self, Conn, Flags, Listener, Raw, Security};
+use super::transport::{self, Conn, Flags, Listener, Security};
 use super::{decode_pause, decode_sections};
 use crate::machine::devices::SyncPoint;
 use crate::machine::image::MAX_IMAGE_BYTES;
@@ -15,7 +15,6 @@ use crate::storage::snapshot::Sections;
 use crate::tracking::frame_set::FrameSet;
 use guest_abi::{MAX_MEM, MEM_ALIGN};
 use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const PAGE: u64 = 4096;
@@ -51,9 +50,10 @@ pub struct Incoming {
     pub paused: Option<SyncPoint>,
     /// Post-copy: the frames that come after the switch-over.
     pub missing: Option<FrameSet>,
-    conn: Conn,
-    /// Post-copy: writes to the source (the commit, and the fault thread's requests).
-    out: Option<Arc<Mutex<Raw>>>,
+    /// The stream, until post-copy hands it to the fault thread.
+    conn: Option<Conn>,
+    /// Post-copy: the way to the source, through the fault thread that owns the stream.
+    mailbox: Option<Mailbox>,
 }
 
 impl Incoming {
@@ -61,35 +61,35 @@ impl Incoming {
     /// fetching them from the source. Call before anything touches guest memory.
     pub fn start_postcopy(&mut self) -> Result<Option<Demand>, Error> {
         let Some(missing) = self.missing.take() else { return Ok(None) };
-        let reader = self.conn.try_clone_raw()?;
-        // The source may say nothing for a long while (the guest touches nothing missing).
-        reader.set_read_timeout(None).map_err(stream::Error::from)?;
-        let out = Arc::new(Mutex::new(self.conn.try_clone_raw()?));
-        self.out = Some(out.clone());
+        let conn = self.conn.take().expect("the stream is here until post-copy starts");
         eprintln!("vmm: post-copy: {} frames follow from the source while the guest runs here", missing.len());
-        Ok(Some(Demand::start(&self.mem, missing, reader, out)?))
+        let (demand, mailbox) = Demand::start(&self.mem, missing, conn)?;
+        self.mailbox = Some(mailbox);
+        Ok(Some(demand))
     }
 
     /// Tells the source that this side has everything and runs the guest from here on:
     /// the source then stops for good.
     pub fn commit(self) -> std::io::Result<()> {
-        self.answer(&[&[stream::COMMIT]])
+        self.answer(vec![stream::COMMIT])
     }
 
     /// Tells the source to go on (this side failed to build the VM).
     pub fn abort(self, why: &str) {
-        let _ = self.answer(&[&[stream::ABORT], why.as_bytes()]);
+        let mut msg = vec![stream::ABORT];
+        msg.extend(why.as_bytes());
+        let _ = self.answer(msg);
     }
 
-    /// The last words of the stream's receiver. In post-copy the connection stays open
-    /// for the fault thread; otherwise it is closed cleanly after them.
-    fn answer(mut self, parts: &[&[u8]]) -> std::io::Result<()> {
-        if let Some(out) = &self.out {
-            let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
-            return parts.iter().try_for_each(|p| out.write_all(p));
+    /// The last words of the stream's receiver. In post-copy they go through the fault
+    /// thread, which keeps the connection; otherwise it is closed cleanly after them.
+    fn answer(self, msg: Vec<u8>) -> std::io::Result<()> {
+        if let Some(mailbox) = &self.mailbox {
+            return mailbox.send(msg);
         }
-        let sent = parts.iter().try_for_each(|p| self.conn.write_all(p)).and_then(|()| self.conn.flush());
-        self.conn.close();
+        let mut conn = self.conn.expect("the stream is here without post-copy");
+        let sent = conn.write_all(&msg).and_then(|()| conn.flush());
+        conn.close();
         sent
     }
 }
@@ -102,11 +102,21 @@ pub fn listen(addr: &Addr, flags: &Flags) -> Result<Listener, Error> {
 }
 
 /// Waits up to `wait` for one migration on `listener` and receives it.
-pub fn receive(listener: Listener, wait: Duration) -> Result<Incoming, Error> {
-    let conn = listener.accept_within(wait)?;
+///
+/// `prepare` runs once the first records said what machine comes and its (still empty)
+/// memory exists, before any frame arrives: whatever it builds there (the VM, its
+/// memory slots, the vCPU) is off the downtime, which is only the last dirty set, the
+/// state and the commit. An error from it ends the migration (the source goes on).
+pub fn receive<T, E: From<Error>>(listener: Listener, wait: Duration, prepare: impl FnOnce(&Hello, &GuestMem) -> Result<T, E>)
+    -> Result<(Incoming, T), E> {
+    let conn = listener.accept_within(wait).map_err(Error::from)?;
     // A source that goes silent, or stops reading our answer, ends the migration.
-    conn.set_read_timeout(Some(READ_TIMEOUT)).and_then(|()| conn.set_write_timeout(Some(READ_TIMEOUT))).map_err(stream::Error::from)?;
-    read_stream(conn)
+    conn.set_read_timeout(Some(READ_TIMEOUT))
+        .and_then(|()| conn.set_write_timeout(Some(READ_TIMEOUT)))
+        .map_err(|e| Error::from(stream::Error::from(e)))?;
+    let (r, hello, image, mem) = read_machine(conn)?;
+    let prepared = prepare(&hello, &mem)?;
+    Ok((read_memory_and_state(r, hello, image, mem)?, prepared))
 }
 
 /// Checks the first record: the machine it describes must be one this VMM can build.
@@ -124,7 +134,9 @@ fn check_hello(h: &Hello) -> Result<(), Error> {
     Ok(())
 }
 
-fn read_stream(conn: Conn) -> Result<Incoming, Error> {
+/// The stream up to its first frame: the machine (Hello, checked), the image (checked
+/// against its digest) and fresh guest memory of the announced size.
+fn read_machine(conn: Conn) -> Result<(Reader<Conn>, Hello, Vec<u8>, GuestMem), Error> {
     let mut r = match Reader::start(conn) {
         // A TLS record header (handshake, version 3.x) where the magic was due.
         Err(stream::Error::BadMagic(m)) if m[..2] == [0x16, 0x03] => {
@@ -150,8 +162,14 @@ fn read_stream(conn: Conn) -> Result<Incoming, Error> {
     if digest != hello.image_sha256 {
         return refused(format!("the image's SHA-256 is {digest}, the stream announced {}", hello.image_sha256));
     }
-    let pages = hello.mem_bytes / PAGE;
     let mem = memory::create(hello.mem_bytes)?;
+    Ok((r, hello, image, mem))
+}
+
+/// The rest of the stream: frames straight into `mem`, the state, post-copy's missing
+/// frames, DONE.
+fn read_memory_and_state(mut r: Reader<Conn>, hello: Hello, image: Vec<u8>, mem: GuestMem) -> Result<Incoming, Error> {
+    let pages = hello.mem_bytes / PAGE;
     // Frames written so far: a zero run for a frame nobody wrote costs nothing (fresh
     // memory is zero), for one written before it is written again.
     let mut written = FrameSet::new(pages);
@@ -209,5 +227,5 @@ fn read_stream(conn: Conn) -> Result<Incoming, Error> {
     // What the stream wrote is the guest's memory, not a write of this VMM.
     memory::take_vmm_writes(&mem);
     let conn = r.into_inner();
-    Ok(Incoming { hello, image, mem, state, paused, missing, conn, out: None })
+    Ok(Incoming { hello, image, mem, state, paused, missing, conn: Some(conn), mailbox: None })
 }

@@ -8,8 +8,7 @@
 //! or TCP with mutual TLS 1.3 (rustls, ring; plain TCP only with
 //! `--insecure-plaintext`).
 //!
-//! Limits of this build: post-copy is not a fallback of pre-copy yet, not under the
-//! uffd engine and not over TLS. Over TLS: one CA bundle per side, any certificate it
+//! Limits of this build: post-copy is not under the uffd engine. Over TLS: one CA bundle per side, any certificate it
 //! issued is accepted as a source, no revocation; the destination takes the first
 //! connection, so a peer that fails the handshake (or stays silent for
 //! [`transport::HANDSHAKE_TIMEOUT`]) ends it.

@@ -11,13 +11,19 @@
 //! pushes the other missing frames in order, then sends `END`; the destination answers
 //! with its figures (`'S' | u64 demand faults | u64 ns blocked`).
 //!
+//! On each side one thread owns the connection and both its directions, so that it
+//! works the same over a Unix socket, plain TCP and TLS (one TLS session cannot be
+//! split between threads): the destination's fault thread reads frames, writes requests
+//! and, handed over through a [`Mailbox`], the commit; the source's vCPU thread looks
+//! for requests ([`Inbox`], never blocking) between the batches it pushes.
+//!
 //! Once the destination committed, the guest exists only there and its memory is split
 //! between the two machines: **a failure of either side loses the guest.** The
 //! destination then ends at once with [`ExitCode::PostcopyFailed`] and a line saying so,
 //! rather than leaving a vCPU blocked forever on a frame that will never come.
 
 use super::stream::{self, Kind, Reader};
-use super::transport::Raw;
+use super::transport::Conn;
 use crate::exit_code::ExitCode;
 use crate::machine::memory::GuestMem;
 use crate::tracking::frame_set::FrameSet;
@@ -25,9 +31,10 @@ use crate::tracking::source::uffd::{self, UffdioRange, UFFDIO_REGISTER_MODE_MISS
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
 use vmm_sys_util::{ioctl_ior_nr, ioctl_iowr_nr};
 
@@ -130,9 +137,10 @@ pub struct Demand {
 impl Demand {
     /// Drops the `missing` frames from `mem` (their contents there are stale), registers
     /// all of guest RAM with a userfaultfd, and starts serving faults: from here on
-    /// anything touching a missing frame waits until it arrived on `conn` (read from
-    /// here on only by this thread); requests go out through `out`.
-    pub fn start(mem: &GuestMem, missing: FrameSet, conn: Raw, out: Arc<Mutex<Raw>>) -> Result<Demand, Error> {
+    /// anything touching a missing frame waits until it arrived on `conn`, which from
+    /// here on belongs to the fault thread. Whatever else must go to the source (the
+    /// commit) goes through the returned [`Mailbox`].
+    pub fn start(mem: &GuestMem, missing: FrameSet, conn: Conn) -> Result<(Demand, Mailbox), Error> {
         let region = mem.find_region(GuestAddress(0)).expect("RAM starts at 0");
         let base = mem.get_host_address(GuestAddress(0)).expect("RAM starts at 0") as u64;
         let len = region.len();
@@ -148,13 +156,16 @@ impl Demand {
         // The range is guest RAM's mapping, which outlives the descriptor (the thread
         // that holds it ends first).
         let uffd = uffd::open_registered(base, len, 0, UFFDIO_REGISTER_MODE_MISSING)?;
+        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Uffd { what: "an eventfd for the fault thread", source })?;
+        let (tx, letters) = mpsc::channel();
+        let mailbox = Mailbox { tx, wake: wake.try_clone().map_err(|source| Error::Uffd { what: "an eventfd for the fault thread", source })? };
         let figures = Arc::new(Figures::default());
-        let mut server = Server { uffd, base, len, pages: len / PAGE, missing, waiting: Vec::new(), figures: figures.clone(), out };
+        let mut server = Server { uffd, base, len, pages: len / PAGE, missing, waiting: Vec::new(), figures: figures.clone(), wake, letters };
         let thread = std::thread::Builder::new()
             .name("postcopy".into())
             .spawn(move || server.serve(conn))
             .map_err(|source| Error::Uffd { what: "starting the fault thread", source })?;
-        Ok(Demand { figures, thread: Some(thread) })
+        Ok((Demand { figures, thread: Some(thread) }, mailbox))
     }
 
     /// Waits for the last frame (the run ends only after, so nothing is left behind).
@@ -162,6 +173,26 @@ impl Demand {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Bytes for the source, written by the fault thread (which owns the connection) in
+/// order with its own requests; `send` returns once they went out.
+pub struct Mailbox {
+    tx: mpsc::Sender<Letter>,
+    wake: EventFd,
+}
+
+/// Bytes to send, and where to say whether that worked.
+type Letter = (Vec<u8>, mpsc::Sender<std::io::Result<()>>);
+
+impl Mailbox {
+    pub fn send(&self, bytes: Vec<u8>) -> std::io::Result<()> {
+        let gone = || std::io::Error::other("the post-copy fault thread has ended");
+        let (done, result) = mpsc::channel();
+        self.tx.send((bytes, done)).map_err(|_| gone())?;
+        self.wake.write(1)?;
+        result.recv().map_err(|_| gone())?
     }
 }
 
@@ -175,7 +206,9 @@ struct Server {
     /// Faults on missing frames: (pfn, since).
     waiting: Vec<(u64, Instant)>,
     figures: Arc<Figures>,
-    out: Arc<Mutex<Raw>>,
+    /// Rings when a letter is in `letters`.
+    wake: EventFd,
+    letters: mpsc::Receiver<Letter>,
 }
 
 /// The guest cannot go on: say so and end the process (a vCPU blocked on a frame that
@@ -186,7 +219,7 @@ fn lost(why: &str) -> ! {
 }
 
 impl Server {
-    fn serve(&mut self, conn: Raw) {
+    fn serve(&mut self, conn: Conn) {
         let mut reader = Reader::resume(conn);
         let conn_fd = reader.get_ref().as_raw_fd();
         let mut ended = false;
@@ -196,19 +229,29 @@ impl Server {
             if oldest.is_some_and(|t| t.elapsed() > STALL_LIMIT) && heard.elapsed() > STALL_LIMIT {
                 lost(&format!("a frame was waited for {} s with nothing arriving", STALL_LIMIT.as_secs()));
             }
+            // Read ahead already (a buffer, or TLS plaintext): poll would not show it.
+            let buffered = reader.get_mut().has_buffered_input();
             let mut fds = [
                 libc::pollfd { fd: self.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: conn_fd, events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: self.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             ];
-            // SAFETY: poll reads and writes the two pollfds we own.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+            // SAFETY: poll reads and writes the three pollfds we own.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, if buffered { 0 } else { 1000 }) };
             if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
                 lost("poll failed");
             }
-            if fds[0].revents & libc::POLLIN != 0 {
-                self.faults();
+            if fds[2].revents & libc::POLLIN != 0 {
+                let _ = self.wake.read();
+                while let Ok((bytes, done)) = self.letters.try_recv() {
+                    let conn = reader.get_mut();
+                    let _ = done.send(conn.write_all(&bytes).and_then(|()| conn.flush()));
+                }
             }
-            if fds[1].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+            if fds[0].revents & libc::POLLIN != 0 {
+                self.faults(reader.get_mut());
+            }
+            if buffered || fds[1].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
                 heard = Instant::now();
                 match reader.next_record() {
                     Ok((Kind::Pages, payload)) => self.arrived(&payload),
@@ -229,7 +272,9 @@ impl Server {
         let mut msg = vec![STATS];
         msg.extend(f.demand_faults.load(Ordering::SeqCst).to_le_bytes());
         msg.extend(f.blocked_ns.load(Ordering::SeqCst).to_le_bytes());
-        let _ = self.out.lock().unwrap_or_else(|e| e.into_inner()).write_all(&msg);
+        let mut conn = reader.into_inner();
+        let _ = conn.write_all(&msg).and_then(|()| conn.flush());
+        conn.close();
         eprintln!(
             "vmm: post-copy done: {} demand faults, faulting threads blocked {:.1} ms in all, {} frames pushed, {} zero frames filled",
             f.demand_faults.load(Ordering::SeqCst),
@@ -240,7 +285,7 @@ impl Server {
     }
 
     /// Reads every queued fault message and serves or requests each.
-    fn faults(&mut self) {
+    fn faults(&mut self, conn: &mut Conn) {
         let mut msg = [0u8; 32];
         loop {
             // SAFETY: reads at most 32 bytes into our buffer from the non-blocking uffd.
@@ -260,7 +305,7 @@ impl Server {
                 self.waiting.push((pfn, Instant::now()));
                 let mut req = vec![REQUEST];
                 req.extend(pfn.to_le_bytes());
-                if self.out.lock().unwrap_or_else(|e| e.into_inner()).write_all(&req).is_err() {
+                if conn.write_all(&req).and_then(|()| conn.flush()).is_err() {
                     lost("the connection broke while asking for a frame");
                 }
             }
@@ -331,26 +376,65 @@ pub enum Message {
     Stats { demand_faults: u64, blocked_ns: u64 },
 }
 
-/// Reads the destination's messages, one at a time.
-pub fn read_message(conn: &mut impl Read) -> std::io::Result<Message> {
-    let mut tag = [0u8; 1];
-    conn.read_exact(&mut tag)?;
-    let mut u64_at = || -> std::io::Result<u64> {
-        let mut b = [0u8; 8];
-        conn.read_exact(&mut b)?;
-        Ok(u64::from_le_bytes(b))
-    };
-    Ok(match tag[0] {
-        stream::COMMIT => Message::Commit,
-        REQUEST => Message::Request(u64_at()?),
-        STATS => Message::Stats { demand_faults: u64_at()?, blocked_ns: u64_at()? },
-        stream::ABORT => {
-            let mut why = String::new();
-            let _ = conn.take(4096).read_to_string(&mut why);
-            Message::Abort(why)
+/// The source's reader of the destination's messages, on the connection it also
+/// pushes frames on: it waits no longer than asked, and keeps a message that arrived in
+/// parts for the next call.
+#[derive(Default)]
+pub struct Inbox {
+    buf: Vec<u8>,
+}
+
+impl Inbox {
+    /// The next message, waiting up to `wait` for it (`None`: none came in time).
+    pub fn next(&mut self, conn: &mut Conn, wait: Duration) -> std::io::Result<Option<Message>> {
+        let deadline = Instant::now() + wait;
+        loop {
+            if self.buf.first() == Some(&stream::ABORT) {
+                // The destination says why, then closes: read to the end (bounded).
+                let mut why = String::from_utf8_lossy(&self.buf[1..]).into_owned();
+                let _ = (&mut *conn).take(4096).read_to_string(&mut why);
+                self.buf.clear();
+                return Ok(Some(Message::Abort(why)));
+            }
+            if let Some((m, used)) = decode(&self.buf)? {
+                self.buf.drain(..used);
+                return Ok(Some(m));
+            }
+            if !conn.readable_within(deadline.saturating_duration_since(Instant::now()))? {
+                return Ok(None);
+            }
+            let mut chunk = [0u8; 512];
+            match conn.read(&mut chunk) {
+                Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the destination closed the connection")),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                // Readable, but not a whole TLS record yet.
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => {}
+                Err(e) => return Err(e),
+            }
         }
+    }
+}
+
+/// The first whole message in `buf` and its length; `None` if it is not all there.
+/// ABORT (whose reason runs to the end of the stream) is the caller's.
+fn decode(buf: &[u8]) -> std::io::Result<Option<(Message, usize)>> {
+    let Some(&tag) = buf.first() else { return Ok(None) };
+    let need = match tag {
+        stream::COMMIT => 1,
+        REQUEST => 9,
+        STATS => 17,
         other => return Err(std::io::Error::other(format!("unknown message {other:#x} from the destination"))),
-    })
+    };
+    if buf.len() < need {
+        return Ok(None);
+    }
+    let u64_at = |at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"));
+    let m = match tag {
+        stream::COMMIT => Message::Commit,
+        REQUEST => Message::Request(u64_at(1)),
+        _ => Message::Stats { demand_faults: u64_at(1), blocked_ns: u64_at(9) },
+    };
+    Ok(Some((m, need)))
 }
 
 #[cfg(test)]
@@ -386,11 +470,20 @@ mod tests {
         b.extend(3u64.to_le_bytes());
         b.extend(9u64.to_le_bytes());
         b.push(0x42);
-        let mut r = &b[..];
-        assert!(matches!(read_message(&mut r), Ok(Message::Request(7))));
-        assert!(matches!(read_message(&mut r), Ok(Message::Commit)));
-        assert!(matches!(read_message(&mut r), Ok(Message::Stats { demand_faults: 3, blocked_ns: 9 })));
-        assert!(read_message(&mut r).is_err());
-        assert!(read_message(&mut &[REQUEST, 1][..]).is_err(), "truncated");
+        let mut at = 0;
+        let mut next = || {
+            decode(&b[at..]).map(|o| {
+                o.map(|(m, used)| {
+                    at += used;
+                    m
+                })
+            })
+        };
+        assert!(matches!(next(), Ok(Some(Message::Request(7)))));
+        assert!(matches!(next(), Ok(Some(Message::Commit))));
+        assert!(matches!(next(), Ok(Some(Message::Stats { demand_faults: 3, blocked_ns: 9 }))));
+        assert!(next().is_err(), "unknown");
+        assert!(matches!(decode(&[REQUEST, 1]), Ok(None)), "a message in parts waits for the rest");
+        assert!(matches!(decode(&[]), Ok(None)));
     }
 }

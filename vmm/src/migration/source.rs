@@ -296,26 +296,21 @@ impl Link {
     /// `postcopy_done` records (the source's run still ends: the guest ran there).
     fn serve_postcopy(&mut self, ctx: &mut VcpuContext, missing: &FrameSet) -> Result<(), Error> {
         use postcopy::Message;
-        let mut conn = self.w.inner().conn.try_clone_raw()?;
-        conn.set_read_timeout(None).map_err(stream::Error::from)?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || loop {
-            let m = postcopy::read_message(&mut conn);
-            let last = matches!(m, Err(_) | Ok(Message::Stats { .. }) | Ok(Message::Abort(_)));
-            if tx.send(m).is_err() || last {
-                break;
-            }
-        });
+        // This thread owns the connection both ways: it looks for requests between the
+        // frames it pushes, never blocking on them (the push goes on meanwhile).
+        let mut inbox = postcopy::Inbox::default();
+        // Reads wait for readiness first; this bounds one that waits for the rest of a
+        // TLS record.
+        self.w.inner().conn.set_read_timeout(Some(Duration::from_secs(1))).map_err(stream::Error::from)?;
         let mut sent = FrameSet::new(missing.ram_pages());
         let mut figures = postcopy::SourceFigures::default();
-        let wait = |rx: &std::sync::mpsc::Receiver<std::io::Result<Message>>| match rx.recv_timeout(COMMIT_TIMEOUT) {
-            Ok(Ok(m)) => Ok(m),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(format!("nothing from the destination for {} s", COMMIT_TIMEOUT.as_secs())),
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err("the connection to the destination ended".into()),
+        let wait = |link: &mut Link, inbox: &mut postcopy::Inbox, wait: Duration| -> Result<Option<Message>, String> {
+            link.w.flush().map_err(|e| e.to_string())?;
+            inbox.next(&mut link.w.inner().conn, wait).map_err(|e| e.to_string())
         };
+        let silent = || format!("nothing from the destination for {} s", COMMIT_TIMEOUT.as_secs());
         loop {
-            match wait(&rx).map_err(Error::NoCommit)? {
+            match wait(self, &mut inbox, COMMIT_TIMEOUT).map_err(Error::NoCommit)?.ok_or_else(|| Error::NoCommit(silent()))? {
                 Message::Commit => break,
                 Message::Request(pfn) => figures.requested += self.send_around(ctx, missing, &mut sent, pfn)?,
                 Message::Abort(why) => return Err(Error::Refused(why)),
@@ -329,8 +324,8 @@ impl Link {
             for (first, count) in runs {
                 let mut pfn = first;
                 while pfn < first + count {
-                    while let Ok(m) = rx.try_recv() {
-                        match m.map_err(|e| e.to_string())? {
+                    while let Some(m) = inbox.next(&mut self.w.inner().conn, Duration::ZERO).map_err(|e| e.to_string())? {
+                        match m {
                             Message::Request(p) => figures.requested += self.send_around(ctx, missing, &mut sent, p).map_err(|e| e.to_string())?,
                             _ => return Err("an unexpected message during post-copy".into()),
                         }
@@ -344,7 +339,7 @@ impl Link {
             self.w.record(Kind::End, &[]).map_err(|e| e.to_string())?;
             self.w.flush().map_err(|e| e.to_string())?;
             loop {
-                match wait(&rx)? {
+                match wait(self, &mut inbox, COMMIT_TIMEOUT)?.ok_or_else(silent)? {
                     Message::Stats { demand_faults, blocked_ns } => {
                         figures.demand_faults = demand_faults;
                         figures.blocked = Duration::from_nanos(blocked_ns);

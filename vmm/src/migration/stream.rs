@@ -191,6 +191,10 @@ impl<R: Read> Reader<R> {
     pub fn get_ref(&self) -> &R {
         &self.r
     }
+
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.r
+    }
 }
 
 /// Checks that a `kind` record's `count` frames from `pfn` lie inside guest RAM of

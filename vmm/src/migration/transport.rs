@@ -21,6 +21,7 @@ use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -90,10 +91,6 @@ pub enum Error {
     Accept { addr: String, source: std::io::Error },
     #[error("{addr}: this connection's security does not fit the address (a bug)")]
     Mismatch { addr: String },
-    #[error("post-copy over TLS is not built yet: its requests and pages would need one thread to own the TLS session; use a Unix socket, or plain TCP with --insecure-plaintext (docs/migration.md)")]
-    PostcopyOverTls,
-    #[error("the connection to {peer} has {bytes} bytes read ahead, which a second reader would lose")]
-    ReadAhead { peer: String, bytes: usize },
 }
 
 impl Error {
@@ -355,74 +352,52 @@ impl Conn {
     }
 }
 
-/// A second handle on a connection's plain socket, for another thread (post-copy reads
-/// and writes from two).
-pub enum Raw {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-}
-
-impl Raw {
-    pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        match self {
-            Raw::Unix(s) => s.set_read_timeout(t),
-            Raw::Tcp(s) => s.set_read_timeout(t),
-        }
-    }
-}
-
-impl Read for Raw {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Raw::Unix(s) => s.read(buf),
-            Raw::Tcp(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Raw {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Raw::Unix(s) => s.write(buf),
-            Raw::Tcp(s) => s.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl std::os::fd::AsRawFd for Raw {
+impl AsRawFd for Conn {
+    /// The socket, to wait on with `poll` (see [`Conn::has_buffered_input`]).
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        match self {
-            Raw::Unix(s) => s.as_raw_fd(),
-            Raw::Tcp(s) => s.as_raw_fd(),
+        match &self.io {
+            Io::Unix(s) => s.get_ref().as_raw_fd(),
+            Io::Tcp(s) => s.get_ref().as_raw_fd(),
+            Io::Tls(t) => t.tcp.get_ref().as_raw_fd(),
         }
     }
 }
 
 impl Conn {
-    /// A second handle on the socket: only without TLS (one thread owns a TLS session)
-    /// and with nothing read ahead (the clone would not see it).
-    pub fn try_clone_raw(&self) -> Result<Raw, Error> {
-        let clone = |r: std::io::Result<Raw>| r.map_err(|source| Error::Accept { addr: self.peer.clone(), source });
-        let ahead = |n: usize| if n > 0 { Err(Error::ReadAhead { peer: self.peer.clone(), bytes: n }) } else { Ok(()) };
-        match &self.io {
-            Io::Unix(s) => {
-                ahead(s.buffer().len())?;
-                clone(s.get_ref().try_clone().map(Raw::Unix))
-            }
-            Io::Tcp(s) => {
-                ahead(s.buffer().len())?;
-                clone(s.get_ref().try_clone().map(Raw::Tcp))
-            }
-            Io::Tls(_) => Err(Error::PostcopyOverTls),
+    pub fn is_tls(&self) -> bool {
+        matches!(self.io, Io::Tls(_))
+    }
+
+    /// Whether input waits that a `poll` of the socket would not show: bytes read ahead
+    /// into the buffer, or TLS plaintext decrypted already (or a TLS error, which the
+    /// next read reports).
+    pub fn has_buffered_input(&mut self) -> bool {
+        match &mut self.io {
+            Io::Unix(s) => !s.buffer().is_empty(),
+            Io::Tcp(s) => !s.buffer().is_empty(),
+            Io::Tls(t) => !t.tcp.buffer().is_empty() || t.tls.process_new_packets().map_or(true, |io| io.plaintext_bytes_to_read() > 0),
         }
     }
 
-    pub fn is_tls(&self) -> bool {
-        matches!(self.io, Io::Tls(_))
+    /// Waits up to `wait` for something to read (at once if some is buffered). One
+    /// thread owns a connection and both its directions: it looks here before reading,
+    /// so that it never blocks on a read while it has something else to do.
+    pub fn readable_within(&mut self, wait: Duration) -> std::io::Result<bool> {
+        if self.has_buffered_input() {
+            return Ok(true);
+        }
+        let mut fd = libc::pollfd { fd: self.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: poll reads and writes the one pollfd we own.
+        let n = unsafe { libc::poll(&mut fd, 1, ms) };
+        match n {
+            n if n < 0 => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted { Ok(false) } else { Err(e) }
+            }
+            0 => Ok(false),
+            _ => Ok(true),
+        }
     }
 }
 

@@ -104,14 +104,21 @@ impl Error {
 
 /// Boots the guest and runs it to the end. Bad input is reported before any guest runs.
 pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
-    let mut incoming = match &opts.incoming {
+    // A migration's VM is built as soon as its memory exists, while the frames arrive.
+    let (mut incoming, built) = match &opts.incoming {
         Some(addr) => {
             let listener = crate::migration::incoming::listen(addr, &opts.incoming_security)?;
             // With the port bound: `tcp:HOST:0` says here which port it got.
             eprintln!("{WAITING_FOR_MIGRATION}{}", listener.addr());
-            Some(crate::migration::incoming::receive(listener, opts.timeout)?)
+            let (inc, built) = crate::migration::incoming::receive(listener, opts.timeout, |hello, mem| {
+                let setup = hello.engine.setup();
+                // A migrated vCPU carries its own registers: no entry point.
+                let machine = Machine::new(mem, 0, &setup)?;
+                Ok::<_, Error>((setup, machine))
+            })?;
+            (Some(inc), Some(built))
         }
-        None => None,
+        None => (None, None),
     };
     // Post-copy: missing frames are fetched on touch from here on.
     let demand = match &mut incoming {
@@ -175,8 +182,14 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
             (mem, mem_size, opts.engine, None, loaded.entry)
         }
     };
-    let setup = engine.setup();
-    let machine = Machine::new(&mem, entry, &setup)?;
+    let (setup, machine) = match built {
+        Some(built) => built,
+        None => {
+            let setup = engine.setup();
+            let machine = Machine::new(&mem, entry, &setup)?;
+            (setup, machine)
+        }
+    };
     let source = setup.attach(&machine, &mem)?;
     let Machine { kvm: _kvm, vm, vcpu, serial_irq, sync_regs } = machine;
     let devices = match restored.as_ref().and_then(|(state, _)| state.get("serial")) {

@@ -386,17 +386,30 @@ impl Conn {
         if self.has_buffered_input() {
             return Ok(true);
         }
-        let mut fd = libc::pollfd { fd: self.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        let ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: poll reads and writes the one pollfd we own.
-        let n = unsafe { libc::poll(&mut fd, 1, ms) };
-        match n {
-            n if n < 0 => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted { Ok(false) } else { Err(e) }
+        let deadline = Instant::now() + wait;
+        loop {
+            let mut fd = libc::pollfd { fd: self.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // Rounded up: a wait of 0.5 ms is not a poll that returns at once.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ms = i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+            // SAFETY: poll reads and writes the one pollfd we own.
+            let n = unsafe { libc::poll(&mut fd, 1, ms) };
+            match n {
+                // A signal (the vCPU thread is kicked with one) is not the end of the
+                // wait: again, for what is left of it.
+                n if n < 0 => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                    if Instant::now() >= deadline {
+                        return Ok(false);
+                    }
+                }
+                0 if Instant::now() >= deadline => return Ok(false),
+                0 => {}
+                _ => return Ok(true),
             }
-            0 => Ok(false),
-            _ => Ok(true),
         }
     }
 }
@@ -914,5 +927,32 @@ mod tests {
         assert_eq!(&got, b"local");
         assert!(!d.path().join("m.sock").exists(), "the socket file goes with the listener");
         assert!(matches!(connect(&unix, &Security::Plaintext), Err(Error::Mismatch { .. })));
+    }
+
+    #[test]
+    fn a_signal_does_not_end_a_wait_for_input() {
+        // The source's vCPU thread waits for the destination's messages, and is kicked
+        // with a signal now and then: each one interrupts poll.
+        crate::machine::kick::install().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let unix = Addr::Unix(d.path().join("m.sock"));
+        let l = listen(&unix, &Security::Local).unwrap();
+        let mut c = connect(&unix, &Security::Local).unwrap();
+        let mut s = l.accept_within(Duration::from_secs(5)).unwrap();
+        let waiter = crate::machine::kick::Kicker::current();
+        let peer = std::thread::spawn(move || {
+            for _ in 0..5 {
+                std::thread::sleep(Duration::from_millis(20));
+                waiter.kick();
+            }
+            s.write_all(b"x").unwrap();
+            s
+        });
+        assert!(c.readable_within(Duration::from_secs(60)).unwrap(), "the input came within the wait, after the signals");
+        let mut got = [0u8; 1];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"x");
+        let _open = peer.join().unwrap();
+        assert!(!c.readable_within(Duration::ZERO).unwrap(), "nothing more");
     }
 }

@@ -13,6 +13,11 @@ if ! command -v objdump >/dev/null; then
   apt-get update -qq && apt-get install -y -qq binutils >/dev/null
 fi
 
+if ! command -v musl-gcc >/dev/null; then
+  # The Linux-program tests build their C programs with musl as well as glibc.
+  { apt-get install -y -qq musl-tools || { apt-get update -qq && apt-get install -y -qq musl-tools; }; } >/dev/null
+fi
+
 # No folder of the library may use one above it (docs/architecture.md).
 ./scripts/check-layers.sh
 

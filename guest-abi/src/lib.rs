@@ -57,6 +57,11 @@ pub const SYNC_PORT: u16 = 0xf5;
 /// `out` the 32-bit physical address of a [`ZeroRequest`]: the VMM zeroes those frames.
 pub const ZERO_PORT: u16 = 0xf6;
 
+/// `rep outsb` the kernel's own log lines here when running a Linux program
+/// ([`BootInfo::exec_phys`] set): the VMM writes them to its stderr, so that the
+/// console (stdout) carries the program's output only.
+pub const LOG_PORT: u16 = 0xf7;
+
 /// Exit-port values at or above this are not a workload status but a kernel failure.
 pub const EXIT_KERNEL_PANIC: u32 = 0x1_0000;
 
@@ -97,7 +102,7 @@ pub mod syscall {
     pub const YIELD: u64 = 6;
 }
 
-pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"SDBOOT01");
+pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"SDBOOT02");
 
 /// Written by the VMM at [`BOOT_INFO_PHYS`]; the kernel gets its address in `rdi`.
 #[repr(C)]
@@ -111,6 +116,51 @@ pub struct BootInfo {
     pub script_len: u64,
     /// First physical address the kernel may hand out as a frame (page-aligned).
     pub free_phys: u64,
+    /// Physical address of an [`exec::Image`]: the script's first `proc` runs that Linux
+    /// program instead of statements. 0: none.
+    pub exec_phys: u64,
+}
+
+/// A static Linux program laid out by the VMM (ELF segments, initial stack), for the
+/// kernel to map into the first process: the VMM does every byte-heavy step, ring 0
+/// only maps frames the VMM filled.
+pub mod exec {
+    pub const MAGIC: u64 = u64::from_le_bytes(*b"SDEXEC01");
+    /// Segments one program may have (its PT_LOADs and the stack).
+    pub const MAX_SEGMENTS: usize = 16;
+
+    /// One mapping of the program: `pages` from `va`, with
+    /// [`mapping_flags`](crate::mapping_flags); of those, the `fill_pages` from `fill_va`
+    /// are present from the start, backed by the frames from `fill_phys` that the VMM
+    /// filled (the program's file bytes, the stack's vectors); the rest is
+    /// demand-zero.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct Segment {
+        pub va: u64,
+        pub pages: u64,
+        pub flags: u64,
+        pub fill_va: u64,
+        pub fill_pages: u64,
+        pub fill_phys: u64,
+    }
+
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct Image {
+        pub magic: u64,
+        /// First instruction and initial stack pointer (argc at `[rsp]`).
+        pub entry: u64,
+        pub rsp: u64,
+        /// Start of the program break (page-aligned, after the highest segment).
+        pub brk: u64,
+        pub nsegments: u64,
+        pub segments: [Segment; MAX_SEGMENTS],
+    }
+
+    /// Bytes of an [`Image`], as the VMM writes it (all fields u64, in order).
+    pub const IMAGE_BYTES: usize = 5 * 8 + MAX_SEGMENTS * 6 * 8;
+    const _: () = assert!(core::mem::size_of::<Image>() == IMAGE_BYTES);
 }
 
 /// Longest `sync` label, in bytes (the script language's limit too).
@@ -172,6 +222,8 @@ pub mod mapping_flags {
     pub const HUGE: u32 = 2;
     /// Backed by the shared window's frames (the same frames in every process).
     pub const SHARED: u32 = 4;
+    /// Executable (a Linux program's text): its pages are mapped without NX.
+    pub const EXEC: u32 = 8;
 }
 
 /// One anonymous mapping of a process, like a Linux VMA.
@@ -318,6 +370,6 @@ const _: () = {
     assert!(offset_of!(ZeroRequest, ranges) == 8);
     assert!(size_of::<ZeroRange>() == 16);
     assert!(size_of::<ZeroRequest>() == 8 + 16 * ZERO_REQUEST_MAX);
-    // BootInfo: five u64 in order.
-    assert!(offset_of!(BootInfo, free_phys) == 32 && size_of::<BootInfo>() == 40);
+    // BootInfo: six u64 in order.
+    assert!(offset_of!(BootInfo, free_phys) == 32 && offset_of!(BootInfo, exec_phys) == 40 && size_of::<BootInfo>() == 48);
 };

@@ -14,6 +14,18 @@ const TSS_SEL: u16 = 0x28;
 pub const IST_STACK_SIZE: usize = 16 * 1024;
 
 
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_SFMASK: u32 = 0xc000_0084;
+pub const MSR_FS_BASE: u32 = 0xc000_0100;
+
+pub fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: ring 0; callers write only the MSRs named above, with valid values.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nomem, nostack, preserves_flags))
+    }
+}
+
 pub fn outl(port: u16, value: u32) {
     // SAFETY: as for `outb`.
     unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) }
@@ -165,7 +177,14 @@ pub fn init_cpu_tables() {
         let table = &raw const crate::entry::ISR_TABLE;
         for (i, &handler) in (*table).iter().enumerate() {
             let vector = if i == 33 { 255 } else { i };
-            let ist = if vector == 8 { 2 } else { 1 };
+            // #PF on the current stack: ring 0 may fault on a user page (a system call
+            // touching it), which must not restart IST1 under the frame in use. From
+            // ring 3 it starts at rsp0, the same IST1 top as every other vector.
+            let ist = match vector {
+                8 => 2,
+                14 => 0,
+                _ => 1,
+            };
             (*idt)[vector] = IdtEntry {
                 offset_low: handler as u16,
                 selector: KERNEL_CS,
@@ -179,4 +198,10 @@ pub fn init_cpu_tables() {
         let idtr = DescriptorPointer { limit: (core::mem::size_of::<[IdtEntry; 256]>() - 1) as u16, base: idt as u64 };
         asm!("lidt [{}]", in(reg) &idtr, options(nostack));
     }
+    // Linux programs' `syscall`: on our hosts it jumps to LSTAR still in ring 3, where
+    // the gate's `ud2` traps (the VMM enabled EFER.SCE). STAR as Linux sets it, should
+    // a CPU honour it; SFMASK 0 leaves the flags alone for the one instruction.
+    wrmsr(MSR_STAR, (u64::from(USER_DS - 8) << 48) | (u64::from(KERNEL_CS) << 32));
+    wrmsr(MSR_LSTAR, crate::entry::linux_gate());
+    wrmsr(MSR_SFMASK, 0);
 }

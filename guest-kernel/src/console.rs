@@ -1,7 +1,15 @@
 //! Console output on the 8250 UART, and a tiny formatter that avoids `core::fmt`
 //! (whose precompiled code uses SSE, which the emulated ring 0 cannot run).
 
-use guest_abi::SERIAL_PORT;
+use core::sync::atomic::{AtomicBool, Ordering};
+use guest_abi::{LOG_PORT, SERIAL_PORT};
+
+/// While a Linux program owns the console, the kernel's lines go to the log port.
+static LOG_APART: AtomicBool = AtomicBool::new(false);
+
+pub fn log_apart() {
+    LOG_APART.store(true, Ordering::Relaxed);
+}
 
 /// A line being built on the stack; shared by ring 0 and the ring-3 runtime.
 pub struct Line {
@@ -68,8 +76,12 @@ pub fn write(bytes: &[u8]) {
     crate::arch::outsb(SERIAL_PORT, bytes);
 }
 
-/// Writes a finished line plus newline from ring 0.
+/// Writes a finished line plus newline from ring 0: the kernel's own messages.
 pub fn emit(line: &mut Line) {
     line.str("\n");
-    write(line.as_bytes());
+    if LOG_APART.load(Ordering::Relaxed) {
+        crate::arch::outsb(LOG_PORT, line.as_bytes());
+    } else {
+        write(line.as_bytes());
+    }
 }

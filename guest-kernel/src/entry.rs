@@ -148,6 +148,13 @@ enter_user:
     mov rsp, rdi
     jmp trap_return
 
+// Where `syscall` lands (LSTAR), in user-executable text: the #UD it raises is a Linux
+// program's system call (crate::linux::syscall).
+.balign 16
+.global linux_syscall_gate
+linux_syscall_gate:
+    ud2
+
 .section .rodata
 .global ISR_TABLE
 .balign 8
@@ -168,6 +175,13 @@ extern "C" {
     pub static ISR_TABLE: [u64; 34];
     /// Loads `frame` into the registers and `iretq`s into it.
     fn enter_user(frame: *const TrapFrame) -> !;
+    static linux_syscall_gate: u8;
+}
+
+/// The address `syscall` jumps to (LSTAR).
+pub fn linux_gate() -> u64 {
+    // SAFETY: only the symbol's address is taken.
+    unsafe { &raw const linux_syscall_gate as u64 }
 }
 
 /// Starts running `frame` (a ring-3 frame). Never returns.

@@ -13,6 +13,7 @@ mod entry;
 mod frames;
 mod global;
 mod lapic;
+mod linux;
 mod mem;
 mod mm;
 mod paging;
@@ -125,6 +126,10 @@ extern "C" fn kmain(boot_info_phys: u64) -> ! {
     if boot.magic != BOOT_INFO_MAGIC {
         panic_msg("bad boot info magic");
     }
+    if boot.exec_phys != 0 {
+        // A Linux program's output is the console: the kernel's lines go to the log port.
+        console::log_apart();
+    }
     console::emit(Line::new().str("guest kernel: ").dec(boot.mem_size >> 20).str(" MiB, script ")
         .dec(boot.script_len).str(" bytes"));
     frames::init(boot.free_phys, boot.mem_size);
@@ -135,7 +140,8 @@ extern "C" fn kmain(boot_info_phys: u64) -> ! {
     arch::init_cpu_tables();
     // SAFETY: the script is mapped at SCRIPT_VIRT for script_len bytes from here on.
     let script = unsafe { core::slice::from_raw_parts(SCRIPT_VIRT as *const u8, boot.script_len as usize) };
-    process::create_all(pml4, script, SCRIPT_VIRT, zero_frame);
+    let exec = (boot.exec_phys != 0).then(|| linux::read_image(boot.exec_phys, boot.mem_size, boot.free_phys));
+    process::create_all(pml4, script, SCRIPT_VIRT, zero_frame, exec);
     lapic::init();
     process::start()
 }

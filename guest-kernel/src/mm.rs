@@ -4,12 +4,13 @@
 
 use crate::frames::{self, HUGE, PAGE};
 use crate::paging::{self, ADDR_MASK, HV_BITS, NX, P, PS, U, W};
-use guest_abi::mapping_flags::{HUGE as F_HUGE, READ_ONLY as F_RO, SHARED as F_SHARED};
+use guest_abi::mapping_flags::{EXEC as F_EXEC, HUGE as F_HUGE, READ_ONLY as F_RO, SHARED as F_SHARED};
 use guest_abi::{MappingRecord, ProcSlot, MAX_MAPPINGS};
 use workload::{MIN_ADDR, USER_TOP};
 
 pub const EINVAL: i64 = 22;
 pub const ENOMEM: i64 = 12;
+pub const EFAULT: i64 = 14;
 
 /// Page counts above which a range change flushes the whole TLB instead of per page.
 const INVLPG_LIMIT: u64 = 64;
@@ -232,7 +233,7 @@ pub fn map(slot: &mut ProcSlot, addr: u64, pages: u64, flags: u32, serial: u64, 
     if slot.nmappings as usize >= MAX_MAPPINGS {
         return Err(ENOMEM);
     }
-    let pos = insert(slot, MappingRecord { start: addr, pages, flags: flags & (F_HUGE | F_RO | F_SHARED), _pad: 0, serial });
+    let pos = insert(slot, MappingRecord { start: addr, pages, flags: flags & (F_HUGE | F_RO | F_SHARED | F_EXEC), _pad: 0, serial });
     merge_around(slot, pos, false);
     Ok(())
 }
@@ -308,6 +309,8 @@ pub fn fault(slot: &mut ProcSlot, addr: u64, write: bool, zero_frame: u64) -> Fa
         return Fault::Kill("write to read-only mapping at");
     }
     let rw = if writable { W } else { 0 };
+    // A Linux program's text is executable; everything else is not.
+    let nx = if m.flags & F_EXEC != 0 { 0 } else { NX };
     let huge = m.flags & F_HUGE != 0;
     let page_va = addr & !(if huge { HUGE - 1 } else { PAGE - 1 });
     let Ok(e) = paging::walk(slot.cr3, addr, if huge { 2 } else { 1 }, true) else {
@@ -327,22 +330,22 @@ pub fn fault(slot: &mut ProcSlot, addr: u64, write: bool, zero_frame: u64) -> Fa
             // A read maps the shared 2 MiB zero block read-only, like Linux's huge zero
             // page; a write will replace it.
             let Some(zero) = crate::process::huge_zero_frame() else { return Fault::Kill("out of memory at") };
-            zero | P | U | PS | NX | keep
+            zero | P | U | PS | nx | keep
         } else if huge {
             let Some(frame) = frames::alloc_huge() else { return Fault::Kill("out of memory at") };
             add_rss(slot, HUGE / PAGE);
-            frame | P | U | PS | NX | rw | keep
+            frame | P | U | PS | nx | rw | keep
         } else if m.flags & F_SHARED != 0 {
             // The window's frame, read or write: others see the same memory.
             let Some(frame) = frames::shared_frame(page_va) else { return Fault::Kill("shared page outside the window at") };
             add_rss(slot, 1);
-            frame | P | U | NX | if write { rw } else { 0 } | keep
+            frame | P | U | nx | if write { rw } else { 0 } | keep
         } else if write {
             let Some(frame) = frames::alloc() else { return Fault::Kill("out of memory at") };
             add_rss(slot, 1);
-            frame | P | U | NX | W | keep
+            frame | P | U | nx | W | keep
         } else {
-            zero_frame | P | U | NX | keep
+            zero_frame | P | U | nx | keep
         }
     } else if write && old & W == 0 {
         if huge && Some(old & ADDR_MASK) == crate::process::huge_zero_frame() {
@@ -365,4 +368,70 @@ pub fn fault(slot: &mut ProcSlot, addr: u64, write: bool, zero_frame: u64) -> Fa
     unsafe { e.write_volatile(new) };
     crate::arch::invlpg(page_va);
     Fault::Resolved
+}
+
+/// Whether any mapping intersects `[addr, end)`.
+pub fn overlaps(slot: &ProcSlot, addr: u64, end: u64) -> bool {
+    records(slot).iter().any(|m| m.start < end && addr < end_of(m))
+}
+
+/// The highest free range of `pages` below `below` (and above [`MIN_ADDR`]): where
+/// Linux's top-down `mmap` puts a mapping without an address.
+pub fn find_free(slot: &ProcSlot, pages: u64, below: u64) -> Option<u64> {
+    let len = pages.checked_mul(PAGE)?;
+    let mut top = below;
+    for m in records(slot).iter().rev() {
+        if m.start >= top {
+            continue;
+        }
+        if end_of(m) <= top && top - end_of(m) >= len {
+            return Some(top - len);
+        }
+        top = m.start;
+    }
+    (top >= MIN_ADDR + len).then(|| top - len)
+}
+
+/// Makes `frames` consecutive frames from `phys` (filled by the VMM: a program's bytes)
+/// the present pages from `va` of the 4 KiB mapping that covers them, with its rights.
+pub fn map_filled(slot: &mut ProcSlot, va: u64, pages: u64, phys: u64) -> Result<(), &'static str> {
+    let Some(i) = find(slot, va) else { return Err("no mapping for filled pages") };
+    let m = slot.mappings[i];
+    if m.flags & (F_HUGE | F_SHARED) != 0 || va + pages * PAGE > end_of(&m) {
+        return Err("filled pages outside a private 4 KiB mapping");
+    }
+    let rights = P | U | if m.flags & F_RO == 0 { W } else { 0 } | if m.flags & F_EXEC == 0 { NX } else { 0 };
+    for k in 0..pages {
+        let Ok(e) = paging::walk(slot.cr3, va + k * PAGE, 1, true) else { return Err("out of memory for page tables") };
+        // SAFETY: `e` is the PTE slot for the page in this process's live tables; the
+        // frame is the process's from now on (freed with its mapping).
+        unsafe { e.write_volatile((phys + k * PAGE) | rights) };
+    }
+    add_rss(slot, pages);
+    Ok(())
+}
+
+/// Makes the page at `addr` present (and writable, if `write`) the way the process's
+/// own access would, so that ring 0 can then touch it without faulting: `EFAULT` where
+/// the process itself would have been killed. A present page whose writable bit the
+/// hypervisor cleared stays so: a write then faults to the hypervisor, which notes it.
+pub fn populate(slot: &mut ProcSlot, addr: u64, write: bool, zero_frame: u64) -> Result<(), i64> {
+    let Some(i) = find(slot, addr) else { return Err(EFAULT) };
+    let m = slot.mappings[i];
+    if write && m.flags & F_RO != 0 {
+        return Err(EFAULT);
+    }
+    let huge = m.flags & F_HUGE != 0;
+    if let Ok(e) = paging::walk(slot.cr3, addr, if huge { 2 } else { 1 }, false) {
+        // SAFETY: `e` is the leaf slot for `addr` in this process's live tables.
+        let v = unsafe { e.read_volatile() };
+        let zero = if huge { crate::process::huge_zero_frame() == Some(v & ADDR_MASK) } else { v & ADDR_MASK == zero_frame };
+        if v & P != 0 && (!huge || v & PS != 0) && (!write || v & W != 0 || !zero) {
+            return Ok(());
+        }
+    }
+    match fault(slot, addr, write, zero_frame) {
+        Fault::Resolved => Ok(()),
+        Fault::Kill(_) => Err(EFAULT),
+    }
 }

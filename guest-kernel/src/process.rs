@@ -80,6 +80,11 @@ pub fn update<R>(f: impl FnOnce(&mut ProcSlot, u64) -> R) -> R {
     r
 }
 
+/// The running process's slot index.
+pub fn current_index() -> usize {
+    sched().current
+}
+
 pub fn current_pid() -> u32 {
     table().procs[sched().current].pid
 }
@@ -96,8 +101,9 @@ pub fn next_serial() -> u64 {
     s.next_serial - 1
 }
 
-/// Creates one process per `proc` of the script, sharing the kernel half of `kernel_pml4`.
-pub fn create_all(kernel_pml4: u64, script: &[u8], script_va: u64, zero_frame: u64) {
+/// Creates one process per `proc` of the script, sharing the kernel half of `kernel_pml4`;
+/// with `exec`, the first one runs that Linux program.
+pub fn create_all(kernel_pml4: u64, script: &[u8], script_va: u64, zero_frame: u64, exec: Option<&guest_abi::exec::Image>) {
     let t = table();
     let s = sched();
     s.zero_frame = zero_frame;
@@ -122,6 +128,12 @@ pub fn create_all(kernel_pml4: u64, script: &[u8], script_va: u64, zero_frame: u
         slot.cr3 = pml4;
         let n = name.len().min(slot.name.len() - 1);
         slot.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        s.nprocs = index + 1;
+        if let (0, Some(image)) = (index, exec) {
+            s.current = 0;
+            s.frames[0] = crate::linux::create(0, slot, image, zero_frame);
+            continue;
+        }
         // SAFETY: only the address of the stack is taken.
         let stack_top = unsafe { (&raw const USER_STACKS.get()[index]) as u64 } + USER_STACK_SIZE as u64;
         s.frames[index] = TrapFrame {
@@ -135,7 +147,6 @@ pub fn create_all(kernel_pml4: u64, script: &[u8], script_va: u64, zero_frame: u
             rdx: script.len() as u64,
             ..TrapFrame::default()
         };
-        s.nprocs = index + 1;
     }
     t.nprocs = s.nprocs as u32;
 }
@@ -149,6 +160,7 @@ pub fn start() -> ! {
     s.current = 0;
     // SAFETY: the process's PML4 maps the kernel half, including this code.
     unsafe { arch::write_cr3(table().procs[0].cr3) };
+    crate::linux::switched_to(0);
     let frame = s.frames[0];
     crate::entry::start(&frame)
 }
@@ -170,6 +182,7 @@ pub fn switch_next(frame: &mut TrapFrame) {
             if next != cur {
                 // SAFETY: every process PML4 maps the kernel half.
                 unsafe { arch::write_cr3(t.procs[next].cr3) };
+                crate::linux::switched_to(next);
             }
             return;
         }
@@ -181,6 +194,7 @@ pub fn switch_next(frame: &mut TrapFrame) {
 pub fn exit_current(frame: &mut TrapFrame, code: u32, killed: bool) {
     let s = sched();
     let cur = s.current;
+    crate::linux::exited(cur);
     update(|slot, zero| {
         slot.state = if killed { state::KILLED } else { state::EXITED };
         slot.exit_code = code;

@@ -16,8 +16,12 @@ fn from_user(frame: &TrapFrame) -> bool {
 /// Called by every trap stub with the saved registers; may replace them (task switch).
 pub extern "C" fn dispatch(frame: &mut TrapFrame) {
     match frame.vector {
+        // Whatever CS `syscall` left (it stays in ring 3 on our hosts), the gate's
+        // address says it is a Linux program's system call.
+        UD if frame.rip == crate::entry::linux_gate() => crate::linux::syscall::enter(frame),
         PF if from_user(frame) => page_fault(frame),
         UD if from_user(frame) => invalid_opcode(frame),
+        PF if arch::read_cr2() < workload::USER_TOP => kernel_touch_of_user_page(frame),
         v if v == u64::from(lapic::TIMER_VECTOR) => {
             lapic::eoi();
             lapic::arm();
@@ -41,7 +45,23 @@ fn page_fault(frame: &mut TrapFrame) {
     }
 }
 
+/// Ring 0 touching a Linux program's page, which it made present first
+/// (`linux::uaccess`): only a stale entry gets here; fixed, ring 0 retries.
+fn kernel_touch_of_user_page(frame: &mut TrapFrame) {
+    let write = frame.error & 2 != 0;
+    match process::update(|slot, zero| mm::fault(slot, arch::read_cr2(), write, zero)) {
+        Fault::Resolved => {}
+        Fault::Kill(_) => kernel_fault(frame),
+    }
+}
+
 fn invalid_opcode(frame: &mut TrapFrame) {
+    if crate::linux::is_linux(process::current_index()) {
+        // A Linux program has no other gate; its `ud2` is SIGILL (a shell reports 132).
+        console::emit(Line::new().str("kernel: pid ").dec(process::current_pid().into()).str(" (")
+            .bytes(process::current_name()).str("): illegal instruction at ").hex(frame.rip).str(", killed"));
+        return process::exit_current(frame, 132, true);
+    }
     // The runtime's code is in the kernel image, which ring 0 can read.
     let at = frame.rip as *const [u8; 2];
     let is_gate = frame.rip >= guest_abi::KERNEL_VIRT_BASE

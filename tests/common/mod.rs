@@ -1,6 +1,7 @@
 //! Helpers for integration tests that run the real `vmm` binary against a real guest.
 #![allow(dead_code)]
 
+pub mod linux;
 pub mod pki;
 
 use std::path::{Path, PathBuf};
@@ -99,6 +100,12 @@ impl Live {
     pub fn restore(snapshot: &Path) -> Live {
         Live::spawn(tempdir(), &["--restore".to_string(), snapshot.to_str().unwrap().to_string()])
             .unwrap_or_else(|r| panic!("the restored VMM exited before serving: {r:?}"))
+    }
+
+    /// `vmm run --api-sock DIR/api.sock ARGS...` (any run flags).
+    pub fn with_args(run_args: &[&str]) -> Live {
+        let args: Vec<String> = run_args.iter().map(|s| s.to_string()).collect();
+        Live::spawn(tempdir(), &args).unwrap_or_else(|r| panic!("the VMM exited before serving: {r:?}"))
     }
 
     /// `vmm run --api-sock DIR/api.sock ARGS...`

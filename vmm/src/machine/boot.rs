@@ -27,6 +27,13 @@ const CR0_NE: u64 = 1 << 5;
 const CR0_WP: u64 = 1 << 16;
 const CR0_PG: u64 = 1 << 31;
 const CR4_PAE: u64 = 1 << 5;
+/// SSE in ring 3 (Linux programs use it from their first instructions); ring 0 and the
+/// runtime never do. OSXSAVE stays off: no AVX state (the emulated ring 0 cannot XSAVE).
+const CR4_OSFXSR: u64 = 1 << 9;
+const CR4_OSXMMEXCPT: u64 = 1 << 10;
+/// `syscall` is enabled: on our hosts it lands at LSTAR, still in ring 3, where the
+/// kernel's Linux gate traps (docs/linux-programs.md).
+const EFER_SCE: u64 = 1;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 const EFER_NXE: u64 = 1 << 11;
@@ -77,13 +84,21 @@ pub fn place_script(kernel_end: u64, script_len: u64) -> Option<(u64, u64)> {
     Some((script_phys, free_phys))
 }
 
-/// Places the script after the kernel and writes the boot info; returns it.
-pub fn write_boot_info(mem: &GuestMem, mem_size: u64, kernel_end: u64, script: &[u8]) -> Result<BootInfo, memory::Error> {
-    let (script_phys, free_phys) =
-        place_script(kernel_end, script.len() as u64).ok_or(memory::Error::OutOfRange { addr: kernel_end, len: script.len() })?;
+/// Places the script after the kernel, then `exec` (a Linux program's
+/// [`guest_abi::exec::Image`] and its frames, built for the address
+/// `place_script(..).1`, empty for none), and writes the boot info; returns it.
+pub fn write_boot_info(mem: &GuestMem, mem_size: u64, kernel_end: u64, script: &[u8], exec: &[u8]) -> Result<BootInfo, memory::Error> {
+    let overflow = || memory::Error::OutOfRange { addr: kernel_end, len: script.len() + exec.len() };
+    let (script_phys, after_script) = place_script(kernel_end, script.len() as u64).ok_or_else(overflow)?;
     memory::write(mem, script_phys, script)?;
-    let info = BootInfo { magic: BOOT_INFO_MAGIC, mem_size, script_phys, script_len: script.len() as u64, free_phys };
-    let words = [info.magic, info.mem_size, info.script_phys, info.script_len, info.free_phys];
+    let (exec_phys, free_phys) = if exec.is_empty() {
+        (0, after_script)
+    } else {
+        memory::write(mem, after_script, exec)?;
+        (after_script, after_script.checked_add(exec.len() as u64).and_then(|e| e.checked_next_multiple_of(PAGE)).ok_or_else(overflow)?)
+    };
+    let info = BootInfo { magic: BOOT_INFO_MAGIC, mem_size, script_phys, script_len: script.len() as u64, free_phys, exec_phys };
+    let words = [info.magic, info.mem_size, info.script_phys, info.script_len, info.free_phys, info.exec_phys];
     let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
     memory::write(mem, BOOT_INFO_PHYS, &bytes)?;
     Ok(info)
@@ -117,8 +132,8 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
     sregs.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
     sregs.cr3 = BOOT_PML4_PHYS;
-    sregs.cr4 = CR4_PAE;
-    sregs.efer = EFER_LME | EFER_LMA | EFER_NXE;
+    sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+    sregs.efer = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE;
     sregs
 }
 
@@ -153,9 +168,13 @@ mod tests {
     #[test]
     fn boot_info_places_script_after_kernel() {
         let mem = memory::create(64 << 20).unwrap();
-        let info = write_boot_info(&mem, 64 << 20, 0x12_3456, b"proc a\n").unwrap();
+        let info = write_boot_info(&mem, 64 << 20, 0x12_3456, b"proc a\n", &[]).unwrap();
         assert_eq!(info.script_phys, 0x12_4000);
         assert_eq!(info.free_phys, 0x12_5000);
+        assert_eq!(info.exec_phys, 0);
+        let info = write_boot_info(&mem, 64 << 20, 0x12_3456, b"proc a\n", &[7; 4097]).unwrap();
+        assert_eq!((info.exec_phys, info.free_phys), (0x12_5000, 0x12_7000), "a program goes after the script");
+        assert_eq!(memory::read(&mem, 0x12_5000 + 4096, 1).unwrap(), [7]);
         assert_eq!(memory::read(&mem, 0x12_4000, 7).unwrap(), b"proc a\n");
         assert_eq!(memory::read(&mem, BOOT_INFO_PHYS, 8).unwrap(), BOOT_INFO_MAGIC.to_le_bytes());
         assert_eq!(place_script(0x12_3456, 7), Some((0x12_4000, 0x12_5000)));

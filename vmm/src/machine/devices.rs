@@ -2,7 +2,7 @@
 //! sync, zero-frames). Requests read from guest memory are untrusted and validated here.
 
 use crate::machine::memory::{self, GuestMem};
-use guest_abi::{EXIT_PORT, SERIAL_PORT, SYNC_LABEL_MAX, SYNC_PORT, ZERO_PORT, ZERO_REQUEST_MAX};
+use guest_abi::{EXIT_PORT, LOG_PORT, SERIAL_PORT, SYNC_LABEL_MAX, SYNC_PORT, ZERO_PORT, ZERO_REQUEST_MAX};
 use std::io::Write;
 use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
@@ -104,6 +104,12 @@ impl Devices {
                     let _ = self.serial.write((port - SERIAL_PORT) as u8, b);
                 }
                 let _ = self.serial.writer_mut().flush();
+                Ok(PortEvent::Nothing)
+            }
+            LOG_PORT => {
+                // The kernel's own lines while a Linux program owns the console.
+                let mut err = std::io::stderr().lock();
+                let _ = err.write_all(data).and_then(|()| err.flush());
                 Ok(PortEvent::Nothing)
             }
             EXIT_PORT => Ok(u32_of(data).map_or(PortEvent::Nothing, PortEvent::Exit)),

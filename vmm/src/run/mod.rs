@@ -51,6 +51,16 @@ pub struct RunOptions {
     pub incoming: Option<crate::migration::Addr>,
     /// `--tls-cert`, `--tls-key`, `--tls-ca`, `--insecure-plaintext` for `incoming`.
     pub incoming_security: crate::migration::transport::Flags,
+    /// Run this static Linux program as the guest's process instead of a workload.
+    pub exec: Option<ExecOptions>,
+}
+
+/// `vmm run --exec PROGRAM -- ARGS...`.
+#[derive(Debug, Clone)]
+pub struct ExecOptions {
+    pub program: PathBuf,
+    /// After `argv[0]` (the program as given).
+    pub args: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +93,8 @@ pub enum Error {
     DeviceState(String),
     #[error(transparent)]
     Incoming(#[from] crate::migration::incoming::Error),
+    #[error(transparent)]
+    Program(#[from] crate::guest_os::linux::ReadError),
     #[error("cannot tell the migration source to stop: {0}")]
     Commit(std::io::Error),
     #[error("cannot install the vCPU kick signal handler: {0}")]
@@ -94,7 +106,7 @@ impl Error {
         match self {
             Error::BadMemSize(_) | Error::ReadImage { .. } | Error::TooLittleMemory { .. } | Error::Image(_)
             | Error::Script(_) | Error::Api(_) | Error::Snapshot(_) | Error::ImageMismatch { .. }
-            | Error::TrackerState(_) | Error::DeviceState(_) | Error::Incoming(_) => ExitCode::BadInput,
+            | Error::TrackerState(_) | Error::DeviceState(_) | Error::Incoming(_) | Error::Program(_) => ExitCode::BadInput,
             Error::Vm(vm::Error::Open(_)) | Error::Vm(vm::Error::EngineUnavailable { .. }) => ExitCode::Unavailable,
             Error::Runner(runner::Error::Device(_)) => ExitCode::GuestCrashed,
             _ => ExitCode::Internal,
@@ -164,21 +176,33 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
             if opts.mem_mib < MIN_MEM_MIB || mem_size > MAX_MEM || mem_size % MEM_ALIGN != 0 {
                 return Err(Error::BadMemSize(opts.mem_mib));
             }
-            let script = match &opts.workload {
-                Some(path) => script::load(path)?,
-                None => script::DEMO.as_bytes().to_vec(),
+            // A Linux program is read and checked before any VM exists; its process is
+            // the script's one `proc`.
+            let exec = opts.exec.as_ref().map(|e| crate::guest_os::linux::read(&e.program, &e.args)).transpose()?;
+            let script = match (&exec, &opts.workload) {
+                (Some(x), _) => format!("proc {}\n", x.name).into_bytes(),
+                (None, Some(path)) => script::load(path)?,
+                (None, None) => script::DEMO.as_bytes().to_vec(),
             };
             let mem = memory::create(mem_size)?;
             let loaded = image::load(&mem, mem_size, &image_bytes, &what)?;
             // Bad input, not a failed write: check that the boot data fits before writing it.
             let placed = boot::place_script(loaded.end, script.len() as u64);
-            if placed.and_then(|(_, free)| free.checked_add(MIN_FREE)).is_none_or(|need| need > mem_size) {
-                let end = placed.map_or(u64::MAX, |(_, free)| free);
-                return Err(Error::TooLittleMemory { what, end, mem_mib: opts.mem_mib });
+            let blob = match (&exec, placed) {
+                (Some(x), Some((_, after_script))) => x.lay_out(after_script)?,
+                _ => Vec::new(),
+            };
+            let end = placed.and_then(|(_, free)| free.checked_add(blob.len() as u64));
+            if end.and_then(|e| e.checked_add(MIN_FREE)).is_none_or(|need| need > mem_size) {
+                let what = match &opts.exec {
+                    Some(e) => format!("the program {}", e.program.display()),
+                    None => what,
+                };
+                return Err(Error::TooLittleMemory { what, end: end.unwrap_or(u64::MAX), mem_mib: opts.mem_mib });
             }
             boot::write_gdt(&mem)?;
             boot::write_page_tables(&mem, mem_size)?;
-            boot::write_boot_info(&mem, mem_size, loaded.end, &script)?;
+            boot::write_boot_info(&mem, mem_size, loaded.end, &script, &blob)?;
             (mem, mem_size, opts.engine, None, loaded.entry)
         }
     };

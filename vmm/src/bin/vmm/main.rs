@@ -58,6 +58,14 @@ enum Command {
         incoming: Option<vmm::migration::Addr>,
         #[command(flatten)]
         tls: TlsArgs,
+        /// Run this static x86-64 Linux program (ET_EXEC or static-PIE) as the guest's
+        /// process, with the ARGS after `--`: its output is the console (stdout), the
+        /// kernel's own lines go to stderr, and `vmm run` exits with its status.
+        #[arg(long, value_name = "PROGRAM", conflicts_with_all = ["image", "workload", "restore", "incoming", "summary"])]
+        exec: Option<PathBuf>,
+        /// The --exec program's arguments.
+        #[arg(last = true, value_name = "ARGS", requires = "exec")]
+        args: Vec<String>,
     },
     /// Live-migrate a running (or sync-paused) VM to a `vmm run --incoming ADDR`: one
     /// progress line per pre-copy round, then a summary. The source's run then ends with
@@ -359,7 +367,7 @@ fn main_code() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run { image, workload, mem, api_sock, timeout, summary, engine, restore, incoming, tls } => {
+        Command::Run { image, workload, mem, api_sock, timeout, summary, engine, restore, incoming, tls, exec, args } => {
             let timeout = match seconds_arg("--timeout", timeout) {
                 Ok(t) => t,
                 Err(code) => return code,
@@ -369,8 +377,9 @@ fn main_code() -> ExitCode {
                 return fail(ExitCode::BadInput, "--tls-cert, --tls-key, --tls-ca and --insecure-plaintext go with --incoming");
             }
             let hook =
-                if summary || (workload.is_none() && restore.is_none() && incoming.is_none()) { Hook::Summary(SummaryHook) } else { Hook::None };
-            let opts = RunOptions { image, workload, mem_mib: mem, api_sock, timeout, engine, restore, incoming, incoming_security };
+                if summary || (workload.is_none() && restore.is_none() && incoming.is_none() && exec.is_none()) { Hook::Summary(SummaryHook) } else { Hook::None };
+            let exec = exec.map(|program| vmm::run::ExecOptions { program, args });
+            let opts = RunOptions { image, workload, mem_mib: mem, api_sock, timeout, engine, restore, incoming, incoming_security, exec };
             match run::run(&opts, hook) {
                 Ok(Outcome::Exited(0)) => ExitCode::Success,
                 Ok(Outcome::Exited(c)) => {

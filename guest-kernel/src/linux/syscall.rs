@@ -1,0 +1,257 @@
+//! Linux system calls (x86-64 numbers and calling convention: number in rax,
+//! arguments in rdi, rsi, rdx, r10, r8, r9, result or -errno in rax, rcx and r11
+//! clobbered). Ring 0 is emulated on our hosts (~1 µs an instruction): every call here
+//! is a few hundred instructions, no loop over bytes.
+//!
+//! Implemented: what a static glibc or musl program needs to start, allocate, write to
+//! its console and exit. Anything else returns `-ENOSYS` and is counted
+//! (docs/linux-programs.md lists both).
+
+use super::{current, set_fs_base, uaccess, unimplemented};
+use crate::arch::{USER_CS, USER_DS};
+use crate::entry::TrapFrame;
+use crate::frames::PAGE;
+use crate::{console, mm, process};
+use guest_abi::mapping_flags::{EXEC, READ_ONLY};
+use workload::{MIN_ADDR, USER_TOP};
+
+const EPERM: i64 = 1;
+const EBADF: i64 = 9;
+const ENOMEM: i64 = 12;
+const EEXIST: i64 = 17;
+const EINVAL: i64 = 22;
+const ENOTTY: i64 = 25;
+const ENOSYS: i64 = 38;
+
+mod nr {
+    pub const READ: u64 = 0;
+    pub const WRITE: u64 = 1;
+    pub const CLOSE: u64 = 3;
+    pub const MMAP: u64 = 9;
+    pub const MPROTECT: u64 = 10;
+    pub const MUNMAP: u64 = 11;
+    pub const BRK: u64 = 12;
+    pub const IOCTL: u64 = 16;
+    pub const WRITEV: u64 = 20;
+    pub const SCHED_YIELD: u64 = 24;
+    pub const GETPID: u64 = 39;
+    pub const EXIT: u64 = 60;
+    pub const GETUID: u64 = 102;
+    pub const GETGID: u64 = 104;
+    pub const GETEUID: u64 = 107;
+    pub const GETEGID: u64 = 108;
+    pub const GETPPID: u64 = 110;
+    pub const ARCH_PRCTL: u64 = 158;
+    pub const GETTID: u64 = 186;
+    pub const SET_TID_ADDRESS: u64 = 218;
+    pub const EXIT_GROUP: u64 = 231;
+}
+
+const PROT_WRITE: u64 = 2;
+const PROT_EXEC: u64 = 4;
+const MAP_SHARED: u64 = 0x01;
+const MAP_FIXED: u64 = 0x10;
+const MAP_ANONYMOUS: u64 = 0x20;
+const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
+const ARCH_SET_FS: u64 = 0x1002;
+/// Where top-down `mmap` starts: Linux's base below an 8 MiB stack, unrandomized.
+const MMAP_BASE: u64 = 0x7fff_f7ff_f000;
+/// Most bytes one `write` takes (it returns how many: callers loop, as for a pipe).
+const MAX_WRITE: u64 = 64 << 10;
+/// Linux's UIO_MAXIOV.
+const MAX_IOV: u64 = 1024;
+
+/// The system call whose `syscall` trapped at the gate: runs it and returns to the
+/// instruction after `syscall` (rcx), with the flags it saved (r11).
+pub fn enter(frame: &mut TrapFrame) {
+    if !super::is_linux(process::current_index()) {
+        return crate::trap::kill(frame, "syscall instruction (not a Linux program) at", frame.rcx);
+    }
+    let (a0, a1, a2, a3, a4) = (frame.rdi, frame.rsi, frame.rdx, frame.r10, frame.r8);
+    let n = frame.rax;
+    // Back to user mode first: a call that switches processes saves this frame.
+    frame.rip = frame.rcx;
+    frame.rflags = (frame.r11 & 0x3c_7fd7) | 0x202;
+    frame.cs = u64::from(USER_CS);
+    frame.ss = u64::from(USER_DS);
+    let result = match n {
+        nr::EXIT | nr::EXIT_GROUP => return process::exit_current(frame, (a0 & 0xff) as u32, false),
+        nr::SCHED_YIELD => {
+            frame.rax = 0;
+            return process::switch_next(frame);
+        }
+        nr::WRITE => write(a0, a1, a2),
+        nr::WRITEV => writev(a0, a1, a2),
+        nr::READ => if a0 == 0 { Ok(0) } else { Err(EBADF) },
+        nr::CLOSE => if a0 <= 2 { Ok(0) } else { Err(EBADF) },
+        nr::IOCTL => if a0 <= 2 { Err(ENOTTY) } else { Err(EBADF) },
+        nr::BRK => Ok(brk(a0)),
+        nr::MMAP => mmap(a0, a1, a2, a3, a4),
+        nr::MUNMAP => munmap(a0, a1),
+        nr::MPROTECT => mprotect(a0, a1, a2),
+        nr::ARCH_PRCTL => arch_prctl(a0, a1),
+        nr::GETPID | nr::GETTID | nr::SET_TID_ADDRESS => Ok(u64::from(process::current_pid())),
+        nr::GETPPID | nr::GETUID | nr::GETGID | nr::GETEUID | nr::GETEGID => Ok(0),
+        other => {
+            unimplemented(other);
+            Err(ENOSYS)
+        }
+    };
+    frame.rax = match result {
+        Ok(v) => v,
+        Err(errno) => (-errno) as u64,
+    };
+}
+
+fn console_fd(fd: u64) -> Result<(), i64> {
+    if fd == 1 || fd == 2 { Ok(()) } else { Err(EBADF) }
+}
+
+/// Both stdout and stderr are the console (the VMM's stdout).
+fn write(fd: u64, buf: u64, len: u64) -> Result<u64, i64> {
+    console_fd(fd)?;
+    let len = len.min(MAX_WRITE);
+    console::write(uaccess::bytes(buf, len)?);
+    Ok(len)
+}
+
+fn writev(fd: u64, iov: u64, count: u64) -> Result<u64, i64> {
+    console_fd(fd)?;
+    if count > MAX_IOV {
+        return Err(EINVAL);
+    }
+    let mut total = 0u64;
+    for i in 0..count {
+        let base = uaccess::read_u64(iov + 16 * i)?;
+        let len = uaccess::read_u64(iov + 16 * i + 8)?;
+        let take = len.min(MAX_WRITE - total);
+        match uaccess::bytes(base, take) {
+            Ok(b) => console::write(b),
+            // What went out before a bad buffer counts, as in Linux.
+            Err(e) if total == 0 => return Err(e),
+            Err(_) => break,
+        }
+        total += take;
+        if total == MAX_WRITE {
+            break;
+        }
+    }
+    Ok(total)
+}
+
+fn page_up(v: u64) -> Option<u64> {
+    v.checked_add(PAGE - 1).map(|v| v & !(PAGE - 1))
+}
+
+/// `brk`: the new break, or the old one if it cannot move there (never an error).
+fn brk(addr: u64) -> u64 {
+    let p = current();
+    let (start, old) = (p.brk_start, p.brk);
+    if addr < start {
+        return old;
+    }
+    let (Some(new_end), Some(old_end)) = (page_up(addr), page_up(old)) else { return old };
+    let moved = if new_end > old_end {
+        let pages = (new_end - old_end) / PAGE;
+        let serial = process::next_serial();
+        process::update(|slot, zero| {
+            if new_end > MMAP_BASE || mm::overlaps(slot, old_end, new_end) {
+                return Err(ENOMEM);
+            }
+            mm::map(slot, old_end, pages, 0, serial, zero)
+        })
+    } else if new_end < old_end {
+        process::update(|slot, zero| mm::unmap(slot, new_end, (old_end - new_end) / PAGE, zero))
+    } else {
+        Ok(())
+    };
+    match moved {
+        Ok(()) => {
+            current().brk = addr;
+            addr
+        }
+        Err(_) => old,
+    }
+}
+
+fn rights(prot: u64) -> u32 {
+    let mut flags = 0;
+    if prot & PROT_WRITE == 0 {
+        flags |= READ_ONLY;
+    }
+    if prot & PROT_EXEC != 0 {
+        flags |= EXEC;
+    }
+    flags
+}
+
+/// Anonymous private mappings: at a fixed address, at a free hint, or top-down from
+/// [`MMAP_BASE`].
+fn mmap(addr: u64, len: u64, prot: u64, flags: u64, _fd: u64) -> Result<u64, i64> {
+    let pages = page_up(len).ok_or(ENOMEM)? / PAGE;
+    if pages == 0 {
+        return Err(EINVAL);
+    }
+    if flags & MAP_ANONYMOUS == 0 {
+        // No files yet: whatever the descriptor is, it is not open.
+        return Err(EBADF);
+    }
+    if flags & MAP_SHARED != 0 || prot & 7 == 0 {
+        // Shared anonymous memory and PROT_NONE are not built yet.
+        unimplemented(nr::MMAP);
+        return Err(EINVAL);
+    }
+    let len = pages * PAGE;
+    let fixed = flags & (MAP_FIXED | MAP_FIXED_NOREPLACE) != 0;
+    if fixed && (addr % PAGE != 0 || addr < MIN_ADDR || addr.checked_add(len).is_none_or(|e| e > USER_TOP)) {
+        return Err(if addr % PAGE != 0 { EINVAL } else { ENOMEM });
+    }
+    let serial = process::next_serial();
+    process::update(|slot, zero| {
+        let at = if fixed {
+            if flags & MAP_FIXED == 0 && mm::overlaps(slot, addr, addr + len) {
+                return Err(EEXIST);
+            }
+            addr
+        } else {
+            let hint = addr & !(PAGE - 1);
+            let fits = hint >= MIN_ADDR && hint.checked_add(len).is_some_and(|e| e <= MMAP_BASE && !mm::overlaps(slot, hint, e));
+            if fits { hint } else { mm::find_free(slot, pages, MMAP_BASE).ok_or(ENOMEM)? }
+        };
+        mm::map(slot, at, pages, rights(prot), serial, zero).map(|()| at)
+    })
+}
+
+fn munmap(addr: u64, len: u64) -> Result<u64, i64> {
+    let pages = page_up(len).ok_or(EINVAL)? / PAGE;
+    if addr % PAGE != 0 || pages == 0 {
+        return Err(EINVAL);
+    }
+    process::update(|slot, zero| mm::unmap(slot, addr, pages, zero)).map(|()| 0)
+}
+
+fn mprotect(addr: u64, len: u64, prot: u64) -> Result<u64, i64> {
+    if addr % PAGE != 0 {
+        return Err(EINVAL);
+    }
+    let pages = page_up(len).ok_or(ENOMEM)? / PAGE;
+    if pages == 0 {
+        return Ok(0);
+    }
+    if prot & 7 == 0 {
+        unimplemented(nr::MPROTECT);
+        return Err(EINVAL);
+    }
+    process::update(|slot, zero| mm::protect(slot, addr, pages, prot & PROT_WRITE == 0, zero)).map(|()| 0)
+}
+
+fn arch_prctl(code: u64, addr: u64) -> Result<u64, i64> {
+    match code {
+        ARCH_SET_FS if addr >= USER_TOP => Err(EPERM),
+        ARCH_SET_FS => {
+            set_fs_base(addr);
+            Ok(0)
+        }
+        _ => Err(EINVAL),
+    }
+}

@@ -1,0 +1,38 @@
+//! Ring 0 touching a Linux program's memory: each page is first made present as the
+//! program's own access would make it (or the call fails with `EFAULT` where the
+//! program would have been killed), so ring 0 never takes a fault it cannot handle.
+
+use crate::frames::PAGE;
+use crate::mm::{self, EFAULT};
+use crate::process;
+use workload::USER_TOP;
+
+/// Checks that `[addr, addr + len)` is in the user half and makes its pages present
+/// (writable if `write`).
+pub fn ensure(addr: u64, len: u64, write: bool) -> Result<(), i64> {
+    if len == 0 {
+        return Ok(());
+    }
+    let end = addr.checked_add(len).filter(|&e| e <= USER_TOP).ok_or(EFAULT)?;
+    let mut page = addr & !(PAGE - 1);
+    while page < end {
+        process::update(|slot, zero| mm::populate(slot, page, write, zero))?;
+        page += PAGE;
+    }
+    Ok(())
+}
+
+/// The program's bytes `[addr, addr + len)`, made present.
+pub fn bytes(addr: u64, len: u64) -> Result<&'static [u8], i64> {
+    ensure(addr, len, false)?;
+    // SAFETY: every page of the range is present in the current process's tables
+    // (which stay loaded until ring 0 returns to it) and lies in the user half; ring 0
+    // runs alone on the only vCPU, so nothing changes the bytes while they are read.
+    Ok(unsafe { core::slice::from_raw_parts(addr as *const u8, len as usize) })
+}
+
+/// The program's u64 at `addr` (8-byte aligned or not).
+pub fn read_u64(addr: u64) -> Result<u64, i64> {
+    let b = bytes(addr, 8)?;
+    Ok(u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+}

@@ -1,0 +1,53 @@
+//! Linux programs for the tests, compiled from C at test time with the host's
+//! toolchain (gcc with static glibc, musl-gcc) and cached by source and flags.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Builds `source` with `compiler` and `flags` (once per content) and returns the
+/// program. A missing compiler fails the test loudly: `scripts/test.sh` installs them.
+pub fn program(compiler: &str, name: &str, source: &str, flags: &[&str]) -> PathBuf {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (compiler, source, flags).hash(&mut h);
+    // One directory per content: the program keeps its own name (the guest's process name).
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-programs").join(format!("{name}-{:016x}", h.finish()));
+    let out = dir.join(name);
+    if out.exists() {
+        return out;
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    // Built under a name of this thread's own: tests running in parallel never see half
+    // a file, nor write each other's.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let unique = format!("{}.{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+    let src = dir.join(format!("{name}.{unique}.c"));
+    std::fs::write(&src, source).unwrap();
+    let tmp = dir.join(format!("{name}.{unique}.tmp"));
+    let r = Command::new(compiler)
+        .args(flags)
+        .arg("-o")
+        .arg(&tmp)
+        .arg(&src)
+        .output()
+        .unwrap_or_else(|e| panic!("{compiler} is needed to build the test's Linux programs (scripts/test.sh installs it): {e}"));
+    assert!(r.status.success(), "{compiler} {flags:?} {name}: {}", String::from_utf8_lossy(&r.stderr));
+    std::fs::rename(&tmp, &out).unwrap();
+    let _ = std::fs::remove_file(&src);
+    out
+}
+
+/// `gcc -O2 -static` (glibc).
+pub fn glibc_static(name: &str, source: &str) -> PathBuf {
+    program("gcc", name, source, &["-O2", "-static"])
+}
+
+/// `gcc -O2 -static-pie` (glibc, position-independent).
+pub fn glibc_static_pie(name: &str, source: &str) -> PathBuf {
+    program("gcc", name, source, &["-O2", "-static-pie"])
+}
+
+/// `musl-gcc -O2 -static`.
+pub fn musl_static(name: &str, source: &str) -> PathBuf {
+    program("musl-gcc", name, source, &["-O2", "-static"])
+}

@@ -1,0 +1,177 @@
+//! Unmodified static Linux programs as guest processes (`vmm run --exec PROGRAM --
+//! ARGS`), built from C here with the host's gcc (glibc) and musl-gcc, run through the
+//! real binary under KVM.
+
+mod common;
+use common::linux::{glibc_static, glibc_static_pie, musl_static, program};
+use common::{require_kvm, tempdir, vmm, Live, Run};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const ENGINES: [&str; 4] = ["pte", "kvm-bitmap", "kvm-ring", "uffd"];
+
+const HELLO: &str = r#"#include <stdio.h>
+int main(void) { printf("hello, world\n"); return 3; }
+"#;
+
+/// `vmm run --exec PROGRAM EXTRA... -- ARGS...`
+fn exec(program: &Path, extra: &[&str], args: &[&str]) -> Run {
+    require_kvm();
+    let mut a = vec!["run", "--exec", program.to_str().unwrap(), "--timeout", "120"];
+    a.extend_from_slice(extra);
+    if !args.is_empty() {
+        a.push("--");
+        a.extend_from_slice(args);
+    }
+    vmm(&a)
+}
+
+#[test]
+fn static_glibc_programs_print_and_exit_with_their_status_under_every_engine() {
+    for program in [glibc_static("hello", HELLO), glibc_static_pie("hello-pie", HELLO)] {
+        for engine in ENGINES {
+            let r = exec(&program, &["--engine", engine], &[]);
+            assert_eq!(r.code, 3, "{} under {engine}: the program's status is vmm's: {r:?}", program.display());
+            assert_eq!(r.stdout, "hello, world\n", "{} under {engine}: the console carries the program's output only: {r:?}", program.display());
+            assert!(r.stderr.contains("guest kernel:") && r.stderr.contains("with status 3"), "the kernel's lines go to stderr: {r:?}");
+        }
+    }
+}
+
+#[test]
+fn a_static_musl_program_runs_as_on_the_host() {
+    let r = exec(&musl_static("hello-musl", HELLO), &[], &[]);
+    assert_eq!((r.code, r.stdout.as_str()), (3, "hello, world\n"), "{r:?}");
+}
+
+const ARGS: &str = r#"#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/auxv.h>
+#include <sys/mman.h>
+int main(int argc, char **argv, char **envp) {
+    printf("argc=%d\n", argc);
+    for (int i = 0; i < argc; i++) printf("argv[%d]=%s\n", i, argv[i]);
+    int n = 0;
+    for (char **e = envp; *e; e++) n++;
+    unsigned char *r = (unsigned char *)getauxval(AT_RANDOM);
+    printf("envc=%d pagesz=%lu secure=%lu random=%d\n", n, getauxval(AT_PAGESZ), getauxval(AT_SECURE), r != 0);
+    /* malloc: small from brk, large from mmap; then give it back. */
+    char *big = malloc(4 << 20);
+    memset(big, 7, 4 << 20);
+    char *small = malloc(100);
+    strcpy(small, "heap");
+    printf("%s %d %d\n", small, big[12345], big[(4 << 20) - 1]);
+    free(big);
+    /* A fixed mapping, made read-only, then unmapped. */
+    char *m = mmap((void *)0x10000000, 8192, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    m[0] = 1;
+    int ro = mprotect(m, 4096, PROT_READ);
+    int again = mmap((void *)0x10000000, 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0) == MAP_FAILED;
+    printf("fixed=%p mprotect=%d noreplace-refused=%d munmap=%d\n", (void *)m, ro, again, munmap(m, 8192));
+    fprintf(stderr, "to stderr\n");
+    return 0;
+}
+"#;
+
+#[test]
+fn arguments_memory_calls_and_the_aux_vector_work_as_on_linux() {
+    for program in [glibc_static("args", ARGS), musl_static("args-musl", ARGS)] {
+        let r = exec(&program, &[], &["one", "two three"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let expected = format!(
+            "argc=3\nargv[0]={}\nargv[1]=one\nargv[2]=two three\nenvc=0 pagesz=4096 secure=0 random=1\nheap 7 7\n\
+             fixed=0x10000000 mprotect=0 noreplace-refused=1 munmap=0\n",
+            program.display()
+        );
+        // stderr is unbuffered and both go to the console: take it out wherever it is.
+        assert_eq!(r.stdout.replacen("to stderr\n", "", 1), expected, "{}: {r:?}", program.display());
+        assert!(r.stdout.contains("to stderr\n"), "{r:?}");
+    }
+}
+
+#[test]
+fn unimplemented_system_calls_fail_with_enosys_and_are_reported() {
+    let src = r#"#include <stdio.h>
+#include <errno.h>
+#include <unistd.h>
+int main(void) {
+    long r = syscall(500, 1, 2, 3);
+    printf("%ld %d\n", r, errno);
+    syscall(500);
+    return 0;
+}
+"#;
+    let r = exec(&glibc_static("enosys", src), &[], &[]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, "-1 38\n"), "{r:?}");
+    assert!(r.stderr.contains("unimplemented system calls: ") && r.stderr.contains("500 x2"), "{r:?}");
+}
+
+#[test]
+fn a_fault_or_an_illegal_instruction_ends_the_program_as_a_signal_would() {
+    let segv = glibc_static("segv", "int main(void) { *(volatile int *)8 = 1; return 0; }\n");
+    let r = exec(&segv, &[], &[]);
+    assert_eq!(r.code, 139, "{r:?}");
+    assert!(r.stderr.contains("(segv): segmentation fault: no mapping at 0x8, killed"), "{r:?}");
+    let ill = glibc_static("ill", "int main(void) { __builtin_trap(); }\n");
+    let r = exec(&ill, &[], &[]);
+    assert_eq!(r.code, 132, "{r:?}");
+    assert!(r.stderr.contains("(ill): illegal instruction at"), "{r:?}");
+}
+
+#[test]
+fn programs_that_cannot_run_here_are_refused_before_anything_boots() {
+    let dir = tempdir();
+    let hello = glibc_static("hello", HELLO);
+    let dynamic = program("gcc", "hello-dynamic", HELLO, &["-O2"]);
+    let mut bytes = std::fs::read(&hello).unwrap();
+    bytes[4] = 1; // ELFCLASS32
+    let class32 = dir.path().join("class32");
+    std::fs::write(&class32, &bytes).unwrap();
+    let text = dir.path().join("script.sh");
+    std::fs::write(&text, "#!/bin/sh\necho hi\n").unwrap();
+    let missing = dir.path().join("missing");
+    for (path, why) in [
+        (&dynamic, "dynamically linked"),
+        (&class32, "32-bit"),
+        (&text, "not an ELF file"),
+        (&missing, "cannot read program"),
+    ] {
+        let r = exec(path, &[], &[]);
+        assert_eq!(r.code, 64, "{}: {r:?}", path.display());
+        assert!(r.stderr.contains(&path.display().to_string()) && r.stderr.contains(why), "{}: {r:?}", path.display());
+        assert!(!r.stderr.contains("guest kernel"), "refused before the guest booted: {r:?}");
+    }
+}
+
+#[test]
+fn a_running_program_is_seen_from_outside_with_its_mappings_and_soft_dirty_pages() {
+    // Writes 16 pages of a fixed mapping once, then yields forever.
+    let src = r#"#include <sched.h>
+#include <string.h>
+#include <sys/mman.h>
+int main(void) {
+    char *p = mmap((void *)0x10000000, 16 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    memset(p, 1, 16 * 4096);
+    for (;;) sched_yield();
+}
+"#;
+    let program = glibc_static("yielder", src);
+    for engine in ["pte", "kvm-bitmap"] {
+        let live = Live::with_args(&["--exec", program.to_str().unwrap(), "--engine", engine, "--timeout", "300"]);
+        // The writes are done once all 16 pages are present (bounded wait, no timing).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !live.pagemap(1, 0x1000_0000, 16).iter().all(|p| p.present) {
+            assert!(Instant::now() < deadline, "the program never wrote its pages under {engine}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let ps = live.ps();
+        assert_eq!(ps[0]["name"], "yielder", "{ps:?}");
+        let maps = ps[0]["mappings"].as_array().unwrap();
+        assert!(maps.iter().any(|m| m["start"] == 0x1000_0000u64 && m["pages"] == 16), "{maps:?}");
+        assert!(maps.iter().any(|m| m["exec"] == true && m["read_only"] == true), "the text is an executable mapping: {maps:?}");
+        assert!(live.soft_dirty(1, 0x1000_0000, 16).iter().all(|&d| d), "written since it started, under {engine}");
+        live.clear_refs(1, 4);
+        assert!(live.soft_dirty(1, 0x1000_0000, 16).iter().all(|&d| !d), "not written since the clear, under {engine}");
+    }
+}

@@ -1,0 +1,83 @@
+//! Static Linux programs as guest processes (`vmm run --exec PROGRAM -- ARGS`): the
+//! executable is read and checked here ([`elf`]) and laid out into frames and an
+//! initial stack ([`layout`]) that the guest kernel maps into the process; its system
+//! calls are the guest kernel's (docs/linux-programs.md).
+
+pub mod elf;
+pub mod layout;
+
+use std::path::Path;
+
+/// Largest program file read.
+pub const MAX_PROGRAM_BYTES: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("not an ELF file")]
+    NotElf,
+    #[error("a dynamically linked program (it names an interpreter, PT_INTERP): only static programs run here; link it with -static or -static-pie")]
+    Dynamic,
+    #[error("{0}")]
+    BadElf(String),
+    #[error("arguments and environment take {bytes} bytes of the initial stack; at most {max} fit")]
+    ArgsTooLong { bytes: usize, max: usize },
+}
+
+/// A program for the guest, read and checked.
+pub struct Exec {
+    pub program: elf::Program,
+    pub file: Vec<u8>,
+    /// `argv[0]` first.
+    pub argv: Vec<String>,
+    /// The process's name (`ps`, the kernel's messages): the file's base name, as
+    /// Linux's `comm` (15 characters of it), restricted to the workload language's
+    /// name characters.
+    pub name: String,
+}
+
+/// Reads `path` and checks it can run here; `args` follow `argv[0]` (the path as given).
+pub fn read(path: &Path, args: &[String]) -> Result<Exec, ReadError> {
+    let file = crate::input::read_limited(path, MAX_PROGRAM_BYTES).map_err(|source| ReadError::Io { path: path.into(), source })?;
+    let program = elf::parse(&file).map_err(|source| ReadError::Elf { path: path.into(), source })?;
+    let mut argv = vec![path.display().to_string()];
+    argv.extend(args.iter().cloned());
+    let base = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut name: String = base.chars().map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '_' }).take(15).collect();
+    if name.is_empty() {
+        name.push_str("program");
+    }
+    Ok(Exec { program, file, argv, name })
+}
+
+/// Why a program cannot run, naming it.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot read program {}: {source}", path.display())]
+    Io { path: std::path::PathBuf, source: std::io::Error },
+    #[error("program {}: {source}", path.display())]
+    Elf { path: std::path::PathBuf, source: Error },
+}
+
+impl Exec {
+    /// The blob for guest-physical `base`: the kernel's [`guest_abi::exec::Image`], the
+    /// program's frames and its initial stack (no environment: the host's is not the
+    /// guest's business).
+    pub fn lay_out(&self, base: u64) -> Result<Vec<u8>, ReadError> {
+        let mut random = [0u8; 16];
+        // AT_RANDOM seeds the program's stack protector and pointer guard.
+        getrandom(&mut random);
+        layout::lay_out(&self.program, &self.file, &self.argv, &[], random, base)
+            .map(|l| l.bytes)
+            .map_err(|source| ReadError::Elf { path: self.argv[0].clone().into(), source })
+    }
+}
+
+fn getrandom(buf: &mut [u8]) {
+    // SAFETY: getrandom writes at most `buf.len()` bytes into `buf`.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n != buf.len() as isize {
+        // Not secret-grade then, but never the same twice.
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        buf.copy_from_slice(&t.to_le_bytes()[..buf.len()]);
+    }
+}

@@ -100,6 +100,10 @@ pub mod syscall {
     pub const SYNC: u64 = 5;
     /// `yield()`: lets the next process run.
     pub const YIELD: u64 = 6;
+    /// For Linux programs, through `syscall`: `sync(label_ptr, label_len)` as above, so
+    /// that a test program can pause at a point a client waits for. Not a Linux system
+    /// call (Linux answers ENOSYS to every number this high).
+    pub const LINUX_SYNC: u64 = 0x5d00;
 }
 
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"SDBOOT02");

@@ -34,6 +34,17 @@ fn user_bytes(ptr: u64, len: u64, max: u64) -> Result<&'static [u8], i64> {
     Ok(unsafe { core::slice::from_raw_parts(ptr as *const u8, len as usize) })
 }
 
+/// Reports a `sync` of the current process with `label` (at most [`SYNC_LABEL_MAX`]
+/// bytes) to the VMM, which may pause the VM there.
+pub fn sync(label: &[u8]) {
+    // SAFETY: ring 0, no other reference to the record.
+    let rec = unsafe { SYNC_RECORD.get() };
+    rec.pid = process::current_pid();
+    rec.label_len = label.len() as u32;
+    rec.label[..label.len()].copy_from_slice(label);
+    arch::outl(SYNC_PORT, frames::kernel_phys(rec as *const SyncRecord) as u32);
+}
+
 pub fn handle(frame: &mut TrapFrame) {
     let (a, b, c) = (frame.rdi, frame.rsi, frame.rdx);
     let result: Result<(), i64> = match frame.rax {
@@ -50,14 +61,7 @@ pub fn handle(frame: &mut TrapFrame) {
         }
         UNMAP => process::update(|slot, zero| mm::unmap(slot, a, b, zero)),
         PROTECT => process::update(|slot, zero| mm::protect(slot, a, b, c != 0, zero)),
-        SYNC => user_bytes(a, b, SYNC_LABEL_MAX as u64).map(|label| {
-            // SAFETY: ring 0, no other reference to the record.
-            let rec = unsafe { SYNC_RECORD.get() };
-            rec.pid = process::current_pid();
-            rec.label_len = label.len() as u32;
-            rec.label[..label.len()].copy_from_slice(label);
-            arch::outl(SYNC_PORT, frames::kernel_phys(rec as *const SyncRecord) as u32);
-        }),
+        SYNC => user_bytes(a, b, SYNC_LABEL_MAX as u64).map(sync),
         _ => Err(ENOSYS),
     };
     frame.rax = match result {

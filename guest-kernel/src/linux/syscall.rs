@@ -16,6 +16,7 @@ use guest_abi::mapping_flags::{EXEC, READ_ONLY};
 use workload::{MIN_ADDR, USER_TOP};
 
 const EPERM: i64 = 1;
+const ENOENT: i64 = 2;
 const EBADF: i64 = 9;
 const ENOMEM: i64 = 12;
 const EEXIST: i64 = 17;
@@ -27,6 +28,7 @@ mod nr {
     pub const READ: u64 = 0;
     pub const WRITE: u64 = 1;
     pub const CLOSE: u64 = 3;
+    pub const FSTAT: u64 = 5;
     pub const MMAP: u64 = 9;
     pub const MPROTECT: u64 = 10;
     pub const MUNMAP: u64 = 11;
@@ -36,6 +38,7 @@ mod nr {
     pub const SCHED_YIELD: u64 = 24;
     pub const GETPID: u64 = 39;
     pub const EXIT: u64 = 60;
+    pub const UNAME: u64 = 63;
     pub const GETUID: u64 = 102;
     pub const GETGID: u64 = 104;
     pub const GETEUID: u64 = 107;
@@ -45,6 +48,9 @@ mod nr {
     pub const GETTID: u64 = 186;
     pub const SET_TID_ADDRESS: u64 = 218;
     pub const EXIT_GROUP: u64 = 231;
+    pub const NEWFSTATAT: u64 = 262;
+    pub const PRLIMIT64: u64 = 302;
+    pub const SYNC: u64 = guest_abi::syscall::LINUX_SYNC;
 }
 
 const PROT_WRITE: u64 = 2;
@@ -54,6 +60,12 @@ const MAP_FIXED: u64 = 0x10;
 const MAP_ANONYMOUS: u64 = 0x20;
 const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
 const ARCH_SET_FS: u64 = 0x1002;
+const ARCH_GET_FS: u64 = 0x1003;
+const AT_EMPTY_PATH: u64 = 0x1000;
+const RLIMIT_STACK: u64 = 3;
+const RLIMIT_NOFILE: u64 = 7;
+const RLIM_NLIMITS: u64 = 16;
+const RLIM_INFINITY: u64 = u64::MAX;
 /// Where top-down `mmap` starts: Linux's base below an 8 MiB stack, unrandomized.
 const MMAP_BASE: u64 = 0x7fff_f7ff_f000;
 /// Most bytes one `write` takes (it returns how many: callers loop, as for a pipe).
@@ -90,6 +102,11 @@ pub fn enter(frame: &mut TrapFrame) {
         nr::MUNMAP => munmap(a0, a1),
         nr::MPROTECT => mprotect(a0, a1, a2),
         nr::ARCH_PRCTL => arch_prctl(a0, a1),
+        nr::FSTAT => fstat(a0, a1),
+        nr::NEWFSTATAT => newfstatat(a0, a1, a2, a3),
+        nr::UNAME => uname(a0),
+        nr::PRLIMIT64 => prlimit64(a0, a1, a2, a3),
+        nr::SYNC => sync(a0, a1),
         nr::GETPID | nr::GETTID | nr::SET_TID_ADDRESS => Ok(u64::from(process::current_pid())),
         nr::GETPPID | nr::GETUID | nr::GETGID | nr::GETEUID | nr::GETEGID => Ok(0),
         other => {
@@ -252,6 +269,79 @@ fn arch_prctl(code: u64, addr: u64) -> Result<u64, i64> {
             set_fs_base(addr);
             Ok(0)
         }
+        ARCH_GET_FS => uaccess::write_u64(addr, current().fs_base).map(|()| 0),
         _ => Err(EINVAL),
     }
+}
+
+/// `struct utsname`: six fields of 65 bytes.
+fn uname(buf: u64) -> Result<u64, i64> {
+    const FIELD: usize = 65;
+    let mut u = [0u8; 6 * FIELD];
+    for (i, v) in [&b"Linux"[..], b"softdirty-vmm", b"6.12.0-softdirty-vmm", b"#1 SMP", b"x86_64", b"(none)"].iter().enumerate() {
+        u[i * FIELD..i * FIELD + v.len()].copy_from_slice(v);
+    }
+    uaccess::write_bytes(buf, &u).map(|()| 0)
+}
+
+/// `struct stat` of the console (fds 0-2): a character device, as a serial line is.
+fn fstat(fd: u64, buf: u64) -> Result<u64, i64> {
+    if fd > 2 {
+        return Err(EBADF);
+    }
+    let mut st = [0u8; 144];
+    let mut put = |at: usize, v: u64, bytes: usize| st[at..at + bytes].copy_from_slice(&v.to_le_bytes()[..bytes]);
+    put(16, 1, 8); // st_nlink
+    put(24, 0o020_620, 4); // st_mode: S_IFCHR | rw--w----
+    put(40, (4 << 8) | 64, 8); // st_rdev: ttyS0
+    put(56, 1024, 8); // st_blksize
+    uaccess::write_bytes(buf, &st).map(|()| 0)
+}
+
+/// Only `AT_EMPTY_PATH` on a console descriptor: there are no files yet.
+fn newfstatat(dirfd: u64, path: u64, buf: u64, flags: u64) -> Result<u64, i64> {
+    let first = uaccess::bytes(path, 1)?[0];
+    if first == 0 && flags & AT_EMPTY_PATH != 0 {
+        return fstat(dirfd, buf);
+    }
+    Err(ENOENT)
+}
+
+/// Limits are not enforced; the stack's is the 8 MiB the program got.
+fn prlimit64(pid: u64, resource: u64, new: u64, old: u64) -> Result<u64, i64> {
+    if pid != 0 && pid != u64::from(process::current_pid()) {
+        return Err(EPERM);
+    }
+    if resource >= RLIM_NLIMITS {
+        return Err(EINVAL);
+    }
+    let (cur, max) = match resource {
+        RLIMIT_STACK => (8 << 20, RLIM_INFINITY),
+        RLIMIT_NOFILE => (1024, 4096),
+        _ => (RLIM_INFINITY, RLIM_INFINITY),
+    };
+    if old != 0 {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&u64::to_le_bytes(cur));
+        b[8..].copy_from_slice(&u64::to_le_bytes(max));
+        uaccess::write_bytes(old, &b)?;
+    }
+    if new != 0 {
+        // Raising or lowering is accepted and not enforced.
+        uaccess::bytes(new, 16)?;
+    }
+    Ok(0)
+}
+
+/// The softdirty-vmm extension: a `sync` with a label of 1 to 32 printable bytes.
+fn sync(label: u64, len: u64) -> Result<u64, i64> {
+    if len == 0 || len > guest_abi::SYNC_LABEL_MAX as u64 {
+        return Err(EINVAL);
+    }
+    let bytes = uaccess::bytes(label, len)?;
+    if !bytes.iter().all(|b| b.is_ascii_graphic()) {
+        return Err(EINVAL);
+    }
+    crate::syscall::sync(bytes);
+    Ok(0)
 }

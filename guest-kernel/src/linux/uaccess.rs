@@ -36,3 +36,22 @@ pub fn read_u64(addr: u64) -> Result<u64, i64> {
     let b = bytes(addr, 8)?;
     Ok(u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
 }
+
+/// Stores `data` into the program's memory at `addr`: a write by the program, as
+/// Linux's copy_to_user is (its pages become written, soft-dirty; under the pte
+/// engine the hypervisor catches ring 0's write like the program's own).
+pub fn write_bytes(addr: u64, data: &[u8]) -> Result<(), i64> {
+    ensure(addr, data.len() as u64, true)?;
+    // SAFETY: every page of the range is present and writable in the current process
+    // (its mapping allows writing: `ensure` checked), which stays loaded until ring 0
+    // returns to it; a hypervisor write-protection fault is resolved before ring 0 goes on.
+    unsafe {
+        core::arch::asm!("rep movsb", inout("rdi") addr => _, inout("rsi") data.as_ptr() => _, inout("rcx") data.len() => _,
+            options(nostack, preserves_flags));
+    }
+    Ok(())
+}
+
+pub fn write_u64(addr: u64, v: u64) -> Result<(), i64> {
+    write_bytes(addr, &v.to_le_bytes())
+}

@@ -13,6 +13,8 @@ use mmu::{Cr3, GuestPhysAddr, GuestVirtAddr, PhysMemory, Translation, Walker};
 /// RFLAGS.RF: would suppress the breakpoint for one instruction, but the instruction
 /// emulator that runs guest ring 0 here ignores it; see [`step_over_handler_entry`].
 const RF: u64 = 1 << 16;
+/// End of the user half of a 4-level address space.
+const USER_HALF_END: u64 = 0x0000_8000_0000_0000;
 /// DR7: L0 (DR0 enabled, execute, 1 byte) plus the always-one bit 10.
 const DR7_EXEC_DR0: u64 = (1 << 10) | 1;
 
@@ -82,9 +84,14 @@ impl Fault {
     pub const WRITE: u64 = 2;
     pub const USER: u64 = 4;
 
-    /// A write by ring 3 to a present page: the only kind the soft-dirty engine causes.
+    /// A write to a present page of the user half, by ring 3 or by ring 0 on the
+    /// process's behalf (a system call storing its result in the program's memory): the
+    /// only kinds the soft-dirty engine causes. (Ring 0 writing a user page is a write
+    /// to it, as Linux's copy_to_user is: it sets soft-dirty.)
     pub fn is_user_write_protection(&self) -> bool {
-        self.error & 0xf == Self::PRESENT | Self::WRITE | Self::USER && self.cs & 3 == 3
+        let by_user = self.error & 0xf == Self::PRESENT | Self::WRITE | Self::USER && self.cs & 3 == 3;
+        let for_user = self.error & 0xf == Self::PRESENT | Self::WRITE && self.cs & 3 == 0 && self.addr < USER_HALF_END;
+        by_user || for_user
     }
 }
 
@@ -112,24 +119,34 @@ pub fn stopped(vcpu: &VcpuFd, mem: &GuestMem, walker: &Walker, sync_regs: bool) 
     Ok(Stopped { regs, sregs, fault })
 }
 
-/// Emulates the handler's `iretq`: the faulting instruction runs again in ring 3.
-/// Assumes flat 64-bit user segments (the guest profile's GDT). With `sync_regs`, the
-/// new registers go through `kvm_run` and KVM applies them on the next entry.
+/// Emulates the handler's `iretq`: the faulting instruction runs again, in the ring it
+/// faulted in. From ring 3 the user segments come back (flat 64-bit, the guest
+/// profile's GDT); from ring 0 (a system call writing a user page) the handler's entry
+/// is already in the faulting ring's segments, so only rip, rsp and the flags change.
+/// With `sync_regs`, the new registers go through `kvm_run` and KVM applies them on the
+/// next entry.
 pub fn return_to_user(vcpu: &mut VcpuFd, mut s: Stopped, sync_regs: bool) -> Result<(), Error> {
+    let from_user = s.fault.cs & 3 == 3;
     s.regs.rip = s.fault.rip;
     s.regs.rsp = s.fault.rsp;
     s.regs.rflags = s.fault.rflags & !RF;
-    s.sregs.cs = crate::machine::boot::flat_segment(s.fault.cs as u16, true, 3);
-    s.sregs.ss = crate::machine::boot::flat_segment(s.fault.ss as u16, false, 3);
+    if from_user {
+        s.sregs.cs = crate::machine::boot::flat_segment(s.fault.cs as u16, true, 3);
+        s.sregs.ss = crate::machine::boot::flat_segment(s.fault.ss as u16, false, 3);
+    }
     if sync_regs {
         let run = vcpu.sync_regs_mut();
         run.regs = s.regs;
-        run.sregs = s.sregs;
+        if from_user {
+            run.sregs = s.sregs;
+            vcpu.set_sync_dirty_reg(SyncReg::SystemRegister);
+        }
         vcpu.set_sync_dirty_reg(SyncReg::Register);
-        vcpu.set_sync_dirty_reg(SyncReg::SystemRegister);
         return Ok(());
     }
-    kvm("SET_SREGS", vcpu.set_sregs(&s.sregs))?;
+    if from_user {
+        kvm("SET_SREGS", vcpu.set_sregs(&s.sregs))?;
+    }
     kvm("SET_REGS", vcpu.set_regs(&s.regs))
 }
 
@@ -140,4 +157,24 @@ pub fn return_to_user(vcpu: &mut VcpuFd, mut s: Stopped, sync_regs: bool) -> Res
 pub fn step_over_handler_entry(vcpu: &VcpuFd) -> Result<(), Error> {
     let dbg = kvm_guest_debug { control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP, ..Default::default() };
     kvm("SET_GUEST_DEBUG", vcpu.set_guest_debug(&dbg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fault(error: u64, cs: u64, addr: u64) -> Fault {
+        Fault { error, addr, cr3: Cr3(0x1000), rip: 0, cs, rflags: 2, rsp: 0, ss: 0 }
+    }
+
+    #[test]
+    fn the_engine_takes_writes_to_present_user_pages_by_ring_3_or_by_ring_0_for_it() {
+        let (p, w, u) = (Fault::PRESENT, Fault::WRITE, Fault::USER);
+        assert!(fault(p | w | u, 0x23, 0x40_0000).is_user_write_protection());
+        assert!(fault(p | w, 0x08, 0x40_0000).is_user_write_protection(), "a system call storing into the program");
+        assert!(!fault(p | w, 0x08, 0xffff_8880_0000_0000).is_user_write_protection(), "the kernel's own data");
+        assert!(!fault(p | u, 0x23, 0x40_0000).is_user_write_protection(), "a read");
+        assert!(!fault(w | u, 0x23, 0x40_0000).is_user_write_protection(), "a page not present");
+        assert!(!fault(p | w | u, 0x08, 0x40_0000).is_user_write_protection(), "USER with ring 0 is not a fault the CPU makes");
+    }
 }

@@ -215,3 +215,73 @@ int main(void) {
         assert_eq!(r.code, 0, "uname's answer is Linux's, under {engine}: {r:?}");
     }
 }
+
+/// Reads its own /proc/self/pagemap and writes /proc/self/clear_refs as Linux's
+/// soft-dirty users do, then prints what it read.
+const OWN_PAGEMAP: &str = r#"#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+static void sd_sync(const char *label) { syscall(0x5d00, label, strlen(label)); }
+static uint64_t entry(int fd, void *addr) {
+    uint64_t e;
+    if (pread(fd, &e, 8, (uintptr_t)addr / 4096 * 8) != 8) return ~0ull;
+    return e;
+}
+static int sd(uint64_t e) { return (int)(e >> 55 & 1); }
+int main(void) {
+    int pm = open("/proc/self/pagemap", O_RDONLY);
+    int cr = open("/proc/self/clear_refs", O_WRONLY);
+    char *p = mmap((void *)0x10000000, 4 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    memset(p, 1, 4 * 4096);
+    printf("written sd=%d present=%d\n", sd(entry(pm, p)), (int)(entry(pm, p) >> 63));
+    if (write(cr, "4\n", 2) != 2) return 2;
+    printf("cleared sd=%d\n", sd(entry(pm, p)));
+    p[4096] = 2;
+    printf("after sd=%d,%d\n", sd(entry(pm, p)), sd(entry(pm, p + 4096)));
+    uint64_t e[4];
+    lseek(pm, (uintptr_t)p / 4096 * 8, SEEK_SET);
+    long n = read(pm, e, sizeof e);
+    printf("bulk %ld %d%d%d%d\n", n, sd(e[0]), sd(e[1]), sd(e[2]), sd(e[3]));
+    errno = 0; int bad = write(cr, "9", 1); printf("clear 9: %d %d\n", bad, errno);
+    errno = 0; bad = pread(pm, e, 8, 3); printf("pread odd: %d %d\n", bad, errno);
+    errno = 0; bad = open("/proc/self/maps", O_RDONLY); printf("open maps: %d %d\n", bad, errno);
+    errno = 0; bad = open("/proc/self/pagemap", O_WRONLY); printf("open pagemap wr: %d %d\n", bad, errno);
+    errno = 0; bad = ioctl(pm, 0xc0606610, 0); printf("scan: %d %d\n", bad, errno);
+    sd_sync("compare");
+    for (int i = 0; i < 4; i++) printf("%016llx\n", (unsigned long long)e[i]);
+    return 0;
+}
+"#;
+
+#[test]
+fn a_program_reads_its_own_pagemap_and_clears_its_own_refs_through_the_vmm() {
+    let program = glibc_static("own-pagemap", OWN_PAGEMAP);
+    for engine in ENGINES {
+        let live = Live::with_args(&["--exec", program.to_str().unwrap(), "--engine", engine, "--timeout", "120"]);
+        live.wait("compare");
+        let outside: Vec<u64> = live.pagemap(1, 0x1000_0000, 4).iter().map(|p| p.entry).collect();
+        live.resume();
+        let r = live.finish();
+        assert_eq!(r.code, 0, "under {engine}: {r:?}");
+        let lines: Vec<&str> = r.stdout.lines().collect();
+        let expected = [
+            "written sd=1 present=1",
+            "cleared sd=0",
+            "after sd=0,1",
+            "bulk 32 0100",
+            "clear 9: -1 22",
+            "pread odd: -1 22",
+            "open maps: -1 2",
+            "open pagemap wr: -1 13",
+            "scan: -1 25",
+        ];
+        assert!(lines.len() == 13 && lines[..9] == expected, "Linux's answers and errors, under {engine}: {r:?}");
+        let inside: Vec<u64> = lines[9..13].iter().map(|l| u64::from_str_radix(l, 16).unwrap()).collect();
+        assert_eq!(inside, outside, "the program's own pagemap read is `vmm pagemap`'s answer, entry for entry, under {engine}");
+    }
+}

@@ -62,6 +62,36 @@ pub const ZERO_PORT: u16 = 0xf6;
 /// console (stdout) carries the program's output only.
 pub const LOG_PORT: u16 = 0xf7;
 
+/// `out` the 32-bit physical address of a [`ProcRequest`]: a Linux program read
+/// `/proc/PID/pagemap` or wrote `/proc/PID/clear_refs`, and the VMM answers from outside,
+/// through the same code as `vmm pagemap` and `vmm clear-refs` (the guest kernel keeps
+/// no soft-dirty state).
+pub const PROC_PORT: u16 = 0xf8;
+
+/// What a [`ProcRequest`] asks.
+pub mod proc_op {
+    /// `count` pagemap entries (Linux's 64-bit format) for the pages from virtual page
+    /// `arg`, stored at `buf` in the process's own address space.
+    pub const PAGEMAP: u32 = 1;
+    /// `clear_refs` with value `arg` (1-5).
+    pub const CLEAR_REFS: u32 = 2;
+}
+
+/// Most pagemap entries one request asks for.
+pub const PROC_PAGEMAP_MAX: u64 = 8192;
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProcRequest {
+    pub op: u32,
+    pub pid: u32,
+    pub arg: u64,
+    pub count: u64,
+    pub buf: u64,
+    /// The VMM's answer: bytes stored (pagemap), 0 (clear_refs), or -errno.
+    pub result: i64,
+}
+
 /// Exit-port values at or above this are not a workload status but a kernel failure.
 pub const EXIT_KERNEL_PANIC: u32 = 0x1_0000;
 
@@ -374,6 +404,8 @@ const _: () = {
     assert!(offset_of!(ZeroRequest, ranges) == 8);
     assert!(size_of::<ZeroRange>() == 16);
     assert!(size_of::<ZeroRequest>() == 8 + 16 * ZERO_REQUEST_MAX);
+    // ProcRequest: u32 op, u32 pid, then u64 arg, count, buf, result.
+    assert!(offset_of!(ProcRequest, arg) == 8 && offset_of!(ProcRequest, result) == 32 && size_of::<ProcRequest>() == 40);
     // BootInfo: six u64 in order.
     assert!(offset_of!(BootInfo, free_phys) == 32 && offset_of!(BootInfo, exec_phys) == 40 && size_of::<BootInfo>() == 48);
 };

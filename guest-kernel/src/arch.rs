@@ -26,9 +26,13 @@ pub fn wrmsr(msr: u32, value: u64) {
     }
 }
 
+/// A 32-bit port write. Not `nomem`: the request ports (sync, zero, proc) hand the VMM
+/// the address of a record it reads (and answers in) during the exit, so the compiler
+/// must finish the stores before and reload after.
 pub fn outl(port: u16, value: u32) {
-    // SAFETY: as for `outb`.
-    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) }
+    // SAFETY: port I/O to the VMM's devices has no effect on this program's memory
+    // other than the records whose addresses it passes, which their owners expect.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nostack, preserves_flags)) }
 }
 
 /// Writes `bytes` to `port` with one `rep outsb` (one VM exit for the whole buffer).

@@ -180,8 +180,7 @@ extern "C" {
 
 /// The address `syscall` jumps to (LSTAR).
 pub fn linux_gate() -> u64 {
-    // SAFETY: only the symbol's address is taken.
-    unsafe { &raw const linux_syscall_gate as u64 }
+    (&raw const linux_syscall_gate) as u64
 }
 
 /// Starts running `frame` (a ring-3 frame). Never returns.

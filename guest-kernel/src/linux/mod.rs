@@ -5,6 +5,7 @@
 //! Per process: its program break, its FS base (TLS) and a count of the system calls it
 //! made that are not implemented (reported when it ends).
 
+mod files;
 pub mod syscall;
 mod uaccess;
 
@@ -28,10 +29,18 @@ struct LinuxProc {
     /// (number, calls) of unimplemented system calls, and calls of others beyond those.
     unimplemented: [(u64, u64); MAX_UNIMPLEMENTED],
     more_unimplemented: u64,
+    fds: [files::Fd; files::MAX_FDS],
 }
 
-const NONE: LinuxProc =
-    LinuxProc { active: false, brk_start: 0, brk: 0, fs_base: 0, unimplemented: [(0, 0); MAX_UNIMPLEMENTED], more_unimplemented: 0 };
+const NONE: LinuxProc = LinuxProc {
+    active: false,
+    brk_start: 0,
+    brk: 0,
+    fs_base: 0,
+    unimplemented: [(0, 0); MAX_UNIMPLEMENTED],
+    more_unimplemented: 0,
+    fds: files::INITIAL,
+};
 
 static PROCS: Global<[LinuxProc; MAX_PROCS]> = Global::new([NONE; MAX_PROCS]);
 /// The FS base loaded in the CPU (switched only when it differs).
@@ -54,7 +63,7 @@ pub fn is_linux(index: usize) -> bool {
 /// The image the VMM wrote at `phys`, checked: trusted less than our own code, so
 /// nothing in it is used before it is checked against guest RAM.
 pub fn read_image(phys: u64, mem_size: u64, free_phys: u64) -> &'static Image {
-    if phys % frames::PAGE != 0 || phys.checked_add(core::mem::size_of::<Image>() as u64).is_none_or(|e| e > mem_size) {
+    if !phys.is_multiple_of(frames::PAGE) || phys.checked_add(core::mem::size_of::<Image>() as u64).is_none_or(|e| e > mem_size) {
         crate::panic_msg("the program image is outside guest RAM");
     }
     // SAFETY: the range lies inside guest RAM, direct-mapped; the VMM wrote an Image

@@ -7,6 +7,7 @@
 //! its console and exit. Anything else returns `-ENOSYS` and is counted
 //! (docs/linux-programs.md lists both).
 
+use super::files::{self, Fd};
 use super::{current, set_fs_base, uaccess, unimplemented};
 use crate::arch::{USER_CS, USER_DS};
 use crate::entry::TrapFrame;
@@ -21,19 +22,21 @@ const EBADF: i64 = 9;
 const ENOMEM: i64 = 12;
 const EEXIST: i64 = 17;
 const EINVAL: i64 = 22;
-const ENOTTY: i64 = 25;
 const ENOSYS: i64 = 38;
 
 mod nr {
     pub const READ: u64 = 0;
     pub const WRITE: u64 = 1;
+    pub const OPEN: u64 = 2;
     pub const CLOSE: u64 = 3;
     pub const FSTAT: u64 = 5;
+    pub const LSEEK: u64 = 8;
     pub const MMAP: u64 = 9;
     pub const MPROTECT: u64 = 10;
     pub const MUNMAP: u64 = 11;
     pub const BRK: u64 = 12;
     pub const IOCTL: u64 = 16;
+    pub const PREAD64: u64 = 17;
     pub const WRITEV: u64 = 20;
     pub const SCHED_YIELD: u64 = 24;
     pub const GETPID: u64 = 39;
@@ -48,6 +51,7 @@ mod nr {
     pub const GETTID: u64 = 186;
     pub const SET_TID_ADDRESS: u64 = 218;
     pub const EXIT_GROUP: u64 = 231;
+    pub const OPENAT: u64 = 257;
     pub const NEWFSTATAT: u64 = 262;
     pub const PRLIMIT64: u64 = 302;
     pub const SYNC: u64 = guest_abi::syscall::LINUX_SYNC;
@@ -94,9 +98,13 @@ pub fn enter(frame: &mut TrapFrame) {
         }
         nr::WRITE => write(a0, a1, a2),
         nr::WRITEV => writev(a0, a1, a2),
-        nr::READ => if a0 == 0 { Ok(0) } else { Err(EBADF) },
-        nr::CLOSE => if a0 <= 2 { Ok(0) } else { Err(EBADF) },
-        nr::IOCTL => if a0 <= 2 { Err(ENOTTY) } else { Err(EBADF) },
+        nr::READ => files::read(a0, a1, a2),
+        nr::PREAD64 => files::pread(a0, a1, a2, a3),
+        nr::LSEEK => files::lseek(a0, a1, a2),
+        nr::OPEN => files::open(a0, a1),
+        nr::OPENAT => files::open(a1, a2),
+        nr::CLOSE => files::close(a0),
+        nr::IOCTL => files::ioctl(a0),
         nr::BRK => Ok(brk(a0)),
         nr::MMAP => mmap(a0, a1, a2, a3, a4),
         nr::MUNMAP => munmap(a0, a1),
@@ -121,15 +129,23 @@ pub fn enter(frame: &mut TrapFrame) {
 }
 
 fn console_fd(fd: u64) -> Result<(), i64> {
-    if fd == 1 || fd == 2 { Ok(()) } else { Err(EBADF) }
+    match files::get(fd)? {
+        Fd::Console => Ok(()),
+        _ => Err(EBADF),
+    }
 }
 
-/// Both stdout and stderr are the console (the VMM's stdout).
+/// The console (stdout and stderr are the VMM's stdout), or clear_refs.
 fn write(fd: u64, buf: u64, len: u64) -> Result<u64, i64> {
-    console_fd(fd)?;
-    let len = len.min(MAX_WRITE);
-    console::write(uaccess::bytes(buf, len)?);
-    Ok(len)
+    match files::get(fd)? {
+        Fd::Console => {
+            let len = len.min(MAX_WRITE);
+            console::write(uaccess::bytes(buf, len)?);
+            Ok(len)
+        }
+        Fd::ClearRefs => files::clear_refs(buf, len),
+        _ => Err(EBADF),
+    }
 }
 
 fn writev(fd: u64, iov: u64, count: u64) -> Result<u64, i64> {
@@ -220,8 +236,8 @@ fn mmap(addr: u64, len: u64, prot: u64, flags: u64, _fd: u64) -> Result<u64, i64
     }
     let len = pages * PAGE;
     let fixed = flags & (MAP_FIXED | MAP_FIXED_NOREPLACE) != 0;
-    if fixed && (addr % PAGE != 0 || addr < MIN_ADDR || addr.checked_add(len).is_none_or(|e| e > USER_TOP)) {
-        return Err(if addr % PAGE != 0 { EINVAL } else { ENOMEM });
+    if fixed && (!addr.is_multiple_of(PAGE) || addr < MIN_ADDR || addr.checked_add(len).is_none_or(|e| e > USER_TOP)) {
+        return Err(if !addr.is_multiple_of(PAGE) { EINVAL } else { ENOMEM });
     }
     let serial = process::next_serial();
     process::update(|slot, zero| {
@@ -241,14 +257,14 @@ fn mmap(addr: u64, len: u64, prot: u64, flags: u64, _fd: u64) -> Result<u64, i64
 
 fn munmap(addr: u64, len: u64) -> Result<u64, i64> {
     let pages = page_up(len).ok_or(EINVAL)? / PAGE;
-    if addr % PAGE != 0 || pages == 0 {
+    if !addr.is_multiple_of(PAGE) || pages == 0 {
         return Err(EINVAL);
     }
     process::update(|slot, zero| mm::unmap(slot, addr, pages, zero)).map(|()| 0)
 }
 
 fn mprotect(addr: u64, len: u64, prot: u64) -> Result<u64, i64> {
-    if addr % PAGE != 0 {
+    if !addr.is_multiple_of(PAGE) {
         return Err(EINVAL);
     }
     let pages = page_up(len).ok_or(ENOMEM)? / PAGE;
@@ -286,14 +302,19 @@ fn uname(buf: u64) -> Result<u64, i64> {
 
 /// `struct stat` of the console (fds 0-2): a character device, as a serial line is.
 fn fstat(fd: u64, buf: u64) -> Result<u64, i64> {
-    if fd > 2 {
-        return Err(EBADF);
-    }
+    let mode = match files::get(fd)? {
+        Fd::Console => 0o020_620,        // S_IFCHR | rw--w----
+        Fd::Pagemap { .. } => 0o100_400, // S_IFREG | r--------, size 0 as in /proc
+        Fd::ClearRefs => 0o100_200,      // S_IFREG | -w-------
+        Fd::Closed => return Err(EBADF),
+    };
     let mut st = [0u8; 144];
     let mut put = |at: usize, v: u64, bytes: usize| st[at..at + bytes].copy_from_slice(&v.to_le_bytes()[..bytes]);
     put(16, 1, 8); // st_nlink
-    put(24, 0o020_620, 4); // st_mode: S_IFCHR | rw--w----
-    put(40, (4 << 8) | 64, 8); // st_rdev: ttyS0
+    put(24, mode, 4); // st_mode
+    if mode == 0o020_620 {
+        put(40, (4 << 8) | 64, 8); // st_rdev: ttyS0
+    }
     put(56, 1024, 8); // st_blksize
     uaccess::write_bytes(buf, &st).map(|()| 0)
 }

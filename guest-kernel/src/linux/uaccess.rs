@@ -31,6 +31,25 @@ pub fn bytes(addr: u64, len: u64) -> Result<&'static [u8], i64> {
     Ok(unsafe { core::slice::from_raw_parts(addr as *const u8, len as usize) })
 }
 
+/// The program's NUL-terminated string at `addr`, without the NUL: at most `max`
+/// bytes (`ENAMETOOLONG` beyond), read page by page so that a short string at the end
+/// of a mapping is fine.
+pub fn c_string(addr: u64, max: u64) -> Result<&'static [u8], i64> {
+    const ENAMETOOLONG: i64 = 36;
+    let mut len = 0u64;
+    loop {
+        let at = addr.checked_add(len).ok_or(EFAULT)?;
+        let chunk = (PAGE - at % PAGE).min(max + 1 - len);
+        if let Some(i) = bytes(at, chunk)?.iter().position(|&c| c == 0) {
+            return bytes(addr, len + i as u64);
+        }
+        len += chunk;
+        if len > max {
+            return Err(ENAMETOOLONG);
+        }
+    }
+}
+
 /// The program's u64 at `addr` (8-byte aligned or not).
 pub fn read_u64(addr: u64) -> Result<u64, i64> {
     let b = bytes(addr, 8)?;

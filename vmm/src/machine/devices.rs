@@ -2,7 +2,7 @@
 //! sync, zero-frames). Requests read from guest memory are untrusted and validated here.
 
 use crate::machine::memory::{self, GuestMem};
-use guest_abi::{EXIT_PORT, LOG_PORT, SERIAL_PORT, SYNC_LABEL_MAX, SYNC_PORT, ZERO_PORT, ZERO_REQUEST_MAX};
+use guest_abi::{EXIT_PORT, LOG_PORT, PROC_PORT, SERIAL_PORT, SYNC_LABEL_MAX, SYNC_PORT, ZERO_PORT, ZERO_REQUEST_MAX};
 use std::io::Write;
 use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
@@ -39,6 +39,9 @@ pub enum PortEvent {
     Sync(SyncPoint),
     /// Frames zeroed on the guest's request: (first pfn, pages) each.
     Zeroed(Vec<(u64, u64)>),
+    /// A Linux program's /proc pagemap or clear_refs request, at this guest-physical
+    /// address (answered by the run loop, which has the tracker).
+    Proc(u64),
 }
 
 pub struct Devices {
@@ -113,6 +116,7 @@ impl Devices {
                 Ok(PortEvent::Nothing)
             }
             EXIT_PORT => Ok(u32_of(data).map_or(PortEvent::Nothing, PortEvent::Exit)),
+            PROC_PORT => Ok(u32_of(data).map_or(PortEvent::Nothing, |a| PortEvent::Proc(u64::from(a)))),
             SYNC_PORT => match u32_of(data) {
                 Some(addr) => read_sync(mem, u64::from(addr)).map(PortEvent::Sync),
                 None => Ok(PortEvent::Nothing),

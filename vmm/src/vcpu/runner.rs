@@ -258,6 +258,9 @@ impl<H: SyncHook> Runner<H> {
                 PortEvent::Zeroed(_) => {}
                 PortEvent::Exit(status) if status >= EXIT_KERNEL_PANIC => return Ok(Outcome::KernelPanic),
                 PortEvent::Exit(status) => return Ok(Outcome::Exited((status & 0xff) as u8)),
+                PortEvent::Proc(addr) => super::linux_proc::answer(&mut self.ctx, addr).map_err(|e| {
+                    devices::Error::BadRequest { what: "proc", addr, why: e.to_string() }
+                })?,
                 PortEvent::Sync(point) => {
                     eprintln!("vmm: sync {} (pid {})", point.label, point.pid);
                     self.hook.at_sync(&mut self.ctx, &point);

@@ -1,0 +1,94 @@
+//! A Linux program's `/proc/PID/pagemap` reads and `/proc/PID/clear_refs` writes,
+//! answered from outside: the guest kernel forwards each system call as one
+//! [`ProcRequest`] (`PROC_PORT`), and the VMM runs exactly the code behind `vmm pagemap`
+//! and `vmm clear-refs` under the VM's engine. The guest kernel keeps no soft-dirty
+//! state.
+//!
+//! The request is read from guest memory and checked like any guest request; what the
+//! program asked for is answered with `-errno` in the request (its system call fails as
+//! Linux's would), never by ending the run. The answer is stored into the program's own
+//! buffer through its page tables, which the kernel made present and writable (and
+//! written: the store is a write of the program's pages, as Linux's copy_to_user is).
+
+use super::runner::VcpuContext;
+use crate::machine::memory::{self, Phys};
+use crate::tracking::softdirty::ClearRefs;
+use guest_abi::{proc_op, ProcRequest, PROC_PAGEMAP_MAX};
+use mmu::{Cr3, GuestVirtAddr, PagingMode, Translation, Walker};
+use std::mem::offset_of;
+
+const EFAULT: i64 = 14;
+const EINVAL: i64 = 22;
+const ESRCH: i64 = 3;
+const USER_TOP: u64 = 0x0000_8000_0000_0000;
+const PAGE: u64 = 4096;
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Answers the request at guest-physical `addr`; `Err` only if the request itself is
+/// not in guest RAM (the kernel's bug, which ends the run like any malformed request).
+pub fn answer(ctx: &mut VcpuContext, addr: u64) -> Result<(), memory::Error> {
+    let raw = memory::read(&ctx.mem, addr, std::mem::size_of::<ProcRequest>())?;
+    let req = ProcRequest {
+        op: u32_at(&raw, offset_of!(ProcRequest, op)),
+        pid: u32_at(&raw, offset_of!(ProcRequest, pid)),
+        arg: u64_at(&raw, offset_of!(ProcRequest, arg)),
+        count: u64_at(&raw, offset_of!(ProcRequest, count)),
+        buf: u64_at(&raw, offset_of!(ProcRequest, buf)),
+        result: 0,
+    };
+    let result = match req.op {
+        proc_op::PAGEMAP => pagemap(ctx, &req).map_or_else(|e| -e, |n| n as i64),
+        proc_op::CLEAR_REFS => clear_refs(ctx, &req).map_or_else(|e| -e, |()| 0),
+        _ => -EINVAL,
+    };
+    memory::write(&ctx.mem, addr + offset_of!(ProcRequest, result) as u64, &result.to_le_bytes())
+}
+
+fn pagemap(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<u64, i64> {
+    let start = req.arg.checked_mul(PAGE).ok_or(EINVAL)?;
+    if req.count == 0 || req.count > PROC_PAGEMAP_MAX || start.checked_add(req.count * PAGE).is_none_or(|e| e > USER_TOP) {
+        return Err(EINVAL);
+    }
+    let VcpuContext { tracker, mem, .. } = ctx;
+    let pages = tracker.pagemap(mem, req.pid, Some((start, req.count))).map_err(|_| ESRCH)?;
+    let bytes: Vec<u8> = pages.iter().flat_map(|p| p.entry.0.to_le_bytes()).collect();
+    let snap = tracker.snapshot(mem).map_err(|_| ESRCH)?;
+    let cr3 = snap.by_pid(req.pid).ok_or(ESRCH)?.cr3;
+    store(mem, cr3, req.buf, &bytes)?;
+    Ok(bytes.len() as u64)
+}
+
+fn clear_refs(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<(), i64> {
+    let value = ClearRefs::try_from(req.arg).map_err(|_| EINVAL)?;
+    let VcpuContext { tracker, mem, vcpu, .. } = ctx;
+    tracker.clear_refs(mem, vcpu, req.pid, value).map(|_| ()).map_err(|_| ESRCH)
+}
+
+/// Stores `bytes` at `va` in the address space `cr3`, page by page: every page must be
+/// mapped in guest RAM (the kernel made it so), else `EFAULT` and nothing is stored.
+fn store(mem: &memory::GuestMem, cr3: Cr3, va: u64, bytes: &[u8]) -> Result<(), i64> {
+    let walker = Walker::new(PagingMode::Level4);
+    let phys = Phys(mem);
+    let end = va.checked_add(bytes.len() as u64).filter(|&e| e <= USER_TOP).ok_or(EFAULT)?;
+    let mut pieces = Vec::new();
+    let mut at = va;
+    while at < end {
+        let take = (PAGE - at % PAGE).min(end - at);
+        match walker.translate(&phys, cr3.table(), GuestVirtAddr(at)) {
+            Ok(Translation::Mapped { frame, offset, .. }) => pieces.push((frame.0 + offset, (at - va) as usize, take as usize)),
+            _ => return Err(EFAULT),
+        }
+        at += take;
+    }
+    for (gpa, from, len) in pieces {
+        memory::write(mem, gpa, &bytes[from..from + len]).map_err(|_| EFAULT)?;
+    }
+    Ok(())
+}

@@ -131,13 +131,20 @@ fn programs_that_cannot_run_here_are_refused_before_anything_boots() {
     let text = dir.path().join("script.sh");
     std::fs::write(&text, "#!/bin/sh\necho hi\n").unwrap();
     let missing = dir.path().join("missing");
-    for (path, why) in [
-        (&dynamic, "dynamically linked"),
-        (&class32, "32-bit"),
-        (&text, "not an ELF file"),
-        (&missing, "cannot read program"),
+    let truncated = dir.path().join("truncated");
+    std::fs::write(&truncated, &std::fs::read(&hello).unwrap()[..100_000]).unwrap();
+    // 300 KiB in three arguments (the host takes at most 128 KiB per argument).
+    let long = "x".repeat(100 << 10);
+    let longs = [long.as_str(); 3];
+    for (path, why, args) in [
+        (&dynamic, "dynamically linked", &[][..]),
+        (&class32, "32-bit", &[]),
+        (&text, "not an ELF file", &[]),
+        (&missing, "cannot read program", &[]),
+        (&truncated, "past the end of the file", &[]),
+        (&hello, "arguments and environment take", &longs[..]),
     ] {
-        let r = exec(path, &[], &[]);
+        let r = exec(path, &[], args);
         assert_eq!(r.code, 64, "{}: {r:?}", path.display());
         assert!(r.stderr.contains(&path.display().to_string()) && r.stderr.contains(why), "{}: {r:?}", path.display());
         assert!(!r.stderr.contains("guest kernel"), "refused before the guest booted: {r:?}");

@@ -292,3 +292,79 @@ fn a_program_reads_its_own_pagemap_and_clears_its_own_refs_through_the_vmm() {
         assert_eq!(inside, outside, "the program's own pagemap read is `vmm pagemap`'s answer, entry for entry, under {engine}");
     }
 }
+
+/// A text file of `n` bytes that no two tests share by accident.
+fn text_file(dir: &Path, name: &str, n: usize) -> std::path::PathBuf {
+    let mut s = String::new();
+    let mut i = 0u64;
+    while s.len() < n {
+        s += &format!("line {i} {:x}\n", i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        i += 1;
+    }
+    s.truncate(n);
+    let p = dir.join(name);
+    std::fs::write(&p, s).unwrap();
+    p
+}
+
+#[test]
+fn files_put_in_with_file_read_as_linux_files_do() {
+    let src = r#"#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+#include <sys/stat.h>
+int main(int argc, char **argv) {
+    int fd = open(argv[1], O_RDONLY);
+    if (fd < 0) { perror("open"); return 1; }
+    struct stat st;
+    if (fstat(fd, &st) != 0) return 2;
+    char buf[1000];
+    long n, total = 0;
+    while ((n = read(fd, buf, sizeof buf)) > 0) { write(1, buf, n); total += n; }
+    char tail[5] = {0};
+    long end = lseek(fd, -4, SEEK_END);
+    long got = pread(fd, tail, 4, end);
+    int dup = dup2(fd, 7);
+    printf("size=%ld total=%ld end=%ld pread=%ld tail=%s dup=%d\n", (long)st.st_size, total, end, got, tail, dup);
+    printf("missing=%d write=%d\n", open("/nope", O_RDONLY), open(argv[1], O_WRONLY));
+    return 0;
+}
+"#;
+    let dir = tempdir();
+    let file = text_file(dir.path(), "in.txt", 100_000);
+    let spec = format!("{}:/data/in.txt", file.display());
+    let r = exec(&glibc_static("readfile", src), &["--file", &spec], &["/data/in.txt"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let content = std::fs::read_to_string(&file).unwrap();
+    let tail = &content[content.len() - 4..];
+    let expected = format!("{content}size=100000 total=100000 end=99996 pread=4 tail={tail} dup=7\nmissing=-1 write=-1\n");
+    assert!(r.stdout == expected, "the file's bytes, then Linux's answers (stdout {} bytes, expected {}): {}", r.stdout.len(), expected.len(),
+        &r.stdout[r.stdout.len().saturating_sub(200)..]);
+    // Bad --file specs are refused before boot.
+    let bad = exec(&glibc_static("readfile", src), &["--file", "/no/such/file"], &[]);
+    assert!(bad.code == 64 && bad.stderr.contains("--file /no/such/file"), "{bad:?}");
+    let relative = exec(&glibc_static("readfile", src), &["--file", &format!("{}:data/x", file.display())], &[]);
+    assert!(relative.code == 64 && relative.stderr.contains("must be absolute"), "{relative:?}");
+}
+
+#[test]
+fn busybox_tools_give_the_hosts_output() {
+    require_kvm();
+    let busybox = common::linux::busybox_static();
+    let dir = tempdir();
+    let file = text_file(dir.path(), "data.txt", 200_000);
+    for tool in [&["sha256sum"][..], &["md5sum"], &["gzip", "-c"], &["wc", "-l"]] {
+        let mut guest_args = vec!["run", "--exec", busybox.to_str().unwrap(), "--file"];
+        let spec = format!("{}:/data.txt", file.display());
+        guest_args.extend([spec.as_str(), "--timeout", "120", "--"]);
+        guest_args.extend_from_slice(tool);
+        guest_args.push("/data.txt");
+        let guest = std::process::Command::new(common::vmm_bin()).args(&guest_args).output().unwrap();
+        // The same busybox on the host, on the same bytes at the same path name.
+        let host = std::process::Command::new(&busybox).args(tool).arg("data.txt").current_dir(dir.path()).output().unwrap();
+        assert!(guest.status.success(), "{tool:?} in the guest: {}", String::from_utf8_lossy(&guest.stderr));
+        let fix = |b: &[u8]| String::from_utf8_lossy(b).replace("/data.txt", "data.txt").into_bytes();
+        let (g, h) = if tool[0] == "gzip" { (guest.stdout.clone(), host.stdout.clone()) } else { (fix(&guest.stdout), host.stdout.clone()) };
+        assert!(!h.is_empty() && g == h, "busybox {tool:?}: the guest's output differs from the host's ({} against {} bytes)", g.len(), h.len());
+    }
+}

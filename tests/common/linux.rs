@@ -51,3 +51,34 @@ pub fn glibc_static_pie(name: &str, source: &str) -> PathBuf {
 pub fn musl_static(name: &str, source: &str) -> PathBuf {
     program("musl-gcc", name, source, &["-O2", "-static"])
 }
+
+/// Debian's `busybox-static` (a static glibc busybox), fetched with apt once and kept
+/// under the target directory. Fails loudly if it cannot be had: the tests need it.
+pub fn busybox_static() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("busybox-static");
+    let bin = dir.join("root/bin/busybox");
+    if bin.exists() {
+        return bin;
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    let download = || Command::new("apt-get").args(["download", "busybox-static"]).current_dir(&dir).output();
+    let mut r = download().unwrap_or_else(|e| panic!("apt-get is needed to fetch busybox-static: {e}"));
+    if !r.status.success() {
+        // A fresh machine's package lists may not know it yet.
+        let _ = Command::new("apt-get").args(["update", "-qq"]).output();
+        r = download().unwrap();
+    }
+    assert!(r.status.success(), "apt-get download busybox-static: {}", String::from_utf8_lossy(&r.stderr));
+    let deb = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .expect("the downloaded .deb");
+    // Unpacked beside, then moved into place: a test running at the same time sees all or nothing.
+    let tmp = dir.join(format!("unpack.{}", std::process::id()));
+    let r = Command::new("dpkg").arg("-x").arg(&deb).arg(&tmp).output().expect("dpkg");
+    assert!(r.status.success(), "dpkg -x: {}", String::from_utf8_lossy(&r.stderr));
+    let _ = std::fs::rename(&tmp, dir.join("root"));
+    assert!(bin.exists(), "busybox is not in {}", deb.display());
+    bin
+}

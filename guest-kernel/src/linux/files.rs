@@ -1,12 +1,14 @@
-//! A Linux program's file descriptors: the console (0-2), and `/proc/self/pagemap`
-//! and `/proc/self/clear_refs` (also as `/proc/PID/...` with its own pid), which the
-//! VMM answers from outside through one [`ProcRequest`] per system call, with the code
-//! behind `vmm pagemap` and `vmm clear-refs`. There are no other files yet.
+//! A Linux program's file descriptors: the console (0-2); `/proc/self/pagemap` and
+//! `/proc/self/clear_refs` (also as `/proc/PID/...` with its own pid), which the VMM
+//! answers from outside through one [`ProcRequest`] per system call, with the code
+//! behind `vmm pagemap` and `vmm clear-refs`; and the read-only files the VMM put into
+//! guest RAM (`--file`), whose bytes the VMM copies into the program's buffer.
 
 use super::uaccess;
 use crate::frames::{self, PAGE};
 use crate::global::Global;
 use crate::{arch, process};
+use guest_abi::exec::{Files, MAX_FILES};
 use guest_abi::{proc_op, ProcRequest, PROC_PAGEMAP_MAX, PROC_PORT};
 use workload::USER_TOP;
 
@@ -17,6 +19,7 @@ pub const EINVAL: i64 = 22;
 pub const EMFILE: i64 = 24;
 pub const ENOTTY: i64 = 25;
 pub const ESPIPE: i64 = 29;
+pub const EROFS: i64 = 30;
 
 /// Descriptors a process may hold.
 pub const MAX_FDS: usize = 16;
@@ -28,6 +31,10 @@ const O_RDONLY: u64 = 0;
 const O_WRONLY: u64 = 1;
 const SEEK_SET: u64 = 0;
 const SEEK_CUR: u64 = 1;
+const SEEK_END: u64 = 2;
+const O_CREAT: u64 = 0o100;
+/// Most bytes one `read` of a file moves.
+const MAX_READ: u64 = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fd {
@@ -36,6 +43,8 @@ pub enum Fd {
     /// Read position, in bytes (8 per page).
     Pagemap { pos: u64 },
     ClearRefs,
+    /// File `index` of the table, read position.
+    File { index: usize, pos: u64 },
 }
 
 pub const INITIAL: [Fd; MAX_FDS] = {
@@ -47,6 +56,50 @@ pub const INITIAL: [Fd; MAX_FDS] = {
 };
 
 static REQUEST: Global<ProcRequest> = Global::new(ProcRequest { op: 0, pid: 0, arg: 0, count: 0, buf: 0, result: 0 });
+/// The files the VMM put into guest RAM (checked at boot), none if null.
+static FILES: Global<*const Files> = Global::new(core::ptr::null());
+
+/// Takes the file table at `phys` (from the program's image): every file must lie in
+/// `[low, high)` of guest RAM, the VMM's blob.
+pub fn init(phys: u64, low: u64, high: u64) {
+    if phys == 0 {
+        return;
+    }
+    if phys < low || phys.checked_add(core::mem::size_of::<Files>() as u64).is_none_or(|e| e > high) {
+        crate::panic_msg("the file table is outside the program's image");
+    }
+    // SAFETY: the range is inside guest RAM, direct-mapped, written by the VMM (plain
+    // integers and bytes) and never written again.
+    let files = unsafe { &*(frames::phys_to_virt(phys) as *const Files) };
+    if files.count as usize > MAX_FILES
+        || files.files[..files.count as usize].iter().any(|f| f.phys < low || f.phys.checked_add(f.size).is_none_or(|e| e > high))
+    {
+        crate::panic_msg("bad file table");
+    }
+    // SAFETY: ring 0 at boot, no other reference.
+    unsafe { *FILES.get() = files };
+}
+
+fn files() -> &'static [guest_abi::exec::File] {
+    // SAFETY: ring 0; set once at boot, to a table that lives as long as guest RAM.
+    let t = unsafe { *FILES.get() };
+    if t.is_null() {
+        return &[];
+    }
+    // SAFETY: checked by `init`.
+    let t = unsafe { &*t };
+    &t.files[..t.count as usize]
+}
+
+/// The file `path` names (relative paths start at `/`, the only working directory).
+fn find_file(path: &[u8]) -> Option<usize> {
+    let rel = path.strip_prefix(b"./").unwrap_or(path);
+    files().iter().position(|f| {
+        let len = f.name.iter().position(|&b| b == 0).unwrap_or(f.name.len());
+        let name = &f.name[..len];
+        if rel.first() == Some(&b'/') { name == rel } else { name.len() == rel.len() + 1 && name[1..] == *rel }
+    })
+}
 
 fn table() -> &'static mut [Fd; MAX_FDS] {
     &mut super::current().fds
@@ -93,11 +146,19 @@ fn parse(digits: &[u8]) -> Option<u64> {
 /// `open`/`openat` (the directory does not matter: our paths are absolute).
 pub fn open(path: u64, flags: u64) -> Result<u64, i64> {
     let path = uaccess::c_string(path, MAX_PATH)?;
-    let fd = lookup(path).ok_or(ENOENT)?;
     let mode = flags & O_ACCMODE;
+    let fd = match (lookup(path), find_file(path)) {
+        (Some(fd), _) => fd,
+        (None, Some(index)) if mode == O_RDONLY => Fd::File { index, pos: 0 },
+        // The files are read-only, and there is nowhere to create one.
+        (None, Some(_)) => return Err(EROFS),
+        (None, None) if flags & O_CREAT != 0 => return Err(EROFS),
+        (None, None) => return Err(ENOENT),
+    };
     let allowed = match fd {
         Fd::Pagemap { .. } => mode == O_RDONLY,
         Fd::ClearRefs => mode == O_WRONLY,
+        Fd::File { .. } => true,
         _ => false,
     };
     if !allowed {
@@ -107,6 +168,22 @@ pub fn open(path: u64, flags: u64) -> Result<u64, i64> {
     let slot = t.iter().position(|f| *f == Fd::Closed).ok_or(EMFILE)?;
     t[slot] = fd;
     Ok(slot as u64)
+}
+
+/// `dup` (`new` None: the lowest free descriptor), `dup2`, `dup3` (`exact`: old and new
+/// must differ). The copy has its own read position (Linux's shares one: a program
+/// reading through both would see the difference).
+pub fn dup(old: u64, new: Option<u64>, exact: bool) -> Result<u64, i64> {
+    let f = get(old)?;
+    let t = table();
+    let new = match new {
+        Some(n) if n as usize >= MAX_FDS => return Err(EBADF),
+        Some(n) if n == old => return if exact { Err(EINVAL) } else { Ok(n) },
+        Some(n) => n as usize,
+        None => t.iter().position(|f| *f == Fd::Closed).ok_or(EMFILE)?,
+    };
+    t[new] = f;
+    Ok(new as u64)
 }
 
 pub fn close(fd: u64) -> Result<u64, i64> {
@@ -124,13 +201,58 @@ pub fn read(fd: u64, buf: u64, len: u64) -> Result<u64, i64> {
             table()[fd as usize] = Fd::Pagemap { pos: pos + n };
             Ok(n)
         }
+        Fd::File { index, pos } => {
+            let n = file_read(index, buf, len, pos)?;
+            table()[fd as usize] = Fd::File { index, pos: pos + n };
+            Ok(n)
+        }
         Fd::ClearRefs | Fd::Closed => Err(EBADF),
     }
+}
+
+/// The size of file `index`, for `fstat`.
+pub fn file_size(index: usize) -> u64 {
+    files()[index].size
+}
+
+/// Stat of a path: `Some(fd kind)` for our files and /proc entries.
+pub fn lookup_path(path: u64) -> Result<Fd, i64> {
+    let path = uaccess::c_string(path, MAX_PATH)?;
+    match (lookup(path), find_file(path)) {
+        (Some(fd), _) => Ok(fd),
+        (None, Some(index)) => Ok(Fd::File { index, pos: 0 }),
+        (None, None) => Err(ENOENT),
+    }
+}
+
+fn file_read(index: usize, buf: u64, len: u64, pos: u64) -> Result<u64, i64> {
+    let f = files()[index];
+    let n = len.min(MAX_READ).min(f.size.saturating_sub(pos));
+    if n == 0 {
+        return Ok(0);
+    }
+    probe(buf, n)?;
+    let r = ask(proc_op::COPY, f.phys + pos, n, buf);
+    if r < 0 { Err(-r) } else { Ok(r as u64) }
+}
+
+/// Makes each page of the buffer present, writable and written (one byte stored by
+/// ring 0: a write of the program's page, caught as such), so that the VMM's store
+/// into it is the program's write in every view.
+fn probe(buf: u64, len: u64) -> Result<(), i64> {
+    let end = buf.checked_add(len).ok_or(crate::mm::EFAULT)?;
+    let mut at = buf;
+    while at < end {
+        uaccess::write_bytes(at, &[0])?;
+        at = (at & !(PAGE - 1)) + PAGE;
+    }
+    Ok(())
 }
 
 pub fn pread(fd: u64, buf: u64, len: u64, off: u64) -> Result<u64, i64> {
     match get(fd)? {
         Fd::Pagemap { .. } => pagemap(buf, len, off),
+        Fd::File { index, .. } => file_read(index, buf, len, off),
         Fd::Console => Err(ESPIPE),
         Fd::ClearRefs | Fd::Closed => Err(EBADF),
     }
@@ -148,6 +270,19 @@ pub fn lseek(fd: u64, off: u64, whence: u64) -> Result<u64, i64> {
                 return Err(EINVAL);
             }
             table()[fd as usize] = Fd::Pagemap { pos: new };
+            Ok(new)
+        }
+        Fd::File { index, pos } => {
+            let new = match whence {
+                SEEK_SET => off,
+                SEEK_CUR => pos.wrapping_add(off),
+                SEEK_END => file_size(index).wrapping_add(off),
+                _ => return Err(EINVAL),
+            };
+            if (new as i64) < 0 {
+                return Err(EINVAL);
+            }
+            table()[fd as usize] = Fd::File { index, pos: new };
             Ok(new)
         }
         Fd::Console => Err(ESPIPE),
@@ -172,15 +307,7 @@ fn pagemap(buf: u64, len: u64, off: u64) -> Result<u64, i64> {
         return Ok(0);
     }
     let count = (len / 8).min(PROC_PAGEMAP_MAX).min(last - vpn);
-    // Each page of the buffer becomes present, writable and written (one byte stored
-    // by ring 0: a write of the program's page, caught as such), so the VMM's store of
-    // the entries is the program's write in every view.
-    let mut at = buf;
-    let end = buf.checked_add(count * 8).ok_or(crate::mm::EFAULT)?;
-    while at < end {
-        uaccess::write_bytes(at, &[0])?;
-        at = (at & !(PAGE - 1)) + PAGE;
-    }
+    probe(buf, count * 8)?;
     let r = ask(proc_op::PAGEMAP, vpn, count, buf);
     if r < 0 { Err(-r) } else { Ok(r as u64) }
 }

@@ -72,6 +72,7 @@ pub fn read_image(phys: u64, mem_size: u64, free_phys: u64) -> &'static Image {
     if image.magic != MAGIC || image.nsegments as usize > MAX_SEGMENTS {
         crate::panic_msg("bad program image (magic or segment count)");
     }
+    files::init(image.files, phys, free_phys);
     for seg in &image.segments[..image.nsegments as usize] {
         let fill_end = seg.fill_phys.checked_add(seg.fill_pages * frames::PAGE);
         let inside = seg.fill_va >= seg.va && seg.fill_va + seg.fill_pages * frames::PAGE <= seg.va + seg.pages * frames::PAGE;

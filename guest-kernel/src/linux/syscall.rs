@@ -29,7 +29,9 @@ mod nr {
     pub const WRITE: u64 = 1;
     pub const OPEN: u64 = 2;
     pub const CLOSE: u64 = 3;
+    pub const STAT: u64 = 4;
     pub const FSTAT: u64 = 5;
+    pub const LSTAT: u64 = 6;
     pub const LSEEK: u64 = 8;
     pub const MMAP: u64 = 9;
     pub const MPROTECT: u64 = 10;
@@ -38,7 +40,10 @@ mod nr {
     pub const IOCTL: u64 = 16;
     pub const PREAD64: u64 = 17;
     pub const WRITEV: u64 = 20;
+    pub const ACCESS: u64 = 21;
     pub const SCHED_YIELD: u64 = 24;
+    pub const DUP: u64 = 32;
+    pub const DUP2: u64 = 33;
     pub const GETPID: u64 = 39;
     pub const EXIT: u64 = 60;
     pub const UNAME: u64 = 63;
@@ -53,6 +58,8 @@ mod nr {
     pub const EXIT_GROUP: u64 = 231;
     pub const OPENAT: u64 = 257;
     pub const NEWFSTATAT: u64 = 262;
+    pub const FACCESSAT: u64 = 269;
+    pub const DUP3: u64 = 292;
     pub const PRLIMIT64: u64 = 302;
     pub const SYNC: u64 = guest_abi::syscall::LINUX_SYNC;
 }
@@ -104,6 +111,9 @@ pub fn enter(frame: &mut TrapFrame) {
         nr::OPEN => files::open(a0, a1),
         nr::OPENAT => files::open(a1, a2),
         nr::CLOSE => files::close(a0),
+        nr::DUP => files::dup(a0, None, false),
+        nr::DUP2 => files::dup(a0, Some(a1), false),
+        nr::DUP3 => files::dup(a0, Some(a1), true),
         nr::IOCTL => files::ioctl(a0),
         nr::BRK => Ok(brk(a0)),
         nr::MMAP => mmap(a0, a1, a2, a3, a4),
@@ -112,6 +122,9 @@ pub fn enter(frame: &mut TrapFrame) {
         nr::ARCH_PRCTL => arch_prctl(a0, a1),
         nr::FSTAT => fstat(a0, a1),
         nr::NEWFSTATAT => newfstatat(a0, a1, a2, a3),
+        nr::STAT | nr::LSTAT => files::lookup_path(a0).and_then(|fd| stat(fd, a1)),
+        nr::ACCESS => access(a0, a1),
+        nr::FACCESSAT => access(a1, a2),
         nr::UNAME => uname(a0),
         nr::PRLIMIT64 => prlimit64(a0, a1, a2, a3),
         nr::SYNC => sync(a0, a1),
@@ -302,10 +315,15 @@ fn uname(buf: u64) -> Result<u64, i64> {
 
 /// `struct stat` of the console (fds 0-2): a character device, as a serial line is.
 fn fstat(fd: u64, buf: u64) -> Result<u64, i64> {
-    let mode = match files::get(fd)? {
-        Fd::Console => 0o020_620,        // S_IFCHR | rw--w----
-        Fd::Pagemap { .. } => 0o100_400, // S_IFREG | r--------, size 0 as in /proc
-        Fd::ClearRefs => 0o100_200,      // S_IFREG | -w-------
+    stat(files::get(fd)?, buf)
+}
+
+fn stat(fd: Fd, buf: u64) -> Result<u64, i64> {
+    let (mode, size) = match fd {
+        Fd::Console => (0o020_620, 0),        // S_IFCHR | rw--w----
+        Fd::Pagemap { .. } => (0o100_400, 0), // S_IFREG | r--------, size 0 as in /proc
+        Fd::ClearRefs => (0o100_200, 0),      // S_IFREG | -w-------
+        Fd::File { index, .. } => (0o100_444, files::file_size(index)),
         Fd::Closed => return Err(EBADF),
     };
     let mut st = [0u8; 144];
@@ -315,17 +333,30 @@ fn fstat(fd: u64, buf: u64) -> Result<u64, i64> {
     if mode == 0o020_620 {
         put(40, (4 << 8) | 64, 8); // st_rdev: ttyS0
     }
+    put(48, size, 8); // st_size
     put(56, 1024, 8); // st_blksize
+    put(64, size.div_ceil(512), 8); // st_blocks
     uaccess::write_bytes(buf, &st).map(|()| 0)
 }
 
-/// Only `AT_EMPTY_PATH` on a console descriptor: there are no files yet.
+/// `AT_EMPTY_PATH` on a descriptor, or one of our paths.
 fn newfstatat(dirfd: u64, path: u64, buf: u64, flags: u64) -> Result<u64, i64> {
     let first = uaccess::bytes(path, 1)?[0];
     if first == 0 && flags & AT_EMPTY_PATH != 0 {
         return fstat(dirfd, buf);
     }
-    Err(ENOENT)
+    stat(files::lookup_path(path)?, buf)
+}
+
+/// `access`: our files are readable (not writable: `EROFS`), /proc's as Linux's modes.
+fn access(path: u64, mode: u64) -> Result<u64, i64> {
+    const W_OK: u64 = 2;
+    const X_OK: u64 = 1;
+    match files::lookup_path(path)? {
+        Fd::File { .. } if mode & W_OK != 0 => Err(files::EROFS),
+        _ if mode & X_OK != 0 => Err(files::EACCES),
+        _ => Ok(0),
+    }
 }
 
 /// Limits are not enforced; the stack's is the 8 MiB the program got.

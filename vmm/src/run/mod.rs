@@ -61,6 +61,8 @@ pub struct ExecOptions {
     pub program: PathBuf,
     /// After `argv[0]` (the program as given).
     pub args: Vec<String>,
+    /// `--file HOST[:GUEST]` specs: read-only files in the guest.
+    pub files: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +181,10 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
             // A Linux program is read and checked before any VM exists; its process is
             // the script's one `proc`.
             let exec = opts.exec.as_ref().map(|e| crate::guest_os::linux::read(&e.program, &e.args)).transpose()?;
+            let files = match &opts.exec {
+                Some(e) => e.files.iter().map(|f| crate::guest_os::linux::read_file(f)).collect::<Result<Vec<_>, _>>()?,
+                None => Vec::new(),
+            };
             let script = match (&exec, &opts.workload) {
                 (Some(x), _) => format!("proc {}\n", x.name).into_bytes(),
                 (None, Some(path)) => script::load(path)?,
@@ -189,7 +195,7 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
             // Bad input, not a failed write: check that the boot data fits before writing it.
             let placed = boot::place_script(loaded.end, script.len() as u64);
             let blob = match (&exec, placed) {
-                (Some(x), Some((_, after_script))) => x.lay_out(after_script)?,
+                (Some(x), Some((_, after_script))) => x.lay_out(&files, after_script)?,
                 _ => Vec::new(),
             };
             let end = placed.and_then(|(_, free)| free.checked_add(blob.len() as u64));

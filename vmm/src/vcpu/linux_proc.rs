@@ -22,6 +22,8 @@ const EINVAL: i64 = 22;
 const ESRCH: i64 = 3;
 const USER_TOP: u64 = 0x0000_8000_0000_0000;
 const PAGE: u64 = 4096;
+/// Most bytes one COPY moves (one `read` of a file).
+const COPY_MAX: u64 = 1 << 20;
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
@@ -46,6 +48,7 @@ pub fn answer(ctx: &mut VcpuContext, addr: u64) -> Result<(), memory::Error> {
     let result = match req.op {
         proc_op::PAGEMAP => pagemap(ctx, &req).map_or_else(|e| -e, |n| n as i64),
         proc_op::CLEAR_REFS => clear_refs(ctx, &req).map_or_else(|e| -e, |()| 0),
+        proc_op::COPY => copy(ctx, &req).map_or_else(|e| -e, |n| n as i64),
         _ => -EINVAL,
     };
     memory::write(&ctx.mem, addr + offset_of!(ProcRequest, result) as u64, &result.to_le_bytes())
@@ -69,6 +72,19 @@ fn clear_refs(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<(), i64> {
     let value = ClearRefs::try_from(req.arg).map_err(|_| EINVAL)?;
     let VcpuContext { tracker, mem, vcpu, .. } = ctx;
     tracker.clear_refs(mem, vcpu, req.pid, value).map(|_| ()).map_err(|_| ESRCH)
+}
+
+/// A file's bytes (guest RAM from `arg`) into the program's buffer.
+fn copy(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<u64, i64> {
+    if req.count > COPY_MAX {
+        return Err(EINVAL);
+    }
+    let bytes = memory::read(&ctx.mem, req.arg, req.count as usize).map_err(|_| EFAULT)?;
+    let VcpuContext { tracker, mem, .. } = ctx;
+    let snap = tracker.snapshot(mem).map_err(|_| ESRCH)?;
+    let cr3 = snap.by_pid(req.pid).ok_or(ESRCH)?.cr3;
+    store(mem, cr3, req.buf, &bytes)?;
+    Ok(req.count)
 }
 
 /// Stores `bytes` at `va` in the address space `cr3`, page by page: every page must be

@@ -6,7 +6,7 @@
 
 use super::elf::{Program, PAGE, USER_TOP};
 use super::Error;
-use guest_abi::exec::{self, Image, Segment};
+use guest_abi::exec::{self, Image, Segment, FILES_BYTES, FILE_BYTES, MAX_FILES, MAX_FILE_NAME};
 use guest_abi::mapping_flags::{EXEC, READ_ONLY};
 
 /// The initial stack's top and size, as Linux gives a process without randomization.
@@ -41,9 +41,18 @@ pub struct Laid {
     pub image: Image,
 }
 
-/// Lays out `program` (whose file is `file`) with `argv` and `envp`, for a blob placed
-/// at guest-physical `base` (page-aligned). `random`: the 16 bytes of `AT_RANDOM`.
-pub fn lay_out(program: &Program, file: &[u8], argv: &[String], envp: &[String], random: [u8; 16], base: u64) -> Result<Laid, Error> {
+/// A file put into the guest: its absolute path there and its bytes.
+pub struct GuestFile {
+    pub name: String,
+    pub bytes: Vec<u8>,
+}
+
+/// Lays out `program` (whose file is `file`) with `argv` and `envp`, and `files`, for a
+/// blob placed at guest-physical `base` (page-aligned). `random`: the 16 bytes of
+/// `AT_RANDOM`.
+#[allow(clippy::too_many_arguments)]
+pub fn lay_out(program: &Program, file: &[u8], argv: &[String], envp: &[String], files: &[GuestFile], random: [u8; 16], base: u64)
+    -> Result<Laid, Error> {
     let mut image = Image { magic: exec::MAGIC, entry: program.entry, ..Image::default() };
     // The image first, on a page of its own; the frames follow.
     let mut bytes = vec![0u8; PAGE as usize];
@@ -87,6 +96,25 @@ pub fn lay_out(program: &Program, file: &[u8], argv: &[String], envp: &[String],
     }
     image.nsegments = segments.len() as u64;
     image.segments[..segments.len()].copy_from_slice(&segments);
+    if !files.is_empty() {
+        if files.len() > MAX_FILES {
+            return Err(Error::Files(format!("{} files; at most {MAX_FILES} fit", files.len())));
+        }
+        // The table on a page of its own, then each file from a page boundary.
+        image.files = base + bytes.len() as u64;
+        let table_at = bytes.len();
+        bytes.resize(table_at + FILES_BYTES.next_multiple_of(PAGE as usize), 0);
+        bytes[table_at..table_at + 8].copy_from_slice(&(files.len() as u64).to_le_bytes());
+        for (i, f) in files.iter().enumerate() {
+            let phys = base + bytes.len() as u64;
+            bytes.extend(&f.bytes);
+            bytes.resize(bytes.len().next_multiple_of(PAGE as usize), 0);
+            let e = table_at + 8 + i * FILE_BYTES;
+            bytes[e..e + f.name.len()].copy_from_slice(f.name.as_bytes());
+            bytes[e + MAX_FILE_NAME + 1..e + MAX_FILE_NAME + 9].copy_from_slice(&(f.bytes.len() as u64).to_le_bytes());
+            bytes[e + MAX_FILE_NAME + 9..e + MAX_FILE_NAME + 17].copy_from_slice(&phys.to_le_bytes());
+        }
+    }
     write_image(&image, &mut bytes[..exec::IMAGE_BYTES]);
     Ok(Laid { bytes, image })
 }
@@ -97,6 +125,7 @@ fn write_image(image: &Image, out: &mut [u8]) {
     for s in &image.segments {
         words.extend([s.va, s.pages, s.flags, s.fill_va, s.fill_pages, s.fill_phys]);
     }
+    words.push(image.files);
     for (chunk, w) in out.chunks_exact_mut(8).zip(words) {
         chunk.copy_from_slice(&w.to_le_bytes());
     }
@@ -194,7 +223,7 @@ mod tests {
     fn segments_keep_their_file_bytes_and_rights_and_the_rest_is_zero() {
         let f = elf(2, 0x40_1000, &[(0x40_0000, 0x1800, 0x1800, 1), (0x40_3010, 0x100, 0x3000, 2)]);
         let p = elf::parse(&f).unwrap();
-        let l = lay_out(&p, &f, &["prog".into()], &[], [9; 16], 0x20_0000).unwrap();
+        let l = lay_out(&p, &f, &["prog".into()], &[], &[], [9; 16], 0x20_0000).unwrap();
         let segs = &l.image.segments[..l.image.nsegments as usize];
         assert_eq!(segs.len(), 3, "two segments and the stack");
         let text = segs[0];
@@ -218,7 +247,7 @@ mod tests {
         let f = elf(2, 0x40_1000, &[(0x40_0000, 0x2000, 0x2000, 1)]);
         let p = elf::parse(&f).unwrap();
         let argv: Vec<String> = ["prog", "a", "b c"].iter().map(|s| s.to_string()).collect();
-        let l = lay_out(&p, &f, &argv, &["HOME=/".into()], [7; 16], 0x20_0000).unwrap();
+        let l = lay_out(&p, &f, &argv, &["HOME=/".into()], &[], [7; 16], 0x20_0000).unwrap();
         let stack = l.image.segments[1];
         assert_eq!((stack.va, stack.pages), (STACK_TOP - STACK_SIZE, STACK_SIZE / PAGE));
         let rsp = l.image.rsp;
@@ -251,10 +280,30 @@ mod tests {
     }
 
     #[test]
+    fn files_follow_with_a_table_of_names_sizes_and_frames() {
+        let f = elf(2, 0x40_1000, &[(0x40_0000, 0x2000, 0x2000, 1)]);
+        let p = elf::parse(&f).unwrap();
+        let files = [GuestFile { name: "/a.txt".into(), bytes: b"hello".to_vec() }, GuestFile { name: "/b".into(), bytes: vec![3; 5000] }];
+        let l = lay_out(&p, &f, &["prog".into()], &[], &files, [0; 16], 0x20_0000).unwrap();
+        let table = (l.image.files - 0x20_0000) as usize;
+        assert_eq!(u64_at(&l.bytes, table), 2);
+        let entry = |i: usize| table + 8 + i * FILE_BYTES;
+        assert_eq!(c_string(&l.bytes, entry(1)), "/b");
+        assert_eq!(u64_at(&l.bytes, entry(1) + 64), 5000);
+        let phys = u64_at(&l.bytes, entry(1) + 72);
+        assert_eq!(phys % PAGE, 0);
+        let at = (phys - 0x20_0000) as usize;
+        assert_eq!(&l.bytes[at..at + 5000], &[3; 5000][..]);
+        let a = (u64_at(&l.bytes, entry(0) + 72) - 0x20_0000) as usize;
+        assert_eq!(&l.bytes[a..a + 5], b"hello");
+        assert_eq!(u64_at(&l.bytes, exec::IMAGE_BYTES - 8), l.image.files, "the image names the table");
+    }
+
+    #[test]
     fn arguments_too_long_are_refused() {
         let f = elf(2, 0x40_1000, &[(0x40_0000, 0x2000, 0x2000, 1)]);
         let p = elf::parse(&f).unwrap();
         let huge = vec!["x".repeat(1 << 20)];
-        assert!(matches!(lay_out(&p, &f, &huge, &[], [0; 16], 0), Err(Error::ArgsTooLong { .. })));
+        assert!(matches!(lay_out(&p, &f, &huge, &[], &[], [0; 16], 0), Err(Error::ArgsTooLong { .. })));
     }
 }

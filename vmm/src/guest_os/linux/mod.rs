@@ -21,6 +21,8 @@ pub enum Error {
     BadElf(String),
     #[error("arguments and environment take {bytes} bytes of the initial stack; at most {max} fit")]
     ArgsTooLong { bytes: usize, max: usize },
+    #[error("--file: {0}")]
+    Files(String),
 }
 
 /// A program for the guest, read and checked.
@@ -33,6 +35,24 @@ pub struct Exec {
     /// Linux's `comm` (15 characters of it), restricted to the workload language's
     /// name characters.
     pub name: String,
+}
+
+/// Largest file put into the guest with `--file`.
+pub const MAX_FILE_BYTES: u64 = 64 << 20;
+
+/// `--file HOST[:GUEST]`: reads HOST; GUEST is its absolute path in the guest
+/// (default: `/` and HOST's file name).
+pub fn read_file(spec: &str) -> Result<layout::GuestFile, ReadError> {
+    let (host, guest) = match spec.split_once(':') {
+        Some((h, g)) => (h, g.to_string()),
+        None => (spec, format!("/{}", Path::new(spec).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())),
+    };
+    let bad = |why: String| ReadError::File { spec: spec.to_string(), why };
+    if !guest.starts_with('/') || guest.len() < 2 || guest.len() > guest_abi::exec::MAX_FILE_NAME || guest.contains('\0') || guest.ends_with('/') {
+        return Err(bad(format!("the guest path {guest:?} must be absolute, name a file, and have at most {} bytes", guest_abi::exec::MAX_FILE_NAME)));
+    }
+    let bytes = crate::input::read_limited(Path::new(host), MAX_FILE_BYTES).map_err(|e| bad(e.to_string()))?;
+    Ok(layout::GuestFile { name: guest, bytes })
 }
 
 /// Reads `path` and checks it can run here; `args` follow `argv[0]` (the path as given).
@@ -56,17 +76,22 @@ pub enum ReadError {
     Io { path: std::path::PathBuf, source: std::io::Error },
     #[error("program {}: {source}", path.display())]
     Elf { path: std::path::PathBuf, source: Error },
+    #[error("--file {spec}: {why}")]
+    File { spec: String, why: String },
 }
 
 impl Exec {
     /// The blob for guest-physical `base`: the kernel's [`guest_abi::exec::Image`], the
     /// program's frames and its initial stack (no environment: the host's is not the
-    /// guest's business).
-    pub fn lay_out(&self, base: u64) -> Result<Vec<u8>, ReadError> {
+    /// guest's business), then `files`.
+    pub fn lay_out(&self, files: &[layout::GuestFile], base: u64) -> Result<Vec<u8>, ReadError> {
         let mut random = [0u8; 16];
         // AT_RANDOM seeds the program's stack protector and pointer guard.
         getrandom(&mut random);
-        layout::lay_out(&self.program, &self.file, &self.argv, &[], random, base)
+        if let Some(dup) = files.iter().enumerate().find(|(i, f)| files[..*i].iter().any(|g| g.name == f.name)) {
+            return Err(ReadError::File { spec: dup.1.name.clone(), why: "the guest path is given twice".into() });
+        }
+        layout::lay_out(&self.program, &self.file, &self.argv, &[], files, random, base)
             .map(|l| l.bytes)
             .map_err(|source| ReadError::Elf { path: self.argv[0].clone().into(), source })
     }

@@ -368,3 +368,67 @@ fn busybox_tools_give_the_hosts_output() {
         assert!(!h.is_empty() && g == h, "busybox {tool:?}: the guest's output differs from the host's ({} against {} bytes)", g.len(), h.len());
     }
 }
+
+#[test]
+fn a_linux_program_and_scripted_processes_run_side_by_side() {
+    // pid 1 is scripted; pid 2 execs a C program from the guest's file system. Their
+    // syncs come in either order; each check holds whenever the other process is.
+    let src = r#"#include <string.h>
+#include <unistd.h>
+#include <sys/mman.h>
+static void sd_sync(const char *label) { syscall(0x5d00, label, strlen(label)); }
+int main(int argc, char **argv) {
+    char *p = mmap((void *)0x10000000, 4 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    p[0] = 1;
+    p[2 * 4096] = 1;
+    sd_sync(argv[1]);
+    p[4096] = 1;
+    sd_sync("again");
+    return 0;
+}
+"#;
+    let program = glibc_static("side", src);
+    for engine in ["pte", "kvm-bitmap"] {
+        let dir = tempdir();
+        let script = common::write_script(dir.path(), "w.wl", "proc writer\nmap 0x400000 4\nfill 0x400000 4 0x11\nsync scripted\ncheck 0x400000 4 0x11\nproc side exec /bin/side wrote\n");
+        let file = format!("{}:/bin/side", program.display());
+        let live = Live::with_args(&["--workload", script.to_str().unwrap(), "--file", &file, "--engine", engine, "--timeout", "120"]);
+        let ps = live.ps();
+        assert_eq!((ps[0]["name"].as_str(), ps[1]["name"].as_str()), (Some("writer"), Some("side")), "{ps:?}");
+        let mut seen = Vec::new();
+        let r = live.drive(|live, label, pid| {
+            seen.push(label.to_string());
+            match (label, pid) {
+                ("scripted", 1) => assert_eq!(live.soft_dirty(1, 0x40_0000, 4), vec![true; 4], "under {engine}"),
+                ("wrote", 2) => {
+                    let pages = live.pagemap(2, 0x1000_0000, 4);
+                    assert_eq!(pages.iter().map(|p| p.present).collect::<Vec<_>>(), [true, false, true, false], "under {engine}");
+                    assert!(pages[0].soft_dirty && pages[2].soft_dirty, "under {engine}");
+                    live.clear_refs(2, 4);
+                }
+                ("again", 2) => {
+                    assert_eq!(live.soft_dirty(2, 0x1000_0000, 4), vec![false, true, false, false], "what it wrote since the clear, under {engine}");
+                }
+                other => panic!("unexpected sync {other:?}"),
+            }
+        });
+        assert_eq!(r.code, 0, "every check passed on both sides under {engine}: {r:?}");
+        seen.sort();
+        assert_eq!(seen, ["again", "scripted", "wrote"]);
+    }
+}
+
+#[test]
+fn scripts_that_exec_what_the_guest_does_not_have_are_refused() {
+    require_kvm();
+    let dir = tempdir();
+    let script = common::write_script(dir.path(), "w.wl", "proc a exec /bin/missing\n");
+    let r = vmm(&["run", "--workload", script.to_str().unwrap()]);
+    assert!(r.code == 64 && r.stderr.contains("`exec /bin/missing` names no file of the guest"), "{r:?}");
+    let two = common::write_script(dir.path(), "two.wl", "proc a exec /bin/x\nproc b exec /bin/y\n");
+    let r = vmm(&["run", "--workload", two.to_str().unwrap()]);
+    assert!(r.code == 64 && r.stderr.contains("at most one runs per VM"), "{r:?}");
+    let hello = glibc_static("hello", HELLO);
+    let lonely = vmm(&["run", "--file", hello.to_str().unwrap()]);
+    assert!(lonely.code == 64 && lonely.stderr.contains("no Linux program to read it"), "{lonely:?}");
+}

@@ -196,10 +196,16 @@ pub mod exec {
         pub segments: [Segment; MAX_SEGMENTS],
         /// Physical address of the [`Files`] put into the guest (`--file`), 0: none.
         pub files: u64,
+        /// Which `proc` of the script runs the program (0-based).
+        pub proc_index: u64,
+        /// [`LOG_APART`]: the program owns the console, the kernel logs to the log port.
+        pub flags: u64,
     }
 
+    pub const LOG_APART: u64 = 1;
+
     /// Bytes of an [`Image`], as the VMM writes it (all fields u64, in order).
-    pub const IMAGE_BYTES: usize = 5 * 8 + MAX_SEGMENTS * 6 * 8 + 8;
+    pub const IMAGE_BYTES: usize = 5 * 8 + MAX_SEGMENTS * 6 * 8 + 3 * 8;
     const _: () = assert!(core::mem::size_of::<Image>() == IMAGE_BYTES);
 
     /// Files one run may put into the guest.

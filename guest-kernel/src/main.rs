@@ -126,7 +126,8 @@ extern "C" fn kmain(boot_info_phys: u64) -> ! {
     if boot.magic != BOOT_INFO_MAGIC {
         panic_msg("bad boot info magic");
     }
-    if boot.exec_phys != 0 {
+    let exec = (boot.exec_phys != 0).then(|| linux::read_image(boot.exec_phys, boot.mem_size, boot.free_phys));
+    if exec.is_some_and(|image| image.flags & guest_abi::exec::LOG_APART != 0) {
         // A Linux program's output is the console: the kernel's lines go to the log port.
         console::log_apart();
     }
@@ -140,7 +141,6 @@ extern "C" fn kmain(boot_info_phys: u64) -> ! {
     arch::init_cpu_tables();
     // SAFETY: the script is mapped at SCRIPT_VIRT for script_len bytes from here on.
     let script = unsafe { core::slice::from_raw_parts(SCRIPT_VIRT as *const u8, boot.script_len as usize) };
-    let exec = (boot.exec_phys != 0).then(|| linux::read_image(boot.exec_phys, boot.mem_size, boot.free_phys));
     process::create_all(pml4, script, SCRIPT_VIRT, zero_frame, exec);
     lapic::init();
     process::start()

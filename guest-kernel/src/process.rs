@@ -129,9 +129,8 @@ pub fn create_all(kernel_pml4: u64, script: &[u8], script_va: u64, zero_frame: u
         let n = name.len().min(slot.name.len() - 1);
         slot.name[..n].copy_from_slice(&name.as_bytes()[..n]);
         s.nprocs = index + 1;
-        if let (0, Some(image)) = (index, exec) {
-            s.current = 0;
-            s.frames[0] = crate::linux::create(0, slot, image, zero_frame);
+        if let Some(image) = exec.filter(|image| image.proc_index == index as u64) {
+            s.frames[index] = crate::linux::create(index, slot, image, zero_frame);
             continue;
         }
         // SAFETY: only the address of the stack is taken.

@@ -22,6 +22,17 @@ pub struct BlockCursor<'a> {
     depth: usize,
 }
 
+/// The `proc NAME exec ...` lines: (process index, the program and its arguments).
+pub fn execs(script: &[u8]) -> impl Iterator<Item = (usize, crate::Exec<'_>)> {
+    Lines::new(script)
+        .filter(|line| line.keyword() == b"proc")
+        .enumerate()
+        .filter_map(|(index, line)| match parse_statement(line.text) {
+            Ok(Some(Statement::Proc { exec: Some(exec), .. })) => Some((index, exec)),
+            _ => None,
+        })
+}
+
 /// The names of the script's processes, in pid order (pid = index + 1), with their lines.
 /// Lines that do not parse are skipped: run [`crate::validate`] first.
 pub fn proc_names(script: &[u8]) -> impl Iterator<Item = (u32, &str)> {
@@ -30,7 +41,7 @@ pub fn proc_names(script: &[u8]) -> impl Iterator<Item = (u32, &str)> {
             return None;
         }
         match parse_statement(line.text) {
-            Ok(Some(Statement::Proc { name })) => Some((line.number, name)),
+            Ok(Some(Statement::Proc { name, .. })) => Some((line.number, name)),
             _ => None,
         }
     })

@@ -67,6 +67,11 @@ impl<'a> Tokens<'a> {
     pub(crate) fn new(text: &'a [u8]) -> Self {
         Tokens { text, pos: 0 }
     }
+
+    /// Where the next token's search starts (after the last one returned).
+    pub(crate) fn position(&self) -> usize {
+        self.pos
+    }
 }
 
 fn is_space(b: u8) -> bool {

@@ -5,6 +5,9 @@
 //!
 //! ```text
 //! proc NAME                  start a new process (pid = its position, from 1)
+//! proc NAME exec PATH [ARGS...]  a process that runs the static Linux program PATH
+//!                            of the guest's file system (`vmm run --file`) instead of
+//!                            statements (its block has none)
 //! map ADDR PAGES [huge] [ro] [shared]  anonymous zero-filled mapping (shared: inside the
 //!                            shared window, the same address maps the same frames in
 //!                            every process)
@@ -45,9 +48,9 @@ pub mod scenario;
 mod lex;
 mod statement;
 
-pub use cursor::{proc_names, BlockCursor};
+pub use cursor::{execs, proc_names, BlockCursor};
 pub use lex::{Line, Lines};
-pub use statement::{parse_statement, ErrorKind, ParseError, Protection, Range, Statement};
+pub use statement::{parse_statement, ErrorKind, Exec, ParseError, Protection, Range, Statement, MAX_EXEC_ARGS};
 
 /// The shared window: `map ... shared` must lie inside it; page `i` of the window is
 /// the same frame in every process that maps it.
@@ -105,12 +108,13 @@ pub fn validate(script: &[u8]) -> Result<Summary, ScriptError<'_>> {
     let mut depth = 0usize;
     let mut open_loop_line = 0u32;
     let mut last_line = 0u32;
+    let mut in_exec = false;
     for line in Lines::new(script) {
         last_line = line.number;
         let at = |error| ScriptError { line: line.number, error };
         let Some(stmt) = parse_statement(line.text).map_err(at)? else { continue };
         match stmt {
-            Statement::Proc { name } => {
+            Statement::Proc { name, exec } => {
                 if depth > 0 {
                     return Err(at(ParseError::new(ErrorKind::LoopNotClosed, name.as_bytes())));
                 }
@@ -118,9 +122,13 @@ pub fn validate(script: &[u8]) -> Result<Summary, ScriptError<'_>> {
                 if procs > MAX_PROCS {
                     return Err(at(ParseError::new(ErrorKind::TooManyProcs, name.as_bytes())));
                 }
+                in_exec = exec.is_some();
             }
             _ if procs == 0 => {
                 return Err(at(ParseError::new(ErrorKind::StatementBeforeProc, line.keyword())));
+            }
+            _ if in_exec => {
+                return Err(at(ParseError::new(ErrorKind::StatementInExecProc, line.keyword())));
             }
             Statement::Loop { .. } => {
                 depth += 1;

@@ -36,7 +36,8 @@ pub enum Protection {
 /// One statement of the workload language.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Statement<'a> {
-    Proc { name: &'a str },
+    /// With `exec`, the process runs that Linux program instead of statements.
+    Proc { name: &'a str, exec: Option<Exec<'a>> },
     Map { range: Range, huge: bool, read_only: bool, shared: bool },
     Unmap { range: Range },
     Protect { range: Range, prot: Protection },
@@ -49,6 +50,23 @@ pub enum Statement<'a> {
     End,
     Yield,
     Exit { code: u8 },
+}
+
+/// `proc NAME exec PATH [ARGS...]`: a static Linux program from the guest's file
+/// system (an absolute path) and its arguments, kept as the line's text after `exec`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exec<'a> {
+    text: &'a [u8],
+}
+
+/// Most arguments after the path.
+pub const MAX_EXEC_ARGS: usize = 32;
+
+impl<'a> Exec<'a> {
+    /// The path, then each argument (split at spaces and tabs).
+    pub fn words(&self) -> impl Iterator<Item = &'a [u8]> {
+        Tokens::new(self.text)
+    }
 }
 
 /// What was wrong with a statement.
@@ -78,6 +96,9 @@ pub enum ErrorKind {
     TooManyProcs,
     NoProc,
     ScriptTooLong,
+    BadExecPath,
+    TooManyExecArgs,
+    StatementInExecProc,
 }
 
 impl ErrorKind {
@@ -85,6 +106,9 @@ impl ErrorKind {
     pub fn describe(self) -> &'static str {
         match self {
             ErrorKind::UnknownStatement => "unknown statement",
+            ErrorKind::BadExecPath => "the program after exec must be an absolute path",
+            ErrorKind::TooManyExecArgs => "more than 32 arguments after exec",
+            ErrorKind::StatementInExecProc => "a proc that execs a program has no statements of its own",
             ErrorKind::MissingArgument => "missing argument after",
             ErrorKind::ExtraArgument => "unexpected extra argument",
             ErrorKind::BadAddress => "address is not a hex number",
@@ -152,7 +176,31 @@ pub fn parse_statement(line: &[u8]) -> Result<'_, Option<Statement<'_>>> {
     let Some(keyword) = args.tokens.next() else { return Ok(None) };
     args.last = keyword;
     let stmt = match keyword {
-        b"proc" => Statement::Proc { name: args.ident(ErrorKind::BadName, MAX_NAME_LEN)? },
+        b"proc" => {
+            let name = args.ident(ErrorKind::BadName, MAX_NAME_LEN)?;
+            let exec = match args.tokens.next() {
+                None => None,
+                Some(b"exec") => {
+                    let start = args.tokens.position();
+                    let text = &line[start..];
+                    let mut words = Tokens::new(text);
+                    match words.next() {
+                        Some(path) if path.first() == Some(&b'/') => {}
+                        Some(path) => return Err(ParseError::new(ErrorKind::BadExecPath, path)),
+                        None => return Err(ParseError::new(ErrorKind::MissingArgument, b"exec")),
+                    }
+                    if words.count() > MAX_EXEC_ARGS {
+                        return Err(ParseError::new(ErrorKind::TooManyExecArgs, b"exec"));
+                    }
+                    // Everything after `exec` is the program's: nothing is left for the
+                    // extra-argument check below.
+                    while args.tokens.next().is_some() {}
+                    Some(Exec { text })
+                }
+                Some(other) => return Err(ParseError::new(ErrorKind::ExtraArgument, other)),
+            };
+            Statement::Proc { name, exec }
+        }
         b"map" => {
             let range = args.range()?;
             let (mut huge, mut read_only, mut shared) = (false, false, false);

@@ -118,3 +118,18 @@ fn fill_can_be_timed() {
 fn windows_line_endings_are_accepted() {
     assert_eq!(validate(b"proc a\r\nyield\r\n"), Ok(Summary { procs: 1 }));
 }
+
+#[test]
+fn a_proc_may_exec_a_linux_program_with_arguments_and_no_statements() {
+    let script = b"proc sh\nyield\nproc tool exec /bin/busybox sha256sum /data.txt # a comment\nproc b\nexit 0\n";
+    assert_eq!(validate(script), Ok(Summary { procs: 3 }));
+    let execs: Vec<(usize, Vec<&[u8]>)> = execs(script).map(|(i, e)| (i, e.words().collect())).collect();
+    assert_eq!(execs, [(1, std::vec![&b"/bin/busybox"[..], b"sha256sum", b"/data.txt"])]);
+    assert_eq!(proc_names(script).map(|(_, n)| n).collect::<Vec<_>>(), ["sh", "tool", "b"]);
+    assert_eq!(err_of("proc a exec bin/x\n"), (1, ErrorKind::BadExecPath));
+    assert_eq!(err_of("proc a exec\n"), (1, ErrorKind::MissingArgument));
+    assert_eq!(err_of("proc a run /bin/x\n"), (1, ErrorKind::ExtraArgument));
+    assert_eq!(err_of("proc a exec /bin/x\nyield\n"), (2, ErrorKind::StatementInExecProc));
+    let many = "proc a exec /x".to_string() + &" y".repeat(MAX_EXEC_ARGS + 1) + "\n";
+    assert_eq!(err_of(&many), (1, ErrorKind::TooManyExecArgs));
+}

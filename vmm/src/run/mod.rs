@@ -14,6 +14,7 @@ use crate::vcpu::runner::{self, Outcome, Runner, SyncHook, VcpuContext};
 use crate::tracking::dirty_log::GpaLog;
 use crate::tracking::engine::EngineKind;
 use crate::guest_os::TableLocation;
+use crate::guest_os::linux::{self, layout::Placement};
 use crate::guest_os::script;
 use crate::tracking::softdirty::Tracker;
 use crate::machine::vm::{self, Machine};
@@ -53,6 +54,9 @@ pub struct RunOptions {
     pub incoming_security: crate::migration::transport::Flags,
     /// Run this static Linux program as the guest's process instead of a workload.
     pub exec: Option<ExecOptions>,
+    /// `--file HOST[:GUEST]` specs: read-only files in the guest, for a Linux program
+    /// (`exec`, or a script's `proc NAME exec PATH`).
+    pub files: Vec<String>,
 }
 
 /// `vmm run --exec PROGRAM -- ARGS...`.
@@ -61,8 +65,6 @@ pub struct ExecOptions {
     pub program: PathBuf,
     /// After `argv[0]` (the program as given).
     pub args: Vec<String>,
-    /// `--file HOST[:GUEST]` specs: read-only files in the guest.
-    pub files: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -180,22 +182,43 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
             }
             // A Linux program is read and checked before any VM exists; its process is
             // the script's one `proc`.
-            let exec = opts.exec.as_ref().map(|e| crate::guest_os::linux::read(&e.program, &e.args)).transpose()?;
-            let files = match &opts.exec {
-                Some(e) => e.files.iter().map(|f| crate::guest_os::linux::read_file(f)).collect::<Result<Vec<_>, _>>()?,
-                None => Vec::new(),
-            };
+            let files = opts.files.iter().map(|f| linux::read_file(f)).collect::<Result<Vec<_>, _>>()?;
+            let exec = opts.exec.as_ref().map(|e| linux::read(&e.program, &e.args)).transpose()?;
             let script = match (&exec, &opts.workload) {
                 (Some(x), _) => format!("proc {}\n", x.name).into_bytes(),
                 (None, Some(path)) => script::load(path)?,
                 (None, None) => script::DEMO.as_bytes().to_vec(),
             };
+            // The program, and which process runs it: --exec's own, or a script's
+            // `proc NAME exec PATH` (one per run: vector registers are not switched
+            // between Linux processes).
+            let exec = match exec {
+                Some(x) => Some((x, Placement { proc_index: 0, owns_console: true })),
+                None => {
+                    let mut execs = workload::execs(&script);
+                    let first = execs.next();
+                    if let Some((_, second)) = execs.next() {
+                        let path = String::from_utf8_lossy(second.words().next().unwrap_or_default()).into_owned();
+                        return Err(Error::Program(linux::ReadError::File { spec: path, why: "a second Linux program in one script: at most one runs per VM for now".into() }));
+                    }
+                    match first {
+                        Some((index, e)) => Some((linux::from_script(&e, &files)?, Placement { proc_index: index as u64, owns_console: false })),
+                        None => None,
+                    }
+                }
+            };
+            if exec.is_none() && !files.is_empty() {
+                return Err(Error::Program(linux::ReadError::File {
+                    spec: opts.files[0].clone(),
+                    why: "no Linux program to read it: --file goes with --exec or a script's `proc NAME exec PATH`".into(),
+                }));
+            }
             let mem = memory::create(mem_size)?;
             let loaded = image::load(&mem, mem_size, &image_bytes, &what)?;
             // Bad input, not a failed write: check that the boot data fits before writing it.
             let placed = boot::place_script(loaded.end, script.len() as u64);
             let blob = match (&exec, placed) {
-                (Some(x), Some((_, after_script))) => x.lay_out(&files, after_script)?,
+                (Some((x, at)), Some((_, after_script))) => x.lay_out(&files, after_script, *at)?,
                 _ => Vec::new(),
             };
             let end = placed.and_then(|(_, free)| free.checked_add(blob.len() as u64));

@@ -64,8 +64,9 @@ enum Command {
         #[arg(long, value_name = "PROGRAM", conflicts_with_all = ["image", "workload", "restore", "incoming", "summary"])]
         exec: Option<PathBuf>,
         /// Put HOST into the guest's file system, read-only, at GUEST (an absolute path;
-        /// default: `/` and HOST's file name), for the --exec program. Repeatable.
-        #[arg(long = "file", value_name = "HOST[:GUEST]", requires = "exec")]
+        /// default: `/` and HOST's file name), for the --exec program or a script's
+        /// `proc NAME exec PATH`. Repeatable.
+        #[arg(long = "file", value_name = "HOST[:GUEST]")]
         files: Vec<String>,
         /// The --exec program's arguments.
         #[arg(last = true, value_name = "ARGS", requires = "exec")]
@@ -382,8 +383,8 @@ fn main_code() -> ExitCode {
             }
             let hook =
                 if summary || (workload.is_none() && restore.is_none() && incoming.is_none() && exec.is_none()) { Hook::Summary(SummaryHook) } else { Hook::None };
-            let exec = exec.map(|program| vmm::run::ExecOptions { program, args, files });
-            let opts = RunOptions { image, workload, mem_mib: mem, api_sock, timeout, engine, restore, incoming, incoming_security, exec };
+            let exec = exec.map(|program| vmm::run::ExecOptions { program, args });
+            let opts = RunOptions { image, workload, mem_mib: mem, api_sock, timeout, engine, restore, incoming, incoming_security, exec, files };
             match run::run(&opts, hook) {
                 Ok(Outcome::Exited(0)) => ExitCode::Success,
                 Ok(Outcome::Exited(c)) => {

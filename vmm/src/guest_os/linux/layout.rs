@@ -47,13 +47,21 @@ pub struct GuestFile {
     pub bytes: Vec<u8>,
 }
 
+/// Which process runs the program, and whether it owns the console.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Placement {
+    pub proc_index: u64,
+    pub owns_console: bool,
+}
+
 /// Lays out `program` (whose file is `file`) with `argv` and `envp`, and `files`, for a
 /// blob placed at guest-physical `base` (page-aligned). `random`: the 16 bytes of
 /// `AT_RANDOM`.
 #[allow(clippy::too_many_arguments)]
-pub fn lay_out(program: &Program, file: &[u8], argv: &[String], envp: &[String], files: &[GuestFile], random: [u8; 16], base: u64)
-    -> Result<Laid, Error> {
-    let mut image = Image { magic: exec::MAGIC, entry: program.entry, ..Image::default() };
+pub fn lay_out(program: &Program, file: &[u8], argv: &[String], envp: &[String], files: &[GuestFile], random: [u8; 16], base: u64,
+    at: Placement) -> Result<Laid, Error> {
+    let flags = if at.owns_console { exec::LOG_APART } else { 0 };
+    let mut image = Image { magic: exec::MAGIC, entry: program.entry, proc_index: at.proc_index, flags, ..Image::default() };
     // The image first, on a page of its own; the frames follow.
     let mut bytes = vec![0u8; PAGE as usize];
     let mut segments = Vec::new();
@@ -125,7 +133,7 @@ fn write_image(image: &Image, out: &mut [u8]) {
     for s in &image.segments {
         words.extend([s.va, s.pages, s.flags, s.fill_va, s.fill_pages, s.fill_phys]);
     }
-    words.push(image.files);
+    words.extend([image.files, image.proc_index, image.flags]);
     for (chunk, w) in out.chunks_exact_mut(8).zip(words) {
         chunk.copy_from_slice(&w.to_le_bytes());
     }
@@ -223,7 +231,7 @@ mod tests {
     fn segments_keep_their_file_bytes_and_rights_and_the_rest_is_zero() {
         let f = elf(2, 0x40_1000, &[(0x40_0000, 0x1800, 0x1800, 1), (0x40_3010, 0x100, 0x3000, 2)]);
         let p = elf::parse(&f).unwrap();
-        let l = lay_out(&p, &f, &["prog".into()], &[], &[], [9; 16], 0x20_0000).unwrap();
+        let l = lay_out(&p, &f, &["prog".into()], &[], &[], [9; 16], 0x20_0000, Placement::default()).unwrap();
         let segs = &l.image.segments[..l.image.nsegments as usize];
         assert_eq!(segs.len(), 3, "two segments and the stack");
         let text = segs[0];
@@ -247,7 +255,7 @@ mod tests {
         let f = elf(2, 0x40_1000, &[(0x40_0000, 0x2000, 0x2000, 1)]);
         let p = elf::parse(&f).unwrap();
         let argv: Vec<String> = ["prog", "a", "b c"].iter().map(|s| s.to_string()).collect();
-        let l = lay_out(&p, &f, &argv, &["HOME=/".into()], &[], [7; 16], 0x20_0000).unwrap();
+        let l = lay_out(&p, &f, &argv, &["HOME=/".into()], &[], [7; 16], 0x20_0000, Placement::default()).unwrap();
         let stack = l.image.segments[1];
         assert_eq!((stack.va, stack.pages), (STACK_TOP - STACK_SIZE, STACK_SIZE / PAGE));
         let rsp = l.image.rsp;
@@ -284,7 +292,7 @@ mod tests {
         let f = elf(2, 0x40_1000, &[(0x40_0000, 0x2000, 0x2000, 1)]);
         let p = elf::parse(&f).unwrap();
         let files = [GuestFile { name: "/a.txt".into(), bytes: b"hello".to_vec() }, GuestFile { name: "/b".into(), bytes: vec![3; 5000] }];
-        let l = lay_out(&p, &f, &["prog".into()], &[], &files, [0; 16], 0x20_0000).unwrap();
+        let l = lay_out(&p, &f, &["prog".into()], &[], &files, [0; 16], 0x20_0000, Placement::default()).unwrap();
         let table = (l.image.files - 0x20_0000) as usize;
         assert_eq!(u64_at(&l.bytes, table), 2);
         let entry = |i: usize| table + 8 + i * FILE_BYTES;
@@ -296,7 +304,7 @@ mod tests {
         assert_eq!(&l.bytes[at..at + 5000], &[3; 5000][..]);
         let a = (u64_at(&l.bytes, entry(0) + 72) - 0x20_0000) as usize;
         assert_eq!(&l.bytes[a..a + 5], b"hello");
-        assert_eq!(u64_at(&l.bytes, exec::IMAGE_BYTES - 8), l.image.files, "the image names the table");
+        assert_eq!(u64_at(&l.bytes, exec::IMAGE_BYTES - 24), l.image.files, "the image names the table");
     }
 
     #[test]
@@ -304,6 +312,6 @@ mod tests {
         let f = elf(2, 0x40_1000, &[(0x40_0000, 0x2000, 0x2000, 1)]);
         let p = elf::parse(&f).unwrap();
         let huge = vec!["x".repeat(1 << 20)];
-        assert!(matches!(lay_out(&p, &f, &huge, &[], &[], [0; 16], 0), Err(Error::ArgsTooLong { .. })));
+        assert!(matches!(lay_out(&p, &f, &huge, &[], &[], [0; 16], 0, Placement::default()), Err(Error::ArgsTooLong { .. })));
     }
 }

@@ -58,9 +58,24 @@ pub fn read_file(spec: &str) -> Result<layout::GuestFile, ReadError> {
 /// Reads `path` and checks it can run here; `args` follow `argv[0]` (the path as given).
 pub fn read(path: &Path, args: &[String]) -> Result<Exec, ReadError> {
     let file = crate::input::read_limited(path, MAX_PROGRAM_BYTES).map_err(|source| ReadError::Io { path: path.into(), source })?;
-    let program = elf::parse(&file).map_err(|source| ReadError::Elf { path: path.into(), source })?;
     let mut argv = vec![path.display().to_string()];
     argv.extend(args.iter().cloned());
+    from_file(path, file, argv)
+}
+
+/// A script's `proc NAME exec PATH ARGS...`: PATH from the files put into the guest.
+pub fn from_script(exec: &workload::Exec<'_>, files: &[layout::GuestFile]) -> Result<Exec, ReadError> {
+    let argv: Vec<String> = exec.words().map(|w| String::from_utf8_lossy(w).into_owned()).collect();
+    let path = argv[0].clone();
+    let file = files.iter().find(|f| f.name == path).ok_or_else(|| ReadError::File {
+        spec: path.clone(),
+        why: format!("`exec {path}` names no file of the guest: give it with --file HOST:{path}"),
+    })?;
+    from_file(Path::new(&path), file.bytes.clone(), argv)
+}
+
+fn from_file(path: &Path, file: Vec<u8>, argv: Vec<String>) -> Result<Exec, ReadError> {
+    let program = elf::parse(&file).map_err(|source| ReadError::Elf { path: path.into(), source })?;
     let base = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let mut name: String = base.chars().map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '_' }).take(15).collect();
     if name.is_empty() {
@@ -84,14 +99,14 @@ impl Exec {
     /// The blob for guest-physical `base`: the kernel's [`guest_abi::exec::Image`], the
     /// program's frames and its initial stack (no environment: the host's is not the
     /// guest's business), then `files`.
-    pub fn lay_out(&self, files: &[layout::GuestFile], base: u64) -> Result<Vec<u8>, ReadError> {
+    pub fn lay_out(&self, files: &[layout::GuestFile], base: u64, at: layout::Placement) -> Result<Vec<u8>, ReadError> {
         let mut random = [0u8; 16];
         // AT_RANDOM seeds the program's stack protector and pointer guard.
         getrandom(&mut random);
         if let Some(dup) = files.iter().enumerate().find(|(i, f)| files[..*i].iter().any(|g| g.name == f.name)) {
             return Err(ReadError::File { spec: dup.1.name.clone(), why: "the guest path is given twice".into() });
         }
-        layout::lay_out(&self.program, &self.file, &self.argv, &[], files, random, base)
+        layout::lay_out(&self.program, &self.file, &self.argv, &[], files, random, base, at)
             .map(|l| l.bytes)
             .map_err(|source| ReadError::Elf { path: self.argv[0].clone().into(), source })
     }

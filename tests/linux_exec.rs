@@ -432,3 +432,35 @@ fn scripts_that_exec_what_the_guest_does_not_have_are_refused() {
     let lonely = vmm(&["run", "--file", hello.to_str().unwrap()]);
     assert!(lonely.code == 64 && lonely.stderr.contains("no Linux program to read it"), "{lonely:?}");
 }
+
+#[test]
+fn the_programs_clocks_follow_the_hosts_time() {
+    let src = r#"#include <stdio.h>
+#include <time.h>
+#include <sys/time.h>
+int main(void) {
+    struct timespec real, m1, m2, res;
+    struct timeval tv;
+    clock_gettime(CLOCK_REALTIME, &real);
+    gettimeofday(&tv, 0);
+    clock_getres(CLOCK_MONOTONIC, &res);
+    clock_gettime(CLOCK_MONOTONIC, &m1);
+    for (volatile int i = 0; i < 1000000; i++);
+    clock_gettime(CLOCK_MONOTONIC, &m2);
+    long spent = (m2.tv_sec - m1.tv_sec) * 1000000000L + (m2.tv_nsec - m1.tv_nsec);
+    printf("%ld %ld %ld %ld %ld\n", (long)real.tv_sec, (long)tv.tv_sec, (long)time(0), res.tv_nsec, spent);
+    return 0;
+}
+"#;
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let r = exec(&glibc_static("clocks", src), &[], &[]);
+    let after = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert_eq!(r.code, 0, "{r:?}");
+    let v: Vec<i64> = r.stdout.split_whitespace().map(|w| w.parse().unwrap()).collect();
+    for &secs in &v[..3] {
+        assert!(before - 1 <= secs && secs <= after + 1, "realtime, gettimeofday and time read the host's clock: {r:?}");
+    }
+    assert_eq!(v[3], 1, "a nanosecond clock");
+    assert!(v[4] > 0 && v[4] < 60_000_000_000, "the monotonic clock moves while the program runs: {r:?}");
+    assert!(!r.stderr.contains("228 x"), "clock_gettime is implemented: {r:?}");
+}

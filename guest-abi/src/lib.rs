@@ -157,7 +157,14 @@ pub struct BootInfo {
     /// Physical address of an [`exec::Image`]: the script's first `proc` runs that Linux
     /// program instead of statements. 0: none.
     pub exec_phys: u64,
+    /// The guest TSC's rate in kHz (0: unknown), and the wall-clock time (ns since the
+    /// Unix epoch) when the VMM started the vCPU: Linux programs' clocks.
+    pub tsc_khz: u64,
+    pub boot_unix_ns: u64,
 }
+
+/// Offset of [`BootInfo::tsc_khz`]: the VMM fills the clock once its vCPU exists.
+pub const BOOT_INFO_CLOCK_OFFSET: u64 = 48;
 
 /// A static Linux program laid out by the VMM (ELF segments, initial stack), for the
 /// kernel to map into the first process: the VMM does every byte-heavy step, ring 0
@@ -444,6 +451,7 @@ const _: () = {
     assert!(size_of::<ZeroRequest>() == 8 + 16 * ZERO_REQUEST_MAX);
     // ProcRequest: u32 op, u32 pid, then u64 arg, count, buf, result.
     assert!(offset_of!(ProcRequest, arg) == 8 && offset_of!(ProcRequest, result) == 32 && size_of::<ProcRequest>() == 40);
-    // BootInfo: six u64 in order.
-    assert!(offset_of!(BootInfo, free_phys) == 32 && offset_of!(BootInfo, exec_phys) == 40 && size_of::<BootInfo>() == 48);
+    // BootInfo: eight u64 in order.
+    assert!(offset_of!(BootInfo, free_phys) == 32 && offset_of!(BootInfo, exec_phys) == 40 && size_of::<BootInfo>() == 64);
+    assert!(offset_of!(BootInfo, tsc_khz) as u64 == BOOT_INFO_CLOCK_OFFSET && offset_of!(BootInfo, boot_unix_ns) == 56);
 };

@@ -133,6 +133,7 @@ extern "C" fn kmain(boot_info_phys: u64) -> ! {
     }
     console::emit(Line::new().str("guest kernel: ").dec(boot.mem_size >> 20).str(" MiB, script ")
         .dec(boot.script_len).str(" bytes"));
+    linux::init_clock(boot.tsc_khz, boot.boot_unix_ns);
     frames::init(boot.free_phys, boot.mem_size);
     let Some(zero_frame) = frames::alloc() else { panic_msg("out of memory") };
     let pml4 = build_kernel_tables(&boot);

@@ -5,9 +5,12 @@
 //! Per process: its program break, its FS base (TLS) and a count of the system calls it
 //! made that are not implemented (reported when it ends).
 
+mod clock;
 mod files;
 pub mod syscall;
 mod uaccess;
+
+pub use clock::init as init_clock;
 
 use crate::arch::{self, USER_CS, USER_DS};
 use crate::console::{self, Line};

@@ -45,6 +45,10 @@ mod nr {
     pub const DUP: u64 = 32;
     pub const DUP2: u64 = 33;
     pub const GETPID: u64 = 39;
+    pub const GETTIMEOFDAY: u64 = 96;
+    pub const TIME: u64 = 201;
+    pub const CLOCK_GETTIME: u64 = 228;
+    pub const CLOCK_GETRES: u64 = 229;
     pub const EXIT: u64 = 60;
     pub const UNAME: u64 = 63;
     pub const GETUID: u64 = 102;
@@ -126,6 +130,10 @@ pub fn enter(frame: &mut TrapFrame) {
         nr::ACCESS => access(a0, a1),
         nr::FACCESSAT => access(a1, a2),
         nr::UNAME => uname(a0),
+        nr::CLOCK_GETTIME => clock_gettime(a0, a1),
+        nr::CLOCK_GETRES => clock_getres(a0, a1),
+        nr::GETTIMEOFDAY => gettimeofday(a0, a1),
+        nr::TIME => time(a0),
         nr::PRLIMIT64 => prlimit64(a0, a1, a2, a3),
         nr::SYNC => sync(a0, a1),
         nr::GETPID | nr::GETTID | nr::SET_TID_ADDRESS => Ok(u64::from(process::current_pid())),
@@ -396,4 +404,58 @@ fn sync(label: u64, len: u64) -> Result<u64, i64> {
     }
     crate::syscall::sync(bytes);
     Ok(0)
+}
+
+/// Which clock: wall-clock time (`CLOCK_REALTIME` and its coarse and alarm forms, TAI),
+/// or time since boot (monotonic, raw, boot time, and the CPU-time clocks: one
+/// process runs at a time, so its CPU time is close to the elapsed time only when
+/// nothing else runs; an approximation).
+fn clock_ns(id: u64) -> Result<u64, i64> {
+    match id {
+        0 | 5 | 8 | 11 => Ok(super::clock::realtime_ns()),
+        1..=4 | 6 | 7 | 9 => Ok(super::clock::since_boot_ns()),
+        _ => Err(EINVAL),
+    }
+}
+
+fn timespec(ns: u64) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&(ns / 1_000_000_000).to_le_bytes());
+    b[8..].copy_from_slice(&(ns % 1_000_000_000).to_le_bytes());
+    b
+}
+
+fn clock_gettime(id: u64, tp: u64) -> Result<u64, i64> {
+    let ns = clock_ns(id)?;
+    uaccess::write_bytes(tp, &timespec(ns)).map(|()| 0)
+}
+
+fn clock_getres(id: u64, tp: u64) -> Result<u64, i64> {
+    clock_ns(id)?;
+    if tp == 0 {
+        return Ok(0);
+    }
+    uaccess::write_bytes(tp, &timespec(1)).map(|()| 0)
+}
+
+fn gettimeofday(tv: u64, tz: u64) -> Result<u64, i64> {
+    let ns = super::clock::realtime_ns();
+    if tv != 0 {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&(ns / 1_000_000_000).to_le_bytes());
+        b[8..].copy_from_slice(&((ns % 1_000_000_000) / 1000).to_le_bytes());
+        uaccess::write_bytes(tv, &b)?;
+    }
+    if tz != 0 {
+        uaccess::write_bytes(tz, &[0u8; 8])?;
+    }
+    Ok(0)
+}
+
+fn time(t: u64) -> Result<u64, i64> {
+    let secs = super::clock::realtime_ns() / 1_000_000_000;
+    if t != 0 {
+        uaccess::write_u64(t, secs)?;
+    }
+    Ok(secs)
 }

@@ -97,11 +97,20 @@ pub fn write_boot_info(mem: &GuestMem, mem_size: u64, kernel_end: u64, script: &
         memory::write(mem, after_script, exec)?;
         (after_script, after_script.checked_add(exec.len() as u64).and_then(|e| e.checked_next_multiple_of(PAGE)).ok_or_else(overflow)?)
     };
-    let info = BootInfo { magic: BOOT_INFO_MAGIC, mem_size, script_phys, script_len: script.len() as u64, free_phys, exec_phys };
+    let info = BootInfo { magic: BOOT_INFO_MAGIC, mem_size, script_phys, script_len: script.len() as u64, free_phys, exec_phys, tsc_khz: 0, boot_unix_ns: 0 };
     let words = [info.magic, info.mem_size, info.script_phys, info.script_len, info.free_phys, info.exec_phys];
     let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
     memory::write(mem, BOOT_INFO_PHYS, &bytes)?;
     Ok(info)
+}
+
+/// Fills the boot info's clock: the guest TSC's rate and the wall-clock time now, just
+/// before the vCPU first runs.
+pub fn write_clock(mem: &GuestMem, tsc_khz: u64) -> Result<(), memory::Error> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
+    let mut bytes = tsc_khz.to_le_bytes().to_vec();
+    bytes.extend(now.to_le_bytes());
+    memory::write(mem, BOOT_INFO_PHYS + guest_abi::BOOT_INFO_CLOCK_OFFSET, &bytes)
 }
 
 /// A flat 64-bit code or data segment with privilege level `dpl`.

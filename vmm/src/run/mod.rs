@@ -243,6 +243,12 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
             (setup, machine)
         }
     };
+    if restored.is_none() {
+        // A booting guest's clock: the TSC rate is the vCPU's (unknown: 0, and Linux
+        // programs' clocks then stand still at the boot time).
+        let khz = machine.vcpu.get_tsc_khz().map(u64::from).unwrap_or(0);
+        boot::write_clock(&mem, khz)?;
+    }
     let source = setup.attach(&machine, &mem)?;
     let Machine { kvm: _kvm, vm, vcpu, serial_irq, sync_regs } = machine;
     let devices = match restored.as_ref().and_then(|(state, _)| state.get("serial")) {

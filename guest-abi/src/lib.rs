@@ -79,6 +79,11 @@ pub mod proc_op {
     /// the process's address space: `read` of a file, done by the VMM (ring 0 copying
     /// bytes is emulated here, ~1 µs an instruction).
     pub const COPY: u32 = 3;
+    /// `count` bytes from offset `arg` of the process's `/proc/PID/smaps` text, which
+    /// the VMM renders from the process table and the pagemap, into `buf`.
+    pub const SMAPS: u32 = 4;
+    /// The same of `/proc/PID/maps`.
+    pub const MAPS: u32 = 5;
 }
 
 /// Most pagemap entries one request asks for.

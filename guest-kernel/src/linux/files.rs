@@ -43,6 +43,8 @@ pub enum Fd {
     /// Read position, in bytes (8 per page).
     Pagemap { pos: u64 },
     ClearRefs,
+    /// `/proc/self/smaps` (`maps` false) or `maps`, rendered by the VMM; read position.
+    ProcText { maps: bool, pos: u64 },
     /// File `index` of the table, read position.
     File { index: usize, pos: u64 },
 }
@@ -135,6 +137,8 @@ fn lookup(path: &[u8]) -> Option<Fd> {
     match name {
         b"pagemap" => Some(Fd::Pagemap { pos: 0 }),
         b"clear_refs" => Some(Fd::ClearRefs),
+        b"smaps" => Some(Fd::ProcText { maps: false, pos: 0 }),
+        b"maps" => Some(Fd::ProcText { maps: true, pos: 0 }),
         _ => None,
     }
 }
@@ -156,7 +160,7 @@ pub fn open(path: u64, flags: u64) -> Result<u64, i64> {
         (None, None) => return Err(ENOENT),
     };
     let allowed = match fd {
-        Fd::Pagemap { .. } => mode == O_RDONLY,
+        Fd::Pagemap { .. } | Fd::ProcText { .. } => mode == O_RDONLY,
         Fd::ClearRefs => mode == O_WRONLY,
         Fd::File { .. } => true,
         _ => false,
@@ -206,8 +210,23 @@ pub fn read(fd: u64, buf: u64, len: u64) -> Result<u64, i64> {
             table()[fd as usize] = Fd::File { index, pos: pos + n };
             Ok(n)
         }
+        Fd::ProcText { maps, pos } => {
+            let n = proc_text(maps, buf, len, pos)?;
+            table()[fd as usize] = Fd::ProcText { maps, pos: pos + n };
+            Ok(n)
+        }
         Fd::ClearRefs | Fd::Closed => Err(EBADF),
     }
+}
+
+fn proc_text(maps: bool, buf: u64, len: u64, pos: u64) -> Result<u64, i64> {
+    let n = len.min(MAX_READ);
+    if n == 0 {
+        return Ok(0);
+    }
+    probe(buf, n)?;
+    let r = ask(if maps { proc_op::MAPS } else { proc_op::SMAPS }, pos, n, buf);
+    if r < 0 { Err(-r) } else { Ok(r as u64) }
 }
 
 /// The size of file `index`, for `fstat`.
@@ -253,6 +272,7 @@ pub fn pread(fd: u64, buf: u64, len: u64, off: u64) -> Result<u64, i64> {
     match get(fd)? {
         Fd::Pagemap { .. } => pagemap(buf, len, off),
         Fd::File { index, .. } => file_read(index, buf, len, off),
+        Fd::ProcText { maps, .. } => proc_text(maps, buf, len, off),
         Fd::Console => Err(ESPIPE),
         Fd::ClearRefs | Fd::Closed => Err(EBADF),
     }

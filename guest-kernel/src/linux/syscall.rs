@@ -330,6 +330,7 @@ fn stat(fd: Fd, buf: u64) -> Result<u64, i64> {
     let (mode, size) = match fd {
         Fd::Console => (0o020_620, 0),        // S_IFCHR | rw--w----
         Fd::Pagemap { .. } => (0o100_400, 0), // S_IFREG | r--------, size 0 as in /proc
+        Fd::ProcText { .. } => (0o100_444, 0),
         Fd::ClearRefs => (0o100_200, 0),      // S_IFREG | -w-------
         Fd::File { index, .. } => (0o100_444, files::file_size(index)),
         Fd::Closed => return Err(EBADF),

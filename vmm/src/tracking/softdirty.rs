@@ -407,6 +407,22 @@ impl Tracker {
         Ok(out)
     }
 
+    /// Linux's VM_SOFTDIRTY of mapping `m` of `pid` (`sd` in smaps' VmFlags): set on a
+    /// mapping made since the pid's last clear (or ever, if never cleared), in whole or
+    /// in part; a clear takes it off every mapping.
+    pub fn vma_soft_dirty(&self, pid: u32, m: &Mapping) -> bool {
+        let old = self.old_coverage(pid, m);
+        let mut covered = m.start;
+        let mut pieces = old;
+        pieces.sort_unstable();
+        for (s, e) in pieces {
+            if s <= covered && e > covered {
+                covered = e;
+            }
+        }
+        covered < m.end()
+    }
+
     /// What mapping `m` covered at the pid's last clear: every piece with its serial
     /// (`protect` and partial `unmap` split one mapping into several records). Empty if
     /// it is new since then, or if the pid was never cleared (everything is new, as for

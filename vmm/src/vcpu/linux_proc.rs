@@ -11,6 +11,7 @@
 //! written: the store is a write of the program's pages, as Linux's copy_to_user is).
 
 use super::runner::VcpuContext;
+use crate::guest_os::linux::proc_text;
 use crate::machine::memory::{self, Phys};
 use crate::tracking::softdirty::ClearRefs;
 use guest_abi::{proc_op, ProcRequest, PROC_PAGEMAP_MAX};
@@ -49,6 +50,7 @@ pub fn answer(ctx: &mut VcpuContext, addr: u64) -> Result<(), memory::Error> {
         proc_op::PAGEMAP => pagemap(ctx, &req).map_or_else(|e| -e, |n| n as i64),
         proc_op::CLEAR_REFS => clear_refs(ctx, &req).map_or_else(|e| -e, |()| 0),
         proc_op::COPY => copy(ctx, &req).map_or_else(|e| -e, |n| n as i64),
+        proc_op::SMAPS | proc_op::MAPS => proc_text(ctx, &req).map_or_else(|e| -e, |n| n as i64),
         _ => -EINVAL,
     };
     memory::write(&ctx.mem, addr + offset_of!(ProcRequest, result) as u64, &result.to_le_bytes())
@@ -85,6 +87,57 @@ fn copy(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<u64, i64> {
     let cr3 = snap.by_pid(req.pid).ok_or(ESRCH)?.cr3;
     store(mem, cr3, req.buf, &bytes)?;
     Ok(req.count)
+}
+
+/// A piece of the process's smaps or maps text, rendered from its mappings and their
+/// pagemap (the same answers `vmm pagemap` gives).
+fn proc_text(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<u64, i64> {
+    if req.count > COPY_MAX {
+        return Err(EINVAL);
+    }
+    let VcpuContext { tracker, mem, .. } = ctx;
+    let snap = tracker.snapshot(mem).map_err(|_| ESRCH)?;
+    let p = snap.by_pid(req.pid).ok_or(ESRCH)?;
+    let cr3 = p.cr3;
+    let text = if req.op == proc_op::MAPS {
+        proc_text::maps(&vmas(tracker, mem, p, false)?)
+    } else {
+        proc_text::smaps(&vmas(tracker, mem, p, true)?)
+    };
+    let from = (req.arg as usize).min(text.len());
+    let piece = &text.as_bytes()[from..(from + req.count as usize).min(text.len())];
+    store(mem, cr3, req.buf, piece)?;
+    Ok(piece.len() as u64)
+}
+
+/// The process's mappings with their resident, referenced and huge-page sizes (if
+/// `counts`) and their VM_SOFTDIRTY.
+fn vmas(tracker: &mut crate::tracking::softdirty::Tracker, mem: &memory::GuestMem, p: &crate::guest_os::Process, counts: bool)
+    -> Result<Vec<proc_text::Vma>, i64> {
+    let mut out = Vec::new();
+    for m in &p.mappings {
+        let mut v = proc_text::Vma {
+            start: m.start,
+            end: m.end(),
+            read_only: m.read_only,
+            exec: m.exec,
+            shared: m.shared,
+            huge: m.huge,
+            soft_dirty: tracker.vma_soft_dirty(p.pid, m),
+            ..Default::default()
+        };
+        if counts {
+            for page in tracker.pagemap(mem, p.pid, Some((m.start, m.pages))).map_err(|_| ESRCH)? {
+                if page.entry.0 >> 63 & 1 == 1 {
+                    v.rss_kb += 4;
+                    v.referenced_kb += if page.accessed { 4 } else { 0 };
+                    v.anon_huge_kb += if page.huge { 4 } else { 0 };
+                }
+            }
+        }
+        out.push(v);
+    }
+    Ok(out)
 }
 
 /// Stores `bytes` at `va` in the address space `cr3`, page by page: every page must be

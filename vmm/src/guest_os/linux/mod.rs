@@ -5,6 +5,7 @@
 
 pub mod elf;
 pub mod layout;
+pub mod proc_text;
 
 use std::path::Path;
 

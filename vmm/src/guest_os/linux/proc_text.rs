@@ -109,7 +109,7 @@ mod tests {
     #[test]
     fn smaps_lines_are_linux_s_to_the_byte() {
         let v = Vma { start: 0x7f0b_51b6_f000, end: 0x7f0b_51ca_2000, rss_kb: 740, referenced_kb: 740, soft_dirty: true, ..Vma::default() };
-        let text = smaps(&[v.clone()]);
+        let text = smaps(std::slice::from_ref(&v));
         let lines: Vec<&str> = text.lines().collect();
         // Taken from a Linux 6.x host's smaps (that host lacks soft-dirty: `sd` added).
         assert_eq!(lines[0], "7f0b51b6f000-7f0b51ca2000 rw-p 00000000 00:00 0 ");

@@ -3,10 +3,10 @@
 //! static glibc program) run in our guest, where every pagemap read and clear_refs
 //! write it makes is answered by the VMM from outside, under each engine.
 //!
-//! What it must print today: its first 10 results, 8 passed, and the two it skips
-//! because our guest does not have them yet (transparent huge pages through
-//! `madvise(MADV_HUGEPAGE)`, and writable files for the file-backed mprotect tests);
-//! `not ok` anywhere (a lost or invented write) fails. See docs/linux-programs.md.
+//! What it must print today: its first 11 results, 10 passed (the huge-page test runs
+//! for real), and the file-backed mprotect test skipped, because our guest has no
+//! writable files yet; `not ok` anywhere (a lost or invented write) fails. See
+//! docs/linux-programs.md.
 
 mod common;
 use common::{require_kvm, vmm};
@@ -25,19 +25,20 @@ fn selftest() -> &'static PathBuf {
     })
 }
 
-const EXPECTED: [&str; 12] = [
+const EXPECTED: [&str; 13] = [
     "TAP version 13",
     "1..15",
     "ok 1 Test test_simple",
     "ok 2 Test test_vma_reuse dirty bit of allocated page",
     "ok 3 Test test_vma_reuse dirty bit of reused address page",
-    "ok 4 # SKIP Transparent Hugepages not available",
-    "ok 5 Test test_mprotect-anon dirty bit of new written page",
-    "ok 6 Test test_mprotect-anon soft-dirty clear after clear_refs",
-    "ok 7 Test test_mprotect-anon soft-dirty clear after marking RO",
-    "ok 8 Test test_mprotect-anon soft-dirty clear after marking RW",
-    "ok 9 Test test_mprotect-anon soft-dirty after rewritten",
-    "ok 10 # SKIP Test test_mprotect open() file failed",
+    "ok 4 Test test_hugepage huge page allocation",
+    "ok 5 Test test_hugepage huge page dirty bit",
+    "ok 6 Test test_mprotect-anon dirty bit of new written page",
+    "ok 7 Test test_mprotect-anon soft-dirty clear after clear_refs",
+    "ok 8 Test test_mprotect-anon soft-dirty clear after marking RO",
+    "ok 9 Test test_mprotect-anon soft-dirty clear after marking RW",
+    "ok 10 Test test_mprotect-anon soft-dirty after rewritten",
+    "ok 11 # SKIP Test test_mprotect open() file failed",
 ];
 
 fn runs_under(engine: &str) {
@@ -47,8 +48,8 @@ fn runs_under(engine: &str) {
     assert!(!r.stdout.contains("not ok"), "a check failed under {engine}: {r:?}");
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert!(lines.len() >= EXPECTED.len() && lines[..EXPECTED.len()] == EXPECTED, "under {engine}: {r:?}");
-    assert!(r.stdout.contains("# Totals: pass:8 fail:0 xfail:0 xpass:0 skip:2 error:0"), "under {engine}: {r:?}");
-    // Planned 15, ran 10: the test itself exits 1 until huge pages and files exist.
+    assert!(r.stdout.contains("# Totals: pass:10 fail:0 xfail:0 xpass:0 skip:1 error:0"), "under {engine}: {r:?}");
+    // Planned 15, ran 11: the test itself exits 1 until writable files exist.
     assert_eq!(r.code, 1, "under {engine}: {r:?}");
 }
 

@@ -435,3 +435,29 @@ pub fn populate(slot: &mut ProcSlot, addr: u64, write: bool, zero_frame: u64) ->
         Fault::Kill(_) => Err(EFAULT),
     }
 }
+
+/// `madvise(MADV_HUGEPAGE)` of the 2 MiB at `addr` (aligned): if they lie inside one
+/// private 4 KiB mapping and none of their pages is present yet, they become a huge
+/// mapping of their own (Linux splits the VMA and backs it with a 2 MiB page on the
+/// first touch). Returns whether they did; never an error (Linux's madvise succeeds
+/// whether or not a huge page follows).
+pub fn make_huge(slot: &mut ProcSlot, addr: u64) -> bool {
+    let end = addr + HUGE;
+    let Some(i) = find(slot, addr) else { return false };
+    let m = slot.mappings[i];
+    if m.flags & (F_HUGE | F_SHARED) != 0 || end > end_of(&m) {
+        return false;
+    }
+    let mut present = false;
+    for_each_leaf(slot.cr3, addr, end, false, |_, _| present = true);
+    if present || split_bounds(slot, addr, end).is_err() {
+        return false;
+    }
+    match find(slot, addr) {
+        Some(j) => {
+            slot.mappings[j].flags |= F_HUGE;
+            true
+        }
+        None => false,
+    }
+}

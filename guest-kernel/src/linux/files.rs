@@ -20,6 +20,7 @@ pub const EMFILE: i64 = 24;
 pub const ENOTTY: i64 = 25;
 pub const ESPIPE: i64 = 29;
 pub const EROFS: i64 = 30;
+pub const EISDIR: i64 = 21;
 
 /// Descriptors a process may hold.
 pub const MAX_FDS: usize = 16;
@@ -45,6 +46,10 @@ pub enum Fd {
     ClearRefs,
     /// `/proc/self/smaps` (`maps` false) or `maps`, rendered by the VMM; read position.
     ProcText { maps: bool, pos: u64 },
+    /// A fixed text of the kernel's (sysfs), read position.
+    Text { which: usize, pos: u64 },
+    /// A directory (only for `access` and `stat`).
+    Dir,
     /// File `index` of the table, read position.
     File { index: usize, pos: u64 },
 }
@@ -124,8 +129,23 @@ fn ask(op: u32, arg: u64, count: u64, buf: u64) -> i64 {
     }
 }
 
+/// sysfs files with fixed text: transparent huge pages on `madvise`, as Linux's
+/// default (the self-test's THP check reads both).
+const TEXTS: [(&[u8], &[u8]); 2] = [
+    (b"/sys/kernel/mm/transparent_hugepage/enabled", b"always [madvise] never\n"),
+    (b"/sys/kernel/mm/transparent_hugepage/hpage_pmd_size", b"2097152\n"),
+];
+const DIRS: [&[u8]; 5] = [b"/", b"/proc", b"/sys", b"/sys/kernel/mm", b"/sys/kernel/mm/transparent_hugepage"];
+
 /// Which of our files `path` names.
 fn lookup(path: &[u8]) -> Option<Fd> {
+    let trimmed = if path.len() > 1 { path.strip_suffix(b"/").unwrap_or(path) } else { path };
+    if let Some(which) = TEXTS.iter().position(|(name, _)| *name == trimmed) {
+        return Some(Fd::Text { which, pos: 0 });
+    }
+    if DIRS.contains(&trimmed) {
+        return Some(Fd::Dir);
+    }
     let rest = path.strip_prefix(b"/proc/")?;
     let slash = rest.iter().position(|&b| b == b'/')?;
     let (who, name) = (&rest[..slash], &rest[slash + 1..]);
@@ -160,7 +180,7 @@ pub fn open(path: u64, flags: u64) -> Result<u64, i64> {
         (None, None) => return Err(ENOENT),
     };
     let allowed = match fd {
-        Fd::Pagemap { .. } | Fd::ProcText { .. } => mode == O_RDONLY,
+        Fd::Pagemap { .. } | Fd::ProcText { .. } | Fd::Text { .. } | Fd::Dir => mode == O_RDONLY,
         Fd::ClearRefs => mode == O_WRONLY,
         Fd::File { .. } => true,
         _ => false,
@@ -215,6 +235,15 @@ pub fn read(fd: u64, buf: u64, len: u64) -> Result<u64, i64> {
             table()[fd as usize] = Fd::ProcText { maps, pos: pos + n };
             Ok(n)
         }
+        Fd::Text { which, pos } => {
+            let text = TEXTS[which].1;
+            let from = (pos as usize).min(text.len());
+            let n = (len as usize).min(text.len() - from);
+            uaccess::write_bytes(buf, &text[from..from + n])?;
+            table()[fd as usize] = Fd::Text { which, pos: pos + n as u64 };
+            Ok(n as u64)
+        }
+        Fd::Dir => Err(EISDIR),
         Fd::ClearRefs | Fd::Closed => Err(EBADF),
     }
 }
@@ -273,6 +302,14 @@ pub fn pread(fd: u64, buf: u64, len: u64, off: u64) -> Result<u64, i64> {
         Fd::Pagemap { .. } => pagemap(buf, len, off),
         Fd::File { index, .. } => file_read(index, buf, len, off),
         Fd::ProcText { maps, .. } => proc_text(maps, buf, len, off),
+        Fd::Text { which, .. } => {
+            let text = TEXTS[which].1;
+            let from = (off as usize).min(text.len());
+            let n = (len as usize).min(text.len() - from);
+            uaccess::write_bytes(buf, &text[from..from + n])?;
+            Ok(n as u64)
+        }
+        Fd::Dir => Err(EISDIR),
         Fd::Console => Err(ESPIPE),
         Fd::ClearRefs | Fd::Closed => Err(EBADF),
     }

@@ -40,6 +40,7 @@ mod nr {
     pub const IOCTL: u64 = 16;
     pub const PREAD64: u64 = 17;
     pub const WRITEV: u64 = 20;
+    pub const MADVISE: u64 = 28;
     pub const ACCESS: u64 = 21;
     pub const SCHED_YIELD: u64 = 24;
     pub const DUP: u64 = 32;
@@ -123,6 +124,7 @@ pub fn enter(frame: &mut TrapFrame) {
         nr::MMAP => mmap(a0, a1, a2, a3, a4),
         nr::MUNMAP => munmap(a0, a1),
         nr::MPROTECT => mprotect(a0, a1, a2),
+        nr::MADVISE => madvise(a0, a1, a2),
         nr::ARCH_PRCTL => arch_prctl(a0, a1),
         nr::FSTAT => fstat(a0, a1),
         nr::NEWFSTATAT => newfstatat(a0, a1, a2, a3),
@@ -330,7 +332,8 @@ fn stat(fd: Fd, buf: u64) -> Result<u64, i64> {
     let (mode, size) = match fd {
         Fd::Console => (0o020_620, 0),        // S_IFCHR | rw--w----
         Fd::Pagemap { .. } => (0o100_400, 0), // S_IFREG | r--------, size 0 as in /proc
-        Fd::ProcText { .. } => (0o100_444, 0),
+        Fd::ProcText { .. } | Fd::Text { .. } => (0o100_444, 0),
+        Fd::Dir => (0o040_555, 0),
         Fd::ClearRefs => (0o100_200, 0),      // S_IFREG | -w-------
         Fd::File { index, .. } => (0o100_444, files::file_size(index)),
         Fd::Closed => return Err(EBADF),
@@ -459,4 +462,32 @@ fn time(t: u64) -> Result<u64, i64> {
         uaccess::write_u64(t, secs)?;
     }
     Ok(secs)
+}
+
+/// Advice that changes nothing here is taken (0); `MADV_HUGEPAGE` makes each 2 MiB of
+/// the range that can be one a huge mapping; `MADV_DONTNEED`/`MADV_FREE` (which drop
+/// pages) are not built yet: `EINVAL`, counted.
+fn madvise(addr: u64, len: u64, advice: u64) -> Result<u64, i64> {
+    const MADV_HUGEPAGE: u64 = 14;
+    if !addr.is_multiple_of(PAGE) {
+        return Err(EINVAL);
+    }
+    let end = addr.checked_add(page_up(len).ok_or(EINVAL)?).ok_or(EINVAL)?;
+    match advice {
+        // NORMAL, RANDOM, SEQUENTIAL, WILLNEED, NOHUGEPAGE, DONTFORK, DOFORK, ...
+        0..=3 | 10..=13 | 15..=19 => Ok(0),
+        MADV_HUGEPAGE => {
+            const HUGE: u64 = 2 << 20;
+            let mut at = addr.next_multiple_of(HUGE);
+            while at.checked_add(HUGE).is_some_and(|e| e <= end) {
+                process::update(|slot, _| mm::make_huge(slot, at));
+                at += HUGE;
+            }
+            Ok(0)
+        }
+        _ => {
+            unimplemented(nr::MADVISE);
+            Err(EINVAL)
+        }
+    }
 }

@@ -256,7 +256,7 @@ int main(void) {
     printf("bulk %ld %d%d%d%d\n", n, sd(e[0]), sd(e[1]), sd(e[2]), sd(e[3]));
     errno = 0; int bad = write(cr, "9", 1); printf("clear 9: %d %d\n", bad, errno);
     errno = 0; bad = pread(pm, e, 8, 3); printf("pread odd: %d %d\n", bad, errno);
-    errno = 0; bad = open("/proc/self/maps", O_RDONLY); printf("open maps: %d %d\n", bad, errno);
+    errno = 0; bad = open("/proc/self/status", O_RDONLY); printf("open status: %d %d\n", bad, errno);
     errno = 0; bad = open("/proc/self/pagemap", O_WRONLY); printf("open pagemap wr: %d %d\n", bad, errno);
     errno = 0; bad = ioctl(pm, 0xc0606610, 0); printf("scan: %d %d\n", bad, errno);
     sd_sync("compare");
@@ -283,7 +283,7 @@ fn a_program_reads_its_own_pagemap_and_clears_its_own_refs_through_the_vmm() {
             "bulk 32 0100",
             "clear 9: -1 22",
             "pread odd: -1 22",
-            "open maps: -1 2",
+            "open status: -1 2",
             "open pagemap wr: -1 13",
             "scan: -1 25",
         ];

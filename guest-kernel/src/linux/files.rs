@@ -216,36 +216,45 @@ pub fn close(fd: u64) -> Result<u64, i64> {
     Ok(0)
 }
 
-/// `read`: the console reads as end of file; pagemap from its position.
+/// `read`: the console reads as end of file; the others are `pread` at their position,
+/// which then moves on.
 pub fn read(fd: u64, buf: u64, len: u64) -> Result<u64, i64> {
-    match get(fd)? {
-        Fd::Console => Ok(0),
-        Fd::Pagemap { pos } => {
-            let n = pagemap(buf, len, pos)?;
-            table()[fd as usize] = Fd::Pagemap { pos: pos + n };
-            Ok(n)
-        }
-        Fd::File { index, pos } => {
-            let n = file_read(index, buf, len, pos)?;
-            table()[fd as usize] = Fd::File { index, pos: pos + n };
-            Ok(n)
-        }
-        Fd::ProcText { maps, pos } => {
-            let n = proc_text(maps, buf, len, pos)?;
-            table()[fd as usize] = Fd::ProcText { maps, pos: pos + n };
-            Ok(n)
-        }
-        Fd::Text { which, pos } => {
-            let text = TEXTS[which].1;
-            let from = (pos as usize).min(text.len());
-            let n = (len as usize).min(text.len() - from);
-            uaccess::write_bytes(buf, &text[from..from + n])?;
-            table()[fd as usize] = Fd::Text { which, pos: pos + n as u64 };
-            Ok(n as u64)
-        }
-        Fd::Dir => Err(EISDIR),
-        Fd::ClearRefs | Fd::Closed => Err(EBADF),
+    let f = get(fd)?;
+    if f == Fd::Console {
+        return Ok(0);
     }
+    let pos = position(f).ok_or(if f == Fd::Dir { EISDIR } else { EBADF })?;
+    let n = pread(fd, buf, len, pos)?;
+    table()[fd as usize] = with_position(f, pos + n);
+    Ok(n)
+}
+
+/// The read position of a descriptor that has one.
+fn position(f: Fd) -> Option<u64> {
+    match f {
+        Fd::Pagemap { pos } | Fd::ProcText { pos, .. } | Fd::Text { pos, .. } | Fd::File { pos, .. } => Some(pos),
+        Fd::Console | Fd::ClearRefs | Fd::Dir | Fd::Closed => None,
+    }
+}
+
+/// `f` at read position `pos` (descriptors without one are returned as they are).
+fn with_position(f: Fd, pos: u64) -> Fd {
+    match f {
+        Fd::Pagemap { .. } => Fd::Pagemap { pos },
+        Fd::ProcText { maps, .. } => Fd::ProcText { maps, pos },
+        Fd::Text { which, .. } => Fd::Text { which, pos },
+        Fd::File { index, .. } => Fd::File { index, pos },
+        other => other,
+    }
+}
+
+/// Bytes of a fixed text from `off`.
+fn text_read(which: usize, buf: u64, len: u64, off: u64) -> Result<u64, i64> {
+    let text = TEXTS[which].1;
+    let from = (off as usize).min(text.len());
+    let n = (len as usize).min(text.len() - from);
+    uaccess::write_bytes(buf, &text[from..from + n])?;
+    Ok(n as u64)
 }
 
 fn proc_text(maps: bool, buf: u64, len: u64, pos: u64) -> Result<u64, i64> {
@@ -302,13 +311,7 @@ pub fn pread(fd: u64, buf: u64, len: u64, off: u64) -> Result<u64, i64> {
         Fd::Pagemap { .. } => pagemap(buf, len, off),
         Fd::File { index, .. } => file_read(index, buf, len, off),
         Fd::ProcText { maps, .. } => proc_text(maps, buf, len, off),
-        Fd::Text { which, .. } => {
-            let text = TEXTS[which].1;
-            let from = (off as usize).min(text.len());
-            let n = (len as usize).min(text.len() - from);
-            uaccess::write_bytes(buf, &text[from..from + n])?;
-            Ok(n as u64)
-        }
+        Fd::Text { which, .. } => text_read(which, buf, len, off),
         Fd::Dir => Err(EISDIR),
         Fd::Console => Err(ESPIPE),
         Fd::ClearRefs | Fd::Closed => Err(EBADF),
@@ -316,35 +319,25 @@ pub fn pread(fd: u64, buf: u64, len: u64, off: u64) -> Result<u64, i64> {
 }
 
 pub fn lseek(fd: u64, off: u64, whence: u64) -> Result<u64, i64> {
-    match get(fd)? {
-        Fd::Pagemap { pos } => {
-            let new = match whence {
-                SEEK_SET => off,
-                SEEK_CUR => pos.wrapping_add(off),
-                _ => return Err(EINVAL),
-            };
-            if (new as i64) < 0 {
-                return Err(EINVAL);
-            }
-            table()[fd as usize] = Fd::Pagemap { pos: new };
-            Ok(new)
-        }
-        Fd::File { index, pos } => {
-            let new = match whence {
-                SEEK_SET => off,
-                SEEK_CUR => pos.wrapping_add(off),
-                SEEK_END => file_size(index).wrapping_add(off),
-                _ => return Err(EINVAL),
-            };
-            if (new as i64) < 0 {
-                return Err(EINVAL);
-            }
-            table()[fd as usize] = Fd::File { index, pos: new };
-            Ok(new)
-        }
-        Fd::Console => Err(ESPIPE),
-        _ => Err(EINVAL),
+    let f = get(fd)?;
+    // Seekable: pagemap (no end: Linux refuses SEEK_END there) and our files.
+    let (pos, end) = match f {
+        Fd::Pagemap { pos } => (pos, None),
+        Fd::File { index, pos } => (pos, Some(file_size(index))),
+        Fd::Console => return Err(ESPIPE),
+        _ => return Err(EINVAL),
+    };
+    let new = match (whence, end) {
+        (SEEK_SET, _) => off,
+        (SEEK_CUR, _) => pos.wrapping_add(off),
+        (SEEK_END, Some(end)) => end.wrapping_add(off),
+        _ => return Err(EINVAL),
+    };
+    if (new as i64) < 0 {
+        return Err(EINVAL);
     }
+    table()[fd as usize] = with_position(f, new);
+    Ok(new)
 }
 
 pub fn ioctl(fd: u64) -> Result<u64, i64> {

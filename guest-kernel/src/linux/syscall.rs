@@ -17,7 +17,6 @@ use guest_abi::mapping_flags::{EXEC, READ_ONLY};
 use workload::{MIN_ADDR, USER_TOP};
 
 const EPERM: i64 = 1;
-const ENOENT: i64 = 2;
 const EBADF: i64 = 9;
 const ENOMEM: i64 = 12;
 const EEXIST: i64 = 17;

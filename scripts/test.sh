@@ -18,6 +18,11 @@ if ! command -v musl-gcc >/dev/null; then
   { apt-get install -y -qq musl-tools || { apt-get update -qq && apt-get install -y -qq musl-tools; }; } >/dev/null
 fi
 
+if ! command -v cpio >/dev/null; then
+  # The --initrd tests pack their archives with GNU cpio, as users do.
+  { apt-get install -y -qq cpio || { apt-get update -qq && apt-get install -y -qq cpio; }; } >/dev/null
+fi
+
 # No folder of the library may use one above it (docs/architecture.md).
 ./scripts/check-layers.sh
 

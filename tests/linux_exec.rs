@@ -256,7 +256,7 @@ int main(void) {
     printf("bulk %ld %d%d%d%d\n", n, sd(e[0]), sd(e[1]), sd(e[2]), sd(e[3]));
     errno = 0; int bad = write(cr, "9", 1); printf("clear 9: %d %d\n", bad, errno);
     errno = 0; bad = pread(pm, e, 8, 3); printf("pread odd: %d %d\n", bad, errno);
-    errno = 0; bad = open("/proc/self/status", O_RDONLY); printf("open status: %d %d\n", bad, errno);
+    errno = 0; bad = open("/proc/self/environ", O_RDONLY); printf("open environ: %d %d\n", bad, errno);
     errno = 0; bad = open("/proc/self/pagemap", O_WRONLY); printf("open pagemap wr: %d %d\n", bad, errno);
     errno = 0; bad = ioctl(pm, 0xc0606610, 0); printf("scan: %d %d\n", bad, errno);
     sd_sync("compare");
@@ -283,7 +283,7 @@ fn a_program_reads_its_own_pagemap_and_clears_its_own_refs_through_the_vmm() {
             "bulk 32 0100",
             "clear 9: -1 22",
             "pread odd: -1 22",
-            "open status: -1 2",
+            "open environ: -1 2",
             "open pagemap wr: -1 13",
             "scan: -1 25",
         ];
@@ -326,7 +326,7 @@ int main(int argc, char **argv) {
     long got = pread(fd, tail, 4, end);
     int dup = dup2(fd, 7);
     printf("size=%ld total=%ld end=%ld pread=%ld tail=%s dup=%d\n", (long)st.st_size, total, end, got, tail, dup);
-    printf("missing=%d write=%d\n", open("/nope", O_RDONLY), open(argv[1], O_WRONLY));
+    printf("missing=%d write=%d\n", open("/nope", O_RDONLY), open(argv[1], O_WRONLY) >= 0);
     return 0;
 }
 "#;
@@ -337,7 +337,7 @@ int main(int argc, char **argv) {
     assert_eq!(r.code, 0, "{r:?}");
     let content = std::fs::read_to_string(&file).unwrap();
     let tail = &content[content.len() - 4..];
-    let expected = format!("{content}size=100000 total=100000 end=99996 pread=4 tail={tail} dup=7\nmissing=-1 write=-1\n");
+    let expected = format!("{content}size=100000 total=100000 end=99996 pread=4 tail={tail} dup=7\nmissing=-1 write=1\n");
     assert!(r.stdout == expected, "the file's bytes, then Linux's answers (stdout {} bytes, expected {}): {}", r.stdout.len(), expected.len(),
         &r.stdout[r.stdout.len().saturating_sub(200)..]);
     // Bad --file specs are refused before boot.
@@ -345,6 +345,45 @@ int main(int argc, char **argv) {
     assert!(bad.code == 64 && bad.stderr.contains("--file /no/such/file"), "{bad:?}");
     let relative = exec(&glibc_static("readfile", src), &["--file", &format!("{}:data/x", file.display())], &[]);
     assert!(relative.code == 64 && relative.stderr.contains("must be absolute"), "{relative:?}");
+}
+
+#[test]
+fn files_the_program_makes_behave_as_on_a_linux_host_under_every_engine() {
+    let program = glibc_static("files", include_str!("linux/files.c"));
+    let dir = tempdir();
+    let host = std::process::Command::new(&program).current_dir(dir.path()).output().unwrap();
+    assert!(host.status.success(), "on the host: {host:?}");
+    let host = String::from_utf8(host.stdout).unwrap();
+    assert!(host.contains("store-through-map=X\nwrite-seen-in-map=W\n"), "the host's run is the reference: {host}");
+    for engine in ENGINES {
+        let r = exec(&program, &["--engine", engine], &[]);
+        assert_eq!(r.code, 0, "under {engine}: {r:?}");
+        assert!(r.stdout == host, "under {engine}, line by line against the host's:\n{}", first_difference(&host, &r.stdout));
+    }
+}
+
+#[test]
+fn madvise_pagemap_and_status_answer_as_on_a_linux_host_under_every_engine() {
+    let program = glibc_static("memory", include_str!("linux/memory.c"));
+    let dir = tempdir();
+    let host = std::process::Command::new(&program).current_dir(dir.path()).output().unwrap();
+    assert!(host.status.success(), "on the host: {host:?}");
+    let host = String::from_utf8(host.stdout).unwrap();
+    assert!(host.contains("anon: 1/10 0/0 0/0 1/13\n"), "the host's run is the reference: {host}");
+    for engine in ENGINES {
+        let r = exec(&program, &["--engine", engine], &[]);
+        assert_eq!(r.code, 0, "under {engine}: {r:?}");
+        assert!(r.stdout == host, "under {engine}, line by line against the host's:\n{}", first_difference(&host, &r.stdout));
+    }
+}
+
+/// The first line where two outputs differ, for a readable failure.
+fn first_difference(want: &str, got: &str) -> String {
+    let (w, g): (Vec<&str>, Vec<&str>) = (want.lines().collect(), got.lines().collect());
+    match (0..w.len().max(g.len())).find(|&i| w.get(i) != g.get(i)) {
+        Some(i) => format!("line {}: host {:?}, guest {:?}", i + 1, w.get(i), g.get(i)),
+        None => "no line differs (line ends do)".into(),
+    }
 }
 
 #[test]
@@ -373,11 +412,17 @@ fn busybox_tools_give_the_hosts_output() {
 fn a_linux_program_and_scripted_processes_run_side_by_side() {
     // pid 1 is scripted; pid 2 execs a C program from the guest's file system. Their
     // syncs come in either order; each check holds whenever the other process is.
-    let src = r#"#include <string.h>
+    let src = r#"#include <fcntl.h>
+#include <string.h>
 #include <unistd.h>
 #include <sys/mman.h>
 static void sd_sync(const char *label) { syscall(0x5d00, label, strlen(label)); }
 int main(int argc, char **argv) {
+    /* The scripted process's /proc entry, as Linux's /proc/PID of another process. */
+    char status[4096] = {0};
+    int fd = open("/proc/1/status", O_RDONLY);
+    if (fd < 0 || read(fd, status, sizeof status - 1) <= 0 || strncmp(status, "Name:\twriter\n", 13) != 0) return 5;
+    close(fd);
     char *p = mmap((void *)0x10000000, 4 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
     p[0] = 1;
     p[2 * 4096] = 1;
@@ -416,6 +461,75 @@ int main(int argc, char **argv) {
         seen.sort();
         assert_eq!(seen, ["again", "scripted", "wrote"]);
     }
+}
+
+/// Packs `root` with GNU cpio in the newc format, as initramfs tools do.
+fn cpio_newc(root: &Path, out: &Path) {
+    let list = std::process::Command::new("find").arg(".").current_dir(root).output().unwrap();
+    let mut cpio = std::process::Command::new("cpio")
+        .args(["-o", "-H", "newc", "--quiet"])
+        .current_dir(root)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::fs::File::create(out).unwrap())
+        .spawn()
+        .expect("GNU cpio (scripts/test.sh installs it)");
+    std::io::Write::write_all(cpio.stdin.as_mut().unwrap(), &list.stdout).unwrap();
+    drop(cpio.stdin.take());
+    assert!(cpio.wait().unwrap().success());
+}
+
+#[test]
+fn an_initrd_archive_fills_the_guests_writable_file_system() {
+    require_kvm();
+    let src = r#"#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    char buf[256] = {0};
+    int fd = open(argv[1], O_RDWR | O_APPEND);
+    long n = read(fd, buf, sizeof buf - 1);
+    printf("read=%ld text=%s", n, buf);
+    write(fd, "appended\n", 9);
+    memset(buf, 0, sizeof buf);
+    n = pread(fd, buf, sizeof buf - 1, 0);
+    printf("pread=%ld text=%s", n, buf);
+    struct stat st;
+    int r = stat("/etc", &st);
+    printf("etc=%d dir=%d\n", r, S_ISDIR(st.st_mode));
+    int c = open("/etc/new", O_WRONLY | O_CREAT, 0644);
+    printf("created=%d missing=%d\n", c >= 0, open("/etc/link", O_RDONLY));
+    return 0;
+}
+"#;
+    let program = glibc_static("reader", src);
+    let dir = tempdir();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::write(root.join("etc/motd"), "hello from the archive\n").unwrap();
+    std::fs::copy(&program, root.join("bin/reader")).unwrap();
+    std::os::unix::fs::symlink("motd", root.join("etc/link")).unwrap();
+    let archive = dir.path().join("root.cpio");
+    cpio_newc(&root, &archive);
+    let expected = "read=23 text=hello from the archive\npread=32 text=hello from the archive\nappended\netc=0 dir=1\ncreated=1 missing=-1\n";
+    // The program from the host, its files from the archive...
+    let r = exec(&program, &["--initrd", archive.to_str().unwrap()], &["/etc/motd"]);
+    assert!(r.code == 0 && r.stdout == expected, "{r:?}");
+    assert!(r.stderr.contains("--initrd") && r.stderr.contains("1 entries are not regular files") && r.stderr.contains("etc/link"), "{r:?}");
+    // ... or the program from the archive too, as a script's process.
+    let script = common::write_script(dir.path(), "w.wl", "proc reader exec /bin/reader /etc/motd\n");
+    let r = vmm(&["run", "--workload", script.to_str().unwrap(), "--initrd", archive.to_str().unwrap(), "--timeout", "120"]);
+    assert!(r.code == 0 && r.stdout.contains(expected), "{r:?}");
+    // A damaged archive is refused before boot, saying where.
+    let bytes = std::fs::read(&archive).unwrap();
+    let cut = dir.path().join("cut.cpio");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let r = exec(&program, &["--initrd", cut.to_str().unwrap()], &["/etc/motd"]);
+    assert!(r.code == 64 && r.stderr.contains("--initrd") && r.stderr.contains("at byte"), "{r:?}");
+    let r = exec(&program, &["--initrd", "/no/such.cpio"], &[]);
+    assert!(r.code == 64 && r.stderr.contains("--initrd /no/such.cpio"), "{r:?}");
 }
 
 #[test]

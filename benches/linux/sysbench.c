@@ -1,4 +1,4 @@
-/* Per-call cost of Linux system calls, timed by the program itself (CLOCK_MONOTONIC):
+/* Per-call cost of Linux system calls (and of file reads and writes), timed by the program itself (CLOCK_MONOTONIC):
  * run in our guest (vmm run --exec) and on the host, the same binary. */
 #include <fcntl.h>
 #include <stdint.h>
@@ -53,5 +53,24 @@ int main(int argc, char **argv) {
         if (p == MAP_FAILED || munmap(p, 4096) != 0) return 5;
     }
     printf("mmap-munmap %ld\n", (now() - t) / n);
+
+    /* A file of the file system (the guest's is in guest RAM; the host's /tmp). */
+    char path[64];
+    snprintf(path, sizeof path, "/tmp/sysbench-%d", (int)getpid());
+    int f = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    unlink(path);
+    static char data[65536];
+    t = now();
+    for (long i = 0; i < n; i++)
+        if (pwrite(f, data, 4096, 0) != 4096) return 6;
+    printf("file-pwrite-4k %ld\n", (now() - t) / n);
+    t = now();
+    for (long i = 0; i < n; i++)
+        if (pread(f, data, 4096, 0) != 4096) return 7;
+    printf("file-pread-4k %ld\n", (now() - t) / n);
+    t = now();
+    for (long i = 0; i < n; i++)
+        if (pwrite(f, data, sizeof data, 0) != sizeof data) return 8;
+    printf("file-pwrite-64k %ld\n", (now() - t) / n);
     return 0;
 }

@@ -84,7 +84,31 @@ pub mod proc_op {
     pub const SMAPS: u32 = 4;
     /// The same of `/proc/PID/maps`.
     pub const MAPS: u32 = 5;
+    /// The same of `/proc/PID/status`.
+    pub const STATUS: u32 = 9;
+    /// `read` of a file of the guest's file system: `count` [`Piece`]s at physical
+    /// `arg` (each a run of guest RAM: a file page's bytes, or the zero frame for a
+    /// hole), copied one after the other into `buf` in the process's address space.
+    pub const GATHER: u32 = 6;
+    /// `write` to such a file: the bytes at `buf` in the process's address space,
+    /// copied into the `count` [`Piece`]s at physical `arg`, one after the other.
+    pub const SCATTER: u32 = 7;
+    /// Copy `count` bytes of guest RAM from physical `arg` to physical `buf` (a page
+    /// of a file into a private mapping's own frame: copy on write).
+    pub const PHYS_COPY: u32 = 8;
 }
+
+/// One run of guest RAM in a [`proc_op::GATHER`] or [`proc_op::SCATTER`] list.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Piece {
+    pub phys: u64,
+    pub len: u64,
+}
+
+/// Most pieces in one GATHER or SCATTER list (1 MiB of 4 KiB pages, and one more for
+/// a start inside a page).
+pub const PROC_PIECES_MAX: u64 = 257;
 
 /// Most pagemap entries one request asks for.
 pub const PROC_PAGEMAP_MAX: u64 = 8192;
@@ -93,12 +117,16 @@ pub const PROC_PAGEMAP_MAX: u64 = 8192;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ProcRequest {
     pub op: u32,
+    /// The calling process: `buf` is in its address space.
     pub pid: u32,
     pub arg: u64,
     pub count: u64,
     pub buf: u64,
     /// The VMM's answer: bytes stored (pagemap), 0 (clear_refs), or -errno.
     pub result: i64,
+    /// The process whose /proc entry it is (`/proc/PID/...`); the caller itself if 0.
+    pub target: u32,
+    pub _pad: u32,
 }
 
 /// Exit-port values at or above this are not a workload status but a kernel failure.
@@ -221,11 +249,12 @@ pub mod exec {
     const _: () = assert!(core::mem::size_of::<Image>() == IMAGE_BYTES);
 
     /// Files one run may put into the guest.
-    pub const MAX_FILES: usize = 16;
+    pub const MAX_FILES: usize = 64;
     /// Longest file name (an absolute guest path), the NUL not counted.
     pub const MAX_FILE_NAME: usize = 63;
 
-    /// A read-only file: its bytes are `size` bytes of guest RAM from `phys`.
+    /// A file the VMM put into the guest (`--file`, `--initrd`): its bytes are `size`
+    /// bytes of guest RAM from `phys`.
     #[repr(C)]
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub struct File {
@@ -308,6 +337,10 @@ pub mod mapping_flags {
     pub const SHARED: u32 = 4;
     /// Executable (a Linux program's text): its pages are mapped without NX.
     pub const EXEC: u32 = 8;
+    /// A mapping of a file of the Linux program's file system (with SHARED:
+    /// `MAP_SHARED`, the file's own frames; without: `MAP_PRIVATE`, a copy of each page
+    /// the process touches).
+    pub const FILE: u32 = 16;
 }
 
 /// One anonymous mapping of a process, like a Linux VMA.
@@ -455,7 +488,8 @@ const _: () = {
     assert!(size_of::<ZeroRange>() == 16);
     assert!(size_of::<ZeroRequest>() == 8 + 16 * ZERO_REQUEST_MAX);
     // ProcRequest: u32 op, u32 pid, then u64 arg, count, buf, result.
-    assert!(offset_of!(ProcRequest, arg) == 8 && offset_of!(ProcRequest, result) == 32 && size_of::<ProcRequest>() == 40);
+    assert!(offset_of!(ProcRequest, arg) == 8 && offset_of!(ProcRequest, result) == 32 && offset_of!(ProcRequest, target) == 40 && size_of::<ProcRequest>() == 48);
+    assert!(size_of::<Piece>() == 16);
     // BootInfo: eight u64 in order.
     assert!(offset_of!(BootInfo, free_phys) == 32 && offset_of!(BootInfo, exec_phys) == 40 && size_of::<BootInfo>() == 64);
     assert!(offset_of!(BootInfo, tsc_khz) as u64 == BOOT_INFO_CLOCK_OFFSET && offset_of!(BootInfo, boot_unix_ns) == 56);

@@ -4,7 +4,7 @@
 
 use crate::frames::{self, HUGE, PAGE};
 use crate::paging::{self, ADDR_MASK, HV_BITS, NX, P, PS, U, W};
-use guest_abi::mapping_flags::{EXEC as F_EXEC, HUGE as F_HUGE, READ_ONLY as F_RO, SHARED as F_SHARED};
+use guest_abi::mapping_flags::{EXEC as F_EXEC, FILE as F_FILE, HUGE as F_HUGE, READ_ONLY as F_RO, SHARED as F_SHARED};
 use guest_abi::{MappingRecord, ProcSlot, MAX_MAPPINGS};
 use workload::{MIN_ADDR, USER_TOP};
 
@@ -39,10 +39,10 @@ fn find(slot: &ProcSlot, addr: u64) -> Option<usize> {
 pub fn check_range(addr: u64, pages: u64, huge: bool) -> Result<u64, i64> {
     let len = pages.checked_mul(PAGE).ok_or(EINVAL)?;
     let end = addr.checked_add(len).ok_or(EINVAL)?;
-    if pages == 0 || addr % PAGE != 0 || addr < MIN_ADDR || end > USER_TOP {
+    if pages == 0 || !addr.is_multiple_of(PAGE) || addr < MIN_ADDR || end > USER_TOP {
         return Err(EINVAL);
     }
-    if huge && (addr % HUGE != 0 || len % HUGE != 0) {
+    if huge && (!addr.is_multiple_of(HUGE) || !len.is_multiple_of(HUGE)) {
         return Err(EINVAL);
     }
     Ok(end)
@@ -52,7 +52,7 @@ pub fn check_range(addr: u64, pages: u64, huge: bool) -> Result<u64, i64> {
 fn split_ok(slot: &ProcSlot, addr: u64) -> Result<bool, i64> {
     match find(slot, addr) {
         Some(i) if slot.mappings[i].start != addr => {
-            if slot.mappings[i].flags & F_HUGE != 0 && addr % HUGE != 0 {
+            if slot.mappings[i].flags & F_HUGE != 0 && !addr.is_multiple_of(HUGE) {
                 return Err(EINVAL);
             }
             Ok(true)
@@ -97,10 +97,12 @@ fn insert(slot: &mut ProcSlot, rec: MappingRecord) -> usize {
 /// flags. `same_serial`: only pieces of one mapping (mprotect re-merging what it split;
 /// the serial stays, as mprotect neither sets nor clears soft-dirty); otherwise (a new
 /// mapping next to old ones) the merged record takes the new record's serial: Linux
-/// marks the whole merged VMA soft-dirty. Shared-window mappings are not merged.
+/// marks the whole merged VMA soft-dirty. Shared-window mappings are not merged; pieces
+/// of one file mapping are (their file offsets follow from the mapping's start).
 fn merge_around(slot: &mut ProcSlot, mut pos: usize, same_serial: bool) {
     let mergeable = |a: &MappingRecord, b: &MappingRecord| {
-        end_of(a) == b.start && a.flags == b.flags && a.flags & F_SHARED == 0 && (!same_serial || a.serial == b.serial)
+        let kind_ok = if a.flags & F_FILE != 0 { same_serial } else { a.flags & F_SHARED == 0 };
+        end_of(a) == b.start && a.flags == b.flags && kind_ok && (!same_serial || a.serial == b.serial)
     };
     if pos > 0 && mergeable(&slot.mappings[pos - 1], &slot.mappings[pos]) {
         let cur = slot.mappings[pos];
@@ -226,14 +228,14 @@ pub fn unmap(slot: &mut ProcSlot, addr: u64, pages: u64, zero_frame: u64) -> Res
 /// `mmap(MAP_FIXED|MAP_ANONYMOUS)`: replaces whatever was mapped there.
 pub fn map(slot: &mut ProcSlot, addr: u64, pages: u64, flags: u32, serial: u64, zero_frame: u64) -> Result<(), i64> {
     check_range(addr, pages, flags & F_HUGE != 0)?;
-    if flags & F_SHARED != 0 && (frames::shared_frame(addr).is_none() || frames::shared_frame(addr + (pages - 1) * PAGE).is_none()) {
+    if flags & (F_SHARED | F_FILE) == F_SHARED && (frames::shared_frame(addr).is_none() || frames::shared_frame(addr + (pages - 1) * PAGE).is_none()) {
         return Err(EINVAL);
     }
     unmap(slot, addr, pages, zero_frame)?;
     if slot.nmappings as usize >= MAX_MAPPINGS {
         return Err(ENOMEM);
     }
-    let pos = insert(slot, MappingRecord { start: addr, pages, flags: flags & (F_HUGE | F_RO | F_SHARED | F_EXEC), _pad: 0, serial });
+    let pos = insert(slot, MappingRecord { start: addr, pages, flags: flags & (F_HUGE | F_RO | F_SHARED | F_EXEC | F_FILE), _pad: 0, serial });
     merge_around(slot, pos, false);
     Ok(())
 }
@@ -281,6 +283,41 @@ pub fn protect(slot: &mut ProcSlot, addr: u64, pages: u64, read_only: bool, zero
         merge_around(slot, i, true);
         if slot.nmappings == before {
             i += 1;
+        }
+    }
+    Ok(())
+}
+
+/// `madvise(MADV_DONTNEED)` (and `MADV_FREE`, `private_anon_only`: which Linux refuses
+/// on shared and file mappings): the pages of `[addr, end)` go, the mappings stay, and
+/// the next touch finds zeros (anonymous memory) or the file's bytes again. A huge
+/// mapping drops only the 2 MiB blocks the range covers whole (Linux would split a
+/// partly covered one). The whole range must be mapped (else `ENOMEM`, as Linux).
+pub fn discard(slot: &mut ProcSlot, addr: u64, end: u64, private_anon_only: bool, zero_frame: u64) -> Result<(), i64> {
+    let mut covered = addr;
+    while covered < end {
+        match find(slot, covered) {
+            Some(i) => covered = end_of(&slot.mappings[i]),
+            None => return Err(ENOMEM),
+        }
+    }
+    let in_range = |m: &MappingRecord| m.start < end && addr < end_of(m);
+    if private_anon_only && records(slot).iter().any(|m| in_range(m) && m.flags & (F_SHARED | F_FILE) != 0) {
+        return Err(EINVAL);
+    }
+    for i in 0..slot.nmappings as usize {
+        let m = slot.mappings[i];
+        if !in_range(&m) {
+            continue;
+        }
+        let huge = m.flags & F_HUGE != 0;
+        let (mut from, mut to) = (m.start.max(addr), end_of(&m).min(end));
+        if huge {
+            from = from.next_multiple_of(HUGE);
+            to &= !(HUGE - 1);
+        }
+        if from < to {
+            release_pages(slot, from, to, huge, m.flags & F_SHARED != 0, zero_frame);
         }
     }
     Ok(())
@@ -335,6 +372,15 @@ pub fn fault(slot: &mut ProcSlot, addr: u64, write: bool, zero_frame: u64) -> Fa
             let Some(frame) = frames::alloc_huge() else { return Fault::Kill("out of memory at") };
             add_rss(slot, HUGE / PAGE);
             frame | P | U | PS | nx | rw | keep
+        } else if m.flags & F_FILE != 0 {
+            // The file's own frame (shared) or a copy of it (private); read-only until
+            // written, so that a read does not make the page writable.
+            let frame = match crate::linux::file_fault_frame(m.serial, page_va, m.flags & F_SHARED != 0) {
+                Ok(frame) => frame,
+                Err(why) => return Fault::Kill(why),
+            };
+            add_rss(slot, 1);
+            frame | P | U | nx | if write { rw } else { 0 } | keep
         } else if m.flags & F_SHARED != 0 {
             // The window's frame, read or write: others see the same memory.
             let Some(frame) = frames::shared_frame(page_va) else { return Fault::Kill("shared page outside the window at") };
@@ -397,7 +443,7 @@ pub fn find_free(slot: &ProcSlot, pages: u64, below: u64) -> Option<u64> {
 pub fn map_filled(slot: &mut ProcSlot, va: u64, pages: u64, phys: u64) -> Result<(), &'static str> {
     let Some(i) = find(slot, va) else { return Err("no mapping for filled pages") };
     let m = slot.mappings[i];
-    if m.flags & (F_HUGE | F_SHARED) != 0 || va + pages * PAGE > end_of(&m) {
+    if m.flags & (F_HUGE | F_SHARED | F_FILE) != 0 || va + pages * PAGE > end_of(&m) {
         return Err("filled pages outside a private 4 KiB mapping");
     }
     let rights = P | U | if m.flags & F_RO == 0 { W } else { 0 } | if m.flags & F_EXEC == 0 { NX } else { 0 };
@@ -445,7 +491,7 @@ pub fn make_huge(slot: &mut ProcSlot, addr: u64) -> bool {
     let end = addr + HUGE;
     let Some(i) = find(slot, addr) else { return false };
     let m = slot.mappings[i];
-    if m.flags & (F_HUGE | F_SHARED) != 0 || end > end_of(&m) {
+    if m.flags & (F_HUGE | F_SHARED | F_FILE) != 0 || end > end_of(&m) {
         return false;
     }
     let mut present = false;

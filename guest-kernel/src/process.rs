@@ -80,6 +80,16 @@ pub fn update<R>(f: impl FnOnce(&mut ProcSlot, u64) -> R) -> R {
     r
 }
 
+/// Is there a process `pid` (running, or ended and not yet gone)?
+pub fn pid_exists(pid: u32) -> bool {
+    table().procs.iter().any(|p| p.pid == pid && p.state != state::FREE)
+}
+
+/// The shared zero frame (read faults of anonymous memory map it).
+pub fn zero_frame() -> u64 {
+    sched().zero_frame
+}
+
 /// The running process's slot index.
 pub fn current_index() -> usize {
     sched().current

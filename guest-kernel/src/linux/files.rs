@@ -1,15 +1,15 @@
 //! A Linux program's file descriptors: the console (0-2); `/proc/self/pagemap` and
 //! `/proc/self/clear_refs` (also as `/proc/PID/...` with its own pid), which the VMM
 //! answers from outside through one [`ProcRequest`] per system call, with the code
-//! behind `vmm pagemap` and `vmm clear-refs`; and the read-only files the VMM put into
-//! guest RAM (`--file`), whose bytes the VMM copies into the program's buffer.
+//! behind `vmm pagemap` and `vmm clear-refs`; the kernel's fixed sysfs texts; and the
+//! files of the in-memory file system ([`super::fs`]: the program's own, and the
+//! read-only files the VMM put into guest RAM with `--file`).
 
-use super::uaccess;
+use super::{fs, uaccess};
 use crate::frames::{self, PAGE};
-use crate::global::Global;
-use crate::{arch, process};
+use crate::process;
 use guest_abi::exec::{Files, MAX_FILES};
-use guest_abi::{proc_op, ProcRequest, PROC_PAGEMAP_MAX, PROC_PORT};
+use guest_abi::{proc_op, PROC_PAGEMAP_MAX};
 use workload::USER_TOP;
 
 pub const ENOENT: i64 = 2;
@@ -19,8 +19,11 @@ pub const EINVAL: i64 = 22;
 pub const EMFILE: i64 = 24;
 pub const ENOTTY: i64 = 25;
 pub const ESPIPE: i64 = 29;
-pub const EROFS: i64 = 30;
 pub const EISDIR: i64 = 21;
+pub const ENOTDIR: i64 = 20;
+pub const EBUSY: i64 = 16;
+pub const ENOMEM: i64 = 12;
+pub const EEXIST: i64 = 17;
 
 /// Descriptors a process may hold.
 pub const MAX_FDS: usize = 16;
@@ -30,28 +33,41 @@ const MAX_PATH: u64 = 255;
 const O_ACCMODE: u64 = 3;
 const O_RDONLY: u64 = 0;
 const O_WRONLY: u64 = 1;
+const O_RDWR: u64 = 2;
+const O_EXCL: u64 = 0o200;
+const O_TRUNC: u64 = 0o1000;
+const O_APPEND: u64 = 0o2000;
+const O_DIRECTORY: u64 = 0o200000;
 const SEEK_SET: u64 = 0;
 const SEEK_CUR: u64 = 1;
 const SEEK_END: u64 = 2;
 const O_CREAT: u64 = 0o100;
-/// Most bytes one `read` of a file moves.
+/// Most bytes one `read` of a /proc text moves.
 const MAX_READ: u64 = 1 << 20;
+
+/// What a descriptor of a file was opened for.
+pub mod mode {
+    pub const READ: u8 = 1;
+    pub const WRITE: u8 = 2;
+    pub const APPEND: u8 = 4;
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fd {
     Closed,
     Console,
-    /// Read position, in bytes (8 per page).
-    Pagemap { pos: u64 },
-    ClearRefs,
-    /// `/proc/self/smaps` (`maps` false) or `maps`, rendered by the VMM; read position.
-    ProcText { maps: bool, pos: u64 },
+    /// `/proc/PID/pagemap`: read position, in bytes (8 per page).
+    Pagemap { pos: u64, pid: u32 },
+    ClearRefs { pid: u32 },
+    /// `/proc/PID/smaps`, `maps` or `status` ([`proc_text`] kind), rendered by the
+    /// VMM; read position.
+    ProcText { kind: u8, pos: u64, pid: u32 },
     /// A fixed text of the kernel's (sysfs), read position.
     Text { which: usize, pos: u64 },
     /// A directory (only for `access` and `stat`).
     Dir,
-    /// File `index` of the table, read position.
-    File { index: usize, pos: u64 },
+    /// A file of the file system (node `node`), its position, and [`mode`] bits.
+    Node { node: usize, pos: u64, mode: u8 },
 }
 
 pub const INITIAL: [Fd; MAX_FDS] = {
@@ -62,12 +78,9 @@ pub const INITIAL: [Fd; MAX_FDS] = {
     t
 };
 
-static REQUEST: Global<ProcRequest> = Global::new(ProcRequest { op: 0, pid: 0, arg: 0, count: 0, buf: 0, result: 0 });
-/// The files the VMM put into guest RAM (checked at boot), none if null.
-static FILES: Global<*const Files> = Global::new(core::ptr::null());
 
 /// Takes the file table at `phys` (from the program's image): every file must lie in
-/// `[low, high)` of guest RAM, the VMM's blob.
+/// `[low, high)` of guest RAM, the VMM's blob. Its files become read-only nodes.
 pub fn init(phys: u64, low: u64, high: u64) {
     if phys == 0 {
         return;
@@ -83,29 +96,7 @@ pub fn init(phys: u64, low: u64, high: u64) {
     {
         crate::panic_msg("bad file table");
     }
-    // SAFETY: ring 0 at boot, no other reference.
-    unsafe { *FILES.get() = files };
-}
-
-fn files() -> &'static [guest_abi::exec::File] {
-    // SAFETY: ring 0; set once at boot, to a table that lives as long as guest RAM.
-    let t = unsafe { *FILES.get() };
-    if t.is_null() {
-        return &[];
-    }
-    // SAFETY: checked by `init`.
-    let t = unsafe { &*t };
-    &t.files[..t.count as usize]
-}
-
-/// The file `path` names (relative paths start at `/`, the only working directory).
-fn find_file(path: &[u8]) -> Option<usize> {
-    let rel = path.strip_prefix(b"./").unwrap_or(path);
-    files().iter().position(|f| {
-        let len = f.name.iter().position(|&b| b == 0).unwrap_or(f.name.len());
-        let name = &f.name[..len];
-        if rel.first() == Some(&b'/') { name == rel } else { name.len() == rel.len() + 1 && name[1..] == *rel }
-    })
+    fs::add_blobs(&files.files[..files.count as usize]);
 }
 
 fn table() -> &'static mut [Fd; MAX_FDS] {
@@ -116,17 +107,16 @@ pub fn get(fd: u64) -> Result<Fd, i64> {
     table().get(fd as usize).copied().filter(|f| *f != Fd::Closed).ok_or(EBADF)
 }
 
-/// Asks the VMM; its answer is the call's result.
-fn ask(op: u32, arg: u64, count: u64, buf: u64) -> i64 {
-    let req = REQUEST.as_ptr();
-    // SAFETY: ring 0, no other reference to the request; volatile, because the VMM
-    // reads and writes it during the `out` (which the compiler sees as touching no
-    // memory).
-    unsafe {
-        req.write_volatile(ProcRequest { op, pid: process::current_pid(), arg, count, buf, result: -EINVAL });
-        arch::outl(PROC_PORT, frames::kernel_phys(req.cast_const()) as u32);
-        (&raw const (*req).result).read_volatile()
-    }
+/// Asks the VMM about process `target`, for the calling process's buffer.
+fn ask(op: u32, target: u32, arg: u64, count: u64, buf: u64) -> Result<u64, i64> {
+    fs::ask_about(op, process::current_pid(), target, arg, count, buf)
+}
+
+/// Kinds of [`Fd::ProcText`].
+pub mod proc_text {
+    pub const SMAPS: u8 = 0;
+    pub const MAPS: u8 = 1;
+    pub const STATUS: u8 = 2;
 }
 
 /// sysfs files with fixed text: transparent huge pages on `madvise`, as Linux's
@@ -135,7 +125,7 @@ const TEXTS: [(&[u8], &[u8]); 2] = [
     (b"/sys/kernel/mm/transparent_hugepage/enabled", b"always [madvise] never\n"),
     (b"/sys/kernel/mm/transparent_hugepage/hpage_pmd_size", b"2097152\n"),
 ];
-const DIRS: [&[u8]; 5] = [b"/", b"/proc", b"/sys", b"/sys/kernel/mm", b"/sys/kernel/mm/transparent_hugepage"];
+const DIRS: [&[u8]; 6] = [b"/", b"/tmp", b"/proc", b"/sys", b"/sys/kernel/mm", b"/sys/kernel/mm/transparent_hugepage"];
 
 /// Which of our files `path` names.
 fn lookup(path: &[u8]) -> Option<Fd> {
@@ -143,22 +133,24 @@ fn lookup(path: &[u8]) -> Option<Fd> {
     if let Some(which) = TEXTS.iter().position(|(name, _)| *name == trimmed) {
         return Some(Fd::Text { which, pos: 0 });
     }
-    if DIRS.contains(&trimmed) {
+    if DIRS.contains(&trimmed) || (!path.starts_with(b"/proc") && !path.starts_with(b"/sys") && fs::is_dir(path)) {
         return Some(Fd::Dir);
     }
     let rest = path.strip_prefix(b"/proc/")?;
     let slash = rest.iter().position(|&b| b == b'/')?;
     let (who, name) = (&rest[..slash], &rest[slash + 1..]);
-    let me = process::current_pid();
-    let is_me = who == b"self" || (!who.is_empty() && who.iter().all(u8::is_ascii_digit) && parse(who) == Some(u64::from(me)));
-    if !is_me {
-        return None;
-    }
+    let pid = if who == b"self" {
+        process::current_pid()
+    } else {
+        let pid = parse(who).filter(|_| !who.is_empty() && who.len() <= 10)?;
+        u32::try_from(pid).ok().filter(|&p| process::pid_exists(p))?
+    };
     match name {
-        b"pagemap" => Some(Fd::Pagemap { pos: 0 }),
-        b"clear_refs" => Some(Fd::ClearRefs),
-        b"smaps" => Some(Fd::ProcText { maps: false, pos: 0 }),
-        b"maps" => Some(Fd::ProcText { maps: true, pos: 0 }),
+        b"pagemap" => Some(Fd::Pagemap { pos: 0, pid }),
+        b"clear_refs" => Some(Fd::ClearRefs { pid }),
+        b"smaps" => Some(Fd::ProcText { kind: proc_text::SMAPS, pos: 0, pid }),
+        b"maps" => Some(Fd::ProcText { kind: proc_text::MAPS, pos: 0, pid }),
+        b"status" => Some(Fd::ProcText { kind: proc_text::STATUS, pos: 0, pid }),
         _ => None,
     }
 }
@@ -167,31 +159,83 @@ fn parse(digits: &[u8]) -> Option<u64> {
     digits.iter().try_fold(0u64, |v, &d| v.checked_mul(10)?.checked_add(u64::from(d.checked_sub(b'0').filter(|&d| d < 10)?)))
 }
 
-/// `open`/`openat` (the directory does not matter: our paths are absolute).
+/// `open`/`openat` (the directory does not matter: the working directory is `/`).
 pub fn open(path: u64, flags: u64) -> Result<u64, i64> {
     let path = uaccess::c_string(path, MAX_PATH)?;
-    let mode = flags & O_ACCMODE;
-    let fd = match (lookup(path), find_file(path)) {
-        (Some(fd), _) => fd,
-        (None, Some(index)) if mode == O_RDONLY => Fd::File { index, pos: 0 },
-        // The files are read-only, and there is nowhere to create one.
-        (None, Some(_)) => return Err(EROFS),
-        (None, None) if flags & O_CREAT != 0 => return Err(EROFS),
-        (None, None) => return Err(ENOENT),
-    };
-    let allowed = match fd {
-        Fd::Pagemap { .. } | Fd::ProcText { .. } | Fd::Text { .. } | Fd::Dir => mode == O_RDONLY,
-        Fd::ClearRefs => mode == O_WRONLY,
-        Fd::File { .. } => true,
-        _ => false,
-    };
-    if !allowed {
-        return Err(EACCES);
+    let access = flags & O_ACCMODE;
+    if access == 3 {
+        return Err(EINVAL);
     }
     let t = table();
     let slot = t.iter().position(|f| *f == Fd::Closed).ok_or(EMFILE)?;
-    t[slot] = fd;
+    let fd = match lookup(path) {
+        Some(_) if flags & (O_CREAT | O_EXCL) == O_CREAT | O_EXCL => return Err(EEXIST),
+        Some(fd) => {
+            let allowed = match fd {
+                Fd::Pagemap { .. } | Fd::ProcText { .. } | Fd::Text { .. } | Fd::Dir => access == O_RDONLY,
+                Fd::ClearRefs { .. } => access == O_WRONLY,
+                _ => false,
+            };
+            if !allowed {
+                return Err(if fd == Fd::Dir { EISDIR } else { EACCES });
+            }
+            if flags & O_DIRECTORY != 0 && fd != Fd::Dir {
+                return Err(ENOTDIR);
+            }
+            fd
+        }
+        None => open_node(path, flags)?,
+    };
+    if let Fd::Node { node, .. } = fd {
+        fs::opened(node);
+    }
+    table()[slot] = fd;
     Ok(slot as u64)
+}
+
+/// A file of the file system, created if `O_CREAT` asks and truncated if `O_TRUNC`.
+fn open_node(path: &[u8], flags: u64) -> Result<Fd, i64> {
+    let access = flags & O_ACCMODE;
+    let node = match fs::lookup(path) {
+        Some(_) if flags & (O_CREAT | O_EXCL) == O_CREAT | O_EXCL => return Err(EEXIST),
+        Some(node) => node,
+        None if flags & O_CREAT != 0 => fs::create(path)?,
+        None => return Err(ENOENT),
+    };
+    if flags & O_DIRECTORY != 0 {
+        return Err(ENOTDIR);
+    }
+    let truncating = flags & O_TRUNC != 0 && access != O_RDONLY;
+    if access != O_RDONLY {
+        fs::make_own(node, truncating)?;
+    }
+    if truncating {
+        fs::truncate(node, 0)?;
+    }
+    let mut m = 0;
+    if access == O_RDONLY || access == O_RDWR {
+        m |= mode::READ;
+    }
+    if access == O_WRONLY || access == O_RDWR {
+        m |= mode::WRITE;
+    }
+    if flags & O_APPEND != 0 {
+        m |= mode::APPEND;
+    }
+    Ok(Fd::Node { node, pos: 0, mode: m })
+}
+
+/// `unlink`/`unlinkat`: files of the file system only.
+pub fn unlink(path: u64, remove_dir: bool) -> Result<u64, i64> {
+    let path = uaccess::c_string(path, MAX_PATH)?;
+    match lookup(path) {
+        Some(Fd::Dir) if remove_dir => return Err(EBUSY),
+        Some(Fd::Dir) => return Err(EISDIR),
+        Some(_) => return Err(EACCES),
+        None if remove_dir => return Err(if fs::lookup(path).is_some() { ENOTDIR } else { ENOENT }),
+        None => {}
+    }
+    fs::unlink(path).map(|()| 0)
 }
 
 /// `dup` (`new` None: the lowest free descriptor), `dup2`, `dup3` (`exact`: old and new
@@ -206,14 +250,28 @@ pub fn dup(old: u64, new: Option<u64>, exact: bool) -> Result<u64, i64> {
         Some(n) => n as usize,
         None => t.iter().position(|f| *f == Fd::Closed).ok_or(EMFILE)?,
     };
-    t[new] = f;
+    close(new as u64).ok();
+    if let Fd::Node { node, .. } = f {
+        fs::opened(node);
+    }
+    table()[new] = f;
     Ok(new as u64)
 }
 
 pub fn close(fd: u64) -> Result<u64, i64> {
-    get(fd)?;
+    let f = get(fd)?;
     table()[fd as usize] = Fd::Closed;
+    if let Fd::Node { node, .. } = f {
+        fs::closed(node);
+    }
     Ok(0)
+}
+
+/// Closes every descriptor of the current process (it exits).
+pub fn close_all() {
+    for fd in 0..MAX_FDS as u64 {
+        close(fd).ok();
+    }
 }
 
 /// `read`: the console reads as end of file; the others are `pread` at their position,
@@ -232,18 +290,18 @@ pub fn read(fd: u64, buf: u64, len: u64) -> Result<u64, i64> {
 /// The read position of a descriptor that has one.
 fn position(f: Fd) -> Option<u64> {
     match f {
-        Fd::Pagemap { pos } | Fd::ProcText { pos, .. } | Fd::Text { pos, .. } | Fd::File { pos, .. } => Some(pos),
-        Fd::Console | Fd::ClearRefs | Fd::Dir | Fd::Closed => None,
+        Fd::Pagemap { pos, .. } | Fd::ProcText { pos, .. } | Fd::Text { pos, .. } | Fd::Node { pos, .. } => Some(pos),
+        Fd::Console | Fd::ClearRefs { .. } | Fd::Dir | Fd::Closed => None,
     }
 }
 
 /// `f` at read position `pos` (descriptors without one are returned as they are).
 fn with_position(f: Fd, pos: u64) -> Fd {
     match f {
-        Fd::Pagemap { .. } => Fd::Pagemap { pos },
-        Fd::ProcText { maps, .. } => Fd::ProcText { maps, pos },
+        Fd::Pagemap { pid, .. } => Fd::Pagemap { pos, pid },
+        Fd::ProcText { kind, pid, .. } => Fd::ProcText { kind, pos, pid },
         Fd::Text { which, .. } => Fd::Text { which, pos },
-        Fd::File { index, .. } => Fd::File { index, pos },
+        Fd::Node { node, mode, .. } => Fd::Node { node, pos, mode },
         other => other,
     }
 }
@@ -257,46 +315,34 @@ fn text_read(which: usize, buf: u64, len: u64, off: u64) -> Result<u64, i64> {
     Ok(n as u64)
 }
 
-fn proc_text(maps: bool, buf: u64, len: u64, pos: u64) -> Result<u64, i64> {
+fn read_proc_text(kind: u8, pid: u32, buf: u64, len: u64, pos: u64) -> Result<u64, i64> {
     let n = len.min(MAX_READ);
     if n == 0 {
         return Ok(0);
     }
     probe(buf, n)?;
-    let r = ask(if maps { proc_op::MAPS } else { proc_op::SMAPS }, pos, n, buf);
-    if r < 0 { Err(-r) } else { Ok(r as u64) }
-}
-
-/// The size of file `index`, for `fstat`.
-pub fn file_size(index: usize) -> u64 {
-    files()[index].size
+    let op = match kind {
+        proc_text::MAPS => proc_op::MAPS,
+        proc_text::STATUS => proc_op::STATUS,
+        _ => proc_op::SMAPS,
+    };
+    ask(op, pid, pos, n, buf)
 }
 
 /// Stat of a path: `Some(fd kind)` for our files and /proc entries.
 pub fn lookup_path(path: u64) -> Result<Fd, i64> {
     let path = uaccess::c_string(path, MAX_PATH)?;
-    match (lookup(path), find_file(path)) {
+    match (lookup(path), fs::lookup(path)) {
         (Some(fd), _) => Ok(fd),
-        (None, Some(index)) => Ok(Fd::File { index, pos: 0 }),
+        (None, Some(node)) => Ok(Fd::Node { node, pos: 0, mode: 0 }),
         (None, None) => Err(ENOENT),
     }
-}
-
-fn file_read(index: usize, buf: u64, len: u64, pos: u64) -> Result<u64, i64> {
-    let f = files()[index];
-    let n = len.min(MAX_READ).min(f.size.saturating_sub(pos));
-    if n == 0 {
-        return Ok(0);
-    }
-    probe(buf, n)?;
-    let r = ask(proc_op::COPY, f.phys + pos, n, buf);
-    if r < 0 { Err(-r) } else { Ok(r as u64) }
 }
 
 /// Makes each page of the buffer present, writable and written (one byte stored by
 /// ring 0: a write of the program's page, caught as such), so that the VMM's store
 /// into it is the program's write in every view.
-fn probe(buf: u64, len: u64) -> Result<(), i64> {
+pub fn probe(buf: u64, len: u64) -> Result<(), i64> {
     let end = buf.checked_add(len).ok_or(crate::mm::EFAULT)?;
     let mut at = buf;
     while at < end {
@@ -308,13 +354,14 @@ fn probe(buf: u64, len: u64) -> Result<(), i64> {
 
 pub fn pread(fd: u64, buf: u64, len: u64, off: u64) -> Result<u64, i64> {
     match get(fd)? {
-        Fd::Pagemap { .. } => pagemap(buf, len, off),
-        Fd::File { index, .. } => file_read(index, buf, len, off),
-        Fd::ProcText { maps, .. } => proc_text(maps, buf, len, off),
+        Fd::Pagemap { pid, .. } => pagemap(pid, buf, len, off),
+        Fd::Node { mode, .. } if mode & mode::READ == 0 => Err(EBADF),
+        Fd::Node { node, .. } => fs::read(node, buf, len, off),
+        Fd::ProcText { kind, pid, .. } => read_proc_text(kind, pid, buf, len, off),
         Fd::Text { which, .. } => text_read(which, buf, len, off),
         Fd::Dir => Err(EISDIR),
         Fd::Console => Err(ESPIPE),
-        Fd::ClearRefs | Fd::Closed => Err(EBADF),
+        Fd::ClearRefs { .. } | Fd::Closed => Err(EBADF),
     }
 }
 
@@ -322,8 +369,8 @@ pub fn lseek(fd: u64, off: u64, whence: u64) -> Result<u64, i64> {
     let f = get(fd)?;
     // Seekable: pagemap (no end: Linux refuses SEEK_END there) and our files.
     let (pos, end) = match f {
-        Fd::Pagemap { pos } => (pos, None),
-        Fd::File { index, pos } => (pos, Some(file_size(index))),
+        Fd::Pagemap { pos, .. } => (pos, None),
+        Fd::Node { node, pos, .. } => (pos, Some(fs::size(node))),
         Fd::Console => return Err(ESPIPE),
         _ => return Err(EINVAL),
     };
@@ -340,6 +387,47 @@ pub fn lseek(fd: u64, off: u64, whence: u64) -> Result<u64, i64> {
     Ok(new)
 }
 
+/// `pwrite` to a file open for writing (`append`: at its end, whatever `off` says).
+pub fn pwrite(fd: u64, buf: u64, len: u64, off: u64) -> Result<u64, i64> {
+    match get(fd)? {
+        Fd::Node { node, mode, .. } if mode & mode::WRITE != 0 => {
+            let at = if mode & mode::APPEND != 0 { fs::size(node) } else { off };
+            fs::write(node, buf, len, at)
+        }
+        Fd::Console => Err(ESPIPE),
+        _ => Err(EBADF),
+    }
+}
+
+/// `write` to a file: at its position, which moves on.
+pub fn write_at_position(fd: u64, buf: u64, len: u64) -> Result<u64, i64> {
+    let Fd::Node { node, pos, mode } = get(fd)? else { return Err(EBADF) };
+    if mode & mode::WRITE == 0 {
+        return Err(EBADF);
+    }
+    let at = if mode & mode::APPEND != 0 { fs::size(node) } else { pos };
+    let n = fs::write(node, buf, len, at)?;
+    table()[fd as usize] = Fd::Node { node, pos: at + n, mode };
+    Ok(n)
+}
+
+/// `ftruncate` of a file open for writing.
+pub fn ftruncate(fd: u64, size: u64) -> Result<u64, i64> {
+    match get(fd)? {
+        Fd::Node { node, mode, .. } if mode & mode::WRITE != 0 => fs::truncate(node, size).map(|()| 0),
+        _ => Err(EINVAL),
+    }
+}
+
+/// `truncate` of a path.
+pub fn truncate(path: u64, size: u64) -> Result<u64, i64> {
+    match lookup_path(path)? {
+        Fd::Node { node, .. } => fs::make_own(node, size == 0).and_then(|()| fs::truncate(node, size)).map(|()| 0),
+        Fd::Dir => Err(EISDIR),
+        _ => Err(EACCES),
+    }
+}
+
 pub fn ioctl(fd: u64) -> Result<u64, i64> {
     // Terminal requests on the console, PAGEMAP_SCAN on pagemap: not supported (yet).
     get(fd).and(Err(ENOTTY))
@@ -347,7 +435,7 @@ pub fn ioctl(fd: u64) -> Result<u64, i64> {
 
 /// Linux's pagemap read: 8 bytes per page from virtual page `off / 8`; both multiples
 /// of 8. The VMM stores the entries straight into the program's buffer.
-fn pagemap(buf: u64, len: u64, off: u64) -> Result<u64, i64> {
+fn pagemap(pid: u32, buf: u64, len: u64, off: u64) -> Result<u64, i64> {
     if !off.is_multiple_of(8) || !len.is_multiple_of(8) {
         return Err(EINVAL);
     }
@@ -358,18 +446,16 @@ fn pagemap(buf: u64, len: u64, off: u64) -> Result<u64, i64> {
     }
     let count = (len / 8).min(PROC_PAGEMAP_MAX).min(last - vpn);
     probe(buf, count * 8)?;
-    let r = ask(proc_op::PAGEMAP, vpn, count, buf);
-    if r < 0 { Err(-r) } else { Ok(r as u64) }
+    ask(proc_op::PAGEMAP, pid, vpn, count, buf)
 }
 
 /// Linux's clear_refs write: a number 1-5 (whitespace around it allowed) in at most 12
 /// bytes; returns the whole count.
-pub fn clear_refs(buf: u64, len: u64) -> Result<u64, i64> {
+pub fn clear_refs(pid: u32, buf: u64, len: u64) -> Result<u64, i64> {
     let text = uaccess::bytes(buf, len.min(12))?;
     let text = trim(text);
     let value = parse(text).filter(|v| (1..=5).contains(v)).ok_or(EINVAL)?;
-    let r = ask(proc_op::CLEAR_REFS, value, 0, 0);
-    if r < 0 { Err(-r) } else { Ok(len) }
+    ask(proc_op::CLEAR_REFS, pid, value, 0, 0).map(|_| len)
 }
 
 fn trim(mut b: &[u8]) -> &[u8] {

@@ -7,6 +7,7 @@
 
 mod clock;
 mod files;
+mod fs;
 pub mod syscall;
 mod uaccess;
 
@@ -56,6 +57,12 @@ fn procs() -> &'static mut [LinuxProc; MAX_PROCS] {
 
 fn current() -> &'static mut LinuxProc {
     &mut procs()[process::current_index()]
+}
+
+/// The frame a page fault in a file mapping of the current process maps (see
+/// [`fs::fault_frame`]).
+pub fn file_fault_frame(serial: u64, page_va: u64, shared: bool) -> Result<u64, &'static str> {
+    fs::fault_frame(serial, page_va, shared)
 }
 
 /// Is process `index` a Linux program?
@@ -138,6 +145,10 @@ fn unimplemented(nr: u64) {
 
 /// Process `index` ended: says which unimplemented system calls it made, if any.
 pub fn exited(index: usize) {
+    if procs()[index].active {
+        files::close_all();
+        fs::prune_maps(index, |_| false);
+    }
     let p = &procs()[index];
     if !p.active || p.unimplemented[0].1 == 0 {
         return;

@@ -8,16 +8,19 @@
 //! (docs/linux-programs.md lists both).
 
 use super::files::{self, Fd};
+use super::fs;
 use super::{current, set_fs_base, uaccess, unimplemented};
 use crate::arch::{USER_CS, USER_DS};
 use crate::entry::TrapFrame;
 use crate::frames::PAGE;
 use crate::{console, mm, process};
-use guest_abi::mapping_flags::{EXEC, READ_ONLY};
+use guest_abi::mapping_flags::{EXEC, FILE, READ_ONLY, SHARED};
 use workload::{MIN_ADDR, USER_TOP};
 
 const EPERM: i64 = 1;
 const EBADF: i64 = 9;
+const EACCES: i64 = 13;
+const ENODEV: i64 = 19;
 const ENOMEM: i64 = 12;
 const EEXIST: i64 = 17;
 const EINVAL: i64 = 22;
@@ -38,6 +41,14 @@ mod nr {
     pub const BRK: u64 = 12;
     pub const IOCTL: u64 = 16;
     pub const PREAD64: u64 = 17;
+    pub const PWRITE64: u64 = 18;
+    pub const FSYNC: u64 = 74;
+    pub const FDATASYNC: u64 = 75;
+    pub const TRUNCATE: u64 = 76;
+    pub const FTRUNCATE: u64 = 77;
+    pub const GETCWD: u64 = 79;
+    pub const UNLINK: u64 = 87;
+    pub const UNLINKAT: u64 = 263;
     pub const WRITEV: u64 = 20;
     pub const MADVISE: u64 = 28;
     pub const ACCESS: u64 = 21;
@@ -71,12 +82,15 @@ mod nr {
 const PROT_WRITE: u64 = 2;
 const PROT_EXEC: u64 = 4;
 const MAP_SHARED: u64 = 0x01;
+const MAP_PRIVATE: u64 = 0x02;
+const MAP_TYPE: u64 = 0x0f;
 const MAP_FIXED: u64 = 0x10;
 const MAP_ANONYMOUS: u64 = 0x20;
 const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
 const ARCH_SET_FS: u64 = 0x1002;
 const ARCH_GET_FS: u64 = 0x1003;
 const AT_EMPTY_PATH: u64 = 0x1000;
+const AT_REMOVEDIR: u64 = 0x200;
 const RLIMIT_STACK: u64 = 3;
 const RLIMIT_NOFILE: u64 = 7;
 const RLIM_NLIMITS: u64 = 16;
@@ -95,6 +109,7 @@ pub fn enter(frame: &mut TrapFrame) {
         return crate::trap::kill(frame, "syscall instruction (not a Linux program) at", frame.rcx);
     }
     let (a0, a1, a2, a3, a4) = (frame.rdi, frame.rsi, frame.rdx, frame.r10, frame.r8);
+    let a5 = frame.r9;
     let n = frame.rax;
     // Back to user mode first: a call that switches processes saves this frame.
     frame.rip = frame.rcx;
@@ -111,6 +126,13 @@ pub fn enter(frame: &mut TrapFrame) {
         nr::WRITEV => writev(a0, a1, a2),
         nr::READ => files::read(a0, a1, a2),
         nr::PREAD64 => files::pread(a0, a1, a2, a3),
+        nr::PWRITE64 => files::pwrite(a0, a1, a2, a3),
+        nr::FTRUNCATE => files::ftruncate(a0, a1),
+        nr::TRUNCATE => files::truncate(a0, a1),
+        nr::UNLINK => files::unlink(a0, false),
+        nr::UNLINKAT => files::unlink(a1, a2 & AT_REMOVEDIR != 0),
+        nr::FSYNC | nr::FDATASYNC => files::get(a0).map(|_| 0),
+        nr::GETCWD => getcwd(a0, a1),
         nr::LSEEK => files::lseek(a0, a1, a2),
         nr::OPEN => files::open(a0, a1),
         nr::OPENAT => files::open(a1, a2),
@@ -120,7 +142,7 @@ pub fn enter(frame: &mut TrapFrame) {
         nr::DUP3 => files::dup(a0, Some(a1), true),
         nr::IOCTL => files::ioctl(a0),
         nr::BRK => Ok(brk(a0)),
-        nr::MMAP => mmap(a0, a1, a2, a3, a4),
+        nr::MMAP => mmap(a0, a1, a2, a3, a4, a5),
         nr::MUNMAP => munmap(a0, a1),
         nr::MPROTECT => mprotect(a0, a1, a2),
         nr::MADVISE => madvise(a0, a1, a2),
@@ -157,7 +179,7 @@ fn console_fd(fd: u64) -> Result<(), i64> {
     }
 }
 
-/// The console (stdout and stderr are the VMM's stdout), or clear_refs.
+/// The console (stdout and stderr are the VMM's stdout), clear_refs, or a file.
 fn write(fd: u64, buf: u64, len: u64) -> Result<u64, i64> {
     match files::get(fd)? {
         Fd::Console => {
@@ -165,12 +187,35 @@ fn write(fd: u64, buf: u64, len: u64) -> Result<u64, i64> {
             console::write(uaccess::bytes(buf, len)?);
             Ok(len)
         }
-        Fd::ClearRefs => files::clear_refs(buf, len),
+        Fd::ClearRefs { pid } => files::clear_refs(pid, buf, len),
+        Fd::Node { .. } => files::write_at_position(fd, buf, len),
         _ => Err(EBADF),
     }
 }
 
+/// `writev` to the console, or to a file (one write per buffer, stopping at a short one).
 fn writev(fd: u64, iov: u64, count: u64) -> Result<u64, i64> {
+    if let Fd::Node { .. } = files::get(fd)? {
+        if count > MAX_IOV {
+            return Err(EINVAL);
+        }
+        let mut total = 0;
+        for i in 0..count {
+            let base = uaccess::read_u64(iov + 16 * i)?;
+            let len = uaccess::read_u64(iov + 16 * i + 8)?;
+            match files::write_at_position(fd, base, len) {
+                Ok(n) => {
+                    total += n;
+                    if n < len {
+                        break;
+                    }
+                }
+                Err(e) if total == 0 => return Err(e),
+                Err(_) => break,
+            }
+        }
+        return Ok(total);
+    }
     console_fd(fd)?;
     if count > MAX_IOV {
         return Err(EINVAL);
@@ -240,19 +285,59 @@ fn rights(prot: u64) -> u32 {
     flags
 }
 
-/// Anonymous private mappings: at a fixed address, at a free hint, or top-down from
-/// [`MMAP_BASE`].
-fn mmap(addr: u64, len: u64, prot: u64, flags: u64, _fd: u64) -> Result<u64, i64> {
+/// What a new mapping maps: anonymous memory, or a file from a page of it.
+#[derive(Clone, Copy)]
+struct Backing {
+    /// The node (for file mappings and shared anonymous memory), its first page, and
+    /// whether a `MAP_SHARED` mapping may be made writable.
+    file: Option<(usize, u64, bool)>,
+    flags: u32,
+}
+
+/// `mmap`'s backing: private anonymous; shared anonymous (an unnamed node of its own);
+/// or a file open for reading, `MAP_SHARED` (its own frames; writable only through a
+/// descriptor open for writing) or `MAP_PRIVATE` (a copy of each page touched). A
+/// `--file` never changes, so sharing it is the same as a private copy.
+fn backing(len: u64, prot: u64, flags: u64, fd: u64, off: u64) -> Result<Backing, i64> {
+    let shared = match flags & MAP_TYPE {
+        MAP_SHARED | 3 => true, // 3: MAP_SHARED_VALIDATE
+        MAP_PRIVATE => false,
+        _ => return Err(EINVAL),
+    };
+    let mut flags_out = rights(prot);
+    if flags & MAP_ANONYMOUS != 0 {
+        if !shared {
+            return Ok(Backing { file: None, flags: flags_out });
+        }
+        return Ok(Backing { file: Some((fs::create_anonymous(len)?, 0, true)), flags: flags_out | FILE | SHARED });
+    }
+    if !off.is_multiple_of(PAGE) {
+        return Err(EINVAL);
+    }
+    let (node, mode) = match files::get(fd)? {
+        Fd::Node { node, mode, .. } => (node, mode),
+        _ => return Err(ENODEV),
+    };
+    if mode & files::mode::READ == 0 {
+        return Err(EACCES);
+    }
+    let shared = shared && fs::is_writable(node);
+    let may_write = shared && mode & files::mode::WRITE != 0;
+    if shared && prot & PROT_WRITE != 0 && !may_write {
+        return Err(EACCES);
+    }
+    flags_out |= FILE | if shared { SHARED } else { 0 };
+    Ok(Backing { file: Some((node, off / PAGE, may_write)), flags: flags_out })
+}
+
+/// `mmap`: at a fixed address, at a free hint, or top-down from [`MMAP_BASE`].
+/// `PROT_NONE` is not built yet.
+fn mmap(addr: u64, len: u64, prot: u64, flags: u64, fd: u64, off: u64) -> Result<u64, i64> {
     let pages = page_up(len).ok_or(ENOMEM)? / PAGE;
     if pages == 0 {
         return Err(EINVAL);
     }
-    if flags & MAP_ANONYMOUS == 0 {
-        // No files yet: whatever the descriptor is, it is not open.
-        return Err(EBADF);
-    }
-    if flags & MAP_SHARED != 0 || prot & 7 == 0 {
-        // Shared anonymous memory and PROT_NONE are not built yet.
+    if prot & 7 == 0 {
         unimplemented(nr::MMAP);
         return Err(EINVAL);
     }
@@ -261,20 +346,44 @@ fn mmap(addr: u64, len: u64, prot: u64, flags: u64, _fd: u64) -> Result<u64, i64
     if fixed && (!addr.is_multiple_of(PAGE) || addr < MIN_ADDR || addr.checked_add(len).is_none_or(|e| e > USER_TOP)) {
         return Err(if !addr.is_multiple_of(PAGE) { EINVAL } else { ENOMEM });
     }
+    let backing = backing(len, prot, flags, fd, off)?;
     let serial = process::next_serial();
-    process::update(|slot, zero| {
-        let at = if fixed {
+    let at = process::update(|slot, _| {
+        if fixed {
             if flags & MAP_FIXED == 0 && mm::overlaps(slot, addr, addr + len) {
                 return Err(EEXIST);
             }
-            addr
-        } else {
-            let hint = addr & !(PAGE - 1);
-            let fits = hint >= MIN_ADDR && hint.checked_add(len).is_some_and(|e| e <= MMAP_BASE && !mm::overlaps(slot, hint, e));
-            if fits { hint } else { mm::find_free(slot, pages, MMAP_BASE).ok_or(ENOMEM)? }
-        };
-        mm::map(slot, at, pages, rights(prot), serial, zero).map(|()| at)
-    })
+            return Ok(addr);
+        }
+        let hint = addr & !(PAGE - 1);
+        let fits = hint >= MIN_ADDR && hint.checked_add(len).is_some_and(|e| e <= MMAP_BASE && !mm::overlaps(slot, hint, e));
+        if fits { Ok(hint) } else { mm::find_free(slot, pages, MMAP_BASE).ok_or(ENOMEM) }
+    });
+    let added = at.and_then(|at| match backing.file {
+        Some((node, pgoff, may_write)) => fs::add_map(process::current_index(), serial, at, node, pgoff, may_write),
+        None => Ok(()),
+    });
+    if let Err(e) = at.and(added) {
+        // Shared anonymous memory made for this call goes again.
+        if let Some((node, _, _)) = backing.file {
+            fs::release_if_unused(node);
+        }
+        return Err(e);
+    }
+    let at = at?;
+    let r = process::update(|slot, zero| mm::map(slot, at, pages, backing.flags, serial, zero));
+    // What MAP_FIXED replaced, or the new mapping if it failed, maps no file any more.
+    forget_unmapped();
+    r.map(|()| at)
+}
+
+/// Drops the file mappings of the current process that are gone (unmapped or replaced).
+fn forget_unmapped() {
+    let me = process::current_index();
+    process::update(|slot, _| {
+        let records = &slot.mappings[..slot.nmappings as usize];
+        fs::prune_maps(me, |serial| records.iter().any(|m| m.serial == serial));
+    });
 }
 
 fn munmap(addr: u64, len: u64) -> Result<u64, i64> {
@@ -282,7 +391,9 @@ fn munmap(addr: u64, len: u64) -> Result<u64, i64> {
     if !addr.is_multiple_of(PAGE) || pages == 0 {
         return Err(EINVAL);
     }
-    process::update(|slot, zero| mm::unmap(slot, addr, pages, zero)).map(|()| 0)
+    let r = process::update(|slot, zero| mm::unmap(slot, addr, pages, zero));
+    forget_unmapped();
+    r.map(|()| 0)
 }
 
 fn mprotect(addr: u64, len: u64, prot: u64) -> Result<u64, i64> {
@@ -296,6 +407,19 @@ fn mprotect(addr: u64, len: u64, prot: u64) -> Result<u64, i64> {
     if prot & 7 == 0 {
         unimplemented(nr::MPROTECT);
         return Err(EINVAL);
+    }
+    if prot & PROT_WRITE != 0 {
+        // A shared file mapping through a descriptor not open for writing stays read-only.
+        let me = process::current_index();
+        let end = addr.saturating_add(pages * PAGE);
+        let refused = process::update(|slot, _| {
+            slot.mappings[..slot.nmappings as usize].iter().any(|m| {
+                m.start < end && addr < m.start + m.pages * PAGE && m.flags & (FILE | SHARED) == FILE | SHARED && !fs::may_write(me, m.serial)
+            })
+        });
+        if refused {
+            return Err(EACCES);
+        }
     }
     process::update(|slot, zero| mm::protect(slot, addr, pages, prot & PROT_WRITE == 0, zero)).map(|()| 0)
 }
@@ -333,13 +457,20 @@ fn stat(fd: Fd, buf: u64) -> Result<u64, i64> {
         Fd::Pagemap { .. } => (0o100_400, 0), // S_IFREG | r--------, size 0 as in /proc
         Fd::ProcText { .. } | Fd::Text { .. } => (0o100_444, 0),
         Fd::Dir => (0o040_555, 0),
-        Fd::ClearRefs => (0o100_200, 0),      // S_IFREG | -w-------
-        Fd::File { index, .. } => (0o100_444, files::file_size(index)),
+        Fd::ClearRefs { .. } => (0o100_200, 0),      // S_IFREG | -w-------
+        Fd::Node { node, .. } => (0o100_644, fs::size(node)),
         Fd::Closed => return Err(EBADF),
     };
     let mut st = [0u8; 144];
     let mut put = |at: usize, v: u64, bytes: usize| st[at..at + bytes].copy_from_slice(&v.to_le_bytes()[..bytes]);
-    put(16, 1, 8); // st_nlink
+    let linked = match fd {
+        Fd::Node { node, .. } => fs::is_linked(node),
+        _ => true,
+    };
+    if let Fd::Node { node, .. } = fd {
+        put(8, node as u64 + 100, 8); // st_ino
+    }
+    put(16, u64::from(linked), 8); // st_nlink
     put(24, mode, 4); // st_mode
     if mode == 0o020_620 {
         put(40, (4 << 8) | 64, 8); // st_rdev: ttyS0
@@ -359,15 +490,24 @@ fn newfstatat(dirfd: u64, path: u64, buf: u64, flags: u64) -> Result<u64, i64> {
     stat(files::lookup_path(path)?, buf)
 }
 
-/// `access`: our files are readable (not writable: `EROFS`), /proc's as Linux's modes.
+/// `access` as root sees it: everything may be read and written; only directories
+/// may be "executed" (no file has an execute bit).
 fn access(path: u64, mode: u64) -> Result<u64, i64> {
-    const W_OK: u64 = 2;
     const X_OK: u64 = 1;
     match files::lookup_path(path)? {
-        Fd::File { .. } if mode & W_OK != 0 => Err(files::EROFS),
+        Fd::Dir => Ok(0),
         _ if mode & X_OK != 0 => Err(files::EACCES),
         _ => Ok(0),
     }
+}
+
+/// `getcwd`: the working directory is always `/`.
+fn getcwd(buf: u64, size: u64) -> Result<u64, i64> {
+    const ERANGE: i64 = 34;
+    if size < 2 {
+        return Err(ERANGE);
+    }
+    uaccess::write_bytes(buf, b"/\0").map(|()| 2)
 }
 
 /// Limits are not enforced; the stack's is the 8 MiB the program got.
@@ -464,10 +604,13 @@ fn time(t: u64) -> Result<u64, i64> {
 }
 
 /// Advice that changes nothing here is taken (0); `MADV_HUGEPAGE` makes each 2 MiB of
-/// the range that can be one a huge mapping; `MADV_DONTNEED`/`MADV_FREE` (which drop
-/// pages) are not built yet: `EINVAL`, counted.
+/// the range that can be one a huge mapping; `MADV_DONTNEED` and `MADV_FREE` drop the
+/// range's pages (`MADV_FREE` at once: Linux may keep them until memory runs short,
+/// and a program cannot rely on either).
 fn madvise(addr: u64, len: u64, advice: u64) -> Result<u64, i64> {
     const MADV_HUGEPAGE: u64 = 14;
+    const MADV_DONTNEED: u64 = 4;
+    const MADV_FREE: u64 = 8;
     if !addr.is_multiple_of(PAGE) {
         return Err(EINVAL);
     }
@@ -483,6 +626,15 @@ fn madvise(addr: u64, len: u64, advice: u64) -> Result<u64, i64> {
                 at += HUGE;
             }
             Ok(0)
+        }
+        MADV_DONTNEED | MADV_FREE => {
+            if addr < MIN_ADDR || end > USER_TOP {
+                return Err(if addr < MIN_ADDR { EINVAL } else { ENOMEM });
+            }
+            if end == addr {
+                return Ok(0);
+            }
+            process::update(|slot, zero| mm::discard(slot, addr, end, advice == MADV_FREE, zero)).map(|()| 0)
         }
         _ => {
             unimplemented(nr::MADVISE);

@@ -54,6 +54,9 @@ pub struct Mapping {
     pub shared: bool,
     /// A Linux program's text (mapped executable).
     pub exec: bool,
+    /// A Linux program's mapping of a file (`shared`: `MAP_SHARED`).
+    #[serde(default)]
+    pub file: bool,
     pub serial: u64,
 }
 
@@ -226,7 +229,7 @@ pub fn parse(raw: &[u8], mem_size: u64) -> Result<Snapshot, Error> {
             if start % 4096 != 0 || pages == 0 || end.is_none_or(|e| e > USER_TOP) {
                 return Err(field("mapping", format!("{i} ({start:#x}, {pages} pages) is not a user range")));
             }
-            if flags & !(mapping_flags::READ_ONLY | mapping_flags::HUGE | mapping_flags::SHARED | mapping_flags::EXEC) != 0 {
+            if flags & !(mapping_flags::READ_ONLY | mapping_flags::HUGE | mapping_flags::SHARED | mapping_flags::EXEC | mapping_flags::FILE) != 0 {
                 return Err(field("mapping", format!("{i} has unknown flags {flags:#x}")));
             }
             mappings.push(Mapping {
@@ -236,6 +239,7 @@ pub fn parse(raw: &[u8], mem_size: u64) -> Result<Snapshot, Error> {
                 huge: flags & mapping_flags::HUGE != 0,
                 shared: flags & mapping_flags::SHARED != 0,
                 exec: flags & mapping_flags::EXEC != 0,
+                file: flags & mapping_flags::FILE != 0,
                 serial,
             });
         }
@@ -289,7 +293,7 @@ mod tests {
         assert_eq!(s.processes.len(), 2);
         let p = s.by_pid(1).unwrap();
         assert_eq!((p.name.as_str(), p.cr3, p.state), ("writer", Cr3(0x8000), ProcState::Runnable));
-        assert_eq!(p.mappings, vec![Mapping { start: 0x400000, pages: 4, read_only: true, huge: false, shared: false, exec: false, serial: 7 }]);
+        assert_eq!(p.mappings, vec![Mapping { start: 0x400000, pages: 4, read_only: true, huge: false, shared: false, exec: false, file: false, serial: 7 }]);
         assert_eq!(s.by_pid(2).unwrap().state, ProcState::Killed);
         assert!(s.by_cr3(Cr3(0x9000)).is_none(), "dead processes have no address space");
         assert_eq!(s.by_cr3(Cr3(0x8000 | 0x18)).map(|p| p.pid), Some(1), "cache bits do not change the address space");
@@ -312,7 +316,7 @@ mod tests {
             (Box::new(move |r| set_u64(r, map0 + 8, u64::MAX)), "is not a user range"),
             (Box::new(move |r| set_u64(r, map0, 0x7fff_ffff_f000)), "is not a user range"),
             (Box::new(move |r| r[map0 + 16] = 0x80), "unknown flags"),
-            (Box::new(move |r| r[map0 + 16] = 0x10), "unknown flags"),
+            (Box::new(move |r| r[map0 + 16] = 0x20), "unknown flags"),
         ];
         for (corrupt, msg) in cases {
             let mut raw = table();

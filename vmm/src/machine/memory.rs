@@ -58,6 +58,11 @@ pub fn with_stopped_guest_bytes<R>(mem: &GuestMem, addr: u64, len: usize, f: imp
     Ok(f(bytes))
 }
 
+/// Bytes of guest RAM (one region from guest-physical 0).
+pub fn size(mem: &GuestMem) -> u64 {
+    mem.iter().map(vm_memory::GuestMemoryRegion::len).sum()
+}
+
 pub fn write(mem: &GuestMem, addr: u64, bytes: &[u8]) -> Result<(), Error> {
     mem.write_slice(bytes, GuestAddress(addr)).map_err(|_| Error::OutOfRange { addr, len: bytes.len() })
 }

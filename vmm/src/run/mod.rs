@@ -57,6 +57,8 @@ pub struct RunOptions {
     /// `--file HOST[:GUEST]` specs: read-only files in the guest, for a Linux program
     /// (`exec`, or a script's `proc NAME exec PATH`).
     pub files: Vec<String>,
+    /// `--initrd FILE.cpio`: the archive's regular files go into the guest too.
+    pub initrd: Option<PathBuf>,
 }
 
 /// `vmm run --exec PROGRAM -- ARGS...`.
@@ -182,7 +184,19 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
             }
             // A Linux program is read and checked before any VM exists; its process is
             // the script's one `proc`.
-            let files = opts.files.iter().map(|f| linux::read_file(f)).collect::<Result<Vec<_>, _>>()?;
+            let mut files = opts.files.iter().map(|f| linux::read_file(f)).collect::<Result<Vec<_>, _>>()?;
+            if let Some(path) = &opts.initrd {
+                let archive = linux::read_initrd(path)?;
+                if !archive.skipped.is_empty() {
+                    eprintln!(
+                        "vmm: --initrd {}: {} entries are not regular files or directories and are not in the guest (first: {})",
+                        path.display(),
+                        archive.skipped.len(),
+                        archive.skipped[0]
+                    );
+                }
+                files.extend(archive.files);
+            }
             let exec = opts.exec.as_ref().map(|e| linux::read(&e.program, &e.args)).transpose()?;
             let script = match (&exec, &opts.workload) {
                 (Some(x), _) => format!("proc {}\n", x.name).into_bytes(),
@@ -207,11 +221,14 @@ pub fn run(opts: &RunOptions, hook: impl SyncHook) -> Result<Outcome, Error> {
                     }
                 }
             };
-            if exec.is_none() && !files.is_empty() {
-                return Err(Error::Program(linux::ReadError::File {
-                    spec: opts.files[0].clone(),
-                    why: "no Linux program to read it: --file goes with --exec or a script's `proc NAME exec PATH`".into(),
-                }));
+            if exec.is_none() {
+                const WHY: &str = "no Linux program to read it: --file and --initrd go with --exec or a script's `proc NAME exec PATH`";
+                if let Some(spec) = opts.files.first() {
+                    return Err(Error::Program(linux::ReadError::File { spec: spec.clone(), why: WHY.into() }));
+                }
+                if let Some(path) = &opts.initrd {
+                    return Err(Error::Program(linux::ReadError::Initrd { path: path.clone(), why: WHY.into() }));
+                }
             }
             let mem = memory::create(mem_size)?;
             let loaded = image::load(&mem, mem_size, &image_bytes, &what)?;

@@ -14,7 +14,7 @@ use super::runner::VcpuContext;
 use crate::guest_os::linux::proc_text;
 use crate::machine::memory::{self, Phys};
 use crate::tracking::softdirty::ClearRefs;
-use guest_abi::{proc_op, ProcRequest, PROC_PAGEMAP_MAX};
+use guest_abi::{proc_op, Piece, ProcRequest, PROC_PAGEMAP_MAX, PROC_PIECES_MAX};
 use mmu::{Cr3, GuestVirtAddr, PagingMode, Translation, Walker};
 use std::mem::offset_of;
 
@@ -45,15 +45,25 @@ pub fn answer(ctx: &mut VcpuContext, addr: u64) -> Result<(), memory::Error> {
         count: u64_at(&raw, offset_of!(ProcRequest, count)),
         buf: u64_at(&raw, offset_of!(ProcRequest, buf)),
         result: 0,
+        target: u32_at(&raw, offset_of!(ProcRequest, target)),
+        _pad: 0,
     };
     let result = match req.op {
         proc_op::PAGEMAP => pagemap(ctx, &req).map_or_else(|e| -e, |n| n as i64),
         proc_op::CLEAR_REFS => clear_refs(ctx, &req).map_or_else(|e| -e, |()| 0),
         proc_op::COPY => copy(ctx, &req).map_or_else(|e| -e, |n| n as i64),
-        proc_op::SMAPS | proc_op::MAPS => proc_text(ctx, &req).map_or_else(|e| -e, |n| n as i64),
+        proc_op::SMAPS | proc_op::MAPS | proc_op::STATUS => proc_text(ctx, &req).map_or_else(|e| -e, |n| n as i64),
+        proc_op::GATHER => gather(ctx, &req).map_or_else(|e| -e, |n| n as i64),
+        proc_op::SCATTER => scatter(ctx, &req).map_or_else(|e| -e, |n| n as i64),
+        proc_op::PHYS_COPY => phys_copy(ctx, &req).map_or_else(|e| -e, |n| n as i64),
         _ => -EINVAL,
     };
     memory::write(&ctx.mem, addr + offset_of!(ProcRequest, result) as u64, &result.to_le_bytes())
+}
+
+/// The process whose /proc entry a request reads or writes: `target`, or the caller.
+fn target(req: &ProcRequest) -> u32 {
+    if req.target == 0 { req.pid } else { req.target }
 }
 
 fn pagemap(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<u64, i64> {
@@ -62,7 +72,7 @@ fn pagemap(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<u64, i64> {
         return Err(EINVAL);
     }
     let VcpuContext { tracker, mem, .. } = ctx;
-    let pages = tracker.pagemap(mem, req.pid, Some((start, req.count))).map_err(|_| ESRCH)?;
+    let pages = tracker.pagemap(mem, target(req), Some((start, req.count))).map_err(|_| ESRCH)?;
     let bytes: Vec<u8> = pages.iter().flat_map(|p| p.entry.0.to_le_bytes()).collect();
     let snap = tracker.snapshot(mem).map_err(|_| ESRCH)?;
     let cr3 = snap.by_pid(req.pid).ok_or(ESRCH)?.cr3;
@@ -73,7 +83,7 @@ fn pagemap(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<u64, i64> {
 fn clear_refs(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<(), i64> {
     let value = ClearRefs::try_from(req.arg).map_err(|_| EINVAL)?;
     let VcpuContext { tracker, mem, vcpu, .. } = ctx;
-    tracker.clear_refs(mem, vcpu, req.pid, value).map(|_| ()).map_err(|_| ESRCH)
+    tracker.clear_refs(mem, vcpu, target(req), value).map(|_| ()).map_err(|_| ESRCH)
 }
 
 /// A file's bytes (guest RAM from `arg`) into the program's buffer.
@@ -89,6 +99,69 @@ fn copy(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<u64, i64> {
     Ok(req.count)
 }
 
+/// The piece list at guest-physical `req.arg` (`req.count` entries), checked: at most
+/// [`PROC_PIECES_MAX`] pieces of at most [`COPY_MAX`] bytes in all.
+fn pieces(mem: &memory::GuestMem, req: &ProcRequest) -> Result<Vec<Piece>, i64> {
+    if req.count == 0 || req.count > PROC_PIECES_MAX {
+        return Err(EINVAL);
+    }
+    let size = std::mem::size_of::<Piece>();
+    let raw = memory::read(mem, req.arg, req.count as usize * size).map_err(|_| EFAULT)?;
+    let list: Vec<Piece> = raw
+        .chunks_exact(size)
+        .map(|c| Piece { phys: u64_at(c, offset_of!(Piece, phys)), len: u64_at(c, offset_of!(Piece, len)) })
+        .collect();
+    let total = list.iter().try_fold(0u64, |t, p| t.checked_add(p.len)).ok_or(EINVAL)?;
+    if total > COPY_MAX {
+        return Err(EINVAL);
+    }
+    Ok(list)
+}
+
+/// `read` of a file of the guest's file system: its pieces of guest RAM, one after the
+/// other, into the program's buffer.
+fn gather(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<u64, i64> {
+    let mut bytes = Vec::new();
+    for p in pieces(&ctx.mem, req)? {
+        bytes.extend(memory::read(&ctx.mem, p.phys, p.len as usize).map_err(|_| EFAULT)?);
+    }
+    let VcpuContext { tracker, mem, .. } = ctx;
+    let snap = tracker.snapshot(mem).map_err(|_| ESRCH)?;
+    let cr3 = snap.by_pid(req.pid).ok_or(ESRCH)?.cr3;
+    store(mem, cr3, req.buf, &bytes)?;
+    Ok(bytes.len() as u64)
+}
+
+/// `write` to such a file: the program's bytes into its pieces of guest RAM. Nothing
+/// is written unless every piece lies in guest RAM and the whole buffer is mapped.
+fn scatter(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<u64, i64> {
+    let list = pieces(&ctx.mem, req)?;
+    let total: u64 = list.iter().map(|p| p.len).sum();
+    if list.iter().any(|p| p.phys.checked_add(p.len).is_none_or(|e| e > memory::size(&ctx.mem))) {
+        return Err(EFAULT);
+    }
+    let VcpuContext { tracker, mem, .. } = ctx;
+    let snap = tracker.snapshot(mem).map_err(|_| ESRCH)?;
+    let cr3 = snap.by_pid(req.pid).ok_or(ESRCH)?.cr3;
+    let bytes = load(mem, cr3, req.buf, total)?;
+    let mut from = 0;
+    for p in list {
+        memory::write(mem, p.phys, &bytes[from..from + p.len as usize]).map_err(|_| EFAULT)?;
+        from += p.len as usize;
+    }
+    Ok(total)
+}
+
+/// Guest RAM to guest RAM (copy on write of a file page).
+fn phys_copy(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<u64, i64> {
+    if req.count > COPY_MAX {
+        return Err(EINVAL);
+    }
+    let bytes = memory::read(&ctx.mem, req.arg, req.count as usize).map_err(|_| EFAULT)?;
+    memory::write(&ctx.mem, req.buf, &bytes).map_err(|_| EFAULT)?;
+    Ok(req.count)
+}
+
 /// A piece of the process's smaps or maps text, rendered from its mappings and their
 /// pagemap (the same answers `vmm pagemap` gives).
 fn proc_text(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<u64, i64> {
@@ -97,17 +170,37 @@ fn proc_text(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<u64, i64> {
     }
     let VcpuContext { tracker, mem, .. } = ctx;
     let snap = tracker.snapshot(mem).map_err(|_| ESRCH)?;
-    let p = snap.by_pid(req.pid).ok_or(ESRCH)?;
-    let cr3 = p.cr3;
-    let text = if req.op == proc_op::MAPS {
-        proc_text::maps(&vmas(tracker, mem, p, false)?)
-    } else {
-        proc_text::smaps(&vmas(tracker, mem, p, true)?)
+    let cr3 = snap.by_pid(req.pid).ok_or(ESRCH)?.cr3;
+    let p = snap.by_pid(target(req)).ok_or(ESRCH)?;
+    let text = match req.op {
+        proc_op::MAPS => proc_text::maps(&vmas(tracker, mem, p, false)?),
+        proc_op::STATUS => proc_text::status(&status(p)),
+        _ => proc_text::smaps(&vmas(tracker, mem, p, true)?),
     };
     let from = (req.arg as usize).min(text.len());
     let piece = &text.as_bytes()[from..(from + req.count as usize).min(text.len())];
     store(mem, cr3, req.buf, piece)?;
     Ok(piece.len() as u64)
+}
+
+/// What `/proc/PID/status` says of `p`: its sizes from its mappings and page counts.
+fn status(p: &crate::guest_os::Process) -> proc_text::Status {
+    let kb = |pages: u64| pages * 4;
+    let sum = |f: &dyn Fn(&crate::guest_os::process_table::Mapping) -> bool| kb(p.mappings.iter().filter(|m| f(m)).map(|m| m.pages).sum());
+    proc_text::Status {
+        name: p.name.clone(),
+        pid: p.pid,
+        running: p.is_live(),
+        vm_size_kb: sum(&|_| true),
+        hwm_kb: kb(p.peak_rss_pages),
+        rss_kb: kb(p.rss_pages),
+        rss_shmem_kb: 0,
+        // Linux: VmData is private writable memory but the stack; VmStk the stack (the
+        // mapping at the top of the user half); VmExe the executable text.
+        data_kb: sum(&|m| !m.read_only && !m.shared && !m.exec && m.end() != crate::guest_os::linux::layout::STACK_TOP),
+        stack_kb: sum(&|m| m.end() == crate::guest_os::linux::layout::STACK_TOP),
+        exe_kb: sum(&|m| m.exec),
+    }
 }
 
 /// The process's mappings with their resident, referenced and huge-page sizes (if
@@ -136,6 +229,27 @@ fn vmas(tracker: &mut crate::tracking::softdirty::Tracker, mem: &memory::GuestMe
             }
         }
         out.push(v);
+    }
+    Ok(out)
+}
+
+/// The `len` bytes at `va` in the address space `cr3`: every page must be mapped in
+/// guest RAM (the kernel made it so), else `EFAULT`.
+fn load(mem: &memory::GuestMem, cr3: Cr3, va: u64, len: u64) -> Result<Vec<u8>, i64> {
+    let walker = Walker::new(PagingMode::Level4);
+    let phys = Phys(mem);
+    let end = va.checked_add(len).filter(|&e| e <= USER_TOP).ok_or(EFAULT)?;
+    let mut out = Vec::with_capacity(len as usize);
+    let mut at = va;
+    while at < end {
+        let take = (PAGE - at % PAGE).min(end - at);
+        match walker.translate(&phys, cr3.table(), GuestVirtAddr(at)) {
+            Ok(Translation::Mapped { frame, offset, .. }) => {
+                out.extend(memory::read(mem, frame.0 + offset, take as usize).map_err(|_| EFAULT)?);
+            }
+            _ => return Err(EFAULT),
+        }
+        at += take;
     }
     Ok(out)
 }

@@ -63,11 +63,15 @@ enum Command {
         /// kernel's own lines go to stderr, and `vmm run` exits with its status.
         #[arg(long, value_name = "PROGRAM", conflicts_with_all = ["image", "workload", "restore", "incoming", "summary"])]
         exec: Option<PathBuf>,
-        /// Put HOST into the guest's file system, read-only, at GUEST (an absolute path;
-        /// default: `/` and HOST's file name), for the --exec program or a script's
+        /// Put HOST into the guest's file system at GUEST (an absolute path; default:
+        /// `/` and HOST's file name), for the --exec program or a script's
         /// `proc NAME exec PATH`. Repeatable.
         #[arg(long = "file", value_name = "HOST[:GUEST]")]
         files: Vec<String>,
+        /// Put the regular files of this cpio archive ("newc", as `cpio -H newc` and
+        /// initramfs tools make it) into the guest's file system, at their paths.
+        #[arg(long, value_name = "FILE.cpio")]
+        initrd: Option<PathBuf>,
         /// The --exec program's arguments.
         #[arg(last = true, value_name = "ARGS", requires = "exec")]
         args: Vec<String>,
@@ -372,7 +376,7 @@ fn main_code() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run { image, workload, mem, api_sock, timeout, summary, engine, restore, incoming, tls, exec, files, args } => {
+        Command::Run { image, workload, mem, api_sock, timeout, summary, engine, restore, incoming, tls, exec, files, initrd, args } => {
             let timeout = match seconds_arg("--timeout", timeout) {
                 Ok(t) => t,
                 Err(code) => return code,
@@ -384,7 +388,7 @@ fn main_code() -> ExitCode {
             let hook =
                 if summary || (workload.is_none() && restore.is_none() && incoming.is_none() && exec.is_none()) { Hook::Summary(SummaryHook) } else { Hook::None };
             let exec = exec.map(|program| vmm::run::ExecOptions { program, args });
-            let opts = RunOptions { image, workload, mem_mib: mem, api_sock, timeout, engine, restore, incoming, incoming_security, exec, files };
+            let opts = RunOptions { image, workload, mem_mib: mem, api_sock, timeout, engine, restore, incoming, incoming_security, exec, files, initrd };
             match run::run(&opts, hook) {
                 Ok(Outcome::Exited(0)) => ExitCode::Success,
                 Ok(Outcome::Exited(c)) => {

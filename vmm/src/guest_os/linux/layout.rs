@@ -42,6 +42,7 @@ pub struct Laid {
 }
 
 /// A file put into the guest: its absolute path there and its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestFile {
     pub name: String,
     pub bytes: Vec<u8>,

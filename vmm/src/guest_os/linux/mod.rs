@@ -3,6 +3,7 @@
 //! initial stack ([`layout`]) that the guest kernel maps into the process; its system
 //! calls are the guest kernel's (docs/linux-programs.md).
 
+pub mod cpio;
 pub mod elf;
 pub mod layout;
 pub mod proc_text;
@@ -56,6 +57,20 @@ pub fn read_file(spec: &str) -> Result<layout::GuestFile, ReadError> {
     Ok(layout::GuestFile { name: guest, bytes })
 }
 
+/// Largest `--initrd` archive read (guest RAM bounds it further).
+pub const MAX_INITRD_BYTES: u64 = 512 << 20;
+
+/// `--initrd FILE.cpio`: the archive's regular files, checked.
+pub fn read_initrd(path: &Path) -> Result<cpio::Archive, ReadError> {
+    let bad = |why: String| ReadError::Initrd { path: path.into(), why };
+    let bytes = crate::input::read_limited(path, MAX_INITRD_BYTES).map_err(|e| bad(e.to_string()))?;
+    let archive = cpio::parse(&bytes).map_err(|e| bad(e.to_string()))?;
+    if let Some(big) = archive.files.iter().find(|f| f.bytes.len() as u64 > MAX_FILE_BYTES) {
+        return Err(bad(format!("{} has {} bytes; at most {MAX_FILE_BYTES} a file", big.name, big.bytes.len())));
+    }
+    Ok(archive)
+}
+
 /// Reads `path` and checks it can run here; `args` follow `argv[0]` (the path as given).
 pub fn read(path: &Path, args: &[String]) -> Result<Exec, ReadError> {
     let file = crate::input::read_limited(path, MAX_PROGRAM_BYTES).map_err(|source| ReadError::Io { path: path.into(), source })?;
@@ -94,6 +109,8 @@ pub enum ReadError {
     Elf { path: std::path::PathBuf, source: Error },
     #[error("--file {spec}: {why}")]
     File { spec: String, why: String },
+    #[error("--initrd {}: {why}", path.display())]
+    Initrd { path: std::path::PathBuf, why: String },
 }
 
 impl Exec {

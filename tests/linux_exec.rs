@@ -533,6 +533,60 @@ int main(int argc, char **argv) {
 }
 
 #[test]
+fn a_linux_program_goes_on_after_a_snapshot_restore_and_a_migration() {
+    // Its system calls (the `syscall` MSRs), its TLS base, its SSE registers and its
+    // files all travel with the VM: the run ends as an unbroken one does.
+    let src = r#"#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+static void sd_sync(const char *label) { syscall(0x5d00, label, strlen(label)); }
+static __thread int tls = 7;
+int main(void) {
+    int fd = open("/tmp/state", O_RDWR | O_CREAT, 0644);
+    ftruncate(fd, 4096);
+    char *m = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    for (int i = 0; i < 100; i++) m[i] = 'a' + i % 26;
+    volatile double x = 1.5;
+    sd_sync("mid");
+    for (int i = 0; i < 10; i++) x = x * 1.25;
+    char buf[8] = {0};
+    pread(fd, buf, 4, 0);
+    printf("x=%.4f file=%s map=%c tls=%d\n", x, buf, m[27], tls);
+    return 0;
+}
+"#;
+    let program = glibc_static("moving", src);
+    let expected = "x=13.9698 file=abcd map=b tls=7\n";
+    let unbroken = exec(&program, &[], &[]);
+    assert!(unbroken.code == 0 && unbroken.stdout == expected, "{unbroken:?}");
+    let dir = tempdir();
+    let snap = dir.path().join("snap");
+    let live = Live::with_args(&["--exec", program.to_str().unwrap(), "--timeout", "120"]);
+    live.wait("mid");
+    let s = vmm(&["snapshot", "create", "--api-sock", live.sock(), "--out", snap.to_str().unwrap()]);
+    assert_eq!(s.code, 0, "{s:?}");
+    live.resume();
+    let first = live.finish();
+    assert!(first.code == 0 && first.stdout.ends_with(expected), "{first:?}");
+    let restored = vmm(&["run", "--restore", snap.to_str().unwrap(), "--timeout", "120"]);
+    assert!(restored.code == 0 && restored.stdout.ends_with(expected), "restored: {restored:?}");
+    let live = Live::with_args(&["--exec", program.to_str().unwrap(), "--timeout", "120"]);
+    live.wait("mid");
+    let dest = common::Dest::start(&[]);
+    let m = live.client("migrate", &["--to", &dest.addr()]);
+    assert_eq!(m.code, 0, "{m:?}");
+    assert_eq!(live.finish().code, 80);
+    // The destination is paused at the same sync, as the source was.
+    let w = dest.client("wait", &["--label", "mid", "--timeout", "30"]);
+    assert_eq!(w.code, 0, "{w:?}");
+    assert_eq!(dest.client("resume", &[]).code, 0);
+    let d = dest.finish();
+    assert!(d.code == 0 && d.stdout.ends_with(expected), "migrated: {d:?}");
+}
+
+#[test]
 fn scripts_that_exec_what_the_guest_does_not_have_are_refused() {
     require_kvm();
     let dir = tempdir();

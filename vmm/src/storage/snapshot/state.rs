@@ -7,8 +7,10 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// MSRs saved besides what the sregs carry: APIC base, TSC, kernel GS base.
-const MSRS: [u32; 3] = [0x1b, 0x10, 0xc000_0102];
+/// MSRs saved besides what the sregs carry: APIC base, TSC, kernel GS base, and the
+/// `syscall` MSRs (STAR, LSTAR, SFMASK), which a Linux program's system calls go
+/// through: a restored or migrated program would otherwise jump to 0 at its next one.
+const MSRS: [u32; 6] = [0x1b, 0x10, 0xc000_0102, 0xc000_0081, 0xc000_0082, 0xc000_0084];
 
 /// Bytes of a plain-data KVM struct.
 fn pod<T: Copy>(v: &T) -> Vec<u8> {
@@ -74,7 +76,7 @@ pub fn capture(vm: &VmFd, vcpu: &mut VcpuFd) -> Result<Sections, Error> {
     s.insert("events".into(), pod(&kvm("GET_VCPU_EVENTS", vcpu.get_vcpu_events())?));
     s.insert("debugregs".into(), pod(&kvm("GET_DEBUGREGS", vcpu.get_debug_regs())?));
     let entries: Vec<kvm_msr_entry> = MSRS.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
-    let mut msrs = Msrs::from_entries(&entries).expect("3 entries fit");
+    let mut msrs = Msrs::from_entries(&entries).expect("6 entries fit");
     kvm("GET_MSRS", vcpu.get_msrs(&mut msrs))?;
     s.insert("msrs".into(), msrs.as_slice().iter().flat_map(|e| [e.index as u64, e.data]).flat_map(u64::to_le_bytes).collect());
     for (name, chip) in [("pic0", 0), ("pic1", 1), ("ioapic", 2)] {
@@ -121,8 +123,15 @@ pub fn apply(vm: &VmFd, vcpu: &VcpuFd, s: &Sections) -> Result<(), Error> {
             ..Default::default()
         })
         .collect();
+    // Only the MSRs this VMM saves (a state file names no others), each once.
+    if entries.iter().enumerate().any(|(i, e)| !MSRS.contains(&e.index) || entries[..i].iter().any(|f| f.index == e.index)) {
+        return Err(malformed("msrs"));
+    }
     let msrs = Msrs::from_entries(&entries).map_err(|_| malformed("msrs"))?;
-    kvm("SET_MSRS", vcpu.set_msrs(&msrs))?;
+    let set = kvm("SET_MSRS", vcpu.set_msrs(&msrs))?;
+    if set != entries.len() {
+        return Err(malformed("msrs"));
+    }
     kvm("SET_LAPIC", vcpu.set_lapic(&section(s, "lapic")?))?;
     kvm("SET_VCPU_EVENTS", vcpu.set_vcpu_events(&section(s, "events")?))?;
     kvm("SET_DEBUGREGS", vcpu.set_debug_regs(&section(s, "debugregs")?))?;

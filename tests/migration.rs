@@ -564,7 +564,11 @@ fn a_migration_that_cannot_converge_falls_back_to_post_copy_when_asked() {
     assert_eq!(r.code, 0, "{r:?}");
     let summary: serde_json::Value = serde_json::from_str(r.stdout.lines().last().unwrap()).unwrap();
     assert_eq!(summary["postcopy"], true, "{r:?}");
-    assert!(summary["rounds"].as_u64().unwrap() >= 3, "pre-copy rounds ran first: {r:?}");
+    // At least round 0 went out before the switch (how many more fit into the 3 s
+    // depends on how fast this machine is: on a loaded one round 0 alone may take them).
+    let first: serde_json::Value = serde_json::from_str(r.stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(first["round"]["round"], 0, "a pre-copy round ran first: {r:?}");
+    assert!(summary["rounds"].as_u64().unwrap() >= 2, "pre-copy, then the post-copy switch: {r:?}");
     assert_eq!(src.finish().code, 80);
     finish_past_done(dest, "every check passed after the fallback");
 }

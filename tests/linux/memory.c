@@ -1,7 +1,7 @@
 /* Memory calls of a Linux program in our guest, against a Linux host's: madvise
  * (MADV_DONTNEED and MADV_FREE drop private anonymous pages, which read zero again;
- * a shared or file mapping keeps its bytes in the file), pagemap's present bits, and
- * /proc/self/status. tests/linux_exec.rs compares every line with the host's. */
+ * a shared or file mapping keeps its bytes in the file), pagemap's present bits,
+ * smaps of a large reservation, and /proc/self/status. tests/linux_exec.rs compares every line with the host's. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
@@ -60,6 +60,23 @@ int main(void) {
     munmap(s, 2 * PAGE);
     munmap(f, PAGE);
     close(fd);
+    /* smaps of a large reservation with one page written: one page resident. */
+    char *big = mmap(NULL, 8UL << 30, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    big[12345] = 1;
+    static char smaps[1 << 16];
+    int sm = open("/proc/self/smaps", O_RDONLY);
+    long got = 0, r;
+    while (got < (long)sizeof smaps - 1 && (r = read(sm, smaps + got, sizeof smaps - 1 - got)) > 0) got += r;
+    char head[32];
+    snprintf(head, sizeof head, "%lx-", (unsigned long)big);
+    char *block = strstr(smaps, head);
+    long size_kb = -1, rss_kb = -1;
+    if (block) {
+        sscanf(strstr(block, "\nSize:"), "\nSize: %ld kB", &size_kb);
+        sscanf(strstr(block, "\nRss:"), "\nRss: %ld kB", &rss_kb);
+    }
+    printf("big-smaps: size=%ld rss=%ld\n", size_kb, rss_kb);
+    munmap(big, 8UL << 30);
     char status[4096] = {0};
     int st = open("/proc/self/status", O_RDONLY);
     long n = read(st, status, sizeof status - 1);

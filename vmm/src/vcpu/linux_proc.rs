@@ -15,7 +15,7 @@ use crate::guest_os::linux::proc_text;
 use crate::machine::memory::{self, Phys};
 use crate::tracking::softdirty::ClearRefs;
 use guest_abi::{proc_op, Piece, ProcRequest, PROC_PAGEMAP_MAX, PROC_PIECES_MAX};
-use mmu::{Cr3, GuestVirtAddr, PagingMode, Translation, Walker};
+use mmu::{Cr3, GuestVirtAddr, PageSize, PagingMode, PteFlags, TableBudget, Translation, Walker};
 use std::mem::offset_of;
 
 const EFAULT: i64 = 14;
@@ -173,9 +173,9 @@ fn proc_text(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<u64, i64> {
     let cr3 = snap.by_pid(req.pid).ok_or(ESRCH)?.cr3;
     let p = snap.by_pid(target(req)).ok_or(ESRCH)?;
     let text = match req.op {
-        proc_op::MAPS => proc_text::maps(&vmas(tracker, mem, p, false)?),
+        proc_op::MAPS => proc_text::maps(&vmas(tracker, mem, &snap, p, false)?),
         proc_op::STATUS => proc_text::status(&status(p)),
-        _ => proc_text::smaps(&vmas(tracker, mem, p, true)?),
+        _ => proc_text::smaps(&vmas(tracker, mem, &snap, p, true)?),
     };
     let from = (req.arg as usize).min(text.len());
     let piece = &text.as_bytes()[from..(from + req.count as usize).min(text.len())];
@@ -204,9 +204,15 @@ fn status(p: &crate::guest_os::Process) -> proc_text::Status {
 }
 
 /// The process's mappings with their resident, referenced and huge-page sizes (if
-/// `counts`) and their VM_SOFTDIRTY.
-fn vmas(tracker: &mut crate::tracking::softdirty::Tracker, mem: &memory::GuestMem, p: &crate::guest_os::Process, counts: bool)
-    -> Result<Vec<proc_text::Vma>, i64> {
+/// `counts`) and their VM_SOFTDIRTY. The sizes come from the present leaves of its page
+/// tables, walked once per mapping within a budget of guest RAM's pages, so a large
+/// untouched reservation costs nothing and no mapping is too large. As Linux's smaps,
+/// the shared zero pages are not resident.
+fn vmas(tracker: &mut crate::tracking::softdirty::Tracker, mem: &memory::GuestMem, snap: &crate::guest_os::Snapshot,
+    p: &crate::guest_os::Process, counts: bool) -> Result<Vec<proc_text::Vma>, i64> {
+    let walker = Walker::new(PagingMode::Level4);
+    let mut budget = TableBudget::new(memory::size(mem) / PAGE);
+    let zero = [snap.zero_frame, snap.huge_zero_frame];
     let mut out = Vec::new();
     for m in &p.mappings {
         let mut v = proc_text::Vma {
@@ -220,13 +226,19 @@ fn vmas(tracker: &mut crate::tracking::softdirty::Tracker, mem: &memory::GuestMe
             ..Default::default()
         };
         if counts {
-            for page in tracker.pagemap(mem, p.pid, Some((m.start, m.pages))).map_err(|_| ESRCH)? {
-                if page.entry.0 >> 63 & 1 == 1 {
-                    v.rss_kb += 4;
-                    v.referenced_kb += if page.accessed { 4 } else { 0 };
-                    v.anon_huge_kb += if page.huge { 4 } else { 0 };
-                }
-            }
+            walker
+                .walk_range_within(&Phys(mem), p.cr3.table(), GuestVirtAddr(m.start), m.pages, &mut budget, &mut |item| {
+                    let Ok(leaf) = item else { return };
+                    if zero.contains(&leaf.frame().0) {
+                        return;
+                    }
+                    let (lo, hi) = (leaf.va.0.max(m.start), (leaf.va.0 + leaf.size.bytes()).min(m.end()));
+                    let kb = hi.saturating_sub(lo) / 1024;
+                    v.rss_kb += kb;
+                    v.referenced_kb += if leaf.entry.contains(PteFlags::ACCESSED) { kb } else { 0 };
+                    v.anon_huge_kb += if leaf.size != PageSize::Size4K { kb } else { 0 };
+                })
+                .map_err(|_| EFAULT)?;
         }
         out.push(v);
     }

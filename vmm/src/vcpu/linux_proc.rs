@@ -61,6 +61,12 @@ pub fn answer(ctx: &mut VcpuContext, addr: u64) -> Result<(), memory::Error> {
     memory::write(&ctx.mem, addr + offset_of!(ProcRequest, result) as u64, &result.to_le_bytes())
 }
 
+/// The address space of the calling process, where the request's buffer is.
+fn caller_cr3(tracker: &mut crate::tracking::softdirty::Tracker, mem: &memory::GuestMem, pid: u32) -> Result<Cr3, i64> {
+    let snap = tracker.snapshot(mem).map_err(|_| ESRCH)?;
+    Ok(snap.by_pid(pid).ok_or(ESRCH)?.cr3)
+}
+
 /// The process whose /proc entry a request reads or writes: `target`, or the caller.
 fn target(req: &ProcRequest) -> u32 {
     if req.target == 0 { req.pid } else { req.target }
@@ -74,8 +80,7 @@ fn pagemap(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<u64, i64> {
     let VcpuContext { tracker, mem, .. } = ctx;
     let pages = tracker.pagemap(mem, target(req), Some((start, req.count))).map_err(|_| ESRCH)?;
     let bytes: Vec<u8> = pages.iter().flat_map(|p| p.entry.0.to_le_bytes()).collect();
-    let snap = tracker.snapshot(mem).map_err(|_| ESRCH)?;
-    let cr3 = snap.by_pid(req.pid).ok_or(ESRCH)?.cr3;
+    let cr3 = caller_cr3(tracker, mem, req.pid)?;
     store(mem, cr3, req.buf, &bytes)?;
     Ok(bytes.len() as u64)
 }
@@ -93,8 +98,7 @@ fn copy(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<u64, i64> {
     }
     let bytes = memory::read(&ctx.mem, req.arg, req.count as usize).map_err(|_| EFAULT)?;
     let VcpuContext { tracker, mem, .. } = ctx;
-    let snap = tracker.snapshot(mem).map_err(|_| ESRCH)?;
-    let cr3 = snap.by_pid(req.pid).ok_or(ESRCH)?.cr3;
+    let cr3 = caller_cr3(tracker, mem, req.pid)?;
     store(mem, cr3, req.buf, &bytes)?;
     Ok(req.count)
 }
@@ -126,8 +130,7 @@ fn gather(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<u64, i64> {
         bytes.extend(memory::read(&ctx.mem, p.phys, p.len as usize).map_err(|_| EFAULT)?);
     }
     let VcpuContext { tracker, mem, .. } = ctx;
-    let snap = tracker.snapshot(mem).map_err(|_| ESRCH)?;
-    let cr3 = snap.by_pid(req.pid).ok_or(ESRCH)?.cr3;
+    let cr3 = caller_cr3(tracker, mem, req.pid)?;
     store(mem, cr3, req.buf, &bytes)?;
     Ok(bytes.len() as u64)
 }
@@ -141,8 +144,7 @@ fn scatter(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<u64, i64> {
         return Err(EFAULT);
     }
     let VcpuContext { tracker, mem, .. } = ctx;
-    let snap = tracker.snapshot(mem).map_err(|_| ESRCH)?;
-    let cr3 = snap.by_pid(req.pid).ok_or(ESRCH)?.cr3;
+    let cr3 = caller_cr3(tracker, mem, req.pid)?;
     let bytes = load(mem, cr3, req.buf, total)?;
     let mut from = 0;
     for p in list {
@@ -245,20 +247,19 @@ fn vmas(tracker: &mut crate::tracking::softdirty::Tracker, mem: &memory::GuestMe
     Ok(out)
 }
 
-/// The `len` bytes at `va` in the address space `cr3`: every page must be mapped in
-/// guest RAM (the kernel made it so), else `EFAULT`.
-fn load(mem: &memory::GuestMem, cr3: Cr3, va: u64, len: u64) -> Result<Vec<u8>, i64> {
+/// The guest-physical runs behind `[va, va + len)` in the address space `cr3`, page by
+/// page, as (guest-physical address, offset in the range, length): every page must be
+/// mapped in guest RAM (the kernel made it so), else `EFAULT`.
+fn runs(mem: &memory::GuestMem, cr3: Cr3, va: u64, len: u64) -> Result<Vec<(u64, usize, usize)>, i64> {
     let walker = Walker::new(PagingMode::Level4);
     let phys = Phys(mem);
     let end = va.checked_add(len).filter(|&e| e <= USER_TOP).ok_or(EFAULT)?;
-    let mut out = Vec::with_capacity(len as usize);
+    let mut out = Vec::new();
     let mut at = va;
     while at < end {
         let take = (PAGE - at % PAGE).min(end - at);
         match walker.translate(&phys, cr3.table(), GuestVirtAddr(at)) {
-            Ok(Translation::Mapped { frame, offset, .. }) => {
-                out.extend(memory::read(mem, frame.0 + offset, take as usize).map_err(|_| EFAULT)?);
-            }
+            Ok(Translation::Mapped { frame, offset, .. }) => out.push((frame.0 + offset, (at - va) as usize, take as usize)),
             _ => return Err(EFAULT),
         }
         at += take;
@@ -266,23 +267,19 @@ fn load(mem: &memory::GuestMem, cr3: Cr3, va: u64, len: u64) -> Result<Vec<u8>, 
     Ok(out)
 }
 
-/// Stores `bytes` at `va` in the address space `cr3`, page by page: every page must be
-/// mapped in guest RAM (the kernel made it so), else `EFAULT` and nothing is stored.
-fn store(mem: &memory::GuestMem, cr3: Cr3, va: u64, bytes: &[u8]) -> Result<(), i64> {
-    let walker = Walker::new(PagingMode::Level4);
-    let phys = Phys(mem);
-    let end = va.checked_add(bytes.len() as u64).filter(|&e| e <= USER_TOP).ok_or(EFAULT)?;
-    let mut pieces = Vec::new();
-    let mut at = va;
-    while at < end {
-        let take = (PAGE - at % PAGE).min(end - at);
-        match walker.translate(&phys, cr3.table(), GuestVirtAddr(at)) {
-            Ok(Translation::Mapped { frame, offset, .. }) => pieces.push((frame.0 + offset, (at - va) as usize, take as usize)),
-            _ => return Err(EFAULT),
-        }
-        at += take;
+/// The `len` bytes at `va` in the address space `cr3`.
+fn load(mem: &memory::GuestMem, cr3: Cr3, va: u64, len: u64) -> Result<Vec<u8>, i64> {
+    let mut out = Vec::with_capacity(len as usize);
+    for (gpa, _, n) in runs(mem, cr3, va, len)? {
+        out.extend(memory::read(mem, gpa, n).map_err(|_| EFAULT)?);
     }
-    for (gpa, from, len) in pieces {
+    Ok(out)
+}
+
+/// Stores `bytes` at `va` in the address space `cr3`: nothing is stored unless every
+/// page is mapped.
+fn store(mem: &memory::GuestMem, cr3: Cr3, va: u64, bytes: &[u8]) -> Result<(), i64> {
+    for (gpa, from, len) in runs(mem, cr3, va, bytes.len() as u64)? {
         memory::write(mem, gpa, &bytes[from..from + len]).map_err(|_| EFAULT)?;
     }
     Ok(())

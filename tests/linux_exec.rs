@@ -357,6 +357,11 @@ fn madvise_pagemap_and_status_answer_as_on_a_linux_host_under_every_engine() {
     same_output_as_on_the_host("memory", include_str!("linux/memory.c"), "anon: 1/10 0/0 0/0 1/13\n");
 }
 
+#[test]
+fn maps_and_smaps_name_files_shared_memory_the_heap_and_the_stack_as_a_linux_host_does_under_every_engine() {
+    same_output_as_on_the_host("maps", include_str!("linux/maps.c"), "tmp-unlinked: rw-s 00000000 col=73 ids=file name=/tmp/sdvmm-maps-PID (deleted)\n");
+}
+
 /// Builds `source`, runs it on the host (in a directory of its own) and in the guest
 /// under every engine: the guest's output must be the host's, line by line. `landmark`
 /// is a piece the host's output must hold (the reference is what was meant).

@@ -127,6 +127,58 @@ pub struct ProcRequest {
     /// The process whose /proc entry it is (`/proc/PID/...`); the caller itself if 0.
     pub target: u32,
     pub _pad: u32,
+    /// Guest-physical address of what the request carries besides (0: nothing): the
+    /// [`names::MapNames`] of a MAPS or SMAPS request.
+    pub aux: u64,
+}
+
+/// What `/proc/PID/maps` names a mapping by, which the process table does not hold:
+/// the file a mapping maps and from which page, and where the program break is. The
+/// kernel fills a [`MapNames`] for each MAPS or SMAPS request ([`ProcRequest::aux`]);
+/// the VMM checks it like anything read from guest memory.
+pub mod names {
+    /// File mappings all processes hold at once (so at most this many in one request).
+    pub const MAX_FILE_MAPS: usize = 64;
+    /// [`FileMap::flags`]: the file has no name any more (unlinked): Linux appends
+    /// " (deleted)".
+    pub const DELETED: u32 = 1;
+    /// The device of the guest file system's files (`st_dev`, and maps's `00:02`).
+    pub const FILES_DEV: u32 = 0x02;
+    /// The device of shared anonymous memory (maps's `00:01 ... /dev/zero (deleted)`).
+    pub const SHMEM_DEV: u32 = 0x01;
+
+    /// One mapping of a file (every process-table record with its `serial`).
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct FileMap {
+        pub serial: u64,
+        /// The address whose page is the file's page `pgoff`.
+        pub va: u64,
+        pub pgoff: u64,
+        pub ino: u64,
+        /// Guest-physical address and length of the file's absolute path (length 0: an
+        /// unnamed file, shared anonymous memory).
+        pub name_phys: u64,
+        pub name_len: u32,
+        pub flags: u32,
+    }
+
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct MapNames {
+        /// The program break's range, Linux's `start_brk` and `brk` (`[heap]`; 0, 0: none).
+        pub brk_start: u64,
+        pub brk: u64,
+        /// The initial stack pointer, Linux's `start_stack` (`[stack]`; 0: none).
+        pub start_stack: u64,
+        pub count: u64,
+        pub maps: [FileMap; MAX_FILE_MAPS],
+    }
+
+    pub const FILE_MAP_BYTES: usize = 48;
+    pub const MAP_NAMES_BYTES: usize = 32 + MAX_FILE_MAPS * FILE_MAP_BYTES;
+    const _: () = assert!(core::mem::size_of::<FileMap>() == FILE_MAP_BYTES);
+    const _: () = assert!(core::mem::size_of::<MapNames>() == MAP_NAMES_BYTES);
 }
 
 /// Exit-port values at or above this are not a workload status but a kernel failure.
@@ -488,7 +540,7 @@ const _: () = {
     assert!(size_of::<ZeroRange>() == 16);
     assert!(size_of::<ZeroRequest>() == 8 + 16 * ZERO_REQUEST_MAX);
     // ProcRequest: u32 op, u32 pid, then u64 arg, count, buf, result.
-    assert!(offset_of!(ProcRequest, arg) == 8 && offset_of!(ProcRequest, result) == 32 && offset_of!(ProcRequest, target) == 40 && size_of::<ProcRequest>() == 48);
+    assert!(offset_of!(ProcRequest, arg) == 8 && offset_of!(ProcRequest, result) == 32 && offset_of!(ProcRequest, target) == 40 && offset_of!(ProcRequest, aux) == 48 && size_of::<ProcRequest>() == 56);
     assert!(size_of::<Piece>() == 16);
     // BootInfo: eight u64 in order.
     assert!(offset_of!(BootInfo, free_phys) == 32 && offset_of!(BootInfo, exec_phys) == 40 && size_of::<BootInfo>() == 64);

@@ -85,6 +85,11 @@ pub fn pid_exists(pid: u32) -> bool {
     table().procs.iter().any(|p| p.pid == pid && p.state != state::FREE)
 }
 
+/// The slot of the live process `pid`.
+pub fn index_of(pid: u32) -> Option<usize> {
+    table().procs.iter().position(|p| p.pid == pid && p.state != state::FREE)
+}
+
 /// The shared zero frame (read faults of anonymous memory map it).
 pub fn zero_frame() -> u64 {
     sched().zero_frame

@@ -326,7 +326,11 @@ fn read_proc_text(kind: u8, pid: u32, buf: u64, len: u64, pos: u64) -> Result<u6
         proc_text::STATUS => proc_op::STATUS,
         _ => proc_op::SMAPS,
     };
-    ask(op, pid, pos, n, buf)
+    let aux = match (op, process::index_of(pid)) {
+        (proc_op::MAPS | proc_op::SMAPS, Some(index)) => fs::describe_maps(index, super::brk_range(index), super::start_stack(index)),
+        _ => 0,
+    };
+    fs::ask_with(op, process::current_pid(), pid, (pos, n, buf), aux)
 }
 
 /// Stat of a path: `Some(fd kind)` for our files and /proc entries.

@@ -19,7 +19,8 @@ use crate::frames::{self, PAGE};
 use crate::global::Global;
 use crate::{arch, process};
 use guest_abi::exec::{File, MAX_FILES, MAX_FILE_NAME};
-use guest_abi::{proc_op, Piece, ProcRequest, PROC_PIECES_MAX, PROC_PORT};
+use guest_abi::names::{self, MapNames};
+use guest_abi::{proc_op, Piece, ProcRequest, MAX_PROCS, PROC_PIECES_MAX, PROC_PORT};
 
 pub const ENOENT: i64 = 2;
 pub const EINVAL: i64 = 22;
@@ -31,7 +32,7 @@ pub const ENAMETOOLONG: i64 = 36;
 /// Files the file system holds at once (the VMM's files included).
 pub const MAX_NODES: usize = MAX_FILES + 32;
 /// File mappings all processes hold at once.
-const MAX_MAPS: usize = 64;
+const MAX_MAPS: usize = names::MAX_FILE_MAPS;
 /// Longest path a node's name may have.
 const NAME_MAX: usize = MAX_FILE_NAME;
 const ENTRIES: u64 = PAGE / 8;
@@ -53,16 +54,19 @@ enum Backing {
 #[derive(Clone, Copy)]
 struct Node {
     used: bool,
+    /// The path it was made under (kept once unlinked, for maps's " (deleted)");
+    /// length 0: anonymous shared memory.
     name: [u8; NAME_MAX],
-    /// 0: unlinked (or anonymous shared memory).
     name_len: usize,
+    /// The name is in the file system (not unlinked).
+    linked: bool,
     /// Open descriptors.
     opens: u32,
     size: u64,
     backing: Backing,
 }
 
-const FREE: Node = Node { used: false, name: [0; NAME_MAX], name_len: 0, opens: 0, size: 0, backing: Backing::Frames { dir: 0 } };
+const FREE: Node = Node { used: false, name: [0; NAME_MAX], name_len: 0, linked: false, opens: 0, size: 0, backing: Backing::Frames { dir: 0 } };
 
 #[derive(Clone, Copy)]
 struct FileMap {
@@ -82,15 +86,21 @@ const NO_MAP: FileMap = FileMap { used: false, proc_index: 0, serial: 0, va: 0, 
 struct Fs {
     nodes: [Node; MAX_NODES],
     maps: [FileMap; MAX_MAPS],
+    /// File mappings each process holds (most hold none: their mmap and munmap skip
+    /// the scan of `maps`, which costs ~1 µs an instruction in ring 0 here).
+    held: [u32; MAX_PROCS],
     pieces: [Piece; PROC_PIECES_MAX as usize],
     req: ProcRequest,
+    names: MapNames,
 }
 
 static FS: Global<Fs> = Global::new(Fs {
     nodes: [FREE; MAX_NODES],
     maps: [NO_MAP; MAX_MAPS],
+    held: [0; MAX_PROCS],
     pieces: [Piece { phys: 0, len: 0 }; PROC_PIECES_MAX as usize],
-    req: ProcRequest { op: 0, pid: 0, arg: 0, count: 0, buf: 0, result: 0, target: 0, _pad: 0 },
+    req: ProcRequest { op: 0, pid: 0, arg: 0, count: 0, buf: 0, result: 0, target: 0, _pad: 0, aux: 0 },
+    names: MapNames { brk_start: 0, brk: 0, start_stack: 0, count: 0, maps: [names::FileMap { serial: 0, va: 0, pgoff: 0, ino: 0, name_phys: 0, name_len: 0, flags: 0 }; names::MAX_FILE_MAPS] },
 });
 
 fn fs() -> &'static mut Fs {
@@ -106,7 +116,7 @@ pub fn add_blobs(files: &[File]) {
         let len = f.name.iter().position(|&b| b == 0).unwrap_or(f.name.len()).min(NAME_MAX);
         let mut name = [0; NAME_MAX];
         name[..len].copy_from_slice(&f.name[..len]);
-        fs.nodes[i] = Node { used: true, name, name_len: len, opens: 0, size: f.size, backing: Backing::Blob { phys: f.phys } };
+        fs.nodes[i] = Node { used: true, name, name_len: len, linked: true, opens: 0, size: f.size, backing: Backing::Blob { phys: f.phys } };
     }
 }
 
@@ -148,7 +158,7 @@ fn normalize(path: &[u8], out: &mut [u8; NAME_MAX]) -> Result<usize, i64> {
 pub fn lookup(path: &[u8]) -> Option<usize> {
     let mut name = [0; NAME_MAX];
     let len = normalize(path, &mut name).ok()?;
-    fs().nodes.iter().position(|n| n.used && n.name_len == len && n.name[..len] == name[..len])
+    fs().nodes.iter().position(|n| n.used && n.linked && n.name_len == len && n.name[..len] == name[..len])
 }
 
 /// Is `path` a directory: `/`, `/tmp`, or a directory of a file's path (directories
@@ -164,7 +174,7 @@ fn is_dir_name(dir: &[u8]) -> bool {
         || dir == b"/tmp"
         || fs().nodes.iter().any(|n| {
             let name = &n.name[..n.name_len];
-            n.used && name.len() > dir.len() && name.starts_with(dir) && name[dir.len()] == b'/'
+            n.used && n.linked && name.len() > dir.len() && name.starts_with(dir) && name[dir.len()] == b'/'
         })
 }
 
@@ -184,7 +194,7 @@ pub fn create(path: &[u8]) -> Result<usize, i64> {
     }
     let fs = fs();
     let i = fs.nodes.iter().position(|n| !n.used).ok_or(ENOSPC)?;
-    fs.nodes[i] = Node { used: true, name, name_len: len, ..FREE };
+    fs.nodes[i] = Node { used: true, name, name_len: len, linked: true, ..FREE };
     Ok(i)
 }
 
@@ -239,7 +249,12 @@ pub fn make_own(node: usize, empty: bool) -> Result<(), i64> {
 }
 
 pub fn is_linked(node: usize) -> bool {
-    fs().nodes[node].name_len > 0
+    fs().nodes[node].linked
+}
+
+/// The node's inode number (`st_ino`, and the inode column of maps).
+pub fn ino(node: usize) -> u64 {
+    node as u64 + 100
 }
 
 pub fn opened(node: usize) {
@@ -255,7 +270,7 @@ pub fn closed(node: usize) {
 /// `unlink`: the name goes; the bytes stay while a descriptor or mapping holds them.
 pub fn unlink(path: &[u8]) -> Result<(), i64> {
     let node = lookup(path).ok_or(ENOENT)?;
-    fs().nodes[node].name_len = 0;
+    fs().nodes[node].linked = false;
     release_if_unused(node);
     Ok(())
 }
@@ -268,7 +283,7 @@ fn mapped(fs: &Fs, node: usize) -> bool {
 pub fn release_if_unused(node: usize) {
     let fs = fs();
     let n = fs.nodes[node];
-    if !n.used || n.name_len > 0 || n.opens > 0 || mapped(fs, node) {
+    if !n.used || n.linked || n.opens > 0 || mapped(fs, node) {
         return;
     }
     if let Backing::Frames { dir } = n.backing {
@@ -365,12 +380,17 @@ fn piece_at(node: usize, off: u64, alloc: bool) -> Result<Piece, i64> {
 /// Asks the VMM for caller `pid` (whose address space `buf` is in; 0 where no buffer
 /// is) about process `target` (0: the caller); its answer is the call's result.
 pub fn ask_about(op: u32, pid: u32, target: u32, arg: u64, count: u64, buf: u64) -> Result<u64, i64> {
+    ask_with(op, pid, target, (arg, count, buf), 0)
+}
+
+/// [`ask_about`] with what the request carries besides at guest-physical `aux`.
+pub fn ask_with(op: u32, pid: u32, target: u32, (arg, count, buf): (u64, u64, u64), aux: u64) -> Result<u64, i64> {
     let req = &raw mut fs().req;
     // SAFETY: ring 0, no other reference to the request; volatile, because the VMM
     // reads and writes it during the `out` (which the compiler sees as touching no
     // memory).
     let r = unsafe {
-        req.write_volatile(ProcRequest { op, pid, arg, count, buf, result: -EINVAL, target, _pad: 0 });
+        req.write_volatile(ProcRequest { op, pid, arg, count, buf, result: -EINVAL, target, _pad: 0, aux });
         arch::outl(PROC_PORT, frames::kernel_phys(req.cast_const()) as u32);
         (&raw const (*req).result).read_volatile()
     };
@@ -490,7 +510,35 @@ pub fn add_map(proc_index: usize, serial: u64, va: u64, node: usize, pgoff: u64,
     let fs = fs();
     let slot = fs.maps.iter().position(|m| !m.used).ok_or(super::files::ENOMEM)?;
     fs.maps[slot] = FileMap { used: true, proc_index, serial, va, pgoff, node, may_write };
+    fs.held[proc_index] += 1;
     Ok(())
+}
+
+/// What maps names process `proc_index`'s mappings by (its file mappings, the program
+/// break's range, the initial stack pointer), for a MAPS or SMAPS request: its
+/// guest-physical address.
+pub fn describe_maps(proc_index: usize, (brk_start, brk): (u64, u64), start_stack: u64) -> u64 {
+    let fs = fs();
+    let mut count = 0;
+    let maps = if fs.held[proc_index] == 0 { &fs.maps[..0] } else { &fs.maps[..] };
+    for m in maps.iter().filter(|m| m.used && m.proc_index == proc_index) {
+        let n = &fs.nodes[m.node];
+        fs.names.maps[count] = names::FileMap {
+            serial: m.serial,
+            va: m.va,
+            pgoff: m.pgoff,
+            ino: ino(m.node),
+            name_phys: frames::kernel_phys(n.name.as_ptr()),
+            name_len: n.name_len as u32,
+            flags: if n.linked { 0 } else { names::DELETED },
+        };
+        count += 1;
+    }
+    fs.names.brk_start = brk_start;
+    fs.names.brk = brk;
+    fs.names.start_stack = start_stack;
+    fs.names.count = count as u64;
+    frames::kernel_phys(&raw const fs.names)
 }
 
 /// May a `MAP_SHARED` mapping `serial` of the process become writable?
@@ -498,13 +546,22 @@ pub fn may_write(proc_index: usize, serial: u64) -> bool {
     fs().maps.iter().any(|m| m.used && m.proc_index == proc_index && m.serial == serial && m.may_write)
 }
 
+/// Does process `proc_index` hold a file mapping?
+pub fn holds_maps(proc_index: usize) -> bool {
+    fs().held[proc_index] > 0
+}
+
 /// Forgets the process's file mappings for which `live` says no (all of them at exit),
 /// freeing nodes nothing refers to any more.
 pub fn prune_maps(proc_index: usize, live: impl Fn(u64) -> bool) {
     for i in 0..MAX_MAPS {
+        if fs().held[proc_index] == 0 {
+            return;
+        }
         let m = fs().maps[i];
         if m.used && m.proc_index == proc_index && !live(m.serial) {
             fs().maps[i] = NO_MAP;
+            fs().held[proc_index] -= 1;
             release_if_unused(m.node);
         }
     }

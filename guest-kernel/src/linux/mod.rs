@@ -29,6 +29,8 @@ struct LinuxProc {
     active: bool,
     brk_start: u64,
     brk: u64,
+    /// The initial stack pointer (Linux's `start_stack`).
+    start_stack: u64,
     fs_base: u64,
     /// (number, calls) of unimplemented system calls, and calls of others beyond those.
     unimplemented: [(u64, u64); MAX_UNIMPLEMENTED],
@@ -40,6 +42,7 @@ const NONE: LinuxProc = LinuxProc {
     active: false,
     brk_start: 0,
     brk: 0,
+    start_stack: 0,
     fs_base: 0,
     unimplemented: [(0, 0); MAX_UNIMPLEMENTED],
     more_unimplemented: 0,
@@ -63,6 +66,18 @@ fn current() -> &'static mut LinuxProc {
 /// [`fs::fault_frame`]).
 pub fn file_fault_frame(serial: u64, page_va: u64, shared: bool) -> Result<u64, &'static str> {
     fs::fault_frame(serial, page_va, shared)
+}
+
+/// Process `index`'s program break: Linux's `start_brk` and `brk` ((0, 0): not a
+/// Linux program).
+pub fn brk_range(index: usize) -> (u64, u64) {
+    let p = &procs()[index];
+    if p.active { (p.brk_start, p.brk) } else { (0, 0) }
+}
+
+/// Process `index`'s initial stack pointer (0: not a Linux program).
+pub fn start_stack(index: usize) -> u64 {
+    procs()[index].start_stack
 }
 
 /// Is process `index` a Linux program?
@@ -107,7 +122,7 @@ pub fn create(index: usize, slot: &mut ProcSlot, image: &Image, zero_frame: u64)
             }
         }
     }
-    procs()[index] = LinuxProc { active: true, brk_start: image.brk, brk: image.brk, ..NONE };
+    procs()[index] = LinuxProc { active: true, brk_start: image.brk, brk: image.brk, start_stack: image.rsp, ..NONE };
     // Linux enters a program with every general register zero (glibc's _start passes
     // rdx on as the exit hook: it must be 0).
     TrapFrame { rip: image.entry, cs: u64::from(USER_CS), rflags: 0x202, rsp: image.rsp, ss: u64::from(USER_DS), ..TrapFrame::default() }

@@ -380,6 +380,9 @@ fn mmap(addr: u64, len: u64, prot: u64, flags: u64, fd: u64, off: u64) -> Result
 /// Drops the file mappings of the current process that are gone (unmapped or replaced).
 fn forget_unmapped() {
     let me = process::current_index();
+    if !fs::holds_maps(me) {
+        return;
+    }
     process::update(|slot, _| {
         let records = &slot.mappings[..slot.nmappings as usize];
         fs::prune_maps(me, |serial| records.iter().any(|m| m.serial == serial));
@@ -468,7 +471,8 @@ fn stat(fd: Fd, buf: u64) -> Result<u64, i64> {
         _ => true,
     };
     if let Fd::Node { node, .. } = fd {
-        put(8, node as u64 + 100, 8); // st_ino
+        put(0, u64::from(guest_abi::names::FILES_DEV), 8); // st_dev: 00:02
+        put(8, fs::ino(node), 8); // st_ino
     }
     put(16, u64::from(linked), 8); // st_nlink
     put(24, mode, 4); // st_mode

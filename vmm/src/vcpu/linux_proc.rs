@@ -11,7 +11,9 @@
 //! written: the store is a write of the program's pages, as Linux's copy_to_user is).
 
 use super::runner::VcpuContext;
+use crate::guest_os::linux::map_names::{self, MapNames};
 use crate::guest_os::linux::proc_text;
+use std::collections::HashMap;
 use crate::machine::memory::{self, Phys};
 use crate::tracking::softdirty::ClearRefs;
 use guest_abi::{proc_op, Piece, ProcRequest, PROC_PAGEMAP_MAX, PROC_PIECES_MAX};
@@ -47,6 +49,7 @@ pub fn answer(ctx: &mut VcpuContext, addr: u64) -> Result<(), memory::Error> {
         result: 0,
         target: u32_at(&raw, offset_of!(ProcRequest, target)),
         _pad: 0,
+        aux: u64_at(&raw, offset_of!(ProcRequest, aux)),
     };
     let result = match req.op {
         proc_op::PAGEMAP => pagemap(ctx, &req).map_or_else(|e| -e, |n| n as i64),
@@ -174,15 +177,24 @@ fn proc_text(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<u64, i64> {
     let snap = tracker.snapshot(mem).map_err(|_| ESRCH)?;
     let cr3 = snap.by_pid(req.pid).ok_or(ESRCH)?.cr3;
     let p = snap.by_pid(target(req)).ok_or(ESRCH)?;
+    let names = if req.aux == 0 { MapNames::default() } else { map_names(mem, req.aux)? };
     let text = match req.op {
-        proc_op::MAPS => proc_text::maps(&vmas(tracker, mem, &snap, p, false)?),
+        proc_op::MAPS => proc_text::maps(&vmas(tracker, mem, &snap, p, &names, false)?),
         proc_op::STATUS => proc_text::status(&status(p)),
-        _ => proc_text::smaps(&vmas(tracker, mem, &snap, p, true)?),
+        _ => proc_text::smaps(&vmas(tracker, mem, &snap, p, &names, true)?),
     };
     let from = (req.arg as usize).min(text.len());
     let piece = &text.as_bytes()[from..(from + req.count as usize).min(text.len())];
     store(mem, cr3, req.buf, piece)?;
     Ok(piece.len() as u64)
+}
+
+/// The names of the mappings a maps or smaps request carries (at guest-physical `at`),
+/// checked: `EINVAL` (the program's read fails) if they are not what the kernel sends.
+/// Nothing is printed: a guest could repeat it without end.
+fn map_names(mem: &memory::GuestMem, at: u64) -> Result<MapNames, i64> {
+    let raw = memory::read(mem, at, guest_abi::names::MAP_NAMES_BYTES).map_err(|_| EFAULT)?;
+    map_names::parse(&raw, |phys, len| memory::read(mem, phys, len).ok()).map_err(|_| EINVAL)
 }
 
 /// What `/proc/PID/status` says of `p`: its sizes from its mappings and page counts.
@@ -211,10 +223,11 @@ fn status(p: &crate::guest_os::Process) -> proc_text::Status {
 /// untouched reservation costs nothing and no mapping is too large. As Linux's smaps,
 /// the shared zero pages are not resident.
 fn vmas(tracker: &mut crate::tracking::softdirty::Tracker, mem: &memory::GuestMem, snap: &crate::guest_os::Snapshot,
-    p: &crate::guest_os::Process, counts: bool) -> Result<Vec<proc_text::Vma>, i64> {
+    p: &crate::guest_os::Process, names: &MapNames, counts: bool) -> Result<Vec<proc_text::Vma>, i64> {
     let walker = Walker::new(PagingMode::Level4);
     let mut budget = TableBudget::new(memory::size(mem) / PAGE);
     let zero = [snap.zero_frame, snap.huge_zero_frame];
+    let shared = if counts && p.mappings.iter().any(|m| m.shared) { shared_frame_counts(mem, snap)? } else { HashMap::new() };
     let mut out = Vec::new();
     for m in &p.mappings {
         let mut v = proc_text::Vma {
@@ -225,8 +238,10 @@ fn vmas(tracker: &mut crate::tracking::softdirty::Tracker, mem: &memory::GuestMe
             shared: m.shared,
             huge: m.huge,
             soft_dirty: tracker.vma_soft_dirty(p.pid, m),
+            identity: names.identify(m),
             ..Default::default()
         };
+        let mut pss_bytes_fixed = 0u64;
         if counts {
             walker
                 .walk_range_within(&Phys(mem), p.cr3.table(), GuestVirtAddr(m.start), m.pages, &mut budget, &mut |item| {
@@ -236,15 +251,45 @@ fn vmas(tracker: &mut crate::tracking::softdirty::Tracker, mem: &memory::GuestMe
                     }
                     let (lo, hi) = (leaf.va.0.max(m.start), (leaf.va.0 + leaf.size.bytes()).min(m.end()));
                     let kb = hi.saturating_sub(lo) / 1024;
+                    let mapped = if m.shared { shared.get(&leaf.frame().0).copied().unwrap_or(1).max(1) } else { 1 };
+                    v.shared_kb += if mapped > 1 { kb } else { 0 };
+                    pss_bytes_fixed += ((kb * 1024) << PSS_SHIFT) / u64::from(mapped);
                     v.rss_kb += kb;
                     v.referenced_kb += if leaf.entry.contains(PteFlags::ACCESSED) { kb } else { 0 };
                     v.anon_huge_kb += if leaf.size != PageSize::Size4K { kb } else { 0 };
                 })
                 .map_err(|_| EFAULT)?;
+            v.pss_kb = pss_bytes_fixed >> PSS_SHIFT >> 10;
         }
         out.push(v);
     }
     Ok(out)
+}
+
+/// Linux's fixed point for the proportional set size (each page's bytes divided by how
+/// many times it is mapped).
+const PSS_SHIFT: u32 = 12;
+
+/// How many times each frame of a shared mapping is mapped, by every live process's
+/// shared mappings (Linux's mapcount, by which smaps counts a page as shared or
+/// private). Only shared mappings can map a frame twice here: a private page is a
+/// process's own. The walks share one budget of guest RAM's pages.
+fn shared_frame_counts(mem: &memory::GuestMem, snap: &crate::guest_os::Snapshot) -> Result<HashMap<u64, u32>, i64> {
+    let walker = Walker::new(PagingMode::Level4);
+    let mut budget = TableBudget::new(memory::size(mem) / PAGE);
+    let mut counts: HashMap<u64, u32> = HashMap::new();
+    for q in snap.processes.iter().filter(|q| q.is_live()) {
+        for m in q.mappings.iter().filter(|m| m.shared) {
+            walker
+                .walk_range_within(&Phys(mem), q.cr3.table(), GuestVirtAddr(m.start), m.pages, &mut budget, &mut |item| {
+                    if let Ok(leaf) = item {
+                        *counts.entry(leaf.frame().0).or_default() += 1;
+                    }
+                })
+                .map_err(|_| EFAULT)?;
+        }
+    }
+    Ok(counts)
 }
 
 /// The guest-physical runs behind `[va, va + len)` in the address space `cr3`, page by

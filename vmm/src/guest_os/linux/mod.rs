@@ -6,6 +6,7 @@
 pub mod cpio;
 pub mod elf;
 pub mod layout;
+pub mod map_names;
 pub mod proc_text;
 
 use std::path::Path;

@@ -2,6 +2,7 @@
 //! program, in Linux's format to the byte (what parsers such as the kernel's own
 //! self-tests match on).
 
+use super::map_names::Identity;
 use std::fmt::Write;
 
 /// One mapping as smaps shows it.
@@ -18,8 +19,15 @@ pub struct Vma {
     pub rss_kb: u64,
     pub referenced_kb: u64,
     pub anon_huge_kb: u64,
+    /// Resident in frames mapped more than once (Linux's `Shared_*`; the rest is
+    /// `Private_*`), and the proportional set size (each page divided by how many
+    /// times it is mapped), in KiB.
+    pub shared_kb: u64,
+    pub pss_kb: u64,
     /// Linux's VM_SOFTDIRTY (`sd`).
     pub soft_dirty: bool,
+    /// Offset, device, inode and name.
+    pub identity: Identity,
 }
 
 fn header(out: &mut String, v: &Vma) {
@@ -27,10 +35,22 @@ fn header(out: &mut String, v: &Vma) {
     let w = if v.read_only { '-' } else { 'w' };
     let x = if v.exec { 'x' } else { '-' };
     let p = if v.shared { 's' } else { 'p' };
-    // Anonymous: no offset, device or inode, and no name (Linux ends the line with
-    // the space before the name column).
-    let _ = writeln!(out, "{:08x}-{:08x} {r}{w}{x}{p} 00000000 00:00 0 ", v.start, v.end);
+    let id = &v.identity;
+    let start = out.len();
+    let _ = write!(out, "{:08x}-{:08x} {r}{w}{x}{p} {:08x} {:02x}:{:02x} {} ", v.start, v.end, id.offset, id.dev.0, id.dev.1, id.ino);
+    // A name starts at column 73 (Linux pads to it); with none, the line ends with
+    // the space before the name column.
+    if let Some(name) = &id.name {
+        while out.len() - start < NAME_COLUMN {
+            out.push(' ');
+        }
+        out.push_str(name);
+    }
+    out.push('\n');
 }
+
+/// Where maps's name column starts: Linux's `25 + sizeof(void *) * 6 - 1`.
+const NAME_COLUMN: usize = 73;
 
 /// `/proc/PID/maps`.
 pub fn maps(vmas: &[Vma]) -> String {
@@ -47,16 +67,18 @@ pub fn smaps(vmas: &[Vma]) -> String {
     for v in vmas {
         header(&mut out, v);
         let size = (v.end - v.start) / 1024;
-        let private_dirty = if v.shared { 0 } else { v.rss_kb };
-        let shared_dirty = if v.shared { v.rss_kb } else { 0 };
+        // Every resident page is dirty: an anonymous one was written (a read maps the
+        // zero page, which is not resident), a file's is in memory only, as tmpfs's.
+        let shared_dirty = v.shared_kb.min(v.rss_kb);
+        let private_dirty = v.rss_kb - shared_dirty;
         let page_kb = 4;
         for (name, kb) in [
             ("Size:", size),
             ("KernelPageSize:", page_kb),
             ("MMUPageSize:", page_kb),
             ("Rss:", v.rss_kb),
-            ("Pss:", v.rss_kb),
-            ("Pss_Dirty:", v.rss_kb),
+            ("Pss:", v.pss_kb),
+            ("Pss_Dirty:", v.pss_kb),
             ("Shared_Clean:", 0),
             ("Shared_Dirty:", shared_dirty),
             ("Private_Clean:", 0),
@@ -191,7 +213,7 @@ mod tests {
 
     #[test]
     fn smaps_lines_are_linux_s_to_the_byte() {
-        let v = Vma { start: 0x7f0b_51b6_f000, end: 0x7f0b_51ca_2000, rss_kb: 740, referenced_kb: 740, soft_dirty: true, ..Vma::default() };
+        let v = Vma { start: 0x7f0b_51b6_f000, end: 0x7f0b_51ca_2000, rss_kb: 740, pss_kb: 740, referenced_kb: 740, soft_dirty: true, ..Vma::default() };
         let text = smaps(std::slice::from_ref(&v));
         let lines: Vec<&str> = text.lines().collect();
         // Taken from a Linux 6.x host's smaps (that host lacks soft-dirty: `sd` added).
@@ -206,5 +228,26 @@ mod tests {
         assert_eq!(maps(&[v]), "7f0b51b6f000-7f0b51ca2000 rw-p 00000000 00:00 0 \n");
         let text = Vma { start: 0x40_1000, end: 0x47_9000, read_only: true, exec: true, ..Vma::default() };
         assert!(smaps(&[text]).starts_with("00401000-00479000 r-xp 00000000 00:00 0 \n"), "at least 8 hex digits, as %08lx");
+    }
+
+    #[test]
+    fn named_mappings_put_their_name_at_linux_s_column() {
+        let file = Identity { offset: 0x2000, dev: (0xfe, 0), ino: 247_282, name: Some("/usr/bin/head".into()) };
+        let v = Vma { start: 0x55a9_2915_1000, end: 0x55a9_2915_7000, read_only: true, exec: true, identity: file, ..Vma::default() };
+        // A line of a Linux 6.x host's /proc/self/maps.
+        assert_eq!(maps(&[v]), "55a929151000-55a929157000 r-xp 00002000 fe:00 247282                     /usr/bin/head\n");
+        let heap = Vma { start: 0x561e_1916_c000, end: 0x561e_191a_e000, identity: Identity { name: Some("[heap]".into()), ..Identity::default() }, ..Vma::default() };
+        assert_eq!(maps(&[heap]), "561e1916c000-561e191ae000 rw-p 00000000 00:00 0                          [heap]\n");
+    }
+
+    #[test]
+    fn smaps_splits_resident_pages_into_shared_and_private_by_how_often_they_are_mapped() {
+        let v = Vma { start: 0x1000, end: 0x5000, shared: true, rss_kb: 12, shared_kb: 8, pss_kb: 8, ..Vma::default() };
+        let text = smaps(&[v]);
+        let line = |name: &str| text.lines().find(|l| l.starts_with(name)).unwrap().to_string();
+        assert_eq!(line("Pss:"), "Pss:                   8 kB");
+        assert_eq!(line("Shared_Dirty:"), "Shared_Dirty:          8 kB");
+        assert_eq!(line("Private_Dirty:"), "Private_Dirty:         4 kB");
+        assert_eq!(line("Anonymous:"), "Anonymous:             0 kB");
     }
 }

@@ -51,6 +51,15 @@ impl PagemapEntry {
         self.with_bit(Self::EXCLUSIVE, on)
     }
 
+    /// Linux's PM_FILE: a page of a file or of shared memory (not anonymous).
+    pub fn with_file_or_shared(self, on: bool) -> Self {
+        self.with_bit(Self::FILE_OR_SHARED, on)
+    }
+
+    pub fn file_or_shared(self) -> bool {
+        self.0 & Self::FILE_OR_SHARED != 0
+    }
+
     pub fn is_present(self) -> bool {
         self.0 & Self::PRESENT != 0
     }

@@ -1,7 +1,7 @@
 /* The offsets, devices, inodes and names /proc/self/maps gives a program's mappings
  * (a file mapped shared twice, privately, split by mprotect, unlinked while mapped; a
  * file in /tmp; shared anonymous memory split in two; the heap, the stack), and what
- * smaps counts of them, against a Linux host's. tests/linux_exec.rs runs it on the host
+ * smaps counts of them and pagemap's file and exclusive bits, against a Linux host's. tests/linux_exec.rs runs it on the host
  * and in the guest and compares every line; what differs between machines (addresses,
  * the working directory, our pid, device and inode numbers) is printed as how it
  * relates (a path under "CWD", ids "file": the device and inode fstat gives). */
@@ -74,6 +74,13 @@ static void show(const char *label, void *at, int fd) {
         same = ino == 0 && maj == 0 && min == 0;
     }
     printf("%s: %s %08llx col=%d ids=%s name=%s\n", label, perms, off, col, fd >= 0 ? (same ? "file" : "other") : (same ? "none" : (ino ? "own" : "other")), shown);
+    /* pagemap of its first page: present, PM_FILE (a file's or shared memory's page,
+     * not anonymous), PM_MMAP_EXCLUSIVE (mapped once). */
+    unsigned long long e = 0;
+    int pm = open("/proc/self/pagemap", O_RDONLY);
+    pread(pm, &e, 8, (unsigned long)at / 4096 * 8);
+    close(pm);
+    printf("  present=%d file=%d exclusive=%d\n", (int)(e >> 63), (int)(e >> 61 & 1), (int)(e >> 56 & 1));
     load("/proc/self/smaps");
     char head[32];
     snprintf(head, sizeof head, "%lx-", (unsigned long)at);

@@ -64,7 +64,9 @@ impl PageCtx<'_> {
         softdirty::is_soft_dirty(leaf.entry) || (leaf.entry.contains(PteFlags::DIRTY) && self.log.any_dirty(pfn0, count))
     }
 
-    pub fn info(&self, va: u64, leaf: Option<&Leaf>, written: bool, vma_new: bool) -> PageInfo {
+    /// The entry of page `va`; `shared`: its mapping is shared (a file's or shared
+    /// memory: a present page of it is not anonymous, Linux's PM_FILE).
+    pub fn info(&self, va: u64, leaf: Option<&Leaf>, written: bool, vma_new: bool, shared: bool) -> PageInfo {
         let Some(leaf) = leaf else {
             // Linux: a hole in a VMA reads soft-dirty when the VMA is.
             return PageInfo { addr: va, entry: PagemapEntry::none().with_soft_dirty(vma_new), huge: false, accessed: false };
@@ -74,7 +76,10 @@ impl PageCtx<'_> {
         let exclusive = !self.is_zero(leaf) && self.counts.once(pfn0);
         PageInfo {
             addr: va,
-            entry: PagemapEntry::present(pfn).with_soft_dirty(written || vma_new).with_exclusive(exclusive),
+            entry: PagemapEntry::present(pfn)
+                .with_soft_dirty(written || vma_new)
+                .with_exclusive(exclusive)
+                .with_file_or_shared(shared && !self.is_zero(leaf)),
             huge: leaf.size != PageSize::Size4K,
             accessed: leaf.entry.contains(PteFlags::ACCESSED),
         }

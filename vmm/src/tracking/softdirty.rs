@@ -399,7 +399,7 @@ impl Tracker {
                             w
                         }
                     });
-                    out.push(page.info(va, leaf, written.unwrap_or(false), vma_new));
+                    out.push(page.info(va, leaf, written.unwrap_or(false), vma_new, m.is_some_and(|m| m.shared)));
                     va += 4096;
                 }
             }

@@ -327,7 +327,10 @@ fn read_proc_text(kind: u8, pid: u32, buf: u64, len: u64, pos: u64) -> Result<u6
         _ => proc_op::SMAPS,
     };
     let aux = match (op, process::index_of(pid)) {
-        (proc_op::MAPS | proc_op::SMAPS, Some(index)) => fs::describe_maps(index, super::brk_range(index), super::start_stack(index)),
+        (proc_op::MAPS | proc_op::SMAPS, Some(index)) => {
+            let (brk, stack) = super::break_and_stack(index);
+            fs::describe_maps(index, brk, stack)
+        }
         _ => 0,
     };
     fs::ask_with(op, process::current_pid(), pid, (pos, n, buf), aux)

@@ -68,16 +68,11 @@ pub fn file_fault_frame(serial: u64, page_va: u64, shared: bool) -> Result<u64, 
     fs::fault_frame(serial, page_va, shared)
 }
 
-/// Process `index`'s program break: Linux's `start_brk` and `brk` ((0, 0): not a
-/// Linux program).
-pub fn brk_range(index: usize) -> (u64, u64) {
+/// Process `index`'s program break (Linux's `start_brk` and `brk`) and initial stack
+/// pointer (`start_stack`): zeros if it is not a Linux program.
+pub fn break_and_stack(index: usize) -> ((u64, u64), u64) {
     let p = &procs()[index];
-    if p.active { (p.brk_start, p.brk) } else { (0, 0) }
-}
-
-/// Process `index`'s initial stack pointer (0: not a Linux program).
-pub fn start_stack(index: usize) -> u64 {
-    procs()[index].start_stack
+    if p.active { ((p.brk_start, p.brk), p.start_stack) } else { ((0, 0), 0) }
 }
 
 /// Is process `index` a Linux program?

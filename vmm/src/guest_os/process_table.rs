@@ -4,6 +4,7 @@
 //! The table is untrusted input: magic, version, sizes and every field are checked,
 //! and a table the kernel is changing (odd sequence number) is refused.
 
+use super::le::{u32_at, u64_at};
 use crate::machine::memory::{self, GuestMem};
 use guest_abi::{
     mapping_flags, state, MappingRecord, ProcSlot, ProcessTable, KERNEL_VIRT_BASE, MAX_MAPPINGS, MAX_PROCS,
@@ -145,13 +146,7 @@ impl TableLocation {
     }
 }
 
-fn u32_at(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().expect("in bounds"))
-}
 
-fn u64_at(b: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(b[off..off + 8].try_into().expect("in bounds"))
-}
 
 /// Parses a raw table (exactly `size_of::<ProcessTable>()` bytes) against `mem_size`.
 pub fn parse(raw: &[u8], mem_size: u64) -> Result<Snapshot, Error> {

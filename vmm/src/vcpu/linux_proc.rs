@@ -10,6 +10,7 @@
 //! buffer through its page tables, which the kernel made present and writable (and
 //! written: the store is a write of the program's pages, as Linux's copy_to_user is).
 
+use crate::guest_os::le::{u32_at, u64_at};
 use super::runner::VcpuContext;
 use crate::guest_os::linux::map_names::{self, MapNames};
 use crate::guest_os::linux::proc_text;
@@ -28,13 +29,7 @@ const PAGE: u64 = 4096;
 /// Most bytes one COPY moves (one `read` of a file).
 const COPY_MAX: u64 = 1 << 20;
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
 
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
 
 /// Answers the request at guest-physical `addr`; `Err` only if the request itself is
 /// not in guest RAM (the kernel's bug, which ends the run like any malformed request).

@@ -2,6 +2,7 @@
 //! checked before anything of it reaches the guest. The file is untrusted input: every
 //! offset and size is bounded by the file, every address by the user half.
 
+use crate::guest_os::le::{u32_at, u64_at};
 use super::Error;
 
 pub const PAGE: u64 = 4096;
@@ -52,13 +53,7 @@ fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes(b[at..at + 2].try_into().expect("2 bytes"))
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
 
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
 
 /// Parses and checks `file`: a static x86-64 ELF executable (`ET_EXEC`, or `ET_DYN`
 /// without an interpreter: static-PIE) whose segments lie in the user half.

@@ -217,11 +217,9 @@ fn initial_stack(program: &Program, argv: &[String], envp: &[String], random: [u
 #[cfg(test)]
 mod tests {
     use super::super::elf::{self, tests::elf};
+    use crate::guest_os::le::u64_at;
     use super::*;
 
-    fn u64_at(b: &[u8], at: usize) -> u64 {
-        u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
-    }
 
     fn c_string(b: &[u8], at: usize) -> String {
         let end = b[at..].iter().position(|&c| c == 0).unwrap();

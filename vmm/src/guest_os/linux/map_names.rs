@@ -9,6 +9,7 @@
 //! `/dev/zero` of the shmem device; otherwise `[heap]` is the mapping overlapping
 //! `(start_brk, brk)` and `[stack]` the one holding `start_stack`.
 
+use crate::guest_os::le::{u32_at, u64_at};
 use crate::guest_os::process_table::Mapping;
 use guest_abi::exec::MAX_FILE_NAME;
 use guest_abi::names::{self, FILE_MAP_BYTES, MAX_FILE_MAPS};
@@ -58,13 +59,7 @@ pub struct Identity {
     pub name: Option<String>,
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
 
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
 
 /// Linux's seq_path escapes a newline in a path as `\012` (and the VMM escapes every
 /// other control byte so, which Linux would print raw).

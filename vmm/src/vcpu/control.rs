@@ -256,7 +256,10 @@ impl<C> Control<C> {
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     tick();
                     if let Phase::Finished(how) = self.phase() {
-                        return Err(format!("the VM has finished ({how})"));
+                        // The job may have run and sent its answer just before the run
+                        // ended (a migration's switch-over ends it): that answer counts.
+                        // The send happens before the finish, so it is here if it was sent.
+                        return rx.try_recv().map_err(|_| format!("the VM has finished ({how})"));
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -286,5 +289,63 @@ impl<C> Control<C> {
             }
             s = self.changed.wait_timeout(s, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job whose run ends the VM (a migration's switch-over) answers its caller even
+    /// when the caller looks at the phase only after the run has ended.
+    #[test]
+    fn a_job_that_ends_the_run_still_answers() {
+        let control = Arc::new(Control::<()>::default());
+        let (go, go_rx) = mpsc::channel::<()>();
+        let (done, done_rx) = mpsc::channel::<()>();
+        let vcpu = {
+            let control = control.clone();
+            std::thread::spawn(move || {
+                go_rx.recv().unwrap();
+                control.run_jobs(&mut ());
+                control.finish("migrated to tcp:x".into());
+                done.send(()).unwrap();
+            })
+        };
+        let mut first = true;
+        // The vCPU runs the job and finishes between the caller's timeout and its look
+        // at the phase: the race that once made `vmm migrate` report a success as a failure.
+        let r = control.call_ticking(
+            |_: &mut ()| 42,
+            || {
+                if std::mem::take(&mut first) {
+                    go.send(()).unwrap();
+                    done_rx.recv().unwrap();
+                }
+            },
+        );
+        vcpu.join().unwrap();
+        assert_eq!(r, Ok(42));
+        // A job queued after the run ended is refused, naming how it ended.
+        let late = control.call(|_: &mut ()| 1);
+        assert_eq!(late, Err("the VM has finished (migrated to tcp:x)".into()));
+    }
+
+    /// A job the vCPU never ran before the run ended is refused, not waited on forever.
+    #[test]
+    fn a_job_never_run_is_refused_once_the_run_ends() {
+        let control = Arc::new(Control::<()>::default());
+        let ender = {
+            let control = control.clone();
+            std::thread::spawn(move || {
+                while !control.has_jobs() {
+                    std::thread::yield_now();
+                }
+                control.finish("exit 0".into());
+            })
+        };
+        let r = control.call(|_: &mut ()| 1);
+        ender.join().unwrap();
+        assert_eq!(r, Err("the VM has finished (exit 0)".into()));
     }
 }

@@ -213,9 +213,9 @@ fn run(engine: &str, seed: u64) {
         let missed: Vec<u64> = (0..expected.len()).filter(|&i| expected[i] && !got[i].0).map(addr).collect();
         assert!(missed.is_empty(), "{engine} seed {seed} at {label}: written pages read clean: {:#x?}\n{}",
             &missed[..missed.len().min(8)], sc.script);
-        if engine == "pte" {
+        if is_exact(engine) {
             let extra: Vec<u64> = (0..expected.len()).filter(|&i| !expected[i] && got[i].0).map(addr).collect();
-            assert!(extra.is_empty(), "pte seed {seed} at {label}: clean pages read soft-dirty: {:#x?} (present: {:?})\n{}",
+            assert!(extra.is_empty(), "{engine} seed {seed} at {label}: clean pages read soft-dirty: {:#x?} (present: {:?})\n{}",
                 &extra[..extra.len().min(8)], extra.iter().take(8).map(|a| got[((a - BASE) / 4096) as usize].1).collect::<Vec<_>>(),
                 sc.script);
         }
@@ -240,6 +240,11 @@ fn run_seeds(engine: &str) {
 #[test]
 fn pte_equals_the_model() {
     run_seeds("pte");
+}
+
+#[test]
+fn hybrid_equals_the_model() {
+    run_seeds("hybrid");
 }
 
 #[test]

@@ -4,11 +4,10 @@
 
 mod common;
 use common::linux::{glibc_static, glibc_static_pie, musl_static, program};
-use common::{require_kvm, tempdir, vmm, Live, Run};
+use common::{require_kvm, tempdir, vmm, Live, Run, ENGINES};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-const ENGINES: [&str; 4] = ["pte", "kvm-bitmap", "kvm-ring", "uffd"];
 
 const HELLO: &str = r#"#include <stdio.h>
 int main(void) { printf("hello, world\n"); return 3; }

@@ -62,6 +62,11 @@ fn linux_soft_dirty_selftest_under_pte() {
 }
 
 #[test]
+fn linux_soft_dirty_selftest_under_hybrid() {
+    runs_under("hybrid");
+}
+
+#[test]
 fn linux_soft_dirty_selftest_under_kvm_bitmap() {
     runs_under("kvm-bitmap");
 }

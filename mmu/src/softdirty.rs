@@ -32,6 +32,19 @@ pub fn clear(entry: PageTableEntry) -> PageTableEntry {
     }
 }
 
+/// The hybrid engine's clear: soft-dirty and the hardware Dirty bit off, W kept. The
+/// next write through the entry sets Dirty again (the CPU's page walk, or KVM's for a
+/// shadow-paged guest), so Dirty alone says "written since the clear", per entry. Only
+/// for a guest kernel that never reads Dirty itself.
+pub fn clear_dirty(entry: PageTableEntry) -> PageTableEntry {
+    entry.without(PteFlags::HV_SOFT_DIRTY | PteFlags::DIRTY)
+}
+
+/// Written since a [`clear_dirty`]: Dirty set again, or soft-dirty set by the hypervisor.
+pub fn written_since_clear_dirty(entry: PageTableEntry) -> bool {
+    entry.contains(PteFlags::DIRTY) || is_soft_dirty(entry)
+}
+
 /// Did the hypervisor take W away from this entry (and has nobody given it back)?
 pub fn is_hypervisor_protected(entry: PageTableEntry) -> bool {
     entry.contains(PteFlags::HV_WRITE_PROTECTED) && !entry.contains(PteFlags::WRITABLE)
@@ -83,6 +96,17 @@ mod tests {
         let e = pte(PteFlags::PRESENT | PteFlags::USER | PteFlags::HV_SOFT_DIRTY);
         let c = clear(e);
         assert!(!is_hypervisor_protected(c) && !is_soft_dirty(c));
+    }
+
+    #[test]
+    fn clear_dirty_keeps_write_access_and_reads_the_next_write() {
+        let e = pte(PWU | PteFlags::ACCESSED | PteFlags::DIRTY | PteFlags::HV_SOFT_DIRTY);
+        let c = clear_dirty(e);
+        assert_eq!(c.addr(), e.addr());
+        assert!(c.contains(PWU | PteFlags::ACCESSED) && !written_since_clear_dirty(c));
+        assert!(written_since_clear_dirty(c.with(PteFlags::DIRTY)), "the write's page walk sets Dirty");
+        let ro = clear_dirty(pte(PteFlags::PRESENT | PteFlags::USER | PteFlags::DIRTY));
+        assert!(!ro.contains(PteFlags::WRITABLE) && !written_since_clear_dirty(ro), "read-only stays read-only");
     }
 
     #[test]

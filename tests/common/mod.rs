@@ -9,6 +9,14 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 use vmm::run::child::{self, Options, VmmChild};
 
+/// Every engine, by its `--engine` name.
+pub const ENGINES: [&str; 5] = ["pte", "hybrid", "kvm-bitmap", "kvm-ring", "uffd"];
+
+/// The engine answers per guest PTE, exactly as Linux (not a superset by frame).
+pub fn is_exact(engine: &str) -> bool {
+    matches!(engine, "pte" | "hybrid")
+}
+
 pub fn vmm_bin() -> &'static str {
     env!("CARGO_BIN_EXE_vmm")
 }

@@ -196,16 +196,19 @@ impl GpaLog {
         self.window.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
-    /// Clears the frames (call [`Self::harvest`] first so nothing pending is lost) and
-    /// makes sure the source reports their next write. With the KVM bitmap this is one
-    /// `KVM_CLEAR_DIRTY_LOG`, which also makes KVM re-read the guest PTEs mapping them.
-    pub fn clear(&mut self, frames: &FrameSet) -> Result<(), Error> {
+    /// Clears the frames except those in `keep` (call [`Self::harvest`] first so nothing
+    /// pending is lost) and makes sure the source reports the next write of every one of
+    /// `frames`. With the KVM bitmap this is one `KVM_CLEAR_DIRTY_LOG`, which also makes
+    /// KVM re-read the guest PTEs mapping them. `keep`: frames that someone else still
+    /// reads from the log (another process maps them): re-armed, not forgotten.
+    pub fn clear(&mut self, frames: &FrameSet, keep: &FrameSet) -> Result<(), Error> {
         if frames.is_empty() {
             return Ok(());
         }
         debug_assert_eq!(frames.ram_pages(), self.pages, "a frame set over this guest's RAM");
-        for (acc, clear) in self.accumulated.iter_mut().zip(frames.words()) {
-            *acc &= !clear;
+        debug_assert_eq!(keep.ram_pages(), self.pages, "a frame set over this guest's RAM");
+        for ((acc, clear), keep) in self.accumulated.iter_mut().zip(frames.words()).zip(keep.words()) {
+            *acc &= !(clear & !keep);
         }
         self.stats.ioctls += self.source.rearm(frames)?;
         Ok(())
@@ -301,7 +304,7 @@ mod tests {
         assert_eq!(d.stats.frames_harvested, 8, "clipped to memory");
         let mut f = FrameSet::new(256);
         f.insert_range(3, 1);
-        d.clear(&f).unwrap();
+        d.clear(&f, &FrameSet::new(f.ram_pages())).unwrap();
         assert!(!d.is_dirty(3) && d.is_dirty(4));
         assert_eq!(source.rearmed(), 1, "the source re-arms what was cleared");
     }

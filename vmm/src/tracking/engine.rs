@@ -19,6 +19,10 @@ pub enum EngineKind {
     /// Per process: write-protect guest PTEs, catch the write faults (precise per
     /// mapping); KVM's bitmap as the backstop.
     Pte,
+    /// Per process, exact as pte, without a guest fault: the clear takes the guest
+    /// PTE's Dirty bit off (W stays) and KVM's write-protect fault on the frame sets it
+    /// again on the first write (docs/engines.md).
+    Hybrid,
     /// Whole VM, guest-physical: KVM dirty bitmap with manual protection.
     KvmBitmap,
     /// Whole VM, guest-physical: KVM's per-vCPU dirty ring.
@@ -29,11 +33,12 @@ pub enum EngineKind {
 }
 
 impl EngineKind {
-    pub const ALL: [EngineKind; 4] = [EngineKind::Pte, EngineKind::KvmBitmap, EngineKind::KvmRing, EngineKind::Uffd];
+    pub const ALL: [EngineKind; 5] = [EngineKind::Pte, EngineKind::Hybrid, EngineKind::KvmBitmap, EngineKind::KvmRing, EngineKind::Uffd];
 
     pub fn name(self) -> &'static str {
         match self {
             EngineKind::Pte => "pte",
+            EngineKind::Hybrid => "hybrid",
             EngineKind::KvmBitmap => "kvm-bitmap",
             EngineKind::KvmRing => "kvm-ring",
             EngineKind::Uffd => "uffd",
@@ -42,7 +47,12 @@ impl EngineKind {
 
     /// Tracks guest-physical frames (not guest PTEs).
     pub fn is_guest_physical(self) -> bool {
-        self != EngineKind::Pte
+        !self.reads_ptes()
+    }
+
+    /// Answers from each guest PTE's own bits (exact per mapping, as Linux).
+    pub fn reads_ptes(self) -> bool {
+        matches!(self, EngineKind::Pte | EngineKind::Hybrid)
     }
 }
 
@@ -66,7 +76,7 @@ impl EngineKind {
 
     /// The history before the first clear is unknown: every frame counts as written.
     pub fn initially_dirty(self) -> bool {
-        self == EngineKind::Pte
+        self.reads_ptes()
     }
 }
 
@@ -77,7 +87,7 @@ impl DirtyLogSetup for EngineSetup {
 
     fn before_slots(&self, vm: &VmFd) -> Result<(), String> {
         match self.0 {
-            EngineKind::Pte => kvm_bitmap::enable(vm, true).map_err(|e| e.to_string()),
+            EngineKind::Pte | EngineKind::Hybrid => kvm_bitmap::enable(vm, true).map_err(|e| e.to_string()),
             EngineKind::KvmBitmap => kvm_bitmap::enable(vm, false).map_err(|e| e.to_string()),
             EngineKind::KvmRing => kvm_ring::enable(vm).map_err(|e| e.to_string()),
             EngineKind::Uffd => Ok(()),
@@ -98,7 +108,7 @@ impl EngineSetup {
         let unavailable = |detail: String| vm::Error::EngineUnavailable { engine: self.0.name(), detail };
         let pages = mem.size() / 4096;
         Ok(match self.0 {
-            EngineKind::Pte | EngineKind::KvmBitmap => {
+            EngineKind::Pte | EngineKind::Hybrid | EngineKind::KvmBitmap => {
                 Box::new(KvmBitmap::new(&machine.vm, pages).map_err(|e| unavailable(e.to_string()))?)
             }
             EngineKind::KvmRing => {

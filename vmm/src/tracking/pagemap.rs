@@ -28,12 +28,33 @@ pub fn frames(leaf: &Leaf) -> LeafFrames {
     LeafFrames { pfn: leaf.frame().pfn(), count: leaf.size.bytes() / 4096 }
 }
 
+/// Where "written since the clear" comes from, by engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PteRule {
+    /// Guest-physical engines: the frame's bit in the dirty log alone.
+    Frames,
+    /// pte: the PTE's soft-dirty bit, with the log as backstop for a PTE the guest
+    /// made writable itself.
+    SoftDirtyBit,
+    /// hybrid: the PTE's Dirty bit, which the clear took off.
+    DirtyBit,
+}
+
+impl PteRule {
+    pub fn of(engine: super::engine::EngineKind) -> PteRule {
+        use super::engine::EngineKind as E;
+        match engine {
+            E::Pte => PteRule::SoftDirtyBit,
+            E::Hybrid => PteRule::DirtyBit,
+            E::KvmBitmap | E::KvmRing | E::Uffd => PteRule::Frames,
+        }
+    }
+}
+
 /// What one page's pagemap entry needs besides its leaf.
 pub struct PageCtx<'a> {
     pub log: &'a GpaLog,
-    /// The engine traps PTE writes (pte): the PTE's own soft-dirty bit is the answer,
-    /// with the log as backstop. Otherwise the log alone is.
-    pub traps_ptes: bool,
+    pub rule: PteRule,
     pub zero_frame: u64,
     pub huge_zero_frame: u64,
     pub counts: &'a FrameCounts,
@@ -50,10 +71,15 @@ impl PageCtx<'_> {
     /// W back itself, or the page appeared since) and the dirty log saw its frames written.
     pub fn written(&self, leaf: &Leaf) -> bool {
         let LeafFrames { pfn: pfn0, count } = frames(leaf);
-        if !self.traps_ptes {
+        match self.rule {
             // Guest-physical: the frame was written since the clear. The zero frame is
             // never written (the guest maps it read-only everywhere).
-            return !self.is_zero(leaf) && self.log.any_dirty(pfn0, count);
+            PteRule::Frames => return !self.is_zero(leaf) && self.log.any_dirty(pfn0, count),
+            // The clear took Dirty off this entry; only a write through it sets it
+            // again. Not the log: another process's clear of a shared frame clears the
+            // frame's bit, not this entry's write.
+            PteRule::DirtyBit => return softdirty::written_since_clear_dirty(leaf.entry),
+            PteRule::SoftDirtyBit => {}
         }
         // The backstop (the guest made the PTE writable itself, or the page appeared
         // since the clear): the frame was written since the clear, through this entry

@@ -14,7 +14,7 @@
 
 use super::dirty_log::{self, GpaLog};
 use super::frame_set::FrameSet;
-use super::pagemap::{frames, FrameCounts, PageCtx};
+use super::pagemap::{frames, FrameCounts, PageCtx, PteRule};
 use super::pf_trap;
 use super::ram::{self, AsPhys, Ram};
 use crate::guest_os::{self, Mapping, Process, Snapshot, TableLocation};
@@ -22,7 +22,7 @@ use crate::machine::memory::GuestMem;
 use crate::tracking::engine::EngineKind;
 use guest_abi::ProcessTable;
 use kvm_ioctls::VcpuFd;
-use mmu::{softdirty, Cr3, GuestPhysAddr, GuestVirtAddr, Leaf, PagingMode, PteFlags, TableBudget, Translation, Walker};
+use mmu::{softdirty, Cr3, GuestPhysAddr, GuestVirtAddr, Leaf, PageTableEntry, PagingMode, PteFlags, TableBudget, Translation, Walker};
 use std::collections::HashMap;
 use std::mem::{offset_of, size_of};
 
@@ -275,17 +275,23 @@ impl Tracker {
             }
             ClearRefs::SoftDirty => {
                 self.log.harvest(ram)?;
-                let traps_ptes = self.trap.is_some();
-                // Every present frame, also for the pte engine: so that KVM re-reads the
-                // edited PTEs, and a later write through a PTE the guest makes writable
-                // again still shows in the log.
+                // pte: W off (the trap catches the write); hybrid: Dirty off (KVM's
+                // write-protect fault on the frame sets it again).
+                let edit: Option<fn(PageTableEntry) -> PageTableEntry> = match self.engine {
+                    EngineKind::Pte => Some(softdirty::clear),
+                    EngineKind::Hybrid => Some(softdirty::clear_dirty),
+                    _ => None,
+                };
+                // Every present frame, also for the per-PTE engines: so that KVM re-reads
+                // the edited PTEs (and, for pte, a later write through a PTE the guest
+                // makes writable again still shows in the log).
                 let mut protect = FrameSet::new(self.log.pages());
                 let (mut changed, mut leaves, mut failed) = (0, 0, None);
                 let walked = self.walk(ram, p, 0, USER_TOP / 4096, &mut self.budget(), |leaf| {
                     leaves += 1;
                     protect.insert_leaf(frames(leaf));
-                    if traps_ptes {
-                        let new = softdirty::clear(leaf.entry);
+                    if let Some(edit) = edit {
+                        let new = edit(leaf.entry);
                         if new != leaf.entry {
                             match Self::write_entry(ram, leaf, new.0) {
                                 Ok(()) => changed += 1,
@@ -294,8 +300,22 @@ impl Tracker {
                         }
                     }
                 });
+                // Frames other live processes map keep their bit: their pagemap still
+                // reads it (the guest-physical engines', and pte's backstop). Not hybrid:
+                // it never reads the log.
+                let mut keep = FrameSet::new(self.log.pages());
+                if self.engine != EngineKind::Hybrid {
+                    let mut budget = self.budget();
+                    for q in snap.processes.iter().filter(|q| q.is_live() && q.pid != pid) {
+                        if self.walk(ram, q, 0, USER_TOP / 4096, &mut budget, |leaf| keep.insert_leaf(frames(leaf))).is_err() {
+                            // Tables past the budget: forget nothing (a superset, never less).
+                            keep.fill();
+                            break;
+                        }
+                    }
+                }
                 // Even after a failed walk, KVM must re-read the entries already edited.
-                self.log.clear(&protect)?;
+                self.log.clear(&protect, &keep)?;
                 walked?;
                 if let Some(e) = failed {
                     return Err(e);
@@ -308,7 +328,7 @@ impl Tracker {
                 if let Some(trap) = &mut self.trap {
                     trap.wanted = true;
                 }
-                Ok(if traps_ptes { changed } else { leaves })
+                Ok(if edit.is_some() { changed } else { leaves })
             }
         }
     }
@@ -355,7 +375,7 @@ impl Tracker {
         let counts = self.frame_counts(ram, &snap, &mut self.budget())?;
         let page = PageCtx {
             log: &self.log,
-            traps_ptes: self.trap.is_some(),
+            rule: PteRule::of(self.engine),
             zero_frame: snap.zero_frame,
             huge_zero_frame: snap.huge_zero_frame,
             counts: &counts,

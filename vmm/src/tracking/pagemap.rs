@@ -6,7 +6,7 @@
 
 use super::dirty_log::GpaLog;
 use super::frame_set::LeafFrames;
-use mmu::{softdirty, Leaf, PageSize, PagemapEntry, PteFlags};
+use mmu::{softdirty, Leaf, PageSize, PageTableEntry, PagemapEntry, PteFlags};
 
 /// Largest pagemap request, in pages (4 GiB of address space).
 pub const MAX_PAGEMAP_PAGES: u64 = 1 << 20;
@@ -48,6 +48,22 @@ impl PteRule {
             E::Hybrid => PteRule::DirtyBit,
             E::KvmBitmap | E::KvmRing | E::Uffd => PteRule::Frames,
         }
+    }
+
+    /// What a soft-dirty clear does to each present leaf, if anything: pte takes W off
+    /// (the trap catches the write), hybrid takes Dirty off (KVM's write-protect fault
+    /// on the frame sets it again).
+    pub fn clear_edit(self) -> Option<fn(PageTableEntry) -> PageTableEntry> {
+        match self {
+            PteRule::Frames => None,
+            PteRule::SoftDirtyBit => Some(softdirty::clear),
+            PteRule::DirtyBit => Some(softdirty::clear_dirty),
+        }
+    }
+
+    /// Answers read the dirty log (all but hybrid's).
+    pub fn reads_log(self) -> bool {
+        self != PteRule::DirtyBit
     }
 }
 

@@ -22,7 +22,7 @@ use crate::machine::memory::GuestMem;
 use crate::tracking::engine::EngineKind;
 use guest_abi::ProcessTable;
 use kvm_ioctls::VcpuFd;
-use mmu::{softdirty, Cr3, GuestPhysAddr, GuestVirtAddr, Leaf, PageTableEntry, PagingMode, PteFlags, TableBudget, Translation, Walker};
+use mmu::{softdirty, Cr3, GuestPhysAddr, GuestVirtAddr, Leaf, PagingMode, PteFlags, TableBudget, Translation, Walker};
 use std::collections::HashMap;
 use std::mem::{offset_of, size_of};
 
@@ -275,13 +275,8 @@ impl Tracker {
             }
             ClearRefs::SoftDirty => {
                 self.log.harvest(ram)?;
-                // pte: W off (the trap catches the write); hybrid: Dirty off (KVM's
-                // write-protect fault on the frame sets it again).
-                let edit: Option<fn(PageTableEntry) -> PageTableEntry> = match self.engine {
-                    EngineKind::Pte => Some(softdirty::clear),
-                    EngineKind::Hybrid => Some(softdirty::clear_dirty),
-                    _ => None,
-                };
+                let rule = PteRule::of(self.engine);
+                let edit = rule.clear_edit();
                 // Every present frame, also for the per-PTE engines: so that KVM re-reads
                 // the edited PTEs (and, for pte, a later write through a PTE the guest
                 // makes writable again still shows in the log).
@@ -304,7 +299,7 @@ impl Tracker {
                 // reads it (the guest-physical engines', and pte's backstop). Not hybrid:
                 // it never reads the log.
                 let mut keep = FrameSet::new(self.log.pages());
-                if self.engine != EngineKind::Hybrid {
+                if rule.reads_log() {
                     let mut budget = self.budget();
                     for q in snap.processes.iter().filter(|q| q.is_live() && q.pid != pid) {
                         if self.walk(ram, q, 0, USER_TOP / 4096, &mut budget, |leaf| keep.insert_leaf(frames(leaf))).is_err() {

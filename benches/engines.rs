@@ -22,8 +22,7 @@ use vmm::tracking::source::uffd::AsyncWp;
 const BASE: u64 = 0x1000_0000;
 const FRACTIONS: [u64; 3] = [1, 10, 100];
 const SIZES: [u64; 3] = [64, 256, 1024];
-const ENGINES: [&str; 4] = ["pte", "kvm-bitmap", "kvm-ring", "uffd"];
-
+const ENGINES: [&str; 5] = ["pte", "hybrid", "kvm-bitmap", "kvm-ring", "uffd"];
 
 /// Cycles of each `fill ... timed` line, in order.
 fn timed_fills(console: &str) -> Vec<f64> {
@@ -210,7 +209,9 @@ fn main() {
     for w in ENGINES.iter().chain(&["host"]) {
         md += &format!(" {w} |");
     }
-    md += " best engine | best / host |\n|---:|---:|---|---:|---:|---:|---:|---:|---|---:|\n";
+    md += " best engine | best / host | hybrid / kvm-bitmap | pte / kvm-bitmap |\n|---:|---:|---|";
+    md += &"---:|".repeat(ENGINES.len() + 1);
+    md += "---|---:|---:|---:|\n";
     for mib in SIZES {
         for pct in FRACTIONS {
             for (k, label) in [("clear_ns_per_page", "clear"), ("write_ns_per_page", "first write"),
@@ -225,7 +226,9 @@ fn main() {
                     md += &format!(" {v:.0} |");
                 }
                 let h = get(mib, pct, "host", k);
-                md += &format!(" {h:.0} | {} | {:.2}x |\n", best.0, best.1 / h);
+                let kb = get(mib, pct, "kvm-bitmap", k);
+                md += &format!(" {h:.0} | {} | {:.2}x | {:.2}x | {:.2}x |\n", best.0, best.1 / h,
+                    get(mib, pct, "hybrid", k) / kb, get(mib, pct, "pte", k) / kb);
             }
         }
     }

@@ -171,6 +171,8 @@ fn every_scenario_agrees_with_linux() {
         let ours = work.join(format!("ours-{engine}.out"));
         let o = sh(Command::new(vmm_bin()).arg("scenario").arg("--engine").arg(engine).args(&files));
         std::fs::write(&ours, &o).unwrap();
+        // Includes pagemap-scan's agreement with pagemap at every read (run/scenario.rs).
+        assert!(!o.contains("error:"), "{engine}: the VMM executor failed a scenario:\n{o}");
         let r = linux_oracle::compare(&linux_text, &o, !is_exact(engine));
         report += &format!("## {engine} ({}): {} disagreement(s)\n\n{}\n",
             if is_exact(engine) { "exact: present, soft-dirty, exclusive" } else { "every page Linux reports soft-dirty is soft-dirty here; presence agrees" },

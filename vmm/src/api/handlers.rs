@@ -4,13 +4,14 @@
 use super::pagemap::PagemapAnswer;
 use super::protocol::{
     Answer, DirtyRate, DumpCreated, ErrorKind, Failure, Info, MigrationCancelled, MigrationDone, RoundLine, PagemapFormat, Paused, PhaseReply,
-    ProcessInfo, ProcessRate, Processes, Progress as ProgressBody, ProgressLine, RefsCleared, Request, Resumed,
+    PagemapScanned, ProcessInfo, ProcessRate, Processes, Progress as ProgressBody, ProgressLine, RefsCleared, Request, Resumed,
     SnapshotCreated, Status, LiveSnapshotStats,
 };
 use crate::machine::memory::GuestMem;
 use crate::migration::transport;
 use crate::storage::progress::Progress;
 use crate::storage::{chain, dump, snapshot};
+use crate::tracking::softdirty::scan::{ScanRequest, MAX_SCAN_REGIONS};
 use crate::tracking::softdirty::{self, ClearRefs, Tracker};
 use crate::vcpu::control::{Control, Phase};
 use crate::vcpu::runner::VcpuContext;
@@ -103,6 +104,16 @@ pub fn handle(req: Request, control: &Control<VcpuContext>, emit: &mut dyn FnMut
             Ok(answer) => Reply::Pagemap(answer, format.unwrap_or(PagemapFormat::Array)),
             Err(f) => Reply::answer(Err::<(), _>(f)),
         },
+        Request::PagemapScan { pid, start, end, written, clear, max_regions } => {
+            let req = ScanRequest {
+                start: start.unwrap_or(0),
+                end: end.unwrap_or(workload::USER_TOP),
+                written_only: written == Some(true),
+                clear: clear == Some(true),
+                max_regions: max_regions.unwrap_or(MAX_SCAN_REGIONS),
+            };
+            Reply::answer(pagemap_scan(control, pid, req))
+        }
         Request::Info {} => Reply::answer(info(control)),
         Request::DirtyRate { seconds } => Reply::answer(dirty_rate(control, seconds)),
         Request::SnapshotCreate { out, diff, live: Some(true), downtime_ms, timeout_ms, .. } => {
@@ -342,6 +353,18 @@ fn pagemap(control: &Control<VcpuContext>, pid: u32, start: Option<u64>, pages: 
         let pages = t.pagemap(mem, pid, range).map_err(tracker_failure)?;
         // Compact before leaving the vCPU thread: the connection may hold it a while.
         Ok(PagemapAnswer::new(pid, &pages, t0.elapsed().as_nanos() as u64))
+    })
+}
+
+fn pagemap_scan(control: &Control<VcpuContext>, pid: u32, req: ScanRequest) -> Result<PagemapScanned, Failure> {
+    with_tracker(control, move |t, mem, vcpu| {
+        let t0 = std::time::Instant::now();
+        let scan = t.pagemap_scan(mem, pid, &req).map_err(tracker_failure)?;
+        // The clear may want the PTE trap on before the guest runs again.
+        t.arm_if_wanted(mem, vcpu).map_err(tracker_failure)?;
+        let elapsed_ns = t0.elapsed().as_nanos() as u64;
+        Ok(PagemapScanned { pid, regions: scan.regions, walk_end: scan.walk_end, pages_scanned: scan.pages_scanned,
+            entries_changed: scan.entries_changed, elapsed_ns })
     })
 }
 

@@ -24,8 +24,8 @@ pub mod server;
 
 pub use client::{call, call_streaming, call_with_progress, call_with_updates, ClientError, CLIENT_TIMEOUT};
 pub use protocol::{
-    Answer, DirtyRate, DumpCreated, ErrorKind, Failure, Info, MappingInfo, Page, PagemapFormat, PagemapHeader,
-    PagemapPages, PagemapSummary, Paused, PhaseReply, ProcessInfo, ProcessRate, Processes, RefsCleared, Request,
+    Answer, DirtyRate, DumpCreated, ErrorKind, Failure, Info, MappingInfo, Page, ScanRegion, PagemapFormat, PagemapHeader,
+    PagemapPages, PagemapScanned, PagemapSummary, Paused, PhaseReply, ProcessInfo, ProcessRate, Processes, RefsCleared, Request,
     Resumed, SnapshotCreated, Status, MigrationCancelled, MigrationDone, RoundLine,
 };
 pub use server::{Error, Server, SocketFile, IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_REQUEST, REQUEST_TIMEOUT, WRITE_TIMEOUT};

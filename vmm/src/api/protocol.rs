@@ -57,6 +57,25 @@ pub enum Request {
         #[serde(skip_serializing_if = "Option::is_none")]
         format: Option<PagemapFormat>,
     },
+    /// Linux's `PAGEMAP_SCAN` over `[start, end)` (default: the whole user half): pages
+    /// of the process's mappings folded into regions of equal flags; `written`: only
+    /// written (soft-dirty) pages; `clear`: clear what was scanned in the same stop of
+    /// the guest. At most `max_regions` regions (default and limit 65536) and 2^20
+    /// pages per request; answered with [`PagemapScanned`], whose `walk_end` says where
+    /// the next request goes on.
+    PagemapScan {
+        pid: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        start: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        end: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        written: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        clear: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        max_regions: Option<u64>,
+    },
     /// Engine, memory size and counters; answered with [`Info`].
     Info {},
     /// Pages written per second over `seconds`, for the VM and per process; answered
@@ -317,6 +336,23 @@ pub struct RefsCleared {
     pub elapsed_ns: u64,
 }
 
+/// One region of a `pagemap-scan` answer.
+pub use crate::tracking::softdirty::scan::Region as ScanRegion;
+
+/// Answer to `pagemap-scan`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PagemapScanned {
+    pub pid: u32,
+    pub regions: Vec<ScanRegion>,
+    /// The first page not examined: the request's end if the walk got there.
+    pub walk_end: u64,
+    /// Pages of mappings examined.
+    pub pages_scanned: u64,
+    /// Leaf entries the clear changed (0 without `clear`).
+    pub entries_changed: u64,
+    pub elapsed_ns: u64,
+}
+
 /// Answer to `pagemap` with `"summary":true`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PagemapSummary {
@@ -541,6 +577,7 @@ mod tests {
             Request::ClearRefs { pid: 3, value: Some(4) },
             Request::Pagemap { pid: 1, start: Some(0x400000), pages: None, summary: None, format: Some(PagemapFormat::Raw) },
             Request::DirtyRate { seconds: Some(0.5) },
+            Request::PagemapScan { pid: 1, start: Some(0x1000), end: None, written: Some(true), clear: Some(true), max_regions: Some(2) },
             Request::Dump { pid: 2, out: "/d".into(), prev: None, progress: Some(false) },
             Request::Migrate { to: "tcp:h:1".into(), downtime_ms: None, bandwidth: None, throttle: None, postcopy_fallback: None, timeout_ms: None, postcopy: None,
                 tls_cert: Some("/c.pem".into()), tls_key: Some("/k.pem".into()), tls_ca: Some("/ca.pem".into()), insecure_plaintext: None },
@@ -551,6 +588,8 @@ mod tests {
         }
         let v = serde_json::to_value(Request::ClearRefs { pid: 3, value: Some(4) }).unwrap();
         assert_eq!(v, json!({"cmd": "clear-refs", "pid": 3, "value": 4}));
+        let v = serde_json::to_value(Request::PagemapScan { pid: 1, start: None, end: Some(0x2000), written: None, clear: Some(true), max_regions: None }).unwrap();
+        assert_eq!(v, json!({"cmd": "pagemap-scan", "pid": 1, "end": 0x2000, "clear": true}));
         // A migration without TLS fields reads as an older client's did.
         let v = serde_json::to_value(Request::Migrate { to: "unix:/m".into(), downtime_ms: None, bandwidth: None, throttle: None, postcopy_fallback: None, timeout_ms: None,
             postcopy: None, tls_cert: None, tls_key: None, tls_ca: None, insecure_plaintext: None }).unwrap();

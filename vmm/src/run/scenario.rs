@@ -72,6 +72,7 @@ fn run_in(vmm: &Path, path: &Path, sc: &scenario::Scenario, dir: &Path, engine: 
                     let req = api::Request::Pagemap { pid: p, start: Some(addr), pages: Some(pages), summary: None, format: None };
                     let v: api::PagemapPages = api::call(&sock, &req)
                         .map_err(|e| api_err(format!("pagemap at {label} (pid {pid}): {e}")))?;
+                    scan_agrees(&sock, p, addr, &v.pages).map_err(|e| api_err(format!("at {label}#{n}: {e}")))?;
                     for pg in v.pages {
                         out.push(scenario::read_line(&label, *n, p, pg.addr, pg.present, pg.soft_dirty, pg.exclusive));
                     }
@@ -86,4 +87,51 @@ fn run_in(vmm: &Path, path: &Path, sc: &scenario::Scenario, dir: &Path, engine: 
     out.extend(scenario::unreached(sc, &arrivals));
     out.push(format!("status {}", if status.success() { "ok" } else { "failed" }));
     Ok(out)
+}
+
+/// `pagemap-scan` over the pages just read agrees with their pagemap, page for page:
+/// every page of a mapping is in exactly one region with its flags, every page outside
+/// the mappings in none; the `written` scan covers exactly the soft-dirty pages. Neither
+/// scan clears.
+fn scan_agrees(sock: &Path, pid: u32, addr: u64, pages: &[api::Page]) -> Result<(), String> {
+    let end = addr + pages.len() as u64 * 4096;
+    let scan = |written: bool| -> Result<Vec<api::ScanRegion>, String> {
+        let (mut regions, mut cur) = (Vec::new(), addr);
+        while cur < end {
+            let req = api::Request::PagemapScan { pid, start: Some(cur), end: Some(end), written: Some(written), clear: None, max_regions: None };
+            let a: api::PagemapScanned = api::call(sock, &req).map_err(|e| format!("pagemap-scan of pid {pid}: {e}"))?;
+            if a.walk_end <= cur {
+                return Err(format!("pagemap-scan of pid {pid} made no progress at {cur:#x}"));
+            }
+            regions.extend(a.regions);
+            cur = a.walk_end;
+        }
+        Ok(regions)
+    };
+    let procs: api::Processes = api::call(sock, &api::Request::Ps {}).map_err(|e| format!("ps: {e}"))?;
+    let mappings = procs.processes.into_iter().find(|p| p.pid == pid).map(|p| p.mappings).unwrap_or_default();
+    let mapped = |va: u64| mappings.iter().any(|m| m.contains(va));
+    let flags = |pg: &api::Page| (pg.soft_dirty, pg.present, mmu::PagemapEntry(pg.entry).file_or_shared(), pg.huge);
+    let find = |regions: &[api::ScanRegion], va: u64| regions.iter().filter(|r| r.start <= va && va < r.end).count();
+    let all = scan(false)?;
+    let written = scan(true)?;
+    for pg in pages {
+        let va = pg.addr;
+        let holding: Vec<&api::ScanRegion> = all.iter().filter(|r| r.start <= va && va < r.end).collect();
+        match (mapped(va), holding.as_slice()) {
+            (true, [r]) if (r.written, r.present, r.file_shared, r.huge) == flags(pg) => {}
+            (false, []) => {}
+            (m, h) => return Err(format!("pagemap-scan of pid {pid} disagrees with pagemap at {va:#x} (mapped: {m}): \
+                pagemap {:?}, regions {h:?}", flags(pg))),
+        }
+        let want = usize::from(pg.soft_dirty && mapped(va));
+        if find(&written, va) != want {
+            return Err(format!("pagemap-scan --written of pid {pid} {} {va:#x}, which pagemap reads {}soft-dirty",
+                if want == 1 { "misses" } else { "reports" }, if want == 1 { "" } else { "not " }));
+        }
+    }
+    if let Some(r) = all.iter().chain(&written).find(|r| r.start < addr || r.end > end || r.start >= r.end) {
+        return Err(format!("pagemap-scan of pid {pid} returned {r:?}, outside {addr:#x}..{end:#x}"));
+    }
+    Ok(())
 }

@@ -73,7 +73,8 @@ pub struct PageCtx<'a> {
     pub rule: PteRule,
     pub zero_frame: u64,
     pub huge_zero_frame: u64,
-    pub counts: &'a FrameCounts,
+    /// Frames mapped once and more (for "exclusive"); `None`: no page reads exclusive.
+    pub counts: Option<&'a FrameCounts>,
 }
 
 impl PageCtx<'_> {
@@ -115,7 +116,7 @@ impl PageCtx<'_> {
         };
         let pfn0 = leaf.frame().pfn();
         let pfn = pfn0 + (va - leaf.va.0) / 4096;
-        let exclusive = !self.is_zero(leaf) && self.counts.once(pfn0);
+        let exclusive = !self.is_zero(leaf) && self.counts.is_some_and(|c| c.once(pfn0));
         PageInfo {
             addr: va,
             entry: PagemapEntry::present(pfn)

@@ -28,6 +28,8 @@ use std::mem::{offset_of, size_of};
 
 pub use super::pagemap::{PageInfo, MAX_PAGEMAP_PAGES};
 const USER_TOP: u64 = workload::USER_TOP;
+/// Most pieces of mappings a pid's clears of ranges remember (the VMA rule).
+const MAX_COVERAGE_PIECES: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -273,58 +275,105 @@ impl Tracker {
                 walked?;
                 failed.map_or(Ok(changed), Err)
             }
-            ClearRefs::SoftDirty => {
-                self.log.harvest(ram)?;
-                let rule = PteRule::of(self.engine);
-                let edit = rule.clear_edit();
-                // Every present frame, also for the per-PTE engines: so that KVM re-reads
-                // the edited PTEs (and, for pte, a later write through a PTE the guest
-                // makes writable again still shows in the log).
-                let mut protect = FrameSet::new(self.log.pages());
-                let (mut changed, mut leaves, mut failed) = (0, 0, None);
-                let walked = self.walk(ram, p, 0, USER_TOP / 4096, &mut self.budget(), |leaf| {
-                    leaves += 1;
-                    protect.insert_leaf(frames(leaf));
-                    if let Some(edit) = edit {
-                        let new = edit(leaf.entry);
-                        if new != leaf.entry {
-                            match Self::write_entry(ram, leaf, new.0) {
-                                Ok(()) => changed += 1,
-                                Err(e) => _ = failed.get_or_insert(e),
-                            }
-                        }
-                    }
-                });
-                // Frames other live processes map keep their bit: their pagemap still
-                // reads it (the guest-physical engines', and pte's backstop). Not hybrid:
-                // it never reads the log.
-                let mut keep = FrameSet::new(self.log.pages());
-                if rule.reads_log() {
-                    let mut budget = self.budget();
-                    for q in snap.processes.iter().filter(|q| q.is_live() && q.pid != pid) {
-                        if self.walk(ram, q, 0, USER_TOP / 4096, &mut budget, |leaf| keep.insert_leaf(frames(leaf))).is_err() {
-                            // Tables past the budget: forget nothing (a superset, never less).
-                            keep.fill();
-                            break;
-                        }
-                    }
-                }
-                // Even after a failed walk, KVM must re-read the entries already edited.
-                self.log.clear(&protect, &keep)?;
-                walked?;
-                if let Some(e) = failed {
-                    return Err(e);
-                }
-                self.cleared.insert(pid, p.mappings.clone());
-                *self.clear_counts.entry(pid).or_default() += 1;
-                self.stats.clears += 1;
-                self.stats.pages_write_protected += changed;
-                self.procs = None;
-                if let Some(trap) = &mut self.trap {
-                    trap.wanted = true;
-                }
-                Ok(if edit.is_some() { changed } else { leaves })
+            ClearRefs::SoftDirty => self.clear_soft_dirty(ram, &snap, p, None),
+        }
+    }
+
+    /// The soft-dirty clear of `p`: of every page, or (`range`, `[start, end)`) only of
+    /// the leaves wholly inside the range. Returns the leaf entries changed (for the
+    /// guest-physical engines: the leaves whose frames were re-protected).
+    fn clear_soft_dirty(&mut self, ram: &impl Ram, snap: &Snapshot, p: &Process, range: Option<(u64, u64)>) -> Result<u64, Error> {
+        self.log.harvest(ram)?;
+        let rule = PteRule::of(self.engine);
+        let edit = rule.clear_edit();
+        let (start, end) = range.unwrap_or((0, USER_TOP));
+        // Every present frame, also for the per-PTE engines: so that KVM re-reads
+        // the edited PTEs (and, for pte, a later write through a PTE the guest
+        // makes writable again still shows in the log).
+        let mut protect = FrameSet::new(self.log.pages());
+        let (mut changed, mut leaves, mut failed) = (0, 0, None);
+        let walked = self.walk(ram, p, start, (end - start) / 4096, &mut self.budget(), |leaf| {
+            // A 2 MiB page reaching outside the range keeps its state: clearing it
+            // would forget its writes outside the range (Linux splits it; the guest's
+            // page is not ours to split).
+            if leaf.va.0 < start || leaf.va.0 + leaf.size.bytes() > end {
+                return;
             }
+            leaves += 1;
+            protect.insert_leaf(frames(leaf));
+            if let Some(edit) = edit {
+                let new = edit(leaf.entry);
+                if new != leaf.entry {
+                    match Self::write_entry(ram, leaf, new.0) {
+                        Ok(()) => changed += 1,
+                        Err(e) => _ = failed.get_or_insert(e),
+                    }
+                }
+            }
+        });
+        // Frames mapped anywhere else keep their bit: by other live processes, and by
+        // this one outside the range. Their pagemap still reads it (the guest-physical
+        // engines', and pte's backstop). Not hybrid: it never reads the log.
+        let mut keep = FrameSet::new(self.log.pages());
+        if rule.reads_log() {
+            let mut budget = self.budget();
+            let mut elsewhere: Vec<(&Process, u64, u64)> =
+                snap.processes.iter().filter(|q| q.is_live() && q.pid != p.pid).map(|q| (q, 0, USER_TOP)).collect();
+            if range.is_some() {
+                elsewhere.extend([(p, 0, start), (p, end, USER_TOP)].into_iter().filter(|(_, s, e)| s < e));
+            }
+            for (q, s, e) in elsewhere {
+                if self.walk(ram, q, s, (e - s) / 4096, &mut budget, |leaf| keep.insert_leaf(frames(leaf))).is_err() {
+                    // Tables past the budget: forget nothing (a superset, never less).
+                    keep.fill();
+                    break;
+                }
+            }
+        }
+        // Even after a failed walk, KVM must re-read the entries already edited.
+        self.log.clear(&protect, &keep)?;
+        walked?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        match range {
+            None => _ = self.cleared.insert(p.pid, p.mappings.clone()),
+            Some((start, end)) => self.cover(p, start, end),
+        }
+        *self.clear_counts.entry(p.pid).or_default() += 1;
+        self.stats.clears += 1;
+        self.stats.pages_write_protected += changed;
+        self.procs = None;
+        if let Some(trap) = &mut self.trap {
+            trap.wanted = true;
+        }
+        Ok(if edit.is_some() { changed } else { leaves })
+    }
+
+    /// After a clear of `[start, end)` of `p`: its mappings' pages in the range are no
+    /// longer new (the VMA rule). Pieces of mappings gone are dropped, pieces of one
+    /// mapping merged; a pid fragmented past [`MAX_COVERAGE_PIECES`] forgets them all,
+    /// so that every page reads new until its next whole clear (more, never less).
+    fn cover(&mut self, p: &Process, start: u64, end: u64) {
+        let live: std::collections::HashSet<u64> = p.mappings.iter().map(|m| m.serial).collect();
+        let mut pieces: Vec<Mapping> = self.cleared.remove(&p.pid).unwrap_or_default();
+        pieces.retain(|o| live.contains(&o.serial));
+        for m in &p.mappings {
+            let (s, e) = (m.start.max(start), m.end().min(end));
+            if s < e {
+                pieces.push(Mapping { start: s, pages: (e - s) / 4096, ..*m });
+            }
+        }
+        pieces.sort_by_key(|m| (m.serial, m.start));
+        let mut merged: Vec<Mapping> = Vec::with_capacity(pieces.len());
+        for m in pieces {
+            match merged.last_mut() {
+                Some(l) if l.serial == m.serial && m.start <= l.end() => l.pages = (l.end().max(m.end()) - l.start) / 4096,
+                _ => merged.push(m),
+            }
+        }
+        if merged.len() <= MAX_COVERAGE_PIECES {
+            self.cleared.insert(p.pid, merged);
         }
     }
 
@@ -373,7 +422,7 @@ impl Tracker {
             rule: PteRule::of(self.engine),
             zero_frame: snap.zero_frame,
             huge_zero_frame: snap.huge_zero_frame,
-            counts: &counts,
+            counts: Some(&counts),
         };
         let mut out = Vec::with_capacity(total as usize);
         // Only the leaves of the requested pages: at most one per page, whatever the
@@ -392,34 +441,50 @@ impl Tracker {
                     Some(m) => m.end().min(end),
                     None => p.mappings.iter().map(|m| m.start).filter(|&s| s > va).min().unwrap_or(end).min(end),
                 };
-                // The VMA rule, once per segment: pages of this mapping that its
-                // namesake at the last clear did not cover read soft-dirty.
-                let old = m.map(|m| self.old_coverage(pid, m));
-                let mut written_cache: Option<(usize, bool)> = None;
-                while va < seg_end {
-                    while li < leaves.len() && leaves[li].va.0 + leaves[li].size.bytes() <= va {
-                        li += 1;
-                    }
-                    let leaf = leaves.get(li).filter(|l| l.va.0 <= va);
-                    let vma_new = match &old {
-                        None => false,
-                        Some(pieces) => !pieces.iter().any(|&(s, e)| s <= va && va < e),
-                    };
-                    // One answer per leaf: a 2 MiB leaf shares it across its 512 pages.
-                    let written = leaf.map(|l| match written_cache {
-                        Some((i, w)) if i == li => w,
-                        _ => {
-                            let w = page.written(l);
-                            written_cache = Some((li, w));
-                            w
-                        }
-                    });
-                    out.push(page.info(va, leaf, written.unwrap_or(false), vma_new, m.is_some_and(|m| m.shared)));
-                    va += 4096;
-                }
+                va = self.segment_pages(&page, pid, m, &leaves, &mut li, va, seg_end, |info| {
+                    out.push(info);
+                    true
+                });
             }
         }
         Ok(out)
+    }
+
+    /// The pages `[va, seg_end)` of one segment of `pid` — inside mapping `m`, or a hole
+    /// (`None`) — in order, to `visit` until it declines one (returns false); `leaves`:
+    /// the walked leaves in address order, `li` a cursor into them. Returns the first
+    /// page not taken (`seg_end` if all were).
+    #[allow(clippy::too_many_arguments)]
+    fn segment_pages(&self, page: &PageCtx, pid: u32, m: Option<&Mapping>, leaves: &[Leaf], li: &mut usize, mut va: u64,
+        seg_end: u64, mut visit: impl FnMut(PageInfo) -> bool) -> u64 {
+        // The VMA rule, once per segment: pages of this mapping that its namesake at
+        // the last clear did not cover read soft-dirty.
+        let old = m.map(|m| self.old_coverage(pid, m));
+        let mut written_cache: Option<(usize, bool)> = None;
+        while va < seg_end {
+            while *li < leaves.len() && leaves[*li].va.0 + leaves[*li].size.bytes() <= va {
+                *li += 1;
+            }
+            let leaf = leaves.get(*li).filter(|l| l.va.0 <= va);
+            let vma_new = match &old {
+                None => false,
+                Some(pieces) => !pieces.iter().any(|&(s, e)| s <= va && va < e),
+            };
+            // One answer per leaf: a 2 MiB leaf shares it across its 512 pages.
+            let written = leaf.map(|l| match written_cache {
+                Some((i, w)) if i == *li => w,
+                _ => {
+                    let w = page.written(l);
+                    written_cache = Some((*li, w));
+                    w
+                }
+            });
+            if !visit(page.info(va, leaf, written.unwrap_or(false), vma_new, m.is_some_and(|m| m.shared))) {
+                return va;
+            }
+            va += 4096;
+        }
+        va
     }
 
     /// Linux's VM_SOFTDIRTY of mapping `m` of `pid` (`sd` in smaps' VmFlags): set on a
@@ -585,6 +650,8 @@ impl Tracker {
 pub fn check_range(start: u64, pages: u64) -> Result<(), Error> {
     super::pagemap::check_range(start, pages).map_err(Error::BadRange)
 }
+
+pub mod scan;
 
 #[cfg(test)]
 mod tests;

@@ -11,6 +11,7 @@ use vmm::Outcome;
 use vmm::run::summary::{Hook, SummaryHook};
 
 mod migrate;
+mod scan;
 mod store;
 
 #[derive(Parser)]
@@ -180,6 +181,34 @@ enum Command {
         /// Exactly Linux's format: 8 bytes per page, little endian.
         #[arg(long)]
         raw: bool,
+    },
+    /// Like Linux's PAGEMAP_SCAN ioctl on a guest process: the pages of its mappings as
+    /// regions of equal flags (written, present, file-shared, huge). With --clear, what
+    /// was scanned is cleared in the same stop of the guest: no write between the read
+    /// and the clear is lost.
+    PagemapScan {
+        #[arg(long)]
+        api_sock: PathBuf,
+        #[arg(long)]
+        pid: u32,
+        /// First address (hex, page-aligned; default 0).
+        #[arg(long, value_parser = parse_hex)]
+        start: Option<u64>,
+        /// End of the range, exclusive (hex, page-aligned; default: the top of the user half).
+        #[arg(long, value_parser = parse_hex)]
+        end: Option<u64>,
+        /// Only pages written (soft-dirty) since the last clear.
+        #[arg(long)]
+        written: bool,
+        /// Clear the scanned pages (like PM_SCAN_WP_MATCHING), in the same stop of the guest.
+        #[arg(long)]
+        clear: bool,
+        /// Stop after this many regions (the walk's end goes to stderr, or into the JSON).
+        #[arg(long)]
+        max_regions: Option<u64>,
+        /// One JSON object: {"pid", "regions": [...], "walk_end", "pages_scanned", "entries_changed"}.
+        #[arg(long)]
+        json: bool,
     },
     /// Tracking engine, guest memory size and counters (JSON).
     Info {
@@ -429,6 +458,9 @@ fn main_code() -> ExitCode {
                 },
                 Err(e) => fail(client_code(&e), e),
             }
+        }
+        Command::PagemapScan { api_sock, pid, start, end, written, clear, max_regions, json } => {
+            scan::run(&api_sock, scan::Args { pid, start, end, written, clear, max_regions, json })
         }
         Command::Info { api_sock } => match api::call::<api::Info>(&api_sock, &Request::Info {}) {
             Ok(info) => {

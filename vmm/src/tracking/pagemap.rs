@@ -103,8 +103,13 @@ impl PageCtx<'_> {
         // (the CPU sets DIRTY on the first write; an entry never written through has it
         // clear). Not conditioned on WRITABLE: the guest may have made the page
         // read-only since, and mprotect must not lose soft-dirty (the Linux oracle
-        // caught exactly that).
-        softdirty::is_soft_dirty(leaf.entry) || (leaf.entry.contains(PteFlags::DIRTY) && self.log.any_dirty(pfn0, count))
+        // caught exactly that). Not for an entry still write-protected by the clear:
+        // every write through it since has faulted and been recorded; its Dirty bit
+        // is from before, and the log bit may be another mapping's of the frame.
+        softdirty::is_soft_dirty(leaf.entry)
+            || (!softdirty::is_hypervisor_protected(leaf.entry)
+                && leaf.entry.contains(PteFlags::DIRTY)
+                && self.log.any_dirty(pfn0, count))
     }
 
     /// The entry of page `va`; `shared`: its mapping is shared (a file's or shared

@@ -628,6 +628,32 @@ impl Tracker {
         Ok(false)
     }
 
+    /// A store the VMM made into `[va, va + len)` of the address space `cr3` on the guest
+    /// kernel's behalf (a `read` into a Linux program's buffer): a write of those pages,
+    /// as Linux's copy_to_user is. The guest-physical engines see it in vm-memory's
+    /// dirty bitmap; the per-PTE engines read PTE bits that a store by guest-physical
+    /// address does not set, so each leaf it touched is marked soft-dirty, as a caught
+    /// fault marks it. The caller bounds `len` (its store's size).
+    pub fn note_store(&mut self, ram: &impl Ram, cr3: Cr3, va: u64, len: u64) -> Result<(), Error> {
+        if !self.engine.reads_ptes() || len == 0 {
+            return Ok(());
+        }
+        let end = va.saturating_add(len).min(USER_TOP);
+        let mut page = va & !0xfff;
+        while page < end {
+            let Some(leaf) = self.leaf_at(ram, cr3, page) else {
+                page += 4096;
+                continue;
+            };
+            let marked = softdirty::mark_written(leaf.entry);
+            if marked != leaf.entry {
+                Self::write_entry(ram, &leaf, marked.0)?;
+            }
+            page = leaf.va.0 + leaf.size.bytes();
+        }
+        Ok(())
+    }
+
     fn leaf_at(&self, ram: &impl Ram, cr3: Cr3, va: u64) -> Option<Leaf> {
         match self.walker.translate(&AsPhys(ram), cr3.table(), GuestVirtAddr(va)) {
             Ok(Translation::Mapped { leaf, .. }) => Some(leaf),

@@ -16,7 +16,7 @@ use crate::guest_os::linux::map_names::{self, MapNames};
 use crate::guest_os::linux::proc_text;
 use std::collections::HashMap;
 use crate::machine::memory::{self, Phys};
-use crate::tracking::softdirty::ClearRefs;
+use crate::tracking::softdirty::{ClearRefs, Tracker};
 use guest_abi::{proc_op, Piece, ProcRequest, PROC_PAGEMAP_MAX, PROC_PIECES_MAX};
 use mmu::{Cr3, GuestVirtAddr, PageSize, PagingMode, PteFlags, TableBudget, Translation, Walker};
 use std::mem::offset_of;
@@ -79,7 +79,7 @@ fn pagemap(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<u64, i64> {
     let pages = tracker.pagemap(mem, target(req), Some((start, req.count))).map_err(|_| ESRCH)?;
     let bytes: Vec<u8> = pages.iter().flat_map(|p| p.entry.0.to_le_bytes()).collect();
     let cr3 = caller_cr3(tracker, mem, req.pid)?;
-    store(mem, cr3, req.buf, &bytes)?;
+    store(tracker, mem, cr3, req.buf, &bytes)?;
     Ok(bytes.len() as u64)
 }
 
@@ -97,7 +97,7 @@ fn copy(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<u64, i64> {
     let bytes = memory::read(&ctx.mem, req.arg, req.count as usize).map_err(|_| EFAULT)?;
     let VcpuContext { tracker, mem, .. } = ctx;
     let cr3 = caller_cr3(tracker, mem, req.pid)?;
-    store(mem, cr3, req.buf, &bytes)?;
+    store(tracker, mem, cr3, req.buf, &bytes)?;
     Ok(req.count)
 }
 
@@ -129,7 +129,7 @@ fn gather(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<u64, i64> {
     }
     let VcpuContext { tracker, mem, .. } = ctx;
     let cr3 = caller_cr3(tracker, mem, req.pid)?;
-    store(mem, cr3, req.buf, &bytes)?;
+    store(tracker, mem, cr3, req.buf, &bytes)?;
     Ok(bytes.len() as u64)
 }
 
@@ -180,7 +180,7 @@ fn proc_text(ctx: &mut VcpuContext, req: &ProcRequest) -> Result<u64, i64> {
     };
     let from = (req.arg as usize).min(text.len());
     let piece = &text.as_bytes()[from..(from + req.count as usize).min(text.len())];
-    store(mem, cr3, req.buf, piece)?;
+    store(tracker, mem, cr3, req.buf, piece)?;
     Ok(piece.len() as u64)
 }
 
@@ -317,10 +317,12 @@ fn load(mem: &memory::GuestMem, cr3: Cr3, va: u64, len: u64) -> Result<Vec<u8>, 
 }
 
 /// Stores `bytes` at `va` in the address space `cr3`: nothing is stored unless every
-/// page is mapped.
-fn store(mem: &memory::GuestMem, cr3: Cr3, va: u64, bytes: &[u8]) -> Result<(), i64> {
+/// page is mapped. A write of the program's pages, as Linux's copy_to_user is: the
+/// engine hears of it (its PTE bits are not set by a store through guest-physical
+/// addresses).
+fn store(tracker: &mut Tracker, mem: &memory::GuestMem, cr3: Cr3, va: u64, bytes: &[u8]) -> Result<(), i64> {
     for (gpa, from, len) in runs(mem, cr3, va, bytes.len() as u64)? {
         memory::write(mem, gpa, &bytes[from..from + len]).map_err(|_| EFAULT)?;
     }
-    Ok(())
+    tracker.note_store(mem, cr3, va, bytes.len() as u64).map_err(|_| EFAULT)
 }

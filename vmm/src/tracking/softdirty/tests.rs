@@ -390,3 +390,116 @@ fn the_saved_state_restores_what_pagemap_says() {
     assert_eq!(fresh.pagemap(&g.ram, 1, Some((A, 5))).unwrap(), before);
     assert!(fresh.restore_state(TrackerState { accumulated: vec![0; 3], ..t.save_state() }).is_err(), "wrong RAM size");
 }
+
+#[test]
+fn a_store_the_vmm_makes_for_the_guest_reads_written_under_every_engine() {
+    for engine in EngineKind::ALL {
+        let (g, p, mut t) = cleared_process(engine);
+        // A `read` into the program's buffer: the VMM writes the frame, no CPU sets a bit.
+        g.ram.vmm_wrote(F / 4096 + 2);
+        t.note_store(&g.ram, Cr3(g.procs[p].cr3), A + 2 * 4096 + 100, 200).unwrap();
+        assert_eq!(sd(&mut t, &g, 1, A, 5), "00100", "{engine:?}");
+    }
+}
+
+fn scan_clear(t: &mut Tracker, g: &Guest, pid: u32, start: u64, end: u64) -> scan::Scan {
+    let req = scan::ScanRequest { start, end, written_only: false, clear: true, max_regions: scan::MAX_SCAN_REGIONS };
+    t.pagemap_scan(&g.ram, pid, &req).unwrap()
+}
+
+#[test]
+fn a_clear_of_a_range_clears_it_alone_and_keeps_what_frames_mapped_outside_it_read() {
+    const C: u64 = A + 0x10_0000;
+    for engine in EngineKind::ALL {
+        let (mut g, p, mut t) = cleared_process(engine);
+        // The frame of page A mapped a second time, outside the range to clear.
+        g.map(p, C, 1, mapping_flags::SHARED, 2);
+        g.set_pte(p, C, F, PWU);
+        clear(&mut t, &g, 1);
+        assert!(g.write(&mut t, p, A));
+        assert!(g.write(&mut t, p, A + 3 * 4096));
+        let before = sd(&mut t, &g, 1, C, 1);
+        assert_eq!(before, if engine.reads_ptes() { "0" } else { "1" }, "{engine:?}: C's PTE was not written, its frame was");
+        let s = scan_clear(&mut t, &g, 1, A, A + 2 * 4096);
+        assert_eq!((s.walk_end, s.pages_scanned), (A + 2 * 4096, 2), "{engine:?}");
+        // Only the range is cleared; a guest-physical engine keeps A's frame written for
+        // C, and so for A too (more than Linux, never less).
+        let want = if engine.reads_ptes() { "00010" } else { "10010" };
+        assert_eq!(sd(&mut t, &g, 1, A, 5), want, "{engine:?}: only the range is cleared");
+        assert_eq!(sd(&mut t, &g, 1, C, 1), before, "{engine:?}: a frame mapped outside the range keeps its bit");
+        assert_eq!(t.clears_of(1), 3, "a range clear counts as a clear (dump chains)");
+    }
+}
+
+#[test]
+fn a_clear_of_part_of_a_new_mapping_makes_only_that_part_old() {
+    const B: u64 = 0x80_0000;
+    for engine in EngineKind::ALL {
+        let (mut g, p, mut t) = cleared_process(engine);
+        g.map(p, B, 8, 0, 2);
+        assert_eq!(sd(&mut t, &g, 1, B, 8), "11111111", "{engine:?}: new since the clear");
+        scan_clear(&mut t, &g, 1, B + 2 * 4096, B + 5 * 4096);
+        assert_eq!(sd(&mut t, &g, 1, B, 8), "11000111", "{engine:?}");
+        scan_clear(&mut t, &g, 1, B + 4 * 4096, B + 8 * 4096);
+        assert_eq!(sd(&mut t, &g, 1, B, 8), "11000000", "{engine:?}: pieces merge");
+        // A whole clear replaces the pieces.
+        clear(&mut t, &g, 1);
+        assert_eq!(sd(&mut t, &g, 1, B, 8), "00000000", "{engine:?}");
+    }
+}
+
+#[test]
+fn a_clear_after_a_write_to_a_shared_frame_leaves_the_page_clean_per_pte() {
+    for engine in EngineKind::ALL {
+        let mut g = Guest::new();
+        let (a, b) = (g.spawn(1), g.spawn(2));
+        g.map(a, A, 1, mapping_flags::SHARED, 1);
+        g.map(b, A, 1, mapping_flags::SHARED, 2);
+        for p in [a, b] {
+            g.set_pte(p, A, F, PWU);
+        }
+        let mut t = g.tracker(engine);
+        clear(&mut t, &g, 1);
+        clear(&mut t, &g, 2);
+        assert!(g.write(&mut t, a, A));
+        // a clears again: the frame's log bit stays for b, but a's PTE is protected
+        // and not written since (pte: its old Dirty bit is no evidence).
+        clear(&mut t, &g, 1);
+        assert_eq!(sd(&mut t, &g, 1, A, 1), if engine.reads_ptes() { "0" } else { "1" }, "{engine:?}");
+        assert_eq!(sd(&mut t, &g, 2, A, 1), if engine.reads_ptes() { "0" } else { "1" },
+            "{engine:?}: b's PTE was never written; its frame was");
+    }
+}
+
+/// Issue #14's fall-back cases for a join of frames and page tables: a frame written,
+/// unmapped, zeroed by the VMM and mapped by another process before the read. Every
+/// engine says what the new mapping did (written: soft-dirty, never clean); the
+/// per-PTE engines do not take the frame's history for the new page's.
+#[test]
+fn a_frame_written_freed_zeroed_and_mapped_by_another_process_reads_as_the_new_mapping_did() {
+    for engine in EngineKind::ALL {
+        let mut g = Guest::new();
+        let (a, b) = (g.spawn(1), g.spawn(2));
+        g.map(a, A, 1, 0, 1);
+        g.set_pte(a, A, F, PWU);
+        g.map(b, A, 2, 0, 2); // not populated yet
+        let mut t = g.tracker(engine);
+        clear(&mut t, &g, 1);
+        clear(&mut t, &g, 2);
+        assert!(g.write(&mut t, a, A));
+        // a unmaps: its PTE and mapping go, the kernel frees F and the VMM zeroes it.
+        g.set_pte(a, A, 0, PteFlags::empty());
+        g.procs[a].maps.clear();
+        g.publish();
+        g.ram.vmm_wrote(F / 4096);
+        // b's write fault gets F (a fresh PTE), and the write goes through it.
+        g.set_pte(b, A, F, PWU);
+        assert!(g.write(&mut t, b, A));
+        // A second recycled, VMM-zeroed frame mapped into b without a write.
+        g.ram.vmm_wrote(F / 4096 + 1);
+        g.set_pte(b, A + 4096, F + 4096, PWU);
+        assert_eq!(sd(&mut t, &g, 2, A, 2), if engine.reads_ptes() { "10" } else { "11" }, "{engine:?}");
+        let gone = t.pagemap(&g.ram, 1, Some((A, 1))).unwrap()[0];
+        assert!(!gone.entry.is_present() && !gone.entry.soft_dirty(), "{engine:?}: a's unmapped page: {gone:?}");
+    }
+}

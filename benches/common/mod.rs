@@ -58,5 +58,7 @@ pub fn bench_start(name: &str) -> bool {
     if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
         panic!("/dev/kvm is needed for this benchmark");
     }
+    // The charts' text.
+    vmm::plot::sans_serif().unwrap_or_else(|e| panic!("{e}"));
     true
 }

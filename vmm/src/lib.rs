@@ -21,6 +21,7 @@ pub mod guest_os;
 pub mod input;
 pub mod machine;
 pub mod migration;
+pub mod plot;
 pub mod run;
 pub mod storage;
 pub mod tracking;

@@ -3,7 +3,7 @@
 
 use super::pagemap::PagemapAnswer;
 use super::protocol::{
-    Answer, DirtyRate, DumpCreated, ErrorKind, Failure, Info, MigrationCancelled, MigrationDone, RoundLine, PagemapFormat, Paused, PhaseReply,
+    Answer, DirtyRate, DumpCreated, ErrorKind, Failure, Heatmap, HeatmapProcess, HeatmapRow, Info, MigrationCancelled, MigrationDone, RoundLine, PagemapFormat, Paused, PhaseReply,
     PagemapScanned, ProcessInfo, ProcessRate, Processes, Progress as ProgressBody, ProgressLine, RefsCleared, Request, Resumed,
     SnapshotCreated, Status, LiveSnapshotStats,
 };
@@ -11,6 +11,7 @@ use crate::machine::memory::GuestMem;
 use crate::migration::transport;
 use crate::storage::progress::Progress;
 use crate::storage::{chain, dump, snapshot};
+use crate::tracking::softdirty::heatmap;
 use crate::tracking::softdirty::scan::{ScanRequest, MAX_SCAN_REGIONS};
 use crate::tracking::softdirty::{self, ClearRefs, Tracker};
 use crate::vcpu::control::{Control, Phase};
@@ -114,6 +115,7 @@ pub fn handle(req: Request, control: &Control<VcpuContext>, emit: &mut dyn FnMut
             };
             Reply::answer(pagemap_scan(control, pid, req))
         }
+        Request::Heatmap { pid, seconds, interval_ms } => Reply::answer(heatmap(control, pid, seconds, interval_ms)),
         Request::Info {} => Reply::answer(info(control)),
         Request::DirtyRate { seconds } => Reply::answer(dirty_rate(control, seconds)),
         Request::SnapshotCreate { out, diff, live: Some(true), downtime_ms, timeout_ms, .. } => {
@@ -366,6 +368,86 @@ fn pagemap_scan(control: &Control<VcpuContext>, pid: u32, req: ScanRequest) -> R
         Ok(PagemapScanned { pid, regions: scan.regions, walk_end: scan.walk_end, pages_scanned: scan.pages_scanned,
             entries_changed: scan.entries_changed, elapsed_ns })
     })
+}
+
+/// Most seconds and intervals one heatmap samples.
+const HEATMAP_MAX_SECONDS: f64 = 600.0;
+const HEATMAP_MAX_INTERVALS: u64 = 1000;
+
+fn heatmap(control: &Control<VcpuContext>, pid: Option<u32>, seconds: Option<f64>, interval_ms: Option<u64>) -> Result<Heatmap, Failure> {
+    let seconds = seconds.unwrap_or(5.0);
+    let interval_ms = interval_ms.unwrap_or(100);
+    if !(seconds.is_finite() && seconds > 0.0 && seconds <= HEATMAP_MAX_SECONDS) {
+        return Err(Failure::new(ErrorKind::BadRequest, format!("seconds {seconds}: must be more than 0 and at most {HEATMAP_MAX_SECONDS}")));
+    }
+    if !(10..=60_000).contains(&interval_ms) {
+        return Err(Failure::new(ErrorKind::BadRequest, format!("interval_ms {interval_ms}: must be 10 to 60000")));
+    }
+    let n = (seconds * 1000.0 / interval_ms as f64).ceil() as u64;
+    if n > HEATMAP_MAX_INTERVALS {
+        return Err(Failure::new(ErrorKind::BadRequest,
+            format!("{seconds} s in {interval_ms} ms intervals is {n} intervals, more than {HEATMAP_MAX_INTERVALS}: use a longer interval")));
+    }
+    let (engine, mem_bytes) = with_tracker(control, move |t, mem, _| {
+        if let Some(pid) = pid {
+            let snap = t.snapshot(mem).map_err(tracker_failure)?;
+            let p = snap.by_pid(pid).ok_or_else(|| tracker_failure(softdirty::Error::UnknownPid(pid)))?;
+            if !p.is_live() {
+                return Err(tracker_failure(softdirty::Error::NotLive { pid, state: p.state.name(), code: p.exit_code }));
+            }
+        }
+        t.window_start(mem).map_err(tracker_failure)?;
+        Ok((t.engine().name().to_string(), vm_memory::GuestMemoryBackend::last_addr(mem).0 + 1))
+    })?;
+    let interval = Duration::from_millis(interval_ms);
+    let t0 = std::time::Instant::now();
+    let (mut layouts, mut columns, mut complete) = (Vec::<heatmap::Layout>::new(), Vec::<heatmap::Sample>::new(), true);
+    let mut last = t0;
+    for _ in 0..n {
+        // Each interval at least `interval` long: a sample that came late (a job waits
+        // for the guest to be in user mode) is not caught up with a short interval.
+        std::thread::sleep((last + interval).saturating_duration_since(std::time::Instant::now()));
+        let mut ls = layouts.clone();
+        match control.call(move |ctx: &mut VcpuContext| {
+            let sample = ctx.tracker.heatmap_sample(&ctx.mem, &mut ls, pid);
+            (ls, sample)
+        }) {
+            Ok((ls, Ok(sample))) => {
+                last = std::time::Instant::now();
+                layouts = ls;
+                columns.push(sample);
+            }
+            Ok((_, Err(e))) => return Err(tracker_failure(e)),
+            // The run ended: what was sampled until then.
+            Err(_) => {
+                complete = false;
+                break;
+            }
+        }
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let processes = layouts
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let count = |c: &heatmap::Sample, r: usize| c.get(i).and_then(|v| v.get(r)).copied().unwrap_or(0);
+            let rows: Vec<HeatmapRow> = l
+                .rows
+                .iter()
+                .enumerate()
+                .map(|(r, row)| HeatmapRow { mapping_start: row.mapping_start, start: row.start, end: row.end, other: row.other,
+                    counts: columns.iter().map(|c| count(c, r)).collect() })
+                .collect();
+            HeatmapProcess {
+                pid: l.pid,
+                name: l.name.clone(),
+                first_interval: columns.iter().position(|c| c.len() > i).unwrap_or(0) as u64,
+                written: rows.iter().flat_map(|r| &r.counts).map(|&c| u64::from(c)).sum(),
+                rows,
+            }
+        })
+        .collect();
+    Ok(Heatmap { engine, mem_bytes, interval_ms, intervals: columns.len() as u64, seconds, complete, processes })
 }
 
 fn info(control: &Control<VcpuContext>) -> Result<Info, Failure> {

@@ -24,7 +24,7 @@ pub mod server;
 
 pub use client::{call, call_streaming, call_with_progress, call_with_updates, ClientError, CLIENT_TIMEOUT};
 pub use protocol::{
-    Answer, DirtyRate, DumpCreated, ErrorKind, Failure, Info, MappingInfo, Page, ScanRegion, PagemapFormat, PagemapHeader,
+    Answer, DirtyRate, DumpCreated, ErrorKind, Failure, Heatmap, HeatmapProcess, HeatmapRow, Info, MappingInfo, Page, ScanRegion, PagemapFormat, PagemapHeader,
     PagemapPages, PagemapScanned, PagemapSummary, Paused, PhaseReply, ProcessInfo, ProcessRate, Processes, RefsCleared, Request,
     Resumed, SnapshotCreated, Status, MigrationCancelled, MigrationDone, RoundLine,
 };

@@ -76,6 +76,17 @@ pub enum Request {
         #[serde(skip_serializing_if = "Option::is_none")]
         max_regions: Option<u64>,
     },
+    /// Where each process writes: `seconds` (default 5, at most 600) sampled every
+    /// `interval_ms` (default 100, 10 to 60000; at most 1000 intervals), for every live
+    /// process or only `pid`; answered with [`Heatmap`].
+    Heatmap {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pid: Option<u32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seconds: Option<f64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        interval_ms: Option<u64>,
+    },
     /// Engine, memory size and counters; answered with [`Info`].
     Info {},
     /// Pages written per second over `seconds`, for the VM and per process; answered
@@ -353,6 +364,47 @@ pub struct PagemapScanned {
     pub elapsed_ns: u64,
 }
 
+/// Answer to `heatmap`: per process, per row (an address range of one of its mappings),
+/// the pages written in each interval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heatmap {
+    pub engine: String,
+    pub mem_bytes: u64,
+    pub interval_ms: u64,
+    /// Intervals sampled: the columns.
+    pub intervals: u64,
+    /// Wall time the samples span.
+    pub seconds: f64,
+    /// False when the VM finished before the last interval.
+    pub complete: bool,
+    pub processes: Vec<HeatmapProcess>,
+}
+
+/// One process of a [`Heatmap`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeatmapProcess {
+    pub pid: u32,
+    pub name: String,
+    /// The first interval it was seen in (its counts before are 0).
+    pub first_interval: u64,
+    /// Pages written over all intervals.
+    pub written: u64,
+    pub rows: Vec<HeatmapRow>,
+}
+
+/// One row of a [`HeatmapProcess`]: pages `[start, end)` of the mapping at
+/// `mapping_start` (or, `other`, the mappings past the row limit), and the pages of it
+/// written in each interval.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeatmapRow {
+    pub mapping_start: u64,
+    pub start: u64,
+    pub end: u64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub other: bool,
+    pub counts: Vec<u32>,
+}
+
 /// Answer to `pagemap` with `"summary":true`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PagemapSummary {
@@ -578,6 +630,7 @@ mod tests {
             Request::Pagemap { pid: 1, start: Some(0x400000), pages: None, summary: None, format: Some(PagemapFormat::Raw) },
             Request::DirtyRate { seconds: Some(0.5) },
             Request::PagemapScan { pid: 1, start: Some(0x1000), end: None, written: Some(true), clear: Some(true), max_regions: Some(2) },
+            Request::Heatmap { pid: Some(1), seconds: Some(2.0), interval_ms: None },
             Request::Dump { pid: 2, out: "/d".into(), prev: None, progress: Some(false) },
             Request::Migrate { to: "tcp:h:1".into(), downtime_ms: None, bandwidth: None, throttle: None, postcopy_fallback: None, timeout_ms: None, postcopy: None,
                 tls_cert: Some("/c.pem".into()), tls_key: Some("/k.pem".into()), tls_ca: Some("/ca.pem".into()), insecure_plaintext: None },

@@ -677,6 +677,7 @@ pub fn check_range(start: u64, pages: u64) -> Result<(), Error> {
     super::pagemap::check_range(start, pages).map_err(Error::BadRange)
 }
 
+pub mod heatmap;
 pub mod scan;
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use vmm::run::{self, RunOptions};
 use vmm::Outcome;
 use vmm::run::summary::{Hook, SummaryHook};
 
+mod heatmap;
 mod migrate;
 mod scan;
 mod store;
@@ -207,6 +208,28 @@ enum Command {
         #[arg(long)]
         max_regions: Option<u64>,
         /// One JSON object: {"pid", "regions": [...], "walk_end", "pages_scanned", "entries_changed"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Where each guest process writes, drawn: one panel per process, time along x, its
+    /// mappings along y (large ones binned), each cell coloured by the share of its pages
+    /// written in that interval. The guest keeps running while it is sampled.
+    Heatmap {
+        #[arg(long)]
+        api_sock: PathBuf,
+        /// Only this process (default: every live one).
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Seconds to sample (at most 600).
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Milliseconds per interval (10 to 60000; at most 1000 intervals).
+        #[arg(long, default_value_t = 100)]
+        interval: u64,
+        /// The picture: FILE.svg or FILE.png.
+        #[arg(long)]
+        out: PathBuf,
+        /// Also print the matrix (per process, rows of address ranges with a count per interval) on stdout.
         #[arg(long)]
         json: bool,
     },
@@ -461,6 +484,9 @@ fn main_code() -> ExitCode {
         }
         Command::PagemapScan { api_sock, pid, start, end, written, clear, max_regions, json } => {
             scan::run(&api_sock, scan::Args { pid, start, end, written, clear, max_regions, json })
+        }
+        Command::Heatmap { api_sock, pid, seconds, interval, out, json } => {
+            heatmap::run(&api_sock, heatmap::Args { pid, seconds, interval, out, json })
         }
         Command::Info { api_sock } => match api::call::<api::Info>(&api_sock, &Request::Info {}) {
             Ok(info) => {

@@ -46,7 +46,7 @@ enum Command {
         summary: bool,
         /// How writes are tracked: pte (per process, precise), or guest-physical
         /// kvm-bitmap, kvm-ring, uffd.
-        #[arg(long, value_enum, default_value_t = EngineKind::Pte)]
+        #[arg(long, value_enum, default_value_t = EngineKind::Hybrid)]
         engine: EngineKind,
         /// Restore this snapshot (full, or a diff whose chain is followed) and go on
         /// running it; the workload, memory size and engine come from the snapshot
@@ -242,7 +242,7 @@ enum Command {
     /// normalized results (the same format as the Linux oracle's `sd-linux`).
     Scenario {
         files: Vec<PathBuf>,
-        #[arg(long, value_enum, default_value_t = EngineKind::Pte)]
+        #[arg(long, value_enum, default_value_t = EngineKind::Hybrid)]
         engine: EngineKind,
     },
     /// Continue a VM paused at a `sync`.

@@ -311,16 +311,22 @@ fn frames_two_processes_map_are_not_exclusive_and_guest_physical_engines_over_re
     }
 }
 
+/// Pids 1 and 2, each with one shared page at A on frame F.
+fn two_sharing_a_frame() -> (Guest, usize, usize) {
+    let mut g = Guest::new();
+    let (a, b) = (g.spawn(1), g.spawn(2));
+    g.map(a, A, 1, mapping_flags::SHARED, 1);
+    g.map(b, A, 1, mapping_flags::SHARED, 2);
+    for p in [a, b] {
+        g.set_pte(p, A, F, PWU);
+    }
+    (g, a, b)
+}
+
 #[test]
 fn another_processes_clear_of_a_shared_frame_does_not_lose_this_ones_write() {
     for engine in EngineKind::ALL {
-        let mut g = Guest::new();
-        let (a, b) = (g.spawn(1), g.spawn(2));
-        g.map(a, A, 1, mapping_flags::SHARED, 1);
-        g.map(b, A, 1, mapping_flags::SHARED, 2);
-        for p in [a, b] {
-            g.set_pte(p, A, F, PWU);
-        }
+        let (mut g, a, _) = two_sharing_a_frame();
         let mut t = g.tracker(engine);
         clear(&mut t, &g, 1);
         assert!(g.write(&mut t, a, A));
@@ -451,13 +457,7 @@ fn a_clear_of_part_of_a_new_mapping_makes_only_that_part_old() {
 #[test]
 fn a_clear_after_a_write_to_a_shared_frame_leaves_the_page_clean_per_pte() {
     for engine in EngineKind::ALL {
-        let mut g = Guest::new();
-        let (a, b) = (g.spawn(1), g.spawn(2));
-        g.map(a, A, 1, mapping_flags::SHARED, 1);
-        g.map(b, A, 1, mapping_flags::SHARED, 2);
-        for p in [a, b] {
-            g.set_pte(p, A, F, PWU);
-        }
+        let (mut g, a, _) = two_sharing_a_frame();
         let mut t = g.tracker(engine);
         clear(&mut t, &g, 1);
         clear(&mut t, &g, 2);

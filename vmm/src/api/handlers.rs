@@ -391,10 +391,7 @@ fn heatmap(control: &Control<VcpuContext>, pid: Option<u32>, seconds: Option<f64
     let (engine, mem_bytes) = with_tracker(control, move |t, mem, _| {
         if let Some(pid) = pid {
             let snap = t.snapshot(mem).map_err(tracker_failure)?;
-            let p = snap.by_pid(pid).ok_or_else(|| tracker_failure(softdirty::Error::UnknownPid(pid)))?;
-            if !p.is_live() {
-                return Err(tracker_failure(softdirty::Error::NotLive { pid, state: p.state.name(), code: p.exit_code }));
-            }
+            Tracker::live(&snap, pid).map_err(tracker_failure)?;
         }
         t.window_start(mem).map_err(tracker_failure)?;
         Ok((t.engine().name().to_string(), vm_memory::GuestMemoryBackend::last_addr(mem).0 + 1))

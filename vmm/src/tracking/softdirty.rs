@@ -203,7 +203,8 @@ impl Tracker {
         Ok(&self.procs.as_ref().expect("just filled").1)
     }
 
-    fn live(snap: &Snapshot, pid: u32) -> Result<&Process, Error> {
+    /// Process `pid` of `snap`, if it is live (else the refusal naming why).
+    pub fn live(snap: &Snapshot, pid: u32) -> Result<&Process, Error> {
         let p = snap.by_pid(pid).ok_or(Error::UnknownPid(pid))?;
         if !p.is_live() {
             return Err(Error::NotLive { pid, state: p.state.name(), code: p.exit_code });

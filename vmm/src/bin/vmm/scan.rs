@@ -1,7 +1,7 @@
 //! `vmm pagemap-scan`: Linux's PAGEMAP_SCAN on a guest process, request after request
 //! until the range is walked (or `--max-regions` regions are out), printed as it comes.
 
-use crate::{client_code, fail};
+use crate::{client_code, fail, yes};
 use std::io::Write;
 use std::path::Path;
 use vmm::api::{self, PagemapScanned, Request, ScanRegion};
@@ -17,10 +17,6 @@ pub struct Args {
     pub clear: bool,
     pub max_regions: Option<u64>,
     pub json: bool,
-}
-
-fn yes(b: bool) -> &'static str {
-    if b { "yes" } else { "no" }
 }
 
 fn text_line(r: &ScanRegion) -> String {

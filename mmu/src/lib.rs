@@ -34,4 +34,4 @@ pub use addr::{Cr3, GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
 pub use memory::{MemoryError, PhysMemory, SliceMemory};
 pub use pagemap::PagemapEntry;
 pub use pte::{PageTableEntry, PteFlags};
-pub use walk::{BadEntry, Leaf, PageSize, PagingMode, TableBudget, Translation, WalkError, WalkStats, Walker};
+pub use walk::{BadEntry, Chunk, ChunkItem, Leaf, PteBlock, PageSize, PagingMode, TableBudget, Translation, WalkError, WalkStats, Walker};

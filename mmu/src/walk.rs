@@ -211,6 +211,56 @@ pub struct Walker {
 /// An item a range walk reports.
 pub type WalkItem = Result<Leaf, (GuestVirtAddr, u32, BadEntry)>;
 
+/// The entries of one last-level table that a range walk covers, as the table holds
+/// them (present or not, unchecked): for callers that test bits entry by entry
+/// without building a [`Leaf`] for each (a scan of many pages). [`PteBlock::leaf`] gives
+/// the checked leaf of one entry, exactly as [`Walker::walk_range`] reports it.
+#[derive(Debug, Clone, Copy)]
+pub struct PteBlock<'a> {
+    /// Virtual address of `entries[0]`'s page; entry `i` maps `va + i * 4096`.
+    pub va: GuestVirtAddr,
+    pub entries: &'a [u64],
+    /// Where `entries[0]` lives (entry `i` at `entry_addr + 8 * i`).
+    pub entry_addr: GuestPhysAddr,
+    /// WRITABLE and USER as granted by every upper level.
+    pub upper: PteFlags,
+    /// Address bits that make a present entry malformed (above MAXPHYADDR).
+    reserved: u64,
+}
+
+impl PteBlock<'_> {
+    /// Entry `e` (one of `entries`) is present and well-formed: a leaf.
+    #[inline]
+    pub fn is_leaf(&self, e: u64) -> bool {
+        e & PteFlags::PRESENT.bits() != 0 && e & self.reserved == 0
+    }
+
+    /// Entry `i` as a leaf, if it is present; `Err` if it is present but malformed.
+    pub fn leaf(&self, i: usize) -> Option<Result<Leaf, BadEntry>> {
+        let entry = PageTableEntry(self.entries[i]);
+        if !entry.is_present() {
+            return None;
+        }
+        if entry.0 & self.reserved != 0 {
+            return Some(Err(BadEntry::ReservedBits));
+        }
+        let va = GuestVirtAddr(self.va.0.wrapping_add(i as u64 * PAGE_SIZE));
+        let entry_addr = GuestPhysAddr(self.entry_addr.0 + i as u64 * 8);
+        Some(Ok(Leaf { va, size: PageSize::Size4K, entry, entry_addr, level: 1, upper: self.upper }))
+    }
+}
+
+/// What a chunked range walk reports: a large leaf or a block of last-level entries.
+#[derive(Debug, Clone, Copy)]
+pub enum Chunk<'a> {
+    Large(Leaf),
+    Ptes(PteBlock<'a>),
+}
+
+/// An item a chunked range walk reports (malformed entries above the last level as in
+/// [`WalkItem`]).
+pub type ChunkItem<'a> = Result<Chunk<'a>, (GuestVirtAddr, u32, BadEntry)>;
+
 impl Walker {
     pub fn new(mode: PagingMode) -> Self {
         Walker { mode, max_phys_bits: 52 }
@@ -299,6 +349,39 @@ impl Walker {
     /// [`WalkError::TooManyTables`]; what was visited until then has been reported.
     pub fn walk_range_within<M: PhysMemory + ?Sized>(&self, mem: &M, root: GuestPhysAddr, start: GuestVirtAddr,
         pages: u64, budget: &mut TableBudget, visit: &mut dyn FnMut(WalkItem)) -> Result<WalkStats, WalkError> {
+        let (mut leaves, mut bad) = (0, 0);
+        let mut stats = self.walk_chunks_within(mem, root, start, pages, budget, &mut |item| match item {
+            Ok(Chunk::Large(leaf)) => visit(Ok(leaf)),
+            Ok(Chunk::Ptes(block)) => {
+                for i in 0..block.entries.len() {
+                    match block.leaf(i) {
+                        None => {}
+                        Some(Ok(leaf)) => {
+                            leaves += 1;
+                            visit(Ok(leaf));
+                        }
+                        Some(Err(reason)) => {
+                            bad += 1;
+                            let va = GuestVirtAddr(block.va.0.wrapping_add(i as u64 * PAGE_SIZE));
+                            visit(Err((va, 1, reason)));
+                        }
+                    }
+                }
+            }
+            Err(e) => visit(Err(e)),
+        })?;
+        stats.leaves += leaves;
+        stats.bad_entries += bad;
+        Ok(stats)
+    }
+
+    /// [`Walker::walk_range_within`] that hands over each last-level table's entries in
+    /// the range as one [`PteBlock`] instead of a leaf per entry (large leaves and
+    /// malformed upper entries one by one, as there). Same bounds: each table page once
+    /// per call, no more than `budget`. Its stats count the large leaves and the
+    /// malformed upper entries only (the blocks' entries are the caller's to count).
+    pub fn walk_chunks_within<M: PhysMemory + ?Sized>(&self, mem: &M, root: GuestPhysAddr, start: GuestVirtAddr,
+        pages: u64, budget: &mut TableBudget, visit: &mut dyn FnMut(ChunkItem)) -> Result<WalkStats, WalkError> {
         let bits = self.mode.va_bits();
         if !self.mode.is_canonical(start.0) {
             return Err(WalkError::NonCanonical(start));
@@ -317,8 +400,9 @@ impl Walker {
         // The root must be readable; everything below is reported, not fatal.
         mem.read_u64(GuestPhysAddr(root.0 & !(PAGE_SIZE - 1))).map_err(WalkError::Memory)?;
         let mut visited = BTreeSet::new();
+        let reserved = PageTableEntry(u64::MAX).reserved_addr_bits(self.max_phys_bits);
         let mut ctx = RangeWalk { walker: self, mem, visit, visited: &mut visited, stats: &mut stats, lin_start, lin_end,
-            budget, exhausted: false };
+            budget, exhausted: false, reserved };
         ctx.table(GuestPhysAddr(root.0 & !(PAGE_SIZE - 1)), self.mode.levels(), 0, PteFlags::WRITABLE | PteFlags::USER);
         if ctx.exhausted {
             return Err(WalkError::TooManyTables { limit: budget.limit });
@@ -330,7 +414,7 @@ impl Walker {
 struct RangeWalk<'a, M: ?Sized> {
     walker: &'a Walker,
     mem: &'a M,
-    visit: &'a mut dyn FnMut(WalkItem),
+    visit: &'a mut dyn FnMut(ChunkItem),
     visited: &'a mut BTreeSet<u64>,
     stats: &'a mut WalkStats,
     lin_start: u64,
@@ -338,6 +422,8 @@ struct RangeWalk<'a, M: ?Sized> {
     budget: &'a mut TableBudget,
     /// The budget ran out: every pending level returns at once.
     exhausted: bool,
+    /// [`PteBlock`]'s reserved address bits.
+    reserved: u64,
 }
 
 impl<M: PhysMemory + ?Sized> RangeWalk<'_, M> {
@@ -368,6 +454,18 @@ impl<M: PhysMemory + ?Sized> RangeWalk<'_, M> {
             (self.visit)(Err((GuestVirtAddr(mode.sign_extend(base)), level, BadEntry::TableOutsideMemory)));
             return;
         }
+        if level == 1 {
+            let (first, last) = (first as usize, last as usize);
+            let block = PteBlock {
+                va: GuestVirtAddr(mode.sign_extend(base + first as u64 * span)),
+                entries: &entries[first..=last],
+                entry_addr: GuestPhysAddr(table.0 + first as u64 * 8),
+                upper,
+                reserved: self.reserved,
+            };
+            (self.visit)(Ok(Chunk::Ptes(block)));
+            return;
+        }
         for index in first..=last {
             let lin = base + index * span;
             let va = GuestVirtAddr(mode.sign_extend(lin));
@@ -384,7 +482,7 @@ impl<M: PhysMemory + ?Sized> RangeWalk<'_, M> {
             if Walker::is_leaf(entry, level) {
                 self.stats.leaves += 1;
                 let leaf = Leaf { va, size: PageSize::at_level(level), entry, entry_addr, level, upper };
-                (self.visit)(Ok(leaf));
+                (self.visit)(Ok(Chunk::Large(leaf)));
                 continue;
             }
             let child = entry.addr();

@@ -235,3 +235,33 @@ fn a_shared_budget_bounds_table_reads_across_walks() {
     let mut none = TableBudget::new(0);
     assert!(w.walk_range_within(&m, GuestPhysAddr(0x1000), GuestVirtAddr(0), 1, &mut none, &mut |_| ()).is_err());
 }
+
+#[test]
+fn chunked_walks_hand_over_exactly_the_range_of_each_last_level_table() {
+    let mut m = basic();
+    m.set(0x4000 + 3 * 8, 0x9000 | PWU);
+    m.set(0x4000 + 7 * 8, 0xa000 | P | U);
+    m.set(0x4000 + 9 * 8, (1 << 45) | PWU); // reserved bits under a 40-bit MAXPHYADDR
+    m.set(0x3000 + 8, 0x20_0000 | PWU | PS); // a 2 MiB page at va 2 MiB
+    let w = Walker::new(PagingMode::Level4).with_max_phys_bits(40);
+    // Pages 2..=9 of the table, then the large page.
+    let (start, pages) = (2 * 4096, 512 - 2 + 1);
+    let mut blocks = Vec::new();
+    let mut large = Vec::new();
+    w.walk_chunks_within(&m, GuestPhysAddr(0x1000), GuestVirtAddr(start), pages, &mut TableBudget::unlimited(), &mut |c| {
+        match c.unwrap() {
+            Chunk::Ptes(b) => blocks.push((b.va, b.entries.len(), b.entry_addr, (0..b.entries.len()).filter_map(|i| b.leaf(i)).collect::<Vec<_>>())),
+            Chunk::Large(l) => large.push(l.va),
+        }
+    })
+    .unwrap();
+    assert_eq!(blocks.len(), 1);
+    let (va, n, entry_addr, in_block) = &blocks[0];
+    assert_eq!((*va, *n, *entry_addr), (GuestVirtAddr(0x2000), 510, GuestPhysAddr(0x4000 + 2 * 8)));
+    assert_eq!(large, vec![GuestVirtAddr(0x20_0000)]);
+    // The block's leaves are the per-leaf walk's, malformed entry included.
+    let (items, _) = leaves(&w, &m, 0x1000, start, pages);
+    let from_block: Vec<WalkItem> = in_block.iter().map(|r| r.map_err(|e| (GuestVirtAddr(0x9000), 1, e))).collect();
+    assert_eq!(from_block, items[..3].to_vec());
+    assert!(blocks[0].3[0].unwrap().entry_addr == GuestPhysAddr(0x4000 + 3 * 8));
+}

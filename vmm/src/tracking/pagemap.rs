@@ -80,22 +80,34 @@ pub struct PageCtx<'a> {
 impl PageCtx<'_> {
     /// The guest's shared zero page or huge zero page: never written, never exclusive.
     pub fn is_zero(&self, leaf: &Leaf) -> bool {
-        let f = leaf.frame().0;
-        f == self.zero_frame || (self.huge_zero_frame != 0 && f == self.huge_zero_frame)
+        self.is_zero_frame(leaf.frame().0)
+    }
+
+    /// `frame` (a guest-physical page address) is the zero page or the huge zero page.
+    #[inline]
+    pub fn is_zero_frame(&self, frame: u64) -> bool {
+        frame == self.zero_frame || (self.huge_zero_frame != 0 && frame == self.huge_zero_frame)
     }
 
     /// Written since the last clear: the PTE says so, or it is writable (the guest gave
     /// W back itself, or the page appeared since) and the dirty log saw its frames written.
     pub fn written(&self, leaf: &Leaf) -> bool {
-        let LeafFrames { pfn: pfn0, count } = frames(leaf);
+        let LeafFrames { pfn, count } = frames(leaf);
+        self.written_entry(leaf.entry, leaf.frame().0, pfn, count)
+    }
+
+    /// [`Self::written`] of a leaf entry mapping `count` frames from `pfn` (the frame at
+    /// guest-physical `frame`), without a [`Leaf`]: a scan tests entries in place.
+    #[inline]
+    pub fn written_entry(&self, entry: PageTableEntry, frame: u64, pfn: u64, count: u64) -> bool {
         match self.rule {
             // Guest-physical: the frame was written since the clear. The zero frame is
             // never written (the guest maps it read-only everywhere).
-            PteRule::Frames => return !self.is_zero(leaf) && self.log.any_dirty(pfn0, count),
+            PteRule::Frames => return !self.is_zero_frame(frame) && self.log.any_dirty(pfn, count),
             // The clear took Dirty off this entry; only a write through it sets it
             // again. Not the log: another process's clear of a shared frame clears the
             // frame's bit, not this entry's write.
-            PteRule::DirtyBit => return softdirty::written_since_clear_dirty(leaf.entry),
+            PteRule::DirtyBit => return softdirty::written_since_clear_dirty(entry),
             PteRule::SoftDirtyBit => {}
         }
         // The backstop (the guest made the PTE writable itself, or the page appeared
@@ -106,10 +118,10 @@ impl PageCtx<'_> {
         // caught exactly that). Not for an entry still write-protected by the clear:
         // every write through it since has faulted and been recorded; its Dirty bit
         // is from before, and the log bit may be another mapping's of the frame.
-        softdirty::is_soft_dirty(leaf.entry)
-            || (!softdirty::is_hypervisor_protected(leaf.entry)
-                && leaf.entry.contains(PteFlags::DIRTY)
-                && self.log.any_dirty(pfn0, count))
+        softdirty::is_soft_dirty(entry)
+            || (!softdirty::is_hypervisor_protected(entry)
+                && entry.contains(PteFlags::DIRTY)
+                && self.log.any_dirty(pfn, count))
     }
 
     /// The entry of page `va`; `shared`: its mapping is shared (a file's or shared

@@ -9,12 +9,15 @@
 //! [`MAX_PAGEMAP_PAGES`] mapped pages and returns at most `max_regions` regions; where it
 //! stopped is `walk_end`, from where the next request goes on.
 
-use super::{Error, PageCtx, PageInfo, PteRule, Tracker, MAX_PAGEMAP_PAGES, USER_TOP};
-use crate::tracking::ram::Ram;
+use super::{Error, PageCtx, PteRule, Tracker, MAX_PAGEMAP_PAGES, USER_TOP};
+use crate::guest_os::Mapping;
+use crate::tracking::ram::{AsPhys, Ram};
+use mmu::{Chunk, GuestVirtAddr, PageSize, PageTableEntry, PteBlock, TableBudget};
 use serde::{Deserialize, Serialize};
 
 /// Most regions one request returns.
 pub const MAX_SCAN_REGIONS: u64 = 1 << 16;
+
 
 /// A run of pages with the same flags, `[start, end)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,20 +33,30 @@ pub struct Region {
     pub huge: bool,
 }
 
+/// One page's flags, as its pagemap entry has them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Flags {
+    written: bool,
+    present: bool,
+    file_shared: bool,
+    huge: bool,
+}
+
+impl Flags {
+    /// A page of a mapping with no leaf: soft-dirty when its mapping is new (Linux: a
+    /// hole in a soft-dirty VMA).
+    fn hole(vma_new: bool) -> Flags {
+        Flags { written: vma_new, present: false, file_shared: false, huge: false }
+    }
+}
+
 impl Region {
-    fn page(p: &PageInfo) -> Region {
-        Region {
-            start: p.addr,
-            end: p.addr + 4096,
-            written: p.entry.soft_dirty(),
-            present: p.entry.is_present(),
-            file_shared: p.entry.file_or_shared(),
-            huge: p.huge,
-        }
+    fn new(start: u64, end: u64, f: Flags) -> Region {
+        Region { start, end, written: f.written, present: f.present, file_shared: f.file_shared, huge: f.huge }
     }
 
-    fn same_flags(&self, o: &Region) -> bool {
-        (self.written, self.present, self.file_shared, self.huge) == (o.written, o.present, o.file_shared, o.huge)
+    fn flags(&self) -> Flags {
+        Flags { written: self.written, present: self.present, file_shared: self.file_shared, huge: self.huge }
     }
 
     pub fn pages(&self) -> u64 {
@@ -95,7 +108,7 @@ pub struct Scan {
     pub entries_changed: u64,
 }
 
-/// Folds pages, in address order, into regions.
+/// Folds runs of pages, in address order, into regions.
 struct Fold {
     written_only: bool,
     max: usize,
@@ -103,30 +116,161 @@ struct Fold {
 }
 
 impl Fold {
-    /// Takes `p`, or declines it (false) when it needs a new region and there are
-    /// `max` already.
-    fn push(&mut self, p: &PageInfo) -> bool {
-        let r = Region::page(p);
-        if self.written_only && !r.written {
+    /// Takes the pages `[start, end)` of flags `f`, or declines them (false) when they
+    /// need a new region and there are `max` already.
+    #[inline]
+    fn push(&mut self, start: u64, end: u64, f: Flags) -> bool {
+        if self.written_only && !f.written {
             return true;
         }
         if let Some(last) = self.regions.last_mut() {
-            if last.end == r.start && last.same_flags(&r) {
-                last.end = r.end;
+            if last.end == start && last.flags() == f {
+                last.end = end;
                 return true;
             }
         }
         if self.regions.len() >= self.max {
             return false;
         }
-        self.regions.push(r);
+        self.regions.push(Region::new(start, end, f));
         true
+    }
+}
+
+/// Linux's VMA rule over one mapping, for addresses met in increasing order: a page the
+/// mapping's namesake at the pid's last clear did not cover reads soft-dirty.
+struct Coverage {
+    /// Covered spans, sorted and merged.
+    spans: Vec<(u64, u64)>,
+    next: usize,
+}
+
+impl Coverage {
+    fn new(mut spans: Vec<(u64, u64)>) -> Coverage {
+        spans.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
+        for (s, e) in spans {
+            match merged.last_mut() {
+                Some(l) if s <= l.1 => l.1 = l.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        Coverage { spans: merged, next: 0 }
+    }
+
+    /// Is `va` new since the clear (not covered), and up to where that holds. `va` never
+    /// goes down between calls.
+    #[inline]
+    fn at(&mut self, va: u64) -> (bool, u64) {
+        while self.next < self.spans.len() && self.spans[self.next].1 <= va {
+            self.next += 1;
+        }
+        match self.spans.get(self.next) {
+            Some(&(s, e)) if s <= va => (false, e),
+            Some(&(s, _)) => (true, s),
+            None => (true, u64::MAX),
+        }
+    }
+}
+
+/// The scan of one mapping's segment: what its chunks of page table become, page runs
+/// handed to the fold in address order.
+struct SegmentScan<'a> {
+    page: &'a PageCtx<'a>,
+    fold: &'a mut Fold,
+    coverage: Coverage,
+    shared: bool,
+    /// The first page not handed over yet.
+    next: u64,
+    end: u64,
+    /// Where the fold declined a page: the scan ends there.
+    stopped: Option<u64>,
+}
+
+impl SegmentScan<'_> {
+    /// Pages `[start, end)` whose flags, besides the VMA rule, are `f` (a hole, or one
+    /// large page), split where the rule changes.
+    fn span(&mut self, mut start: u64, end: u64, f: Flags) {
+        while start < end && self.stopped.is_none() {
+            let (vma_new, until) = self.coverage.at(start);
+            let stop = until.min(end);
+            let flags = Flags { written: f.written || vma_new, ..f };
+            if !self.fold.push(start, stop, flags) {
+                self.stopped = Some(start);
+            }
+            start = stop;
+        }
+        self.next = self.next.max(end);
+    }
+
+    fn hole_to(&mut self, to: u64) {
+        if self.next < to {
+            self.span(self.next, to, Flags::hole(false));
+        }
+    }
+
+    fn chunk(&mut self, chunk: Chunk) {
+        if self.stopped.is_some() {
+            return;
+        }
+        match chunk {
+            Chunk::Large(leaf) => {
+                let (s, e) = (leaf.va.0.max(self.next), (leaf.va.0 + leaf.size.bytes()).min(self.end));
+                if s >= e {
+                    return;
+                }
+                self.hole_to(s);
+                let written = self.page.written(&leaf);
+                let file_shared = self.shared && !self.page.is_zero(&leaf);
+                let huge = leaf.size != PageSize::Size4K;
+                self.span(s, e, Flags { written, present: true, file_shared, huge });
+            }
+            Chunk::Ptes(block) => {
+                self.hole_to(block.va.0);
+                self.ptes(&block);
+            }
+        }
+    }
+
+    /// The pages of one block of last-level entries, each entry tested in place (a scan
+    /// is this loop): a clean page of a `written_only` scan costs no more than its tests.
+    #[inline(always)]
+    fn ptes(&mut self, block: &PteBlock) {
+        let first = block.va.0;
+        let (page, shared, written_only) = (self.page, self.shared, self.fold.written_only);
+        let (mut vma_new, mut until) = self.coverage.at(first);
+        for (i, &e) in block.entries.iter().enumerate() {
+            let va = first + i as u64 * 4096;
+            if va >= until {
+                (vma_new, until) = self.coverage.at(va);
+            }
+            let leaf = block.is_leaf(e);
+            let frame = PageTableEntry(e).addr().0;
+            let w = vma_new || (leaf && page.written_entry(PageTableEntry(e), frame, frame >> 12, 1));
+            if written_only && !w {
+                continue;
+            }
+            let flags = if leaf {
+                Flags { written: w, present: true, file_shared: shared && !page.is_zero_frame(frame), huge: false }
+            } else {
+                Flags::hole(vma_new)
+            };
+            if !self.fold.push(va, va + 4096, flags) {
+                self.stopped = Some(va);
+                return;
+            }
+        }
+        self.next = first + block.entries.len() as u64 * 4096;
     }
 }
 
 impl Tracker {
     /// `PAGEMAP_SCAN` of `pid` over `req` (with `req.clear`, the pages examined are
     /// cleared before the guest runs again). Reads `ram` only between guest runs.
+    ///
+    /// Tests each last-level table's entries in place ([`mmu::PteBlock`]), with the same
+    /// rules as [`Tracker::pagemap`] (`PageCtx::written_entry`, the VMA rule, holes), so
+    /// the two agree page for page (checked at every read of `vmm scenario`).
     pub fn pagemap_scan(&mut self, ram: &impl Ram, pid: u32, req: &ScanRequest) -> Result<Scan, Error> {
         req.check()?;
         let snap = self.snapshot(ram)?;
@@ -154,10 +298,7 @@ impl Tracker {
                 break;
             }
             let seg_end = m.end().min(req.end).min(va + left * 4096);
-            let mut leaves = Vec::new();
-            self.walk(ram, p, va, (seg_end - va) / 4096, &mut budget, |leaf| leaves.push(*leaf))?;
-            let mut li = 0;
-            let stopped = self.segment_pages(&page, pid, Some(m), &leaves, &mut li, va, seg_end, |info| fold.push(&info));
+            let stopped = self.scan_segment(ram, p, &page, m, va, seg_end, &mut fold, &mut budget)?;
             left -= (stopped - va) / 4096;
             if stopped < seg_end {
                 walk_end = stopped;
@@ -172,23 +313,40 @@ impl Tracker {
         };
         Ok(Scan { regions: fold.regions, walk_end, pages_scanned: MAX_PAGEMAP_PAGES - left, entries_changed })
     }
+
+    /// Scans `[va, end)` of mapping `m` into `fold`; returns the first page not taken
+    /// (`end` if all were).
+    #[allow(clippy::too_many_arguments)]
+    fn scan_segment(&self, ram: &impl Ram, p: &crate::guest_os::Process, page: &PageCtx, m: &Mapping, va: u64, end: u64,
+        fold: &mut Fold, budget: &mut TableBudget) -> Result<u64, Error> {
+        let coverage = Coverage::new(self.old_coverage(p.pid, m));
+        let mut seg = SegmentScan { page, fold, coverage, shared: m.shared, next: va, end, stopped: None };
+        self.walker
+            .walk_chunks_within(&AsPhys(ram), p.cr3.table(), GuestVirtAddr(va), (end - va) / 4096, budget, &mut |item| {
+                // Malformed entries are holes, as in pagemap.
+                if let Ok(chunk) = item {
+                    seg.chunk(chunk);
+                }
+            })
+            .map_err(|e| Error::Walk { pid: p.pid, detail: e.to_string() })?;
+        seg.hole_to(end);
+        Ok(seg.stopped.unwrap_or(end))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mmu::PagemapEntry;
 
-    fn page(addr: u64, written: bool, present: bool) -> PageInfo {
-        let entry = if present { PagemapEntry::present(addr >> 12) } else { PagemapEntry::none() };
-        PageInfo { addr, entry: entry.with_soft_dirty(written), huge: false, accessed: false }
+    fn page(f: &mut Fold, addr: u64, written: bool, present: bool) -> bool {
+        f.push(addr, addr + 4096, Flags { written, present, file_shared: false, huge: false })
     }
 
     #[test]
     fn pages_of_equal_flags_fold_into_one_region_and_gaps_split_them() {
         let mut f = Fold { written_only: false, max: 10, regions: Vec::new() };
-        for p in [page(0x1000, true, true), page(0x2000, true, true), page(0x3000, false, true), page(0x5000, false, true)] {
-            assert!(f.push(&p));
+        for (a, w) in [(0x1000, true), (0x2000, true), (0x3000, false), (0x5000, false)] {
+            assert!(page(&mut f, a, w, true));
         }
         let spans: Vec<(u64, u64, bool)> = f.regions.iter().map(|r| (r.start, r.end, r.written)).collect();
         assert_eq!(spans, vec![(0x1000, 0x3000, true), (0x3000, 0x4000, false), (0x5000, 0x6000, false)]);
@@ -197,14 +355,26 @@ mod tests {
     #[test]
     fn written_only_skips_clean_pages_and_a_full_fold_declines_a_new_region() {
         let mut f = Fold { written_only: true, max: 1, regions: Vec::new() };
-        assert!(f.push(&page(0x1000, true, true)));
-        assert!(!f.push(&page(0x2000, true, false)), "other flags need a second region");
+        assert!(page(&mut f, 0x1000, true, true));
+        assert!(!page(&mut f, 0x2000, true, false), "other flags need a second region");
         // A clean page is skipped whatever the room; a written one needing a region is declined.
         let mut g = Fold { written_only: true, max: 1, regions: Vec::new() };
-        assert!(g.push(&page(0x1000, true, true)));
-        assert!(g.push(&page(0x2000, false, true)));
-        assert!(!g.push(&page(0x3000, true, true)));
+        assert!(page(&mut g, 0x1000, true, true));
+        assert!(page(&mut g, 0x2000, false, true));
+        assert!(!page(&mut g, 0x3000, true, true));
         assert_eq!(g.regions, vec![Region { start: 0x1000, end: 0x2000, written: true, present: true, file_shared: false, huge: false }]);
+    }
+
+    #[test]
+    fn the_vma_rule_is_read_in_address_order_across_merged_spans() {
+        let mut c = Coverage::new(vec![(0x5000, 0x8000), (0x1000, 0x3000), (0x2000, 0x4000)]);
+        assert_eq!(c.at(0x0), (true, 0x1000));
+        assert_eq!(c.at(0x1000), (false, 0x4000), "overlapping spans merge");
+        assert_eq!(c.at(0x3fff), (false, 0x4000));
+        assert_eq!(c.at(0x4000), (true, 0x5000));
+        assert_eq!(c.at(0x7000), (false, 0x8000));
+        assert_eq!(c.at(0x8000), (true, u64::MAX));
+        assert_eq!(Coverage::new(Vec::new()).at(0x1000), (true, u64::MAX), "never cleared: all new");
     }
 
     #[test]

@@ -44,6 +44,27 @@ pub fn read_virt(mem: &GuestMem, walker: &Walker, cr3: u64, va: u64, what: &'sta
     }
 }
 
+/// Reads `out.len()` consecutive u64s at guest-virtual `va`: one translation for the
+/// words inside one page (an exception frame nearly always is), one per word otherwise.
+pub fn read_virt_words(mem: &GuestMem, walker: &Walker, cr3: u64, va: u64, out: &mut [u64], what: &'static str)
+    -> Result<(), Error> {
+    let phys = Phys(mem);
+    let len = 8 * out.len() as u64;
+    if let Ok(Translation::Mapped { frame, offset, leaf }) = walker.translate(&phys, Cr3(cr3).table(), GuestVirtAddr(va)) {
+        if offset % 8 == 0 && offset + len <= leaf.size.bytes() {
+            for (i, w) in out.iter_mut().enumerate() {
+                let a = GuestPhysAddr(frame.0 + offset + 8 * i as u64);
+                *w = phys.read_u64(a).map_err(|_| Error::Unmapped { what, va: va + 8 * i as u64 })?;
+            }
+            return Ok(());
+        }
+    }
+    for (i, w) in out.iter_mut().enumerate() {
+        *w = read_virt(mem, walker, cr3, va + 8 * i as u64, what)?;
+    }
+    Ok(())
+}
+
 /// The address of the guest's #PF handler, from its IDT.
 pub fn find_handler(mem: &GuestMem, walker: &Walker, sregs: &kvm_sregs) -> Result<u64, Error> {
     if u64::from(sregs.idt.limit) < 14 * 16 + 15 {
@@ -112,9 +133,7 @@ pub fn stopped(vcpu: &VcpuFd, mem: &GuestMem, walker: &Walker, sync_regs: bool) 
         (kvm("GET_REGS", vcpu.get_regs())?, kvm("GET_SREGS", vcpu.get_sregs())?)
     };
     let mut w = [0u64; 6];
-    for (i, slot) in w.iter_mut().enumerate() {
-        *slot = read_virt(mem, walker, sregs.cr3, regs.rsp + 8 * i as u64, "exception frame")?;
-    }
+    read_virt_words(mem, walker, sregs.cr3, regs.rsp, &mut w, "exception frame")?;
     let fault = Fault { error: w[0], addr: sregs.cr2, cr3: Cr3(sregs.cr3), rip: w[1], cs: w[2], rflags: w[3], rsp: w[4], ss: w[5] };
     Ok(Stopped { regs, sregs, fault })
 }
@@ -165,6 +184,33 @@ mod tests {
 
     fn fault(error: u64, cs: u64, addr: u64) -> Fault {
         Fault { error, addr, cr3: Cr3(0x1000), rip: 0, cs, rflags: 2, rsp: 0, ss: 0 }
+    }
+
+    /// A stack whose two pages map frames far apart: a frame read inside one page and
+    /// one across the boundary both read what the guest sees.
+    #[test]
+    fn exception_frames_read_the_same_inside_a_page_and_across_two() {
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = crate::machine::memory::create(1 << 20).unwrap();
+        let pwu = 0b111u64;
+        // PML4 0x1000 -> PDPT 0x2000 -> PD 0x3000 -> PT 0x4000; va 0x0 -> 0x9000, va 0x1000 -> 0x6000.
+        for (at, v) in [(0x1000, 0x2000 | pwu), (0x2000, 0x3000 | pwu), (0x3000, 0x4000 | pwu), (0x4000, 0x9000 | pwu),
+            (0x4008, 0x6000 | pwu)] {
+            mem.write_obj::<u64>(v, GuestAddress(at)).unwrap();
+        }
+        for i in 0..512u64 {
+            mem.write_obj::<u64>(0x9000_0000 + i, GuestAddress(0x9000 + 8 * i)).unwrap();
+            mem.write_obj::<u64>(0x6000_0000 + i, GuestAddress(0x6000 + 8 * i)).unwrap();
+        }
+        let w = Walker::new(mmu::PagingMode::Level4);
+        let mut inside = [0u64; 6];
+        read_virt_words(&mem, &w, 0x1000, 0x100, &mut inside, "exception frame").unwrap();
+        assert_eq!(inside, [0x9000_0020, 0x9000_0021, 0x9000_0022, 0x9000_0023, 0x9000_0024, 0x9000_0025]);
+        let mut across = [0u64; 6];
+        read_virt_words(&mem, &w, 0x1000, 0x1000 - 16, &mut across, "exception frame").unwrap();
+        assert_eq!(across, [0x9000_01fe, 0x9000_01ff, 0x6000_0000, 0x6000_0001, 0x6000_0002, 0x6000_0003]);
+        let e = read_virt_words(&mem, &w, 0x1000, 0x2000 - 16, &mut across, "exception frame").unwrap_err();
+        assert!(e.to_string().contains("exception frame at virtual 0x2000"), "{e}");
     }
 
     #[test]

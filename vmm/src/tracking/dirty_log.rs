@@ -40,6 +40,29 @@ fn test(bits: &[u64], pfn: u64) -> bool {
     bits[(pfn / 64) as usize] & (1 << (pfn % 64)) != 0
 }
 
+/// Frames written since their last clear, read-only: [`GpaLog::dirty_bits`].
+#[derive(Debug, Clone, Copy)]
+pub struct DirtyBits<'a> {
+    words: &'a [u64],
+    pages: u64,
+}
+
+impl DirtyBits<'_> {
+    #[inline]
+    pub fn is_dirty(&self, pfn: u64) -> bool {
+        pfn < self.pages && test(self.words, pfn)
+    }
+
+    /// Any of `[pfn, pfn + count)` written; frames past the end of RAM never are.
+    #[inline]
+    pub fn any_dirty(&self, pfn: u64, count: u64) -> bool {
+        if count == 1 {
+            return self.is_dirty(pfn);
+        }
+        (pfn..pfn.saturating_add(count).min(self.pages)).any(|p| test(self.words, p))
+    }
+}
+
 pub struct GpaLog {
     pages: u64,
     accumulated: Bits,
@@ -129,12 +152,18 @@ impl GpaLog {
     }
 
     pub fn is_dirty(&self, pfn: u64) -> bool {
-        pfn < self.pages && test(&self.accumulated, pfn)
+        self.dirty_bits().is_dirty(pfn)
     }
 
     /// Any of `[pfn, pfn + count)` written; frames past the end of RAM never are.
     pub fn any_dirty(&self, pfn: u64, count: u64) -> bool {
-        (pfn..pfn.saturating_add(count).min(self.pages)).any(|p| test(&self.accumulated, p))
+        self.dirty_bits().any_dirty(pfn, count)
+    }
+
+    /// The accumulated bits, to test many frames (a copyable view a loop keeps in
+    /// registers).
+    pub fn dirty_bits(&self) -> DirtyBits<'_> {
+        DirtyBits { words: &self.accumulated, pages: self.pages }
     }
 
     /// The window's bits, one per frame from frame 0.

@@ -4,7 +4,7 @@
 //! oracle found: a hole in a soft-dirty VMA reads soft-dirty; `mprotect` after a write
 //! keeps soft-dirty; the (huge) zero page is never written and never exclusive.
 
-use super::dirty_log::GpaLog;
+use super::dirty_log::DirtyBits;
 use super::frame_set::LeafFrames;
 use mmu::{softdirty, Leaf, PageSize, PageTableEntry, PagemapEntry, PteFlags};
 
@@ -68,8 +68,10 @@ impl PteRule {
 }
 
 /// What one page's pagemap entry needs besides its leaf.
+#[derive(Clone, Copy)]
 pub struct PageCtx<'a> {
-    pub log: &'a GpaLog,
+    /// The dirty log's bits (harvested by the caller).
+    pub dirty: DirtyBits<'a>,
     pub rule: PteRule,
     pub zero_frame: u64,
     pub huge_zero_frame: u64,
@@ -100,10 +102,17 @@ impl PageCtx<'_> {
     /// guest-physical `frame`), without a [`Leaf`]: a scan tests entries in place.
     #[inline]
     pub fn written_entry(&self, entry: PageTableEntry, frame: u64, pfn: u64, count: u64) -> bool {
-        match self.rule {
+        self.written_entry_as(self.rule, entry, frame, pfn, count)
+    }
+
+    /// [`Self::written_entry`] under `rule` (a caller that matched on the rule once, to
+    /// have its test inlined in a loop).
+    #[inline(always)]
+    pub fn written_entry_as(&self, rule: PteRule, entry: PageTableEntry, frame: u64, pfn: u64, count: u64) -> bool {
+        match rule {
             // Guest-physical: the frame was written since the clear. The zero frame is
             // never written (the guest maps it read-only everywhere).
-            PteRule::Frames => return !self.is_zero_frame(frame) && self.log.any_dirty(pfn, count),
+            PteRule::Frames => return !self.is_zero_frame(frame) && self.dirty.any_dirty(pfn, count),
             // The clear took Dirty off this entry; only a write through it sets it
             // again. Not the log: another process's clear of a shared frame clears the
             // frame's bit, not this entry's write.
@@ -121,7 +130,7 @@ impl PageCtx<'_> {
         softdirty::is_soft_dirty(entry)
             || (!softdirty::is_hypervisor_protected(entry)
                 && entry.contains(PteFlags::DIRTY)
-                && self.log.any_dirty(pfn, count))
+                && self.dirty.any_dirty(pfn, count))
     }
 
     /// The entry of page `va`; `shared`: its mapping is shared (a file's or shared

@@ -419,7 +419,7 @@ impl Tracker {
         self.log.harvest(ram)?;
         let counts = self.frame_counts(ram, &snap, &mut self.budget())?;
         let page = PageCtx {
-            log: &self.log,
+            dirty: self.log.dirty_bits(),
             rule: PteRule::of(self.engine),
             zero_frame: snap.zero_frame,
             huge_zero_frame: snap.huge_zero_frame,

@@ -227,7 +227,19 @@ impl SegmentScan<'_> {
             }
             Chunk::Ptes(block) => {
                 self.hole_to(block.va.0);
-                self.ptes(&block);
+                // One loop per rule, the rule's test inlined in it.
+                let page = *self.page;
+                match page.rule {
+                    PteRule::Frames => self.ptes(&block, |e, f| {
+                        page.written_entry_as(PteRule::Frames, PageTableEntry(e), f, f >> 12, 1)
+                    }),
+                    PteRule::DirtyBit => self.ptes(&block, |e, f| {
+                        page.written_entry_as(PteRule::DirtyBit, PageTableEntry(e), f, f >> 12, 1)
+                    }),
+                    PteRule::SoftDirtyBit => self.ptes(&block, |e, f| {
+                        page.written_entry_as(PteRule::SoftDirtyBit, PageTableEntry(e), f, f >> 12, 1)
+                    }),
+                }
             }
         }
     }
@@ -235,9 +247,10 @@ impl SegmentScan<'_> {
     /// The pages of one block of last-level entries, each entry tested in place (a scan
     /// is this loop): a clean page of a `written_only` scan costs no more than its tests.
     #[inline(always)]
-    fn ptes(&mut self, block: &PteBlock) {
+    fn ptes(&mut self, block: &PteBlock, written: impl Fn(u64, u64) -> bool) {
         let first = block.va.0;
-        let (page, shared, written_only) = (self.page, self.shared, self.fold.written_only);
+        // Copies, so that the loop keeps them in registers.
+        let (page, shared, written_only) = (*self.page, self.shared, self.fold.written_only);
         let (mut vma_new, mut until) = self.coverage.at(first);
         for (i, &e) in block.entries.iter().enumerate() {
             let va = first + i as u64 * 4096;
@@ -246,7 +259,7 @@ impl SegmentScan<'_> {
             }
             let leaf = block.is_leaf(e);
             let frame = PageTableEntry(e).addr().0;
-            let w = vma_new || (leaf && page.written_entry(PageTableEntry(e), frame, frame >> 12, 1));
+            let w = vma_new || (leaf && written(e, frame));
             if written_only && !w {
                 continue;
             }
@@ -275,10 +288,13 @@ impl Tracker {
         req.check()?;
         let snap = self.snapshot(ram)?;
         let p = Self::live(&snap, pid)?;
-        self.log.harvest(ram)?;
+        let rule = PteRule::of(self.engine);
+        if rule.reads_log() {
+            self.log.harvest(ram)?;
+        }
         let page = PageCtx {
-            log: &self.log,
-            rule: PteRule::of(self.engine),
+            dirty: self.log.dirty_bits(),
+            rule,
             zero_frame: snap.zero_frame,
             huge_zero_frame: snap.huge_zero_frame,
             counts: None,

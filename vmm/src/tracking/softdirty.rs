@@ -16,6 +16,7 @@ use super::dirty_log::{self, GpaLog};
 use super::frame_set::FrameSet;
 use super::pagemap::{frames, FrameCounts, PageCtx, PteRule};
 use super::pf_trap;
+use coverage::Coverage;
 use super::ram::{self, AsPhys, Ram};
 use crate::guest_os::{self, Mapping, Process, Snapshot, TableLocation};
 use crate::machine::memory::GuestMem;
@@ -460,17 +461,14 @@ impl Tracker {
         seg_end: u64, mut visit: impl FnMut(PageInfo) -> bool) -> u64 {
         // The VMA rule, once per segment: pages of this mapping that its namesake at
         // the last clear did not cover read soft-dirty.
-        let old = m.map(|m| self.old_coverage(pid, m));
+        let mut old = m.map(|m| Coverage::new(self.old_coverage(pid, m)));
         let mut written_cache: Option<(usize, bool)> = None;
         while va < seg_end {
             while *li < leaves.len() && leaves[*li].va.0 + leaves[*li].size.bytes() <= va {
                 *li += 1;
             }
             let leaf = leaves.get(*li).filter(|l| l.va.0 <= va);
-            let vma_new = match &old {
-                None => false,
-                Some(pieces) => !pieces.iter().any(|&(s, e)| s <= va && va < e),
-            };
+            let vma_new = old.as_mut().is_some_and(|c| c.at(va).0);
             // One answer per leaf: a 2 MiB leaf shares it across its 512 pages.
             let written = leaf.map(|l| match written_cache {
                 Some((i, w)) if i == *li => w,
@@ -492,16 +490,8 @@ impl Tracker {
     /// mapping made since the pid's last clear (or ever, if never cleared), in whole or
     /// in part; a clear takes it off every mapping.
     pub fn vma_soft_dirty(&self, pid: u32, m: &Mapping) -> bool {
-        let old = self.old_coverage(pid, m);
-        let mut covered = m.start;
-        let mut pieces = old;
-        pieces.sort_unstable();
-        for (s, e) in pieces {
-            if s <= covered && e > covered {
-                covered = e;
-            }
-        }
-        covered < m.end()
+        let (new, until) = Coverage::new(self.old_coverage(pid, m)).at(m.start);
+        new || until < m.end()
     }
 
     /// What mapping `m` covered at the pid's last clear: every piece with its serial
@@ -678,6 +668,7 @@ pub fn check_range(start: u64, pages: u64) -> Result<(), Error> {
     super::pagemap::check_range(start, pages).map_err(Error::BadRange)
 }
 
+mod coverage;
 pub mod heatmap;
 pub mod scan;
 

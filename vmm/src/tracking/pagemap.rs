@@ -95,20 +95,15 @@ impl PageCtx<'_> {
     /// W back itself, or the page appeared since) and the dirty log saw its frames written.
     pub fn written(&self, leaf: &Leaf) -> bool {
         let LeafFrames { pfn, count } = frames(leaf);
-        self.written_entry(leaf.entry, leaf.frame().0, pfn, count)
+        self.written_entry(self.rule, leaf.entry, leaf.frame().0, pfn, count)
     }
 
     /// [`Self::written`] of a leaf entry mapping `count` frames from `pfn` (the frame at
-    /// guest-physical `frame`), without a [`Leaf`]: a scan tests entries in place.
-    #[inline]
-    pub fn written_entry(&self, entry: PageTableEntry, frame: u64, pfn: u64, count: u64) -> bool {
-        self.written_entry_as(self.rule, entry, frame, pfn, count)
-    }
-
-    /// [`Self::written_entry`] under `rule` (a caller that matched on the rule once, to
-    /// have its test inlined in a loop).
+    /// guest-physical `frame`), under `rule` (`self.rule`, or the same rule matched once
+    /// by a caller that wants the test inlined in its loop), without a [`Leaf`]: a scan
+    /// tests entries in place.
     #[inline(always)]
-    pub fn written_entry_as(&self, rule: PteRule, entry: PageTableEntry, frame: u64, pfn: u64, count: u64) -> bool {
+    pub fn written_entry(&self, rule: PteRule, entry: PageTableEntry, frame: u64, pfn: u64, count: u64) -> bool {
         match rule {
             // Guest-physical: the frame was written since the clear. The zero frame is
             // never written (the guest maps it read-only everywhere).

@@ -16,7 +16,6 @@ use super::dirty_log::{self, GpaLog};
 use super::frame_set::FrameSet;
 use super::pagemap::{frames, FrameCounts, PageCtx, PteRule};
 use super::pf_trap;
-use coverage::Coverage;
 use super::ram::{self, AsPhys, Ram};
 use crate::guest_os::{self, Mapping, Process, Snapshot, TableLocation};
 use crate::machine::memory::GuestMem;
@@ -26,6 +25,7 @@ use kvm_ioctls::VcpuFd;
 use mmu::{softdirty, Cr3, GuestPhysAddr, GuestVirtAddr, Leaf, PagingMode, PteFlags, TableBudget, Translation, Walker};
 use std::collections::HashMap;
 use std::mem::{offset_of, size_of};
+use coverage::Coverage;
 
 pub use super::pagemap::{PageInfo, MAX_PAGEMAP_PAGES};
 const USER_TOP: u64 = workload::USER_TOP;
@@ -401,6 +401,18 @@ impl Tracker {
         Ok(counts)
     }
 
+    /// What each page's pagemap entry needs besides its leaf, for this engine and `snap`
+    /// (the log harvested by the caller).
+    fn page_ctx<'a>(&'a self, snap: &Snapshot, counts: Option<&'a FrameCounts>) -> PageCtx<'a> {
+        PageCtx {
+            dirty: self.log.dirty_bits(),
+            rule: PteRule::of(self.engine),
+            zero_frame: snap.zero_frame,
+            huge_zero_frame: snap.huge_zero_frame,
+            counts,
+        }
+    }
+
     /// Reads `/proc/PID/pagemap` for `pages` pages from `start`; `None` = every page of
     /// every mapping of the process.
     pub fn pagemap(&mut self, ram: &impl Ram, pid: u32, range: Option<(u64, u64)>) -> Result<Vec<PageInfo>, Error> {
@@ -419,13 +431,7 @@ impl Tracker {
         }
         self.log.harvest(ram)?;
         let counts = self.frame_counts(ram, &snap, &mut self.budget())?;
-        let page = PageCtx {
-            dirty: self.log.dirty_bits(),
-            rule: PteRule::of(self.engine),
-            zero_frame: snap.zero_frame,
-            huge_zero_frame: snap.huge_zero_frame,
-            counts: Some(&counts),
-        };
+        let page = self.page_ctx(&snap, Some(&counts));
         let mut out = Vec::with_capacity(total as usize);
         // Only the leaves of the requested pages: at most one per page, whatever the
         // rest of the address space holds.

@@ -13,12 +13,11 @@ use super::coverage::Coverage;
 use super::{Error, PageCtx, PteRule, Tracker, MAX_PAGEMAP_PAGES, USER_TOP};
 use crate::guest_os::Mapping;
 use crate::tracking::ram::{AsPhys, Ram};
-use mmu::{Chunk, GuestVirtAddr, PageSize, PageTableEntry, PteBlock, TableBudget};
+use mmu::{Chunk, GuestVirtAddr, PageTableEntry, PteBlock, TableBudget};
 use serde::{Deserialize, Serialize};
 
 /// Most regions one request returns.
 pub const MAX_SCAN_REGIONS: u64 = 1 << 16;
-
 
 /// A run of pages with the same flags, `[start, end)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,7 +140,8 @@ impl Fold {
 /// The scan of one mapping's segment: what its chunks of page table become, page runs
 /// handed to the fold in address order.
 struct SegmentScan<'a> {
-    page: &'a PageCtx<'a>,
+    /// A copy (it is small), so that the scan's loop keeps it in registers.
+    page: PageCtx<'a>,
     fold: &'a mut Fold,
     coverage: Coverage,
     shared: bool,
@@ -187,23 +187,17 @@ impl SegmentScan<'_> {
                 self.hole_to(s);
                 let written = self.page.written(&leaf);
                 let file_shared = self.shared && !self.page.is_zero(&leaf);
-                let huge = leaf.size != PageSize::Size4K;
-                self.span(s, e, Flags { written, present: true, file_shared, huge });
+                self.span(s, e, Flags { written, present: true, file_shared, huge: true });
             }
             Chunk::Ptes(block) => {
                 self.hole_to(block.va.0);
-                // One loop per rule, the rule's test inlined in it.
-                let page = *self.page;
+                // One loop per rule, the rule a constant in each.
+                let page = self.page;
+                let test = |rule| move |e, f| page.written_entry(rule, PageTableEntry(e), f, f >> 12, 1);
                 match page.rule {
-                    PteRule::Frames => self.ptes(&block, |e, f| {
-                        page.written_entry_as(PteRule::Frames, PageTableEntry(e), f, f >> 12, 1)
-                    }),
-                    PteRule::DirtyBit => self.ptes(&block, |e, f| {
-                        page.written_entry_as(PteRule::DirtyBit, PageTableEntry(e), f, f >> 12, 1)
-                    }),
-                    PteRule::SoftDirtyBit => self.ptes(&block, |e, f| {
-                        page.written_entry_as(PteRule::SoftDirtyBit, PageTableEntry(e), f, f >> 12, 1)
-                    }),
+                    PteRule::Frames => self.ptes(&block, test(PteRule::Frames)),
+                    PteRule::DirtyBit => self.ptes(&block, test(PteRule::DirtyBit)),
+                    PteRule::SoftDirtyBit => self.ptes(&block, test(PteRule::SoftDirtyBit)),
                 }
             }
         }
@@ -214,8 +208,7 @@ impl SegmentScan<'_> {
     #[inline(always)]
     fn ptes(&mut self, block: &PteBlock, written: impl Fn(u64, u64) -> bool) {
         let first = block.va.0;
-        // Copies, so that the loop keeps them in registers.
-        let (page, shared, written_only) = (*self.page, self.shared, self.fold.written_only);
+        let (page, shared, written_only) = (self.page, self.shared, self.fold.written_only);
         let (mut vma_new, mut until) = self.coverage.at(first);
         for (i, &e) in block.entries.iter().enumerate() {
             let va = first + i as u64 * 4096;
@@ -253,17 +246,10 @@ impl Tracker {
         req.check()?;
         let snap = self.snapshot(ram)?;
         let p = Self::live(&snap, pid)?;
-        let rule = PteRule::of(self.engine);
-        if rule.reads_log() {
+        if PteRule::of(self.engine).reads_log() {
             self.log.harvest(ram)?;
         }
-        let page = PageCtx {
-            dirty: self.log.dirty_bits(),
-            rule,
-            zero_frame: snap.zero_frame,
-            huge_zero_frame: snap.huge_zero_frame,
-            counts: None,
-        };
+        let page = self.page_ctx(&snap, None);
         let mut fold = Fold { written_only: req.written_only, max: req.max_regions as usize, regions: Vec::new() };
         let mut budget = self.budget();
         let (mut va, mut left) = (req.start, MAX_PAGEMAP_PAGES);
@@ -279,7 +265,7 @@ impl Tracker {
                 break;
             }
             let seg_end = m.end().min(req.end).min(va + left * 4096);
-            let stopped = self.scan_segment(ram, p, &page, m, va, seg_end, &mut fold, &mut budget)?;
+            let stopped = self.scan_segment(ram, p, page, m, va, seg_end, &mut fold, &mut budget)?;
             left -= (stopped - va) / 4096;
             if stopped < seg_end {
                 walk_end = stopped;
@@ -298,7 +284,7 @@ impl Tracker {
     /// Scans `[va, end)` of mapping `m` into `fold`; returns the first page not taken
     /// (`end` if all were).
     #[allow(clippy::too_many_arguments)]
-    fn scan_segment(&self, ram: &impl Ram, p: &crate::guest_os::Process, page: &PageCtx, m: &Mapping, va: u64, end: u64,
+    fn scan_segment(&self, ram: &impl Ram, p: &crate::guest_os::Process, page: PageCtx, m: &Mapping, va: u64, end: u64,
         fold: &mut Fold, budget: &mut TableBudget) -> Result<u64, Error> {
         let coverage = Coverage::new(self.old_coverage(p.pid, m));
         let mut seg = SegmentScan { page, fold, coverage, shared: m.shared, next: va, end, stopped: None };

@@ -53,6 +53,14 @@ impl DirtyBits<'_> {
         pfn < self.pages && test(self.words, pfn)
     }
 
+    /// False when `pfn` was not written; may be true for a frame past the end of RAM
+    /// (the last word's spare bits). No test against the end but the word's.
+    #[inline(always)]
+    pub fn may_be_dirty(&self, pfn: u64) -> bool {
+        let word = self.words.get((pfn / 64) as usize).copied().unwrap_or(0);
+        (word >> (pfn % 64)) & 1 != 0
+    }
+
     /// Any of `[pfn, pfn + count)` written; frames past the end of RAM never are.
     #[inline]
     pub fn any_dirty(&self, pfn: u64, count: u64) -> bool {

@@ -98,6 +98,22 @@ impl PageCtx<'_> {
         self.written_entry(self.rule, leaf.entry, leaf.frame().0, pfn, count)
     }
 
+    /// False when [`Self::written_entry`] of the present 4 KiB leaf entry `e` under `rule`
+    /// is false; may be true when it is not. Cheaper, and without unpredictable branches,
+    /// so that a scan for written pages passes over runs of clean entries eight at a time.
+    #[inline(always)]
+    pub fn may_be_written(&self, rule: PteRule, e: u64) -> bool {
+        let entry = PageTableEntry(e);
+        match rule {
+            PteRule::Frames => self.dirty.may_be_dirty(entry.addr().0 >> 12),
+            PteRule::SoftDirtyBit => {
+                softdirty::is_soft_dirty(entry)
+                    | (entry.contains(PteFlags::DIRTY) & !softdirty::is_hypervisor_protected(entry))
+            }
+            PteRule::DirtyBit => softdirty::written_since_clear_dirty(entry),
+        }
+    }
+
     /// [`Self::written`] of a leaf entry mapping `count` frames from `pfn` (the frame at
     /// guest-physical `frame`), under `rule` (`self.rule`, or the same rule matched once
     /// by a caller that wants the test inlined in its loop), without a [`Leaf`]: a scan

@@ -24,6 +24,7 @@ use guest_abi::ProcessTable;
 use kvm_ioctls::VcpuFd;
 use mmu::{softdirty, Cr3, GuestPhysAddr, GuestVirtAddr, Leaf, PagingMode, PteFlags, TableBudget, Translation, Walker};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::mem::{offset_of, size_of};
 use coverage::Coverage;
 
@@ -91,8 +92,8 @@ pub struct Stats {
     pub trap_read_ns: u64,
     pub trap_decide_ns: u64,
     pub trap_resume_ns: u64,
-    /// Times the trap parsed the process table (only when the guest changed it since the
-    /// trap's last parse).
+    /// Times the trap or a scan parsed the process table (only when the guest changed it
+    /// since the last parse).
     pub trap_table_reads: u64,
 }
 
@@ -134,8 +135,8 @@ pub struct Tracker {
     /// guest-physical engines.
     trap: Option<PteTrap>,
     /// The process table as last parsed, with the sequence number it had: the fault
-    /// path re-reads it only when the guest changed it.
-    procs: Option<(u64, Snapshot)>,
+    /// path and the scan re-read it only when the guest changed it.
+    procs: Option<(u64, Arc<Snapshot>)>,
     pub log: GpaLog,
     pub stats: Stats,
 }
@@ -192,16 +193,18 @@ impl Tracker {
     /// parse (the kernel bumps it around every change). A guest that edits the table
     /// without bumping it only misleads the trap about its own mappings: the trap still
     /// never grants a write that the guest's own PTE forbids.
-    fn cached_snapshot(&mut self, ram: &impl Ram) -> Result<&Snapshot, Error> {
+    ///
+    /// Shared (`Arc`), so that a caller holds it while it changes the tracker.
+    fn cached_snapshot(&mut self, ram: &impl Ram) -> Result<Arc<Snapshot>, Error> {
         let table = self.table()?;
         let seq_addr = table.phys + offset_of!(ProcessTable, seq) as u64;
         let seq = ram.read_u64(GuestPhysAddr(seq_addr)).map_err(|_| guest_os::Error::Unreadable { addr: seq_addr })?;
         if self.procs.as_ref().is_none_or(|(s, _)| *s != seq) {
             // parse() refuses an odd (changing) sequence number.
-            self.procs = Some((seq, self.snapshot(ram)?));
+            self.procs = Some((seq, Arc::new(self.snapshot(ram)?)));
             self.stats.trap_table_reads += 1;
         }
-        Ok(&self.procs.as_ref().expect("just filled").1)
+        Ok(Arc::clone(&self.procs.as_ref().expect("just filled").1))
     }
 
     /// Process `pid` of `snap`, if it is live (else the refusal naming why).

@@ -547,17 +547,29 @@ fn pagemap_scan_agrees_with_pagemap_on_random_guests() {
         state % n
     };
     const B: u64 = 0x80_0000; // a 2 MiB-aligned mapping
+    // Not a multiple of 8: the scan passes over clean entries eight at a time, and the
+    // mapping new since the clears starts right after this one.
+    const N: u64 = 37;
+    // Entries a hostile guest may write: bits of a written page on a non-present entry,
+    // a present one with an address bit above MAXPHYADDR (40 bits here: malformed, a
+    // hole), a frame past the end of RAM.
+    let sd = PteFlags::DIRTY | PteFlags::HV_SOFT_DIRTY;
+    let odd = [(F, sd), (1 << 45, PWU | sd), (1 << 30, PWU | PteFlags::DIRTY), (F, PteFlags::PRESENT | sd)];
     for round in 0..40 {
         for engine in EngineKind::ALL {
             let mut g = Guest::new();
             let p = g.spawn(1);
             let shared = if round % 3 == 0 { mapping_flags::SHARED } else { 0 };
-            g.map(p, A, 40, shared, 1);
+            g.map(p, A, N, shared, 1);
             g.map(p, B, 1024, 0, 2);
-            for i in 0..40 {
-                match rnd(6) {
+            for i in 0..N {
+                match rnd(8) {
                     0 => {}
                     1 => g.set_pte(p, A + i * 4096, ZERO, PteFlags::PRESENT | PteFlags::USER),
+                    2 => {
+                        let (frame, flags) = odd[rnd(odd.len() as u64) as usize];
+                        g.set_pte(p, A + i * 4096, frame + i * 4096, flags);
+                    }
                     _ => g.set_pte(p, A + i * 4096, F + i * 4096, PWU),
                 }
             }
@@ -566,30 +578,33 @@ fn pagemap_scan_agrees_with_pagemap_on_random_guests() {
                 g.set_huge_pte(p, B + 0x20_0000, HUGE_ZERO, PteFlags::PRESENT | PteFlags::USER);
             }
             let mut t = g.tracker(engine);
+            t.walker = Walker::new(PagingMode::Level4).with_max_phys_bits(40);
             for step in 0..4 {
                 match rnd(3) {
                     0 => clear(&mut t, &g, 1),
                     1 => {
-                        let s = A + rnd(40) * 4096;
+                        let s = A + rnd(N) * 4096;
                         scan_clear(&mut t, &g, 1, s, s + (1 + rnd(8)) * 4096);
                     }
                     _ => {}
                 }
                 for _ in 0..rnd(12) {
-                    let va = A + rnd(40) * 4096;
-                    if g.pte(p, va).is_present() && g.pte(p, va).0 & !0xfff != ZERO {
-                        match rnd(4) {
+                    let va = A + rnd(N) * 4096;
+                    if g.pte(p, va).is_present() && g.pte(p, va).0 & 0x000f_ffff_ffff_f000 < RAM && g.pte(p, va).0 & !0xfff != ZERO {
+                        match rnd(5) {
                             0 => g.make_read_only(p, va),
                             1 => {
                                 let frame = g.pte(p, va).0 & 0x000f_ffff_ffff_f000;
                                 g.ram.vmm_wrote(frame / 4096);
                             }
+                            // The VMM's store on the guest's behalf: soft-dirty without Dirty.
+                            2 => t.note_store(&g.ram, Cr3(g.procs[p].cr3), va + 8, 16).unwrap(),
                             _ => _ = g.write(&mut t, p, va),
                         }
                     }
                 }
                 if step == 2 {
-                    g.map(p, A + 40 * 4096, 4, 0, 3); // a mapping new since the clears
+                    g.map(p, A + N * 4096, 4, 0, 3); // a mapping new since the clears
                 }
                 let (start, end) = (A - 4096, B + 1024 * 4096);
                 let pages = t.pagemap(&g.ram, 1, Some((start, (end - start) / 4096))).unwrap();

@@ -3,7 +3,9 @@
 use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
 use crate::memory::{MemoryError, PhysMemory};
 use crate::pte::{PageTableEntry, PteFlags};
+use alloc::boxed::Box;
 use alloc::collections::BTreeSet;
+use alloc::vec::Vec;
 use core::fmt;
 
 /// 4-level (48-bit) or 5-level (57-bit, LA57) paging.
@@ -402,7 +404,7 @@ impl Walker {
         let mut visited = BTreeSet::new();
         let reserved = PageTableEntry(u64::MAX).reserved_addr_bits(self.max_phys_bits);
         let mut ctx = RangeWalk { walker: self, mem, visit, visited: &mut visited, stats: &mut stats, lin_start, lin_end,
-            budget, exhausted: false, reserved };
+            budget, exhausted: false, reserved, spare: Vec::new() };
         ctx.table(GuestPhysAddr(root.0 & !(PAGE_SIZE - 1)), self.mode.levels(), 0, PteFlags::WRITABLE | PteFlags::USER);
         if ctx.exhausted {
             return Err(WalkError::TooManyTables { limit: budget.limit });
@@ -424,6 +426,10 @@ struct RangeWalk<'a, M: ?Sized> {
     exhausted: bool,
     /// [`PteBlock`]'s reserved address bits.
     reserved: u64,
+    /// Table buffers not in use: one per level being walked, reused from table to table
+    /// (a walk reads many, and zeroing a fresh 4 KiB buffer for each was a tenth of a
+    /// scan's cost).
+    spare: Vec<Box<[u64; 512]>>,
 }
 
 impl<M: PhysMemory + ?Sized> RangeWalk<'_, M> {
@@ -441,19 +447,26 @@ impl<M: PhysMemory + ?Sized> RangeWalk<'_, M> {
             return;
         }
         self.stats.tables_visited += 1;
+        let mut entries = self.spare.pop().unwrap_or_else(|| Box::new([0; 512]));
+        if self.mem.read_table(table, &mut entries).is_ok() {
+            self.entries(table, level, base, upper, &entries);
+        } else {
+            // Checked readable by the parent; a table that runs off the end of memory
+            // is reported, never trusted.
+            self.stats.bad_entries += 1;
+            let va = GuestVirtAddr(self.walker.mode.sign_extend(base));
+            (self.visit)(Err((va, level, BadEntry::TableOutsideMemory)));
+        }
+        self.spare.push(entries);
+    }
+
+    /// The in-range `entries` of the table at `table` (level `level`, from `base`).
+    fn entries(&mut self, table: GuestPhysAddr, level: u32, base: u64, upper: PteFlags, entries: &[u64; 512]) {
         let shift = 12 + 9 * (level - 1);
         let span = 1u64 << shift;
         let first = (self.lin_start.saturating_sub(base)) >> shift;
         let last = ((self.lin_end - 1).saturating_sub(base) >> shift).min(511);
         let mode = self.walker.mode;
-        let mut entries = [0u64; 512];
-        if self.mem.read_table(table, &mut entries).is_err() {
-            // Checked readable by the parent; a table that runs off the end of memory
-            // is reported, never trusted.
-            self.stats.bad_entries += 1;
-            (self.visit)(Err((GuestVirtAddr(mode.sign_extend(base)), level, BadEntry::TableOutsideMemory)));
-            return;
-        }
         if level == 1 {
             let (first, last) = (first as usize, last as usize);
             let block = PteBlock {

@@ -3,7 +3,8 @@
 //! For guests of 64, 256 and 1024 MiB with 1%, 10% and 100% of pages written between
 //! clears, for each engine: time to clear (clear-refs of the process, inside the VMM),
 //! guest-side cost per first write (a guest `fill ... timed` loop reading the TSC,
-//! minus the same fill untracked), and time to collect the dirty set (pagemap of the
+//! minus the same fill untracked; the best of [`ROUNDS`] rounds of clear and fill, and of
+//! as many untracked fills), and time to collect the dirty set (pagemap of the
 //! process, inside the VMM). The same for the host kernel's own mechanism on a host
 //! mapping of equal size (userfaultfd async WP + PAGEMAP_SCAN). One run; writes
 //! docs/benchmarks/engines.{md,json,svg}.
@@ -22,8 +23,14 @@ use vmm::tracking::source::uffd::AsyncWp;
 const BASE: u64 = 0x1000_0000;
 const FRACTIONS: [u64; 3] = [1, 10, 100];
 const SIZES: [u64; 3] = [64, 256, 1024];
-/// Scans per point for the pagemap-scan row (the best counts, ours and the host's).
-const SCANS: usize = 5;
+/// Scans per point for the pagemap-scan row (the best counts, ours and the host's): a
+/// scan of 64 MiB takes ~20 µs, and on this shared host the best of 5 varied 2x between
+/// runs.
+const SCANS: usize = 50;
+/// Clear-and-write rounds per point for the first-write row, and untracked fills for its
+/// baseline (the best counts, ours and the host's): one round of 1% of 64 MiB is 164
+/// writes, and the engines' VMs run minutes apart on a shared host.
+const ROUNDS: usize = 3;
 const ENGINES: [&str; 5] = ["pte", "hybrid", "kvm-bitmap", "kvm-ring", "uffd"];
 
 /// Cycles of each `fill ... timed` line, in order.
@@ -51,10 +58,14 @@ struct Point {
 /// untracked write cost per page measured in this VM.
 fn guest(engine: &str, mib: u64) -> (Vec<Point>, f64) {
     let pages = mib * 256;
-    let mut script = format!("proc bench\nmap {BASE:#x} {pages}\nfill {BASE:#x} {pages} 1\nfill {BASE:#x} {pages} 2 timed\n");
+    let mut script = format!("proc bench\nmap {BASE:#x} {pages}\nfill {BASE:#x} {pages} 1\n");
+    script += &format!("fill {BASE:#x} {pages} 2 timed\n").repeat(ROUNDS);
     for f in FRACTIONS {
         let w = pages * f / 100;
-        script += &format!("sync clear{f}\nfill {BASE:#x} {w} 3 timed\nsync collect{f}\n");
+        for r in 0..ROUNDS {
+            script += &format!("sync clear{f}.{r}\nfill {BASE:#x} {w} 3 timed\n");
+        }
+        script += &format!("sync collect{f}\n");
     }
     let g = Guest::start(&script, mib + 64 + mib / 8, engine, true);
     let tsc_khz = g.call(json!({"cmd": "info"}))["tsc_khz"].as_f64().expect("KVM_GET_TSC_KHZ");
@@ -64,10 +75,15 @@ fn guest(engine: &str, mib: u64) -> (Vec<Point>, f64) {
     let mut scan = Vec::new();
     for f in FRACTIONS {
         let w = pages * f / 100;
-        g.wait(&format!("clear{f}"));
-        let c = g.call(json!({"cmd": "clear-refs", "pid": 1, "value": 4}));
-        clear.push(c["elapsed_ns"].as_f64().unwrap() / pages as f64);
-        g.resume();
+        for r in 0..ROUNDS {
+            g.wait(&format!("clear{f}.{r}"));
+            let c = g.call(json!({"cmd": "clear-refs", "pid": 1, "value": 4}));
+            if r == 0 {
+                // The clear after the previous fraction's writes (later rounds clear fewer).
+                clear.push(c["elapsed_ns"].as_f64().unwrap() / pages as f64);
+            }
+            g.resume();
+        }
         g.wait(&format!("collect{f}"));
         let before = g.call(json!({"cmd": "info"}))["log"]["harvest_ns"].as_f64().unwrap();
         let p = g.call(json!({"cmd": "pagemap", "pid": 1, "start": BASE, "pages": pages, "summary": true}));
@@ -91,9 +107,10 @@ fn guest(engine: &str, mib: u64) -> (Vec<Point>, f64) {
     let out = g.child.wait_with_output().unwrap();
     assert!(out.status.success(), "{engine} {mib} MiB guest failed");
     let cycles = timed_fills(&String::from_utf8_lossy(&out.stdout));
-    assert_eq!(cycles.len(), 1 + FRACTIONS.len());
+    assert_eq!(cycles.len(), ROUNDS * (1 + FRACTIONS.len()));
     let ns = |c: f64| c / tsc_khz * 1e6;
-    let base_per_page = ns(cycles[0]) / pages as f64;
+    let best = |i: usize| cycles[i * ROUNDS..(i + 1) * ROUNDS].iter().copied().fold(f64::MAX, f64::min);
+    let base_per_page = ns(best(0)) / pages as f64;
     let points = FRACTIONS
         .iter()
         .enumerate()
@@ -101,7 +118,7 @@ fn guest(engine: &str, mib: u64) -> (Vec<Point>, f64) {
             let w = (pages * f / 100) as f64;
             Point {
                 clear_ns_per_page: clear[i],
-                write_ns_per_page: ns(cycles[1 + i]) / w,
+                write_ns_per_page: ns(best(1 + i)) / w,
                 collect_ns_per_page: collect[i],
                 harvest_ns_per_page: harvest[i],
                 scan_ns_per_page: scan[i],
@@ -128,15 +145,23 @@ fn host(mib: u64) -> Vec<Point> {
         t.elapsed().as_nanos() as f64
     };
     fill(1, pages);
-    let base_per_page = fill(2, pages) / pages as f64;
+    let base_per_page = (0..ROUNDS).map(|_| fill(2, pages)).fold(f64::MAX, f64::min) / pages as f64;
     let mut wp = AsyncWp::register(base as u64, len as u64).expect("userfaultfd async write-protect");
     let mut points = Vec::new();
     for f in FRACTIONS {
         let w = pages * f / 100;
-        let t = Instant::now();
-        wp.protect().unwrap();
-        let clear = t.elapsed().as_nanos() as f64 / pages as f64;
-        let write = fill(3, w) / w as f64 - base_per_page;
+        let mut protect = || {
+            let t = Instant::now();
+            wp.protect().unwrap();
+            t.elapsed().as_nanos() as f64 / pages as f64
+        };
+        let clear = protect();
+        let mut write = fill(3, w);
+        for _ in 1..ROUNDS {
+            protect();
+            write = write.min(fill(3, w));
+        }
+        let write = write / w as f64 - base_per_page;
         let mut scan_once = || {
             let t = Instant::now();
             let n = wp.scan(false, |_, _| {}).unwrap();
@@ -223,10 +248,11 @@ fn main() {
     let mut md = String::from("<!-- generated by `cargo bench -p vmm --bench engines`; do not edit -->\n");
     md += "One run. ns per 4 KiB page: clear and collect per page of the process, write per page written.\n";
     md += "collect: pagemap = the process's per-page pagemap (with its harvest); collect: harvest = only pulling the\n";
-    md += "VM's dirty set out of the mechanism; collect: pagemap-scan = `pagemap-scan --written` of the range (regions; best of 5, the host's PAGEMAP_SCAN too).\n";
+    md += &format!("VM's dirty set out of the mechanism; collect: pagemap-scan = `pagemap-scan --written` of the range (regions; best of {SCANS}, the host's PAGEMAP_SCAN too).\n");
     md += "Host: uffd-WP protect / write fault / PAGEMAP_SCAN (all three collect rows).\n";
-    md += "Write cost = timed guest fill after a clear (TSC, KVM_GET_TSC_KHZ) minus the untracked cost of the same\n";
-    md += "fill, measured in the pte VM before its first clear.\n\n";
+    md += &format!("Write cost = timed guest fill after a clear (TSC, KVM_GET_TSC_KHZ; best of {ROUNDS} rounds of clear and fill)\n");
+    md += &format!("minus the untracked cost of the same fill (best of {ROUNDS}), measured in the pte VM before its first clear.\n");
+    md += "The host: best of the same rounds of uffd-WP protect and fill.\n\n";
     md += "| size | written | metric |";
     for w in ENGINES.iter().chain(&["host"]) {
         md += &format!(" {w} |");

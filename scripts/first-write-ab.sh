@@ -8,10 +8,11 @@
 #   defaults: kvm-bitmap hybrid 8192 5 3
 set -euo pipefail
 BIN=$1; A=${2:-kvm-bitmap}; B=${3:-hybrid}; N=${4:-8192}; K=${5:-5}; R=${6:-3}
-OUT=$(mktemp); trap 'rm -f $OUT' EXIT
+WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
+OUT=$WORK/results
 one() {
   local engine=$1 d s p
-  d=$(mktemp -d); s=$d/api.sock
+  d=$(mktemp -d -p "$WORK"); s=$d/api.sock
   { echo "proc w"; echo "map 0x400000 $N"; echo "fill 0x400000 $N 0x11"
     for _ in $(seq "$R"); do echo "fill 0x400000 $N 0x22 timed"; done
     for i in $(seq "$R"); do echo "sync c$i"; echo "fill 0x400000 $N 0x33 timed"; done
@@ -25,7 +26,7 @@ one() {
     [ "$i" = 1 ] && khz=$("$BIN" info --api-sock "$s" | python3 -c 'import json,sys; print(json.load(sys.stdin)["tsc_khz"])')
     "$BIN" resume --api-sock "$s" >/dev/null
   done
-  wait "$p"
+  wait "$p" || { echo "$engine VM failed:" >&2; cat "$d/out" >&2; exit 1; }
   python3 - "$engine" "$N" "$R" "$khz" "$d/out" >> "$OUT" <<'PY'
 import sys
 engine, n, r, khz, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]

@@ -51,8 +51,6 @@ fn table() -> &'static mut ProcessTable {
     unsafe { PROCESS_TABLE.get() }
 }
 
-/// Marks the table as being changed (odd sequence number) for the duration of `f`,
-/// so a reader from outside knows not to trust a half-made change.
 /// The 2 MiB zero block for read faults on huge mappings (allocated on first use,
 /// never freed, published in the table).
 pub fn huge_zero_frame() -> Option<u64> {
@@ -68,6 +66,8 @@ pub fn huge_zero_frame() -> Option<u64> {
     }
 }
 
+/// Marks the table as being changed (odd sequence number) for the duration of `f`,
+/// so a reader from outside knows not to trust a half-made change.
 pub fn update<R>(f: impl FnOnce(&mut ProcSlot, u64) -> R) -> R {
     let t = table();
     let seq = &raw mut t.seq;
@@ -121,6 +121,11 @@ pub fn next_serial() -> u64 {
 pub fn create_all(kernel_pml4: u64, script: &[u8], script_va: u64, zero_frame: u64, exec: Option<&guest_abi::exec::Image>) {
     let t = table();
     let s = sched();
+    // The table is made under its sequence lock too (odd while it is), so a reader never
+    // keeps a half-made table (0 means never published).
+    let seq = &raw mut t.seq;
+    // SAFETY: `seq` points into the live table; volatile so the write is not merged.
+    unsafe { seq.write_volatile(1) };
     s.zero_frame = zero_frame;
     t.magic = PROCESS_TABLE_MAGIC;
     t.version = PROCESS_TABLE_VERSION;
@@ -163,6 +168,8 @@ pub fn create_all(kernel_pml4: u64, script: &[u8], script_va: u64, zero_frame: u
         };
     }
     t.nprocs = s.nprocs as u32;
+    // SAFETY: as above.
+    unsafe { seq.write_volatile(2) };
 }
 
 /// Runs the first process. Never returns.

@@ -22,9 +22,11 @@ pub trait PhysMemory {
     fn read_u64(&self, addr: GuestPhysAddr) -> Result<u64, MemoryError>;
     fn write_u64(&mut self, addr: GuestPhysAddr, value: u64) -> Result<(), MemoryError>;
 
-    /// Reads the 512 entries of the page-aligned table at `addr`. Implementations
-    /// backed by real memory should override this with one bulk copy: walks read whole
-    /// tables, and per-entry accesses dominate their cost otherwise.
+    /// Reads the 512 entries of the page-aligned table at `addr`: `Ok` only when all
+    /// 512 are in `out` (walks reuse `out` from table to table, so a partial read would
+    /// leave another table's entries). Implementations backed by real memory should
+    /// override this with one bulk copy: walks read whole tables, and per-entry accesses
+    /// dominate their cost otherwise.
     fn read_table(&self, addr: GuestPhysAddr, out: &mut [u64; 512]) -> Result<(), MemoryError> {
         for (i, slot) in out.iter_mut().enumerate() {
             *slot = self.read_u64(GuestPhysAddr(addr.0 + i as u64 * 8))?;

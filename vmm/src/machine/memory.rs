@@ -139,11 +139,14 @@ impl PhysMemory for Phys<'_> {
             return Err(MemoryError { addr });
         }
         // One copy straight into `out` (walks read many tables; a bounce buffer doubled
-        // the cost of a scan's reads).
-        // SAFETY: `out` is 512 u64s, 4096 initialized bytes with no padding, borrowed
-        // mutably for the whole of `bytes`'s life; every byte pattern is a valid u64.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), 4096) };
-        self.0.read_slice(bytes, GuestAddress(addr.0)).map_err(|_| MemoryError { addr })?;
+        // the cost of a scan's reads). read_slice fails unless it filled all of `bytes`.
+        {
+            // SAFETY: `out` is 512 u64s, 4096 initialized bytes with no padding; `bytes`
+            // is its only access until this block ends, and every byte pattern is a valid
+            // u64.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), 4096) };
+            self.0.read_slice(bytes, GuestAddress(addr.0)).map_err(|_| MemoryError { addr })?;
+        }
         // Guest entries are little-endian (a no-op on x86 hosts).
         for slot in out.iter_mut() {
             *slot = u64::from_le(*slot);

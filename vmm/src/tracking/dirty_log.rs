@@ -53,8 +53,9 @@ impl DirtyBits<'_> {
         pfn < self.pages && test(self.words, pfn)
     }
 
-    /// False when `pfn` was not written; may be true for a frame past the end of RAM
-    /// (the last word's spare bits). No test against the end but the word's.
+    /// True whenever [`Self::is_dirty`] is; may also be true for a frame past the end of
+    /// RAM (the last word's spare bits). No test against the end of RAM, only against
+    /// the end of the words.
     #[inline(always)]
     pub fn may_be_dirty(&self, pfn: u64) -> bool {
         let word = self.words.get((pfn / 64) as usize).copied().unwrap_or(0);

@@ -98,9 +98,10 @@ impl PageCtx<'_> {
         self.written_entry(self.rule, leaf.entry, leaf.frame().0, pfn, count)
     }
 
-    /// False when [`Self::written_entry`] of the present 4 KiB leaf entry `e` under `rule`
-    /// is false; may be true when it is not. Cheaper, and without unpredictable branches,
-    /// so that a scan for written pages passes over runs of clean entries eight at a time.
+    /// True whenever [`Self::written_entry`] of the present 4 KiB leaf entry `e` under
+    /// `rule` is true; may also be true when it is false. Cheaper, and without
+    /// unpredictable branches, so that a scan for written pages passes over runs of
+    /// entries it rejects eight at a time.
     #[inline(always)]
     pub fn may_be_written(&self, rule: PteRule, e: u64) -> bool {
         let entry = PageTableEntry(e);
@@ -225,6 +226,40 @@ mod tests {
         assert!(check_range(0xffff_8000_0000_0000, 1).is_err());
         assert!(check_range(0, MAX_PAGEMAP_PAGES + 1).is_err());
         assert!(check_range(0x1000, u64::MAX).is_err());
+    }
+
+    #[test]
+    fn an_entry_the_quick_test_rejects_is_never_written() {
+        use crate::tracking::dirty_log::GpaLog;
+        use crate::tracking::ram::testing::Manual;
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        // 100 frames: the last word of the log has spare bits; entries map frames up to
+        // 160, some past the end of RAM.
+        let mut log = GpaLog::new(100 * 4096, Box::new(Manual::default()), false);
+        assert!(log.set_accumulated(vec![rnd(), rnd() | (u64::MAX << 36)]));
+        let bits = [PteFlags::PRESENT, PteFlags::WRITABLE, PteFlags::USER, PteFlags::ACCESSED, PteFlags::DIRTY,
+            PteFlags::HV_SOFT_DIRTY, PteFlags::HV_WRITE_PROTECTED];
+        for rule in [PteRule::Frames, PteRule::SoftDirtyBit, PteRule::DirtyBit] {
+            let page = PageCtx { dirty: log.dirty_bits(), rule, zero_frame: 7 << 12, huge_zero_frame: 0, counts: None };
+            let mut written = 0;
+            for _ in 0..20_000 {
+                let r = rnd();
+                let flags = bits.iter().enumerate().filter(|(i, _)| r >> i & 1 == 1).fold(PteFlags::PRESENT, |f, (_, b)| f | *b);
+                let frame = (r >> 32) % 160 * 4096;
+                let e = frame | flags.bits();
+                if page.written_entry(rule, PageTableEntry(e), frame, frame >> 12, 1) {
+                    written += 1;
+                    assert!(page.may_be_written(rule, e), "{rule:?}: entry {e:#x} is written but the quick test rejects it");
+                }
+            }
+            assert!(written > 1000, "{rule:?}: the random entries reach the written case ({written})");
+        }
     }
 
     #[test]

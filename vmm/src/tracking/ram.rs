@@ -23,7 +23,8 @@ pub trait Ram {
     fn size(&self) -> u64;
     fn read_u64(&self, addr: GuestPhysAddr) -> Result<u64, MemoryError>;
     fn write_u64(&self, addr: GuestPhysAddr, value: u64) -> Result<(), MemoryError>;
-    /// Reads the 512 entries of the page-aligned table at `addr`.
+    /// Reads the 512 entries of the page-aligned table at `addr`: `Ok` only when all 512
+    /// are in `out` ([`PhysMemory::read_table`]).
     fn read_table(&self, addr: GuestPhysAddr, out: &mut [u64; 512]) -> Result<(), MemoryError>;
     fn read_bytes(&self, addr: u64, len: usize) -> Option<Vec<u8>>;
     /// Adds the frames the VMM wrote since the last call to `into`, and forgets them.

@@ -24,8 +24,8 @@ use guest_abi::ProcessTable;
 use kvm_ioctls::VcpuFd;
 use mmu::{softdirty, Cr3, GuestPhysAddr, GuestVirtAddr, Leaf, PagingMode, PteFlags, TableBudget, Translation, Walker};
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::mem::{offset_of, size_of};
+use std::sync::Arc;
 use coverage::Coverage;
 
 pub use super::pagemap::{PageInfo, MAX_PAGEMAP_PAGES};
@@ -190,21 +190,28 @@ impl Tracker {
     }
 
     /// The process table, parsed again only if its sequence number moved since the last
-    /// parse (the kernel bumps it around every change). A guest that edits the table
-    /// without bumping it only misleads the trap about its own mappings: the trap still
-    /// never grants a write that the guest's own PTE forbids.
+    /// parse (the kernel bumps it around every change; a clear also drops the parse). A
+    /// guest that edits the table without bumping it only misleads the answers about its
+    /// own processes (the trap's and pagemap-scan's): the trap still never grants a write
+    /// that the guest's own PTE forbids, and a scan's walk is bounded as ever. Sequence
+    /// number 0 is a table the kernel has not published through its lock yet: parsed, not
+    /// kept.
     ///
     /// Shared (`Arc`), so that a caller holds it while it changes the tracker.
     fn cached_snapshot(&mut self, ram: &impl Ram) -> Result<Arc<Snapshot>, Error> {
         let table = self.table()?;
         let seq_addr = table.phys + offset_of!(ProcessTable, seq) as u64;
         let seq = ram.read_u64(GuestPhysAddr(seq_addr)).map_err(|_| guest_os::Error::Unreadable { addr: seq_addr })?;
-        if self.procs.as_ref().is_none_or(|(s, _)| *s != seq) {
-            // parse() refuses an odd (changing) sequence number.
-            self.procs = Some((seq, Arc::new(self.snapshot(ram)?)));
-            self.stats.trap_table_reads += 1;
+        if let Some((s, snap)) = &self.procs {
+            if *s == seq {
+                return Ok(Arc::clone(snap));
+            }
         }
-        Ok(Arc::clone(&self.procs.as_ref().expect("just filled").1))
+        // parse() refuses an odd (changing) sequence number.
+        let snap = Arc::new(self.snapshot(ram)?);
+        self.stats.trap_table_reads += 1;
+        self.procs = (seq != 0).then(|| (seq, Arc::clone(&snap)));
+        Ok(snap)
     }
 
     /// Process `pid` of `snap`, if it is live (else the refusal naming why).

@@ -192,12 +192,10 @@ impl SegmentScan<'_> {
             Chunk::Ptes(block) => {
                 self.hole_to(block.va.0);
                 // One loop per rule, the rule a constant in each.
-                let page = self.page;
-                let test = |rule| move |e, f| page.written_entry(rule, PageTableEntry(e), f, f >> 12, 1);
-                match page.rule {
-                    PteRule::Frames => self.ptes(&block, PteRule::Frames, test(PteRule::Frames)),
-                    PteRule::DirtyBit => self.ptes(&block, PteRule::DirtyBit, test(PteRule::DirtyBit)),
-                    PteRule::SoftDirtyBit => self.ptes(&block, PteRule::SoftDirtyBit, test(PteRule::SoftDirtyBit)),
+                match self.page.rule {
+                    PteRule::Frames => self.ptes(&block, PteRule::Frames),
+                    PteRule::DirtyBit => self.ptes(&block, PteRule::DirtyBit),
+                    PteRule::SoftDirtyBit => self.ptes(&block, PteRule::SoftDirtyBit),
                 }
             }
         }
@@ -208,7 +206,7 @@ impl SegmentScan<'_> {
     /// `written_only` scan, runs of entries that cannot be written
     /// ([`PageCtx::may_be_written`]) are passed over eight at a time.
     #[inline(always)]
-    fn ptes(&mut self, block: &PteBlock, rule: PteRule, written: impl Fn(u64, u64) -> bool) {
+    fn ptes(&mut self, block: &PteBlock, rule: PteRule) {
         let (first, n) = (block.va.0, block.entries.len());
         let (page, shared, written_only) = (self.page, self.shared, self.fold.written_only);
         let (mut vma_new, mut until) = self.coverage.at(first);
@@ -222,7 +220,7 @@ impl SegmentScan<'_> {
             }
             if written_only && !vma_new && !in_run {
                 // Up to `until`, a page is reported only if the rule says it may be written.
-                let stop = ((until - first).div_ceil(4096)).min(n as u64) as usize;
+                let stop = (until - first).div_ceil(4096).min(n as u64) as usize;
                 i = next_candidate(block.entries, i, stop, |e| page.may_be_written(rule, e));
                 if i == stop {
                     continue;
@@ -232,7 +230,7 @@ impl SegmentScan<'_> {
             i += 1;
             let leaf = block.is_leaf(e);
             let frame = PageTableEntry(e).addr().0;
-            let w = vma_new || (leaf && written(e, frame));
+            let w = vma_new || (leaf && page.written_entry(rule, PageTableEntry(e), frame, frame >> 12, 1));
             in_run = w;
             if written_only && !w {
                 continue;

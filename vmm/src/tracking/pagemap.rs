@@ -231,14 +231,9 @@ mod tests {
     #[test]
     fn an_entry_the_quick_test_rejects_is_never_written() {
         use crate::tracking::dirty_log::GpaLog;
-        use crate::tracking::ram::testing::Manual;
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rnd = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        use crate::tracking::ram::testing::{Manual, Xorshift};
+        let mut rng = Xorshift(0x9e37_79b9_7f4a_7c15);
+        let mut rnd = move || rng.next_u64();
         // 100 frames: the last word of the log has spare bits; entries map frames up to
         // 160, some past the end of RAM.
         let mut log = GpaLog::new(100 * 4096, Box::new(Manual::default()), false);

@@ -129,6 +129,24 @@ pub mod testing {
     use std::cell::RefCell;
     use std::sync::{Arc, Mutex};
 
+    /// A small deterministic generator (xorshift64) for the randomized unit tests: the
+    /// same seed gives the same guest, so a failure replays.
+    pub struct Xorshift(pub u64);
+
+    impl Xorshift {
+        pub fn next_u64(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        /// Below `n` (not exactly uniform; enough for tests).
+        pub fn below(&mut self, n: u64) -> u64 {
+            self.next_u64() % n
+        }
+    }
+
     /// RAM as a byte vector. Like guest RAM behind vm-memory, every write through it is
     /// also a "VMM write".
     pub struct TestRam {

@@ -17,7 +17,7 @@ fn clear_refs_values_follow_linux() {
 // (the CPU's accessed/dirty bits, the kernel's table updates, the trap's faults) and
 // checks what pagemap says, as Linux would.
 
-use crate::tracking::ram::testing::{Manual, TestRam};
+use crate::tracking::ram::testing::{Manual, TestRam, Xorshift};
 use guest_abi::{mapping_flags, state, MappingRecord};
 use mmu::{Cr3, PageTableEntry};
 
@@ -539,13 +539,8 @@ fn join(rs: impl IntoIterator<Item = scan::Region>) -> Vec<scan::Region> {
 /// by a small `max_regions`.
 #[test]
 fn pagemap_scan_agrees_with_pagemap_on_random_guests() {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut rnd = move |n: u64| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state % n
-    };
+    let mut rng = Xorshift(0x2545_f491_4f6c_dd1d);
+    let mut rnd = move |n: u64| rng.below(n);
     const B: u64 = 0x80_0000; // a 2 MiB-aligned mapping
     // Not a multiple of 8: the scan passes over clean entries eight at a time, and the
     // mapping new since the clears starts right after this one.
